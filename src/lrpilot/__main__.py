@@ -1,0 +1,3 @@
+from lrpilot.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""The controller contract: `decide(observation) -> Decision`.
+
+Every way of steering the LR after warmup is a controller: the LLM agent, the rule heuristic, the
+baseline schedules (cosine, linear-to-zero, WSD, constant) and replay of a logged round. The round
+supervisor builds an `Observation` from the trainer's telemetry every `decision_every` steps, asks the
+controller, passes the `Decision` through the SafetyGuard and sends it to the trainer over the control
+channel. So agents and baselines share one code path, one guard and one log format.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """One earlier decision in this round, as the controller's next prompt sees it."""
+
+    step: int
+    old_lr: float
+    new_lr: float
+    loss: float
+    #: step at which the trainer first trained with new_lr (None while not yet applied)
+    effective_step: int | None = None
+    kind: str = "decision"  # decision | emergency | fallback | rollback
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RollbackRecord:
+    crash_step: int
+    lr_at_crash: float
+    rolled_back_to_step: int
+    new_lr: float
+    crash_reason: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a controller sees at a decision point. All numbers come from the run itself."""
+
+    step: int  # optimizer updates completed so far
+    total_steps: int
+    warmup_steps: int
+    decision_every: int
+    lr: float  # LR in force now
+    init_lr: float
+    #: dense per-step losses since the previous decision point (oldest first)
+    recent_losses: tuple[float, ...]
+    #: (step, mean loss over the interval ending at step), one per decision point, whole round
+    loss_history: tuple[tuple[int, float], ...]
+    #: (step, lr) at each decision point, whole round
+    lr_history: tuple[tuple[int, float], ...]
+    grad_norm: float = math.nan
+    tokens_per_s: float = math.nan
+    decisions: tuple[DecisionRecord, ...] = ()
+    rollbacks: tuple[RollbackRecord, ...] = ()
+    memory_brief: str = ""
+    # guard limits, so the controller can be told the rules it is held to
+    floor: float = 1e-6
+    ceiling: float = 5e-2
+    min_ratio: float = 0.5
+    max_ratio: float = 2.0
+    round_index: int = 0
+
+    @property
+    def progress(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 0.0
+
+    @property
+    def loss(self) -> float:
+        """Mean of the recent losses (the interval's loss), NaN if none."""
+        xs = [x for x in self.recent_losses if math.isfinite(x)]
+        return sum(xs) / len(xs) if xs else math.nan
+
+    @property
+    def steps_left(self) -> int:
+        return max(0, self.total_steps - self.step)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A controller's answer. `lr` is the LR from the decision step on; `plan`, for schedules, is an
+    optional list of (step, lr) knots that the trainer interpolates linearly until the next decision."""
+
+    lr: float
+    reason: str = ""
+    raw: str | None = None  # the raw LLM reply, if any
+    plan: tuple[tuple[int, float], ...] | None = None
+    #: the controller could not produce a valid LR and kept the current one
+    fallback: bool = False
+    #: anything else worth logging (LLM usage, rule parameters, ...)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"Decision.lr must be a positive finite number, got {self.lr!r}")
+        if self.plan is not None:
+            for s, v in self.plan:
+                if not (math.isfinite(v) and v >= 0):
+                    raise ValueError(f"Decision.plan: LR at step {s} must be finite and >= 0, got {v!r}")
+
+
+class BaseController(ABC):
+    """Decides the LR every `decision_every` steps after warmup. Subclasses implement `decide`."""
+
+    #: short name used in logs and the CLI
+    name: str = "base"
+    #: True if decide() is instant and deterministic: the trainer then waits for each decision, so
+    #: the LR takes effect exactly at the decision step. False (LLM): training continues meanwhile.
+    blocking: bool = True
+
+    def start_round(self, round_index: int = 0, memory_brief: str = "") -> None:  # noqa: B027
+        """Called once before the round's first decision; resets per-round state."""
+
+    @abstractmethod
+    def decide(self, obs: Observation) -> Decision:
+        """Return the LR to use from obs.step on. Must not raise on odd telemetry (NaN losses, empty
+        history); return the current LR with fallback=True instead."""
+
+    def describe(self) -> dict[str, Any]:
+        """Settings recorded with each round."""
+        return {"controller": self.name}

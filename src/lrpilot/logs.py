@@ -1,0 +1,162 @@
+"""Append-only jsonl logs, flushed per line, and a tolerant reader.
+
+Every log in lrpilot (telemetry, control, decisions, rollbacks, final results, LLM calls) goes through
+`JsonlLog.append`. A crash can leave a torn last line; the writer starts a fresh line after it and
+readers skip it with a warning, so nothing already written is lost. Non-finite floats are written as the
+strings "nan", "inf", "-inf" (strict JSON has no NaN) and read back as floats by `as_float`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def now_iso() -> str:
+    """Local time in the published logs' format (ISO 8601, microseconds, no zone)."""
+    return _dt.datetime.now().isoformat()
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return "nan"
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    """One JSON line: strict JSON (non-finite floats as strings), UTF-8 kept readable."""
+    return json.dumps(_clean(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def as_float(v: Any) -> float:
+    """Read a number written by `dumps` (including "nan"/"inf"); None or garbage is NaN."""
+    if isinstance(v, bool) or v is None:
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+class JsonlLog:
+    """Append-only jsonl file: one object per line, flushed (and optionally fsynced) per line."""
+
+    def __init__(self, path: str | Path, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a+b")  # noqa: SIM115 - kept open for the log's lifetime
+        self._f.seek(0, os.SEEK_END)
+        if self._f.tell() > 0:
+            self._f.seek(-1, os.SEEK_END)
+            if self._f.read(1) != b"\n":
+                # a writer died mid-line: keep its bytes, start ours on a fresh line
+                self._f.seek(0, os.SEEK_END)
+                self._f.write(b"\n")
+                self._f.flush()
+        self._f.seek(0, os.SEEK_END)
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = (dumps(record) + "\n").encode("utf-8")
+        with self._lock:
+            self._f.write(line)
+            self._f.flush()
+            if self.fsync:
+                os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._f.closed:
+                self._f.close()
+
+    def __enter__(self) -> JsonlLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Open, append one record, close. For logs written rarely (results, rollbacks)."""
+    with JsonlLog(path) as log:
+        log.append(record)
+
+
+def iter_jsonl(path: str | Path, strict: bool = False) -> Iterator[dict[str, Any]]:
+    """Records of a jsonl file. Blank lines are skipped; a corrupt line is skipped with a warning that
+    names file and line (or raises ValueError when strict)."""
+    p = Path(path)
+    if not p.exists():
+        return
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as e:
+                msg = f"{p}:{n}: corrupt jsonl line skipped ({e.__class__.__name__}: {str(e)[:80]})"
+                if strict:
+                    raise ValueError(msg) from e
+                warnings.warn(msg, stacklevel=2)
+                continue
+            yield rec
+
+
+def read_jsonl(path: str | Path, strict: bool = False) -> list[dict[str, Any]]:
+    return list(iter_jsonl(path, strict=strict))
+
+
+class JsonlFollower:
+    """Reads the complete lines appended to a jsonl file since the last call (for tailing a log that
+    another process writes). A partial last line is kept until its newline arrives."""
+
+    def __init__(self, path: str | Path, offset: int = 0) -> None:
+        self.path = Path(path)
+        self.offset = offset
+        self._buf = b""
+
+    def poll(self) -> list[dict[str, Any]]:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size <= self.offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(size - self.offset)
+        self.offset += len(data)
+        data = self._buf + data
+        lines = data.split(b"\n")
+        self._buf = lines.pop()  # incomplete tail, if any
+        out = []
+        for raw in lines:
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                warnings.warn(f"{self.path}: corrupt jsonl line skipped while following", stacklevel=2)
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
