@@ -18,10 +18,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lrpilot.errors import LrpilotError
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-class ConfigError(ValueError):
+class ConfigError(LrpilotError, ValueError):
     """A configuration value is missing or invalid. The message names the field and the fix."""
 
 
@@ -45,13 +47,25 @@ class ModelConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
-        for f in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
-                  "vocab_size", "max_sequence_length"):
+        for f in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "vocab_size",
+            "max_sequence_length",
+        ):
             _check(getattr(self, f) >= 1, f"model.{f}", "must be a positive integer")
-        _check(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
-               f"must be divisible by model.num_attention_heads ({self.num_attention_heads})")
-        _check((self.hidden_size // self.num_attention_heads) % 2 == 0, "model.hidden_size",
-               "head dimension (hidden_size / num_attention_heads) must be even for RoPE")
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            "model.hidden_size",
+            f"must be divisible by model.num_attention_heads ({self.num_attention_heads})",
+        )
+        _check(
+            (self.hidden_size // self.num_attention_heads) % 2 == 0,
+            "model.hidden_size",
+            "head dimension (hidden_size / num_attention_heads) must be even for RoPE",
+        )
         _check(self.rms_norm_eps > 0, "model.rms_norm_eps", "must be > 0")
         _check(self.initializer_range > 0, "model.initializer_range", "must be > 0")
 
@@ -260,8 +274,10 @@ class LaunchConfig:
 
     def __post_init__(self) -> None:
         d = self.devices.strip()
-        ok = d in ("cpu", "cuda") or (d.startswith("cpu:") and d[4:].isdigit() and int(d[4:]) >= 1) or all(
-            x.strip().isdigit() for x in d.split(",")
+        ok = (
+            d in ("cpu", "cuda")
+            or (d.startswith("cpu:") and d[4:].isdigit() and int(d[4:]) >= 1)
+            or all(x.strip().isdigit() for x in d.split(","))
         )
         _check(ok, "launch.devices", "use cpu, cpu:N, cuda or a GPU list like 0,1")
 
@@ -291,10 +307,16 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def __post_init__(self) -> None:
-        _check(self.schedule.warmup_steps < self.train.total_steps, "schedule.warmup_steps",
-               f"must be < train.total_steps ({self.train.total_steps})")
-        _check(self.data.seq_len <= self.model.max_sequence_length, "data.seq_len",
-               f"must be <= model.max_sequence_length ({self.model.max_sequence_length})")
+        _check(
+            self.schedule.warmup_steps < self.train.total_steps,
+            "schedule.warmup_steps",
+            f"must be < train.total_steps ({self.train.total_steps})",
+        )
+        _check(
+            self.data.seq_len <= self.model.max_sequence_length,
+            "data.seq_len",
+            f"must be <= model.max_sequence_length ({self.model.max_sequence_length})",
+        )
 
     @property
     def checkpoint_every(self) -> int:
@@ -448,15 +470,22 @@ def preset_cpu_small() -> RunConfig:
     phenomenon (a best peak; a higher peak where cosine collapses) in minutes per run on 2 CPU cores."""
     return RunConfig(
         name="cpu-small",
-        model=ModelConfig(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_hidden_layers=4,
-                          vocab_size=256, max_sequence_length=256),
+        model=ModelConfig(
+            hidden_size=128,
+            intermediate_size=344,
+            num_attention_heads=4,
+            num_hidden_layers=4,
+            vocab_size=256,
+            max_sequence_length=256,
+        ),
         data=DataConfig(source="embedded", path="shakespeare", tokenizer="byte", seq_len=128),
         train=TrainConfig(total_steps=1500, batch_size=16, beta2=0.999, weight_decay=0.01),
         schedule=ScheduleConfig(init_lr=3e-4, warmup_steps=150, decision_every=50),
         eval=EvalConfig(tokens=65_536, every=0, batch_size=32),
         checkpoint=CheckpointConfig(every=0, keep=6),
-        guard=GuardConfig(rollback_back_steps=150, fast_crash_steps=50, hang_timeout_s=120,
-                          emergency_loss=8.0, crash_loss=12.0),
+        guard=GuardConfig(
+            rollback_back_steps=150, fast_crash_steps=50, hang_timeout_s=120, emergency_loss=8.0, crash_loss=12.0
+        ),
     )
 
 
@@ -464,15 +493,27 @@ def preset_cpu_smoke() -> RunConfig:
     """Seconds per run: the tests' model (2 layers, d32) on the embedded corpus."""
     return RunConfig(
         name="cpu-smoke",
-        model=ModelConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                          vocab_size=256, max_sequence_length=64),
+        model=ModelConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=256,
+            max_sequence_length=64,
+        ),
         data=DataConfig(source="embedded", path="shakespeare", tokenizer="byte", seq_len=32),
         train=TrainConfig(total_steps=60, batch_size=8, progress=False),
         schedule=ScheduleConfig(init_lr=3e-3, warmup_steps=10, decision_every=10),
         eval=EvalConfig(tokens=4096, every=0, batch_size=16),
         checkpoint=CheckpointConfig(every=0, keep=4),
-        guard=GuardConfig(rollback_back_steps=10, fast_crash_steps=10, hang_timeout_s=60,
-                          emergency_loss=8.0, crash_loss=12.0, max_fast_crash=5),
+        guard=GuardConfig(
+            rollback_back_steps=10,
+            fast_crash_steps=10,
+            hang_timeout_s=60,
+            emergency_loss=8.0,
+            crash_loss=12.0,
+            max_fast_crash=5,
+        ),
     )
 
 

@@ -1,0 +1,115 @@
+"""Baseline sweeps: a fixed schedule at several peak LRs, one result json per peak.
+
+    lrpilot baseline --preset cpu-small --schedule cosine --peaks 1e-3 3e-3 1e-2 --out runs/sweep
+
+A schedule is just another controller, so each baseline run goes through the same round supervisor, guard
+and logs as an agent round. Results are written as `OUT/{schedule}_lr{peak}.json` with the published
+study's fields (`final_eval_loss`, `final_eval_ppl`, `final_eval_tokens`, `update_step`, `seed`) plus the
+LR and loss trajectories; each run's own directory is `OUT/runs/{schedule}_lr{peak}/`. Re-running the same
+command skips peaks whose result already exists and resumes an interrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from lrpilot.config import RunConfig
+
+
+def format_lr(lr: float) -> str:
+    """Compact LR for file names, as the published logs spell them: 0.001 -> 1e-3, 0.0035 -> 3.5e-3."""
+    if lr <= 0 or not math.isfinite(lr):
+        raise ValueError(f"peak LR must be a positive number, got {lr!r}")
+    exp = math.floor(math.log10(lr))
+    mant = round(lr / 10**exp, 6)
+    if mant >= 10:  # rounding carried over
+        mant, exp = mant / 10, exp + 1
+    m = f"{mant:g}"
+    return f"{m}e{exp}"
+
+
+def result_path(out_dir: Path, schedule: str, peak: float) -> Path:
+    return out_dir / f"{schedule}_lr{format_lr(peak)}.json"
+
+
+def run_one(cfg: RunConfig, schedule: str, peak: float, out_dir: Path, preset: str = "") -> dict[str, Any]:
+    """Run (or resume, or skip if done) one baseline run and write its result json."""
+    from lrpilot.controllers.schedules import baseline_config, make_schedule
+    from lrpilot.supervisor import RoundLogs, run_round
+
+    out_dir = Path(out_dir)
+    path = result_path(out_dir, schedule, peak)
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            path.rename(path.with_suffix(".json.corrupt"))  # keep it for inspection; run again
+    bcfg = baseline_config(cfg, schedule, peak)
+    run_dir = out_dir / "runs" / path.stem
+    controller = make_schedule(schedule, peak, bcfg)
+    logs = RoundLogs(
+        decisions=run_dir / "decisions.jsonl",
+        rollbacks=run_dir / "rollbacks.jsonl",
+        extra={"schedule": schedule, "peak_lr": peak},
+    )
+    res = run_round(bcfg, run_dir, controller, logs, resume=run_dir.exists())
+    record = {
+        "final_eval_loss": res.final_eval_loss,
+        "final_eval_ppl": res.final_eval_ppl,
+        "final_eval_tokens": res.final_eval_tokens,
+        "update_step": res.update_step,
+        "seed": bcfg.train.seed,
+        "schedule": schedule,
+        "peak_lr": peak,
+        "preset": preset or cfg.name,
+        "status": res.status,
+        "diverged": res.status != "ok" or not math.isfinite(res.final_eval_ppl),
+        "crash_count": res.crash_count,
+        "wall_time_s": res.wall_time_s,
+        "total_steps": bcfg.train.total_steps,
+        "warmup_steps": bcfg.schedule.warmup_steps,
+        "run_start_iso": res.run_start_iso,
+        "lr_trajectory": [list(p) for p in res.lr_trajectory],
+        "loss_trajectory": [list(p) for p in res.loss_trajectory],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    from lrpilot.logs import dumps
+
+    tmp.write_text(dumps(record) + "\n")
+    os.replace(tmp, path)
+    return record
+
+
+def run_sweep(
+    cfg: RunConfig, schedule: str, peaks: list[float], out_dir: Path, jobs: int = 1, preset: str = ""
+) -> list[dict[str, Any]]:
+    """Run a sweep over peaks; `jobs` runs execute at once (each trainer uses train.num_threads)."""
+    from lrpilot.controllers.schedules import make_schedule
+
+    make_schedule(schedule, peaks[0], cfg)  # fail fast on an unknown schedule name
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if jobs <= 1:
+        return [run_one(cfg, schedule, p, out_dir, preset) for p in peaks]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda p: run_one(cfg, schedule, p, out_dir, preset), peaks))
+
+
+def sweep_table(records: list[dict[str, Any]]) -> str:
+    """A plain-text table of a sweep, best first marked."""
+    ok = [r for r in records if math.isfinite(float(r.get("final_eval_ppl", math.nan)))]
+    best = min(ok, key=lambda r: r["final_eval_ppl"]) if ok else None
+    lines = [f"{'schedule':<9} {'peak_lr':>9} {'eval_loss':>9} {'eval_ppl':>9} {'crashes':>7} {'wall_s':>7}  note"]
+    for r in sorted(records, key=lambda r: r["peak_lr"]):
+        note = "best" if r is best else ("diverged" if r.get("diverged") else "")
+        lines.append(
+            f"{r['schedule']:<9} {r['peak_lr']:>9.2e} {float(r['final_eval_loss']):>9.4f} "
+            f"{float(r['final_eval_ppl']):>9.3f} {r.get('crash_count', 0):>7} {float(r.get('wall_time_s', 0)):>7.0f}  {note}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,308 @@
+"""Campaigns: rounds that learn from each other, resumable.
+
+    lrpilot campaign --preset cpu-small --rounds 8 --controller rules --memory optuna --dir runs/rules
+    lrpilot campaign --preset cpu-small --rounds 3 --controller llm --backend local --dir runs/local
+
+Each round is a full pre-training run under the round supervisor, started clean in `DIR/rounds/round_NNN/`.
+Before it starts, the campaign's memory looks at the earlier rounds in DIR's logs:
+  * `llm`    - the Memory agent writes a brief (<= 150 words) that the LLM Controller reads every decision;
+  * `optuna` - an Optuna TPE study (stored in DIR) proposes the rule controller's parameters from the past
+               rounds' final ppl: the embedded default's learner, and the honest control for the LLM memory;
+  * `none`   - every round starts from the same prior.
+The round's final result is appended to `DIR/final_results.jsonl`; that line is the round's commit point, so
+killing the campaign at any moment and running the same command again resumes the unfinished round from its
+checkpoint and never counts a round twice. One process at a time holds `DIR/campaign.lock`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lrpilot.config import ConfigError, RunConfig
+from lrpilot.errors import LrpilotError
+from lrpilot.logs import append_jsonl, now_iso, read_jsonl
+
+CONTROLLERS = ("llm", "rules", "replay")
+MEMORIES = ("llm", "optuna", "none")
+
+
+class CampaignError(LrpilotError, RuntimeError):
+    """The campaign cannot run as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class CampaignSettings:
+    """What identifies a campaign; stored in DIR/campaign.json and checked when the campaign resumes."""
+
+    preset: str
+    overrides: tuple[str, ...]
+    controller: str
+    memory: str
+    backend: str = ""
+    model: str = ""
+    replay_from: str = ""
+    optuna_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.controller not in CONTROLLERS:
+            raise ConfigError(f"--controller {self.controller!r}: choose one of {', '.join(CONTROLLERS)}")
+        if self.memory not in MEMORIES:
+            raise ConfigError(f"--memory {self.memory!r}: choose one of {', '.join(MEMORIES)}")
+        if self.memory == "optuna" and self.controller != "rules":
+            raise ConfigError("--memory optuna tunes the rule controller: use it with --controller rules")
+        if self.memory == "llm" and self.controller != "llm":
+            raise ConfigError("--memory llm writes briefs for the LLM controller: use it with --controller llm")
+        if self.controller == "replay" and not self.replay_from:
+            raise ConfigError("--controller replay needs --replay-from DIR (a campaign directory to re-play)")
+
+
+class CampaignLock:
+    """An exclusive, non-blocking lock on DIR/campaign.lock; released when the process dies."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / "campaign.lock"
+        self._f = None
+
+    def __enter__(self) -> CampaignLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 - held for the campaign's lifetime
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise CampaignError(
+                f"{self.path.parent} is in use by a running campaign ({holder}); wait for it or use another --dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} since {now_iso()}\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _check_settings(directory: Path, settings: CampaignSettings) -> None:
+    path = directory / "campaign.json"
+    mine = dataclasses.asdict(settings)
+    mine["overrides"] = list(settings.overrides)
+    if path.exists():
+        try:
+            theirs = json.loads(path.read_text()).get("settings", {})
+        except json.JSONDecodeError:
+            theirs = None
+        if theirs is not None and theirs != mine:
+            diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+            raise CampaignError(
+                f"{directory} holds a campaign with different settings ({', '.join(diff)}); "
+                "run the original command again to resume it, or use a new --dir"
+            )
+        if theirs is not None:
+            return
+    path.write_text(json.dumps({"settings": mine, "created": now_iso()}, indent=2) + "\n")
+
+
+def _completed_rounds(directory: Path) -> dict[int, dict[str, Any]]:
+    done: dict[int, dict[str, Any]] = {}
+    for rec in read_jsonl(directory / "final_results.jsonl"):
+        r = rec.get("round")
+        if isinstance(r, int) and r not in done:
+            done[r] = rec
+    return done
+
+
+def _brief_for(directory: Path, round_index: int) -> dict[str, Any] | None:
+    """The brief already written for this round (so a resumed round keeps the brief it started with)."""
+    for rec in read_jsonl(directory / "briefs.jsonl"):
+        if rec.get("round") == round_index:
+            return rec
+    return None
+
+
+def _ppl(rec: dict[str, Any]) -> float:
+    try:
+        return float(rec.get("final_eval_ppl"))
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def summary_line(rec: dict[str, Any], best: float) -> str:
+    return (
+        f"round {rec['round']:>3}  {rec.get('status', 'ok'):<6} peak_lr {rec['peak_lr_seen']:.2e}  "
+        f"min_lr {rec['min_lr_seen']:.2e}  crashes {rec['crash_count']:>2}  ppl {_ppl(rec):>9.3f}  "
+        f"best so far {best:.3f}  ({rec['wall_time_s']:.0f} s)"
+    )
+
+
+def campaign_table(directory: Path) -> str:
+    recs = sorted(_completed_rounds(Path(directory)).values(), key=lambda r: r["round"])
+    lines, best = [], math.inf
+    for rec in recs:
+        p = _ppl(rec)
+        if math.isfinite(p):
+            best = min(best, p)
+        lines.append(summary_line(rec, best))
+    ppls = [_ppl(r) for r in recs if math.isfinite(_ppl(r))]
+    if ppls:
+        lines.append(
+            f"{len(recs)} rounds: best ppl {min(ppls):.3f}, median {statistics.median(ppls):.3f}, "
+            f"failed {sum(r.get('status') == 'failed' for r in recs)}, "
+            f"wall time {sum(float(r.get('wall_time_s', 0)) for r in recs) / 60:.1f} min"
+        )
+    return "\n".join(lines)
+
+
+def run_campaign(
+    cfg: RunConfig,
+    directory: Path,
+    rounds: int,
+    settings: CampaignSettings,
+    *,
+    echo: Any = print,
+) -> list[dict[str, Any]]:
+    """Run rounds 1..`rounds` in `directory`, skipping those already finished. Returns all final records."""
+    directory = Path(directory)
+    if rounds < 1:
+        raise ConfigError("--rounds: must be >= 1")
+    with CampaignLock(directory):
+        _check_settings(directory, settings)
+        done = _completed_rounds(directory)
+        best = min((_ppl(r) for r in done.values() if math.isfinite(_ppl(r))), default=math.inf)
+        for r in range(1, rounds + 1):
+            if r in done:
+                continue
+            rec = _run_one_round(cfg, directory, r, settings)
+            done[r] = rec
+            if math.isfinite(_ppl(rec)):
+                best = min(best, _ppl(rec))
+            echo(summary_line(rec, best))
+        echo(campaign_table(directory))
+        return [done[r] for r in sorted(done)]
+
+
+def _make_controller(cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int, params: Any):
+    if settings.controller == "rules":
+        from lrpilot.controllers.rules import RuleController, RuleParams
+
+        return RuleController(params if params is not None else RuleParams())
+    if settings.controller == "replay":
+        from lrpilot.controllers.replay import ReplayController
+
+        return ReplayController.from_log(Path(settings.replay_from) / "decisions.jsonl", round=r)
+    from lrpilot.controllers.llm import LLMController
+    from lrpilot.llm.base import make_backend
+
+    backend = make_backend(cfg.agent, "controller", directory / "llm_calls.jsonl")
+    return LLMController(backend, guard=cfg.guard)
+
+
+def _memory_brief(cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int) -> tuple[str, Any, dict]:
+    """(brief text, rule params or None, record for briefs.jsonl)."""
+    if settings.memory == "optuna":
+        from lrpilot.memory.optuna_memory import OptunaMemory
+
+        mem = OptunaMemory(directory, seed=settings.optuna_seed)
+        params = mem.propose(r)
+        text = mem.brief()
+        return text, params, {"params": dataclasses.asdict(params)}
+    if settings.memory == "llm":
+        prior = _brief_for(directory, r)
+        if prior is not None:
+            return str(prior.get("brief", "")), None, {}
+        from lrpilot.campaign_logs import load_campaign
+        from lrpilot.llm.base import make_backend
+        from lrpilot.memory.llm_memory import LLMMemory
+
+        backend = make_backend(cfg.agent, "memory", directory / "llm_calls.jsonl")
+        brief = LLMMemory(backend, cfg.agent).brief(load_campaign(directory), r)
+        return brief.text, None, {"fallback": brief.fallback, "words": brief.words}
+    return "", None, {}
+
+
+def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSettings) -> dict[str, Any]:
+    from lrpilot.supervisor import RoundLogs, run_round
+
+    run_dir = directory / "rounds" / f"round_{r:03d}"
+    resume = run_dir.exists()
+    t0 = time.time()
+    brief, params, extra = _memory_brief(cfg, directory, settings, r)
+    if _brief_for(directory, r) is None:
+        append_jsonl(
+            directory / "briefs.jsonl",
+            {"round": r, "timestamp": now_iso(), "memory": settings.memory, "brief": brief, **extra},
+        )
+    controller = _make_controller(cfg, directory, settings, r, params)
+    logs = RoundLogs(
+        decisions=directory / "decisions.jsonl",
+        rollbacks=directory / "rollbacks.jsonl",
+        extra={"round": r, "controller": settings.controller},
+    )
+    res = run_round(cfg, run_dir, controller, logs, memory_brief=brief, round_index=r, resume=resume)
+    rec: dict[str, Any] = {
+        "timestamp": now_iso(),
+        "run_start_iso": res.run_start_iso,
+        "final_eval_ppl": res.final_eval_ppl,
+        "final_eval_loss": res.final_eval_loss,
+        "total_decisions": res.total_decisions,
+        "crash_count": res.crash_count,
+        "peak_lr_seen": res.peak_lr_seen,
+        "min_lr_seen": res.min_lr_seen,
+        "warmup_steps": cfg.schedule.warmup_steps,
+        "decision_every": cfg.schedule.decision_every,
+        "init_lr": cfg.schedule.init_lr,
+        "optimizer": "adamw",
+        "round": r,
+        "status": res.status,
+        "failure_reason": res.failure_reason,
+        "seed": cfg.train.seed,
+        "controller": settings.controller,
+        "memory": settings.memory,
+        "backend": settings.backend if settings.controller == "llm" else "",
+        "model": settings.model if settings.controller == "llm" else "",
+        "preset": settings.preset,
+        "final_eval_tokens": res.final_eval_tokens,
+        "update_step": res.update_step,
+        "wall_time_s": res.wall_time_s,
+        "round_wall_time_s": time.time() - t0,
+        "wait_s": res.wait_s,
+        "decision_latency_s": _mean(res.decision_latency_s),
+        "effect_delay_steps": _mean(res.effect_delay_steps),
+        "settings": {
+            "total_steps": cfg.train.total_steps,
+            "min_ratio": cfg.guard.min_ratio,
+            "max_ratio": cfg.guard.max_ratio,
+            "floor": cfg.guard.floor,
+            "ceiling": cfg.guard.ceiling,
+            "max_cross_run_history": cfg.agent.max_cross_run_history,
+            "agent_model": cfg.agent.model,
+            "memory_model": cfg.agent.memory_model or cfg.agent.model,
+        },
+    }
+    if params is not None:
+        rec["rule_params"] = dataclasses.asdict(params)
+    append_jsonl(directory / "final_results.jsonl", rec)
+    if settings.memory == "optuna":
+        from lrpilot.memory.optuna_memory import OptunaMemory
+
+        OptunaMemory(directory, seed=settings.optuna_seed).record(r, res.final_eval_ppl, res.status != "ok")
+    return rec
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else None

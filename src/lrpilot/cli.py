@@ -1,0 +1,293 @@
+"""The `lrpilot` command line.
+
+    lrpilot info --preset cpu-small
+    lrpilot train --preset cpu-smoke --dir runs/one --schedule cosine --peak 3e-3
+    lrpilot baseline --preset cpu-small --schedule cosine --peaks 1e-3 3e-3 1e-2 --out runs/sweep
+    lrpilot campaign --preset cpu-small --rounds 8 --controller rules --memory optuna --dir runs/rules
+    lrpilot report runs/rules --baselines runs/sweep --out runs/report
+    lrpilot import-logs ../shared/seed-experiments --dir runs/published
+    lrpilot demo --dir runs/demo
+
+Every command takes `--preset` plus any number of `--set section.key=value` overrides; `lrpilot info` shows
+the resolved config and the keys that exist. Errors in input are one line naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import threading
+from pathlib import Path
+
+from lrpilot.config import PRESETS, ConfigError, RunConfig, load_config
+from lrpilot.errors import LrpilotError
+
+SCHEDULES = ("cosine", "d2z", "wsd", "constant")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 3e-3, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str = "cpu-small") -> None:
+    p.add_argument(
+        "--preset",
+        default=default,
+        help=f"named preset ({', '.join(PRESETS)}) or a path to a saved config.json (default: {default})",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config field, e.g. --set train.total_steps=500 (repeatable; see `lrpilot info`)",
+    )
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.preset, args.overrides)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    cfg = _config(args)
+    print(json.dumps(cfg.to_dict(), indent=2))
+    try:
+        import torch
+
+        from lrpilot.model import LLaMA
+
+        with torch.device("meta"):
+            n = LLaMA(cfg.model).num_parameters()
+        print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
+    except ImportError as e:  # pragma: no cover - torch is a core dependency
+        print(f"parameters: unavailable ({e})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lrpilot.baseline import run_one, sweep_table
+
+    cfg = _config(args)
+    peak = args.peak if args.peak is not None else cfg.schedule.init_lr
+    rec = run_one(cfg, args.schedule, peak, Path(args.dir), preset=args.preset)
+    print(sweep_table([rec]))
+    return 0 if rec.get("status") == "ok" else 1
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from lrpilot.baseline import run_sweep, sweep_table
+
+    cfg = _config(args)
+    recs = run_sweep(cfg, args.schedule, args.peaks, Path(args.out), jobs=args.jobs, preset=args.preset)
+    print(sweep_table(recs))
+    return 0
+
+
+def _campaign_settings(args: argparse.Namespace, cfg: RunConfig):
+    from lrpilot.campaign import CampaignSettings
+
+    memory = args.memory or {"llm": "llm", "rules": "optuna", "replay": "none"}[args.controller]
+    return CampaignSettings(
+        preset=args.preset,
+        overrides=tuple(args.overrides),
+        controller=args.controller,
+        memory=memory,
+        backend=cfg.agent.backend,
+        model=cfg.agent.model if cfg.agent.backend == "openai" else (cfg.agent.local_model_path or "SmolLM2-135M"),
+        replay_from=args.replay_from or "",
+        optuna_seed=args.optuna_seed,
+    )
+
+
+def _agent_overrides(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if args.backend:
+        extra.append(f"agent.backend={args.backend}")
+    if args.base_url:
+        extra.append(f"agent.base_url={args.base_url}")
+    if args.model:
+        extra.append(f"agent.model={args.model}")
+    if args.memory_model:
+        extra.append(f"agent.memory_model={args.memory_model}")
+    return extra
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    from lrpilot.campaign import run_campaign
+
+    args.overrides = list(args.overrides) + _agent_overrides(args)
+    cfg = _config(args)
+    settings = _campaign_settings(args, cfg)
+    if settings.controller == "llm":
+        from lrpilot.llm.base import make_backend
+
+        make_backend(cfg.agent, "controller", None).ping()  # fail fast on a wrong endpoint, model or key
+    run_campaign(cfg, Path(args.dir), args.rounds, settings)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lrpilot.report import main_report
+
+    return main_report(Path(args.dir), [Path(b) for b in args.baselines], Path(args.out))
+
+
+def cmd_import_logs(args: argparse.Namespace) -> int:
+    from lrpilot.importer import main_import
+
+    return main_import(Path(args.src), Path(args.dir))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A short rules+Optuna campaign and a cosine sweep, side by side on 2 cores, then the report."""
+    from lrpilot.baseline import run_sweep, sweep_table
+    from lrpilot.campaign import CampaignSettings, run_campaign
+
+    cfg = load_config(args.preset, args.overrides)
+    out = Path(args.dir)
+    settings = CampaignSettings(
+        preset=args.preset, overrides=tuple(args.overrides), controller="rules", memory="optuna"
+    )
+    print(
+        f"demo: {args.rounds} rule-controller rounds with Optuna memory in {out / 'campaign'}, and a cosine "
+        f"sweep over {', '.join(f'{p:g}' for p in args.peaks)} in {out / 'sweep'}, side by side"
+    )
+    errors: list[BaseException] = []
+
+    def sweep() -> None:
+        try:
+            recs = run_sweep(cfg, "cosine", args.peaks, out / "sweep", jobs=1, preset=args.preset)
+            print("\ncosine sweep:\n" + sweep_table(recs))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+
+    t = threading.Thread(target=sweep, name="cosine-sweep")
+    t.start()
+    try:
+        run_campaign(cfg, out / "campaign", args.rounds, settings)
+    finally:
+        t.join()
+    if errors:
+        raise errors[0]
+    from lrpilot.report import main_report
+
+    return main_report(out / "campaign", [out / "sweep"], out / "report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lrpilot",
+        description="LLM agents discover learning-rate schedules for LM pre-training; plain code keeps the run alive.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="print a preset's resolved config and the model's parameter count")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="one pre-training run with a fixed schedule, through the supervisor")
+    _add_config_args(p)
+    p.add_argument("--dir", required=True, help="output directory (result json and the run directory)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="LR schedule after warmup (default cosine)")
+    p.add_argument(
+        "--peak", type=_positive_float, default=None, help="peak LR (default: the preset's schedule.init_lr)"
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("baseline", help="sweep a schedule over peak LRs; one result json per peak")
+    _add_config_args(p)
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="cosine (to 0.1x peak, the reference), d2z (linear to zero), wsd, constant",
+    )
+    p.add_argument("--peaks", type=_positive_float, nargs="+", required=True, help="peak LRs, e.g. 1e-3 3e-3 1e-2")
+    p.add_argument("--out", required=True, help="output directory; re-running skips finished peaks")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each uses train.num_threads threads)")
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("campaign", help="run N rounds in DIR, each steered by a controller with memory")
+    _add_config_args(p)
+    p.add_argument("--dir", required=True, help="campaign directory; run the same command again to resume")
+    p.add_argument("--rounds", type=int, required=True, help="total rounds (finished ones are skipped)")
+    p.add_argument(
+        "--controller",
+        choices=("llm", "rules", "replay"),
+        default="rules",
+        help="llm (an LLM agent), rules (no-LLM heuristic), replay (re-play another campaign)",
+    )
+    p.add_argument(
+        "--memory",
+        choices=("llm", "optuna", "none"),
+        default=None,
+        help="cross-round memory: llm brief (for llm), optuna TPE over rule parameters (for rules), "
+        "none; default llm for --controller llm, optuna for rules",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("openai", "local"),
+        default=None,
+        help="LLM backend: openai (any OpenAI-compatible endpoint) or local (llama-cpp-python)",
+    )
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: DashScope compatible mode)")
+    p.add_argument("--model", default=None, help="Controller model name (default qwen3.6-plus-2026-04-02)")
+    p.add_argument("--memory-model", default=None, help="Memory agent model (default: same as --model)")
+    p.add_argument("--replay-from", default=None, help="for --controller replay: the campaign directory to re-play")
+    p.add_argument("--optuna-seed", type=int, default=0, help="seed of the Optuna TPE sampler (--memory optuna)")
+    p.set_defaults(func=cmd_campaign)
+
+    p = sub.add_parser("report", help="tables and figures from a campaign's logs (never imports torch)")
+    p.add_argument("dir", help="campaign directory")
+    p.add_argument("--baselines", nargs="*", default=[], help="directories of baseline result jsons")
+    p.add_argument("--out", required=True, help="output directory for report.html, report.md and PNGs")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("import-logs", help="turn the published study's log files into a campaign directory")
+    p.add_argument("src", help="directory with final_results_log_*.jsonl, decisions_log_*, rollback_log_*")
+    p.add_argument("--dir", required=True, help="destination campaign directory")
+    p.set_defaults(func=cmd_import_logs)
+
+    p = sub.add_parser("demo", help="the embedded default end to end: campaign + cosine sweep + report")
+    _add_config_args(p, default="cpu-small")
+    p.add_argument("--dir", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--rounds", type=int, default=4, help="campaign rounds (default 4)")
+    p.add_argument(
+        "--peaks",
+        type=_positive_float,
+        nargs="+",
+        default=[1e-3, 3e-3, 1e-2],
+        help="cosine sweep peaks (default 1e-3 3e-3 1e-2)",
+    )
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"lrpilot: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lrpilot: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except LrpilotError as e:
+        print(f"lrpilot: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
