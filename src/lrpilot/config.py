@@ -336,7 +336,7 @@ class RunConfig:
         for f in fields(cls):
             if f.name not in d:
                 continue
-            sub = _section_types()[f.name] if f.name in _section_types() else None
+            sub = _section_types().get(f.name)
             if sub is None:
                 kwargs[f.name] = d[f.name]
             else:
