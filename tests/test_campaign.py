@@ -1,0 +1,165 @@
+"""End-to-end campaigns on cpu-smoke: real trainer subprocesses, real Optuna study, real local LLM.
+
+Each round is a full (tiny) pre-training run; these tests check the rounds loop, its logs, the lock that
+refuses a second process, and kill-and-resume of the whole campaign.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lrpilot.campaign import CampaignError, CampaignLock, CampaignSettings, run_campaign
+from lrpilot.config import ConfigError, apply_overrides, load_config
+from lrpilot.logs import read_jsonl
+
+SMOKE = ["train.total_steps=40", "schedule.warmup_steps=10", "schedule.decision_every=10"]
+PUBLISHED_FIELDS = {
+    "run_start_iso", "final_eval_ppl", "final_eval_loss", "total_decisions", "crash_count", "peak_lr_seen",
+    "min_lr_seen", "warmup_steps", "decision_every", "init_lr", "optimizer",
+}  # fmt: skip
+
+
+def _cfg():
+    return apply_overrides(load_config("cpu-smoke"), SMOKE)
+
+
+def _wait_for(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)  # polling a condition with a deadline, not synchronising by sleep
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _check_round_logs(d: Path, rounds: int, decisions_per_round: int) -> list[dict]:
+    finals = read_jsonl(d / "final_results.jsonl", strict=True)
+    assert [r["round"] for r in finals] == list(range(1, rounds + 1))
+    for r in finals:
+        assert PUBLISHED_FIELDS <= r.keys()
+        assert r["status"] == "ok" and r["update_step"] == 40
+    decisions = read_jsonl(d / "decisions.jsonl", strict=True)
+    for r in range(1, rounds + 1):
+        steps = [x["step"] for x in decisions if x["round"] == r]
+        assert len(steps) == len(set(steps)) == decisions_per_round, (r, steps)
+    return finals
+
+
+@pytest.mark.slow
+def test_rules_campaign_with_optuna_memory(tmp_path):
+    d = tmp_path / "camp"
+    settings = CampaignSettings(preset="cpu-smoke", overrides=tuple(SMOKE), controller="rules", memory="optuna")
+    lines: list[str] = []
+    run_campaign(_cfg(), d, 3, settings, echo=lines.append)
+    finals = _check_round_logs(d, 3, decisions_per_round=3)  # decision points at steps 10, 20, 30
+    # Optuna proposed each round's rule parameters and was told each result
+    assert all("rule_params" in r for r in finals)
+    briefs = read_jsonl(d / "briefs.jsonl", strict=True)
+    assert [b["round"] for b in briefs] == [1, 2, 3]
+    assert any(p.name.startswith("optuna") for p in d.iterdir())
+    assert "best so far" in lines[0] and "3 rounds" in lines[-1]
+    # running the same command again is a no-op: nothing counted twice
+    run_campaign(_cfg(), d, 3, settings, echo=lines.append)
+    assert len(read_jsonl(d / "final_results.jsonl")) == 3
+    # extending the campaign runs only the new round
+    run_campaign(_cfg(), d, 4, settings, echo=lines.append)
+    assert [r["round"] for r in read_jsonl(d / "final_results.jsonl")] == [1, 2, 3, 4]
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigError, match="--memory optuna"):
+        CampaignSettings(preset="cpu-smoke", overrides=(), controller="llm", memory="optuna")
+    with pytest.raises(ConfigError, match="--replay-from"):
+        CampaignSettings(preset="cpu-smoke", overrides=(), controller="replay", memory="none")
+
+
+def test_changed_settings_on_an_existing_campaign_are_refused(tmp_path):
+    d = tmp_path / "camp"
+    s1 = CampaignSettings(preset="cpu-smoke", overrides=(), controller="rules", memory="none")
+    from lrpilot.campaign import _check_settings
+
+    d.mkdir()
+    _check_settings(d, s1)
+    s2 = CampaignSettings(preset="cpu-smoke", overrides=(), controller="rules", memory="optuna")
+    with pytest.raises(CampaignError, match="memory"):
+        _check_settings(d, s2)
+
+
+def test_second_process_is_refused(tmp_path):
+    d = tmp_path / "camp"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from lrpilot.campaign import CampaignLock; from pathlib import Path\n"
+         "with CampaignLock(Path(sys.argv[1])):\n    print('locked', flush=True); sys.stdin.read()", str(d)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CampaignError, match="in use by a running campaign"), CampaignLock(d):
+            pass
+        r = subprocess.run(
+            [sys.executable, "-m", "lrpilot", "campaign", "--preset", "cpu-smoke", "--rounds", "1",
+             "--controller", "rules", "--dir", str(d)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 2 and "in use" in r.stderr and f"pid {holder.pid}" in r.stderr
+        assert not (d / "final_results.jsonl").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    with CampaignLock(d):  # released once the holder is gone
+        pass
+
+
+@pytest.mark.slow
+def test_kill_and_resume(tmp_path):
+    d = tmp_path / "camp"
+    cmd = [sys.executable, "-m", "lrpilot", "campaign", "--preset", "cpu-smoke", "--rounds", "3",
+           "--controller", "rules", "--memory", "optuna", "--dir", str(d)]  # fmt: skip
+    for s in SMOKE:
+        cmd += ["--set", s]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # kill the whole campaign (and its trainer) once round 2 has a checkpoint
+        _wait_for(lambda: list((d / "rounds" / "round_002" / "checkpoints").glob("*.json")), 300, "round 2 ckpt")
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert len(read_jsonl(d / "final_results.jsonl")) == 1
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _check_round_logs(d, 3, decisions_per_round=3)
+    # the interrupted round resumed (its run directory holds more than one trainer launch)
+    starts = [e for e in read_jsonl(d / "rounds" / "round_002" / "telemetry.jsonl") if e.get("event") == "start"]
+    assert len(starts) >= 2 and starts[-1].get("resumed_from")
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+def test_local_llm_campaign(tmp_path):
+    pytest.importorskip("llama_cpp", reason="needs the `local` extra (make test installs it)")
+    cfg = apply_overrides(_cfg(), ["agent.backend=local"])
+    d = tmp_path / "llm"
+    settings = CampaignSettings(preset="cpu-smoke", overrides=(*SMOKE, "agent.backend=local"), controller="llm",
+                                memory="llm", backend="local", model="SmolLM2-135M")  # fmt: skip
+    run_campaign(cfg, d, 3, settings, echo=lambda s: None)
+    finals = read_jsonl(d / "final_results.jsonl", strict=True)
+    assert [r["round"] for r in finals] == [1, 2, 3] and all(r["update_step"] == 40 for r in finals)
+    calls = read_jsonl(d / "llm_calls.jsonl", strict=True)
+    roles = {c.get("role") for c in calls}
+    assert {"controller", "memory"} <= roles
+    briefs = read_jsonl(d / "briefs.jsonl", strict=True)
+    assert all(len(b["brief"].split()) <= 150 for b in briefs)
+    decisions = read_jsonl(d / "decisions.jsonl", strict=True)
+    assert decisions and all(x["new_lr"] > 0 for x in decisions)
+    assert json.dumps(calls).count("sk-") == 0
