@@ -1,0 +1,426 @@
+"""Property-based tests of the SafetyGuard rules (lrpilot.guard), plus examples with the published numbers.
+
+python -m pytest -q tests/test_guard.py
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import lrpilot.guard as guard_module
+from lrpilot.config import GuardConfig
+from lrpilot.guard import (
+    CATASTROPHIC_LOSS,
+    HIGH_LOSS,
+    INF_LOSS,
+    LOSS_JUMP,
+    NAN_LOSS,
+    CheckpointInfo,
+    ClampResult,
+    CrashCounter,
+    check_emergency,
+    check_loss,
+    choose_rollback,
+    clamp_lr,
+    clamp_plan,
+    crash_lr,
+    emergency_lr,
+    is_fast_crash,
+    is_hung,
+)
+
+DEFAULT = GuardConfig()
+
+# ------------------------------------------------------------------------------------------ strategies
+
+
+@st.composite
+def guard_configs(draw) -> GuardConfig:
+    """Valid GuardConfigs around the defaults (the default itself is drawn often)."""
+    if draw(st.booleans()):
+        return DEFAULT
+    floor = 10 ** draw(st.floats(-8, -3))
+    return GuardConfig(
+        min_ratio=draw(st.floats(0.05, 1.0)),
+        max_ratio=draw(st.floats(1.0, 10.0)),
+        floor=floor,
+        ceiling=floor * 10 ** draw(st.floats(0.1, 6)),
+        rollback_back_steps=draw(st.integers(0, 2000)),
+        crash_lr_factor=draw(st.floats(0.05, 0.95)),
+        emergency_jump=draw(st.floats(0.1, 10)),
+        emergency_loss=draw(st.floats(1, 100)),
+        emergency_factor=draw(st.floats(0.05, 0.95)),
+        crash_loss=draw(st.floats(1, 200)),
+        max_fast_crash=draw(st.integers(1, 30)),
+        fast_crash_steps=draw(st.integers(0, 1000)),
+    )
+
+
+# positive LRs over many orders of magnitude, including ones outside [floor, ceiling]
+lrs = st.floats(-10, 1).map(lambda e: 10**e) | st.floats(min_value=1e-12, max_value=10.0)
+bad_proposals = (
+    st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0])
+    | st.floats(max_value=0.0, allow_nan=False)
+    | st.sampled_from([None, "0.01", True, False, [1e-3], {"lr": 1e-3}])
+)
+
+
+def band(current: float, cfg: GuardConfig) -> tuple[float, float]:
+    """Where a proposal may land: the jump band intersected with [floor, ceiling] (empty -> the nearest bound)."""
+    lo = max(cfg.min_ratio * current, cfg.floor)
+    hi = min(cfg.max_ratio * current, cfg.ceiling)
+    if lo > hi:  # the jump band lies wholly outside the global bounds: they win
+        x = cfg.ceiling if cfg.min_ratio * current > cfg.ceiling else cfg.floor
+        return x, x
+    return lo, hi
+
+
+# -------------------------------------------------------------------------------------- 1. clamp_lr
+
+
+@given(p=lrs, cur=lrs, cfg=guard_configs())
+@example(p=1e-2, cur=3e-4, cfg=DEFAULT)
+@example(p=1.0, cur=1.0, cfg=DEFAULT)  # band wholly above the ceiling
+@example(p=1e-9, cur=1e-9, cfg=DEFAULT)  # band wholly below the floor
+def test_clamp_within_bounds(p, cur, cfg):
+    r = clamp_lr(p, cur, cfg)
+    lo, hi = band(cur, cfg)
+    assert cfg.floor <= r.lr <= cfg.ceiling
+    assert lo <= r.lr <= hi
+    assert not r.fallback
+
+
+@given(p=lrs, cur=lrs, cfg=guard_configs())
+def test_clamp_idempotent(p, cur, cfg):
+    first = clamp_lr(p, cur, cfg)
+    second = clamp_lr(first.lr, cur, cfg)
+    assert second.lr == first.lr
+    assert not second.clamped and second.reasons == ()
+
+
+@given(cur=lrs, u=st.floats(0, 1), cfg=guard_configs())
+def test_clamp_leaves_allowed_proposal_alone(cur, u, cfg):
+    lo, hi = band(cur, cfg)
+    p = min(max(lo + u * (hi - lo), lo), hi)
+    assert clamp_lr(p, cur, cfg) == ClampResult(lr=p, clamped=False, reasons=(), fallback=False)
+
+
+@given(p=lrs, cur=lrs, cfg=guard_configs())
+def test_clamp_reasons_iff_clamped_iff_changed(p, cur, cfg):
+    r = clamp_lr(p, cur, cfg)
+    assert r.clamped == (r.lr != p)
+    assert bool(r.reasons) == r.clamped
+    assert all(isinstance(s, str) and s for s in r.reasons)
+    if r.clamped:
+        assert r.reasons[-1].endswith(f"{r.lr:.6g}")  # the last reason names the LR actually sent
+
+
+@given(p1=lrs, p2=lrs, cur=lrs, cfg=guard_configs())
+def test_clamp_is_monotone(p1, p2, cur, cfg):
+    lo, hi = sorted((p1, p2))
+    assert clamp_lr(lo, cur, cfg).lr <= clamp_lr(hi, cur, cfg).lr
+
+
+@given(p=bad_proposals, cur=lrs, cfg=guard_configs())
+def test_clamp_bad_proposal_keeps_current(p, cur, cfg):
+    r = clamp_lr(p, cur, cfg)
+    assert r.fallback and r.clamped and r.reasons
+    assert "kept current" in r.reasons[0]
+    assert r.lr == min(max(cur, cfg.floor), cfg.ceiling)  # the current LR, within the global bounds
+    assert len(r.reasons) == (1 if cfg.floor <= cur <= cfg.ceiling else 2)
+
+
+@pytest.mark.parametrize("cur", [math.nan, math.inf, 0.0, -1e-3, None, "3e-4", True])
+def test_clamp_rejects_corrupt_current(cur):
+    with pytest.raises(ValueError, match="clamp_lr current"):
+        clamp_lr(1e-3, cur, DEFAULT)
+
+
+def test_clamp_published_numbers():
+    up = clamp_lr(1e-2, 3e-4, DEFAULT)
+    assert up.lr == pytest.approx(6e-4) and up.clamped and not up.fallback
+    assert up.reasons == ("requested 0.01 > 2.0x current 0.0003; clamped to 0.0006",)
+    down = clamp_lr(1e-5, 3e-4, DEFAULT)
+    assert down.lr == pytest.approx(1.5e-4)
+    assert down.reasons == ("requested 1e-05 < 0.5x current 0.0003; clamped to 0.00015",)
+    assert clamp_lr(5e-4, 3e-4, DEFAULT) == ClampResult(lr=5e-4, clamped=False)
+    # both limits: 2x 0.04 = 0.08, then the 5e-2 ceiling
+    both = clamp_lr(0.1, 0.04, DEFAULT)
+    assert both.lr == 0.05
+    assert both.reasons == (
+        "requested 0.1 > 2.0x current 0.04; clamped to 0.08",
+        "0.08 > ceiling 0.05; clamped to 0.05",
+    )
+    assert clamp_lr(1.5e-6, 1e-6, DEFAULT).lr == 1.5e-6
+    low = clamp_lr(6e-7, 1e-6, DEFAULT)
+    assert low.lr == 1e-6 and low.reasons == ("requested 6e-07 < floor 1e-06; raised to 1e-06",)
+    nan = clamp_lr(math.nan, 3e-4, DEFAULT)
+    assert nan.lr == 3e-4 and nan.fallback
+    assert nan.reasons == ("requested nan is not finite; kept current 0.0003",)
+    assert clamp_lr(-0.01, 3e-4, DEFAULT).reasons == ("requested -0.01 is not positive; kept current 0.0003",)
+
+
+# ------------------------------------------------------------------------------------ clamp_plan
+
+knot_lrs = st.floats(0, 1) | st.floats(-1, 0) | st.floats(-10, 0).map(lambda e: 10**e)
+plans = st.lists(st.tuples(st.integers(0, 10_000), knot_lrs), max_size=20)
+
+
+@given(plan=plans, cfg=guard_configs())
+def test_plan_bounded_sorted_idempotent(plan, cfg):
+    out, reasons = clamp_plan(plan, cfg)
+    assert all(0.0 <= lr <= cfg.ceiling for _, lr in out)
+    steps = [s for s, _ in out]
+    assert steps == sorted(set(steps)) == sorted({s for s, _ in plan})
+    assert all(type(s) is int for s in steps)
+    assert bool(reasons) == (list(out) != list(plan))
+    assert clamp_plan(out, cfg) == (out, ())
+
+
+@given(plan=plans, cfg=guard_configs())
+def test_plan_in_bounds_untouched_even_below_floor(plan, cfg):
+    # distinct increasing steps, every lr in [0, ceiling]: nothing to do, however far below the floor
+    plan = sorted({s: min(abs(lr), cfg.ceiling) for s, lr in plan}.items())
+    assert clamp_plan(plan, cfg) == (tuple(plan), ())
+
+
+@given(plan=plans, cfg=guard_configs())
+def test_plan_keeps_values_it_does_not_clamp(plan, cfg):
+    out = dict(clamp_plan(plan, cfg).plan)
+    first = {}
+    for s, lr in plan:
+        first.setdefault(s, lr)
+    assert out == {s: min(max(lr, 0.0), cfg.ceiling) for s, lr in first.items()}
+
+
+def test_plan_examples():
+    decay = [(1000, 3e-4), (5000, 1e-7), (10000, 0.0)]  # linear decay to zero: legitimately below floor
+    assert clamp_plan(decay, DEFAULT) == (tuple(decay), ())
+    res = clamp_plan([[600, 0.2], [300, -1e-4], (300, 1e-3), (900, math.nan), "x", (-1, 1e-3), (1.5, 1e-3)], DEFAULT)
+    assert res.plan == ((300, 0.0), (600, 0.05))
+    assert res.clamped
+    text = " | ".join(res.reasons)
+    for needle in (
+        "0.2 > ceiling 0.05",
+        "-0.0001 < 0",
+        "repeated step",
+        "not a finite number",
+        "not a (step, lr) pair",
+        "not a non-negative integer",
+        "sorted",
+    ):
+        assert needle in text, needle
+    assert clamp_plan([(600.0, 1e-3)], DEFAULT).plan == ((600, 1e-3),)
+    assert clamp_plan([], DEFAULT) == ((), ())
+
+
+# ---------------------------------------------------------------------------------------- 2. rollback
+
+checkpoint_lists = st.lists(st.builds(CheckpointInfo, step=st.integers(0, 6000), healthy=st.booleans()), max_size=12)
+
+
+@given(ckpts=checkpoint_lists, crash_step=st.integers(0, 6000), lr=lrs, cfg=guard_configs())
+@example(ckpts=[CheckpointInfo(500), CheckpointInfo(1000), CheckpointInfo(2000)], crash_step=2000, lr=3e-4, cfg=DEFAULT)
+@example(ckpts=[CheckpointInfo(1000, healthy=False), CheckpointInfo(1500)], crash_step=2000, lr=3e-4, cfg=DEFAULT)
+def test_rollback_rule(ckpts, crash_step, lr, cfg):
+    plan = choose_rollback(ckpts, crash_step, lr, cfg)
+    usable = [c.step for c in ckpts if c.healthy and c.step <= crash_step]
+    if not usable:
+        assert plan is None
+        return
+    assert plan is not None
+    assert plan.checkpoint in ckpts and plan.checkpoint.healthy  # never unhealthy
+    assert plan.to_step == plan.checkpoint.step <= crash_step  # never after the crash
+    target = crash_step - cfg.rollback_back_steps
+    early = [s for s in usable if s <= target]
+    if early:
+        assert plan.to_step == max(early)  # the latest one far enough back
+    else:
+        assert plan.to_step == min(usable)  # else the earliest healthy one
+    assert plan.new_lr == crash_lr(lr, cfg) == min(max(lr * cfg.crash_lr_factor, cfg.floor), cfg.ceiling)
+    assert f"step {crash_step}" in plan.reason and f"step {plan.to_step}" in plan.reason
+
+
+@given(ckpts=checkpoint_lists, crash_step=st.integers(0, 6000), data=st.data())
+def test_rollback_ignores_order(ckpts, crash_step, data):
+    shuffled = data.draw(st.permutations(ckpts))
+    a, b = choose_rollback(ckpts, crash_step, 3e-4, DEFAULT), choose_rollback(shuffled, crash_step, 3e-4, DEFAULT)
+    assert (a is None) == (b is None)
+    if a is not None:
+        assert a.to_step == b.to_step and a.new_lr == b.new_lr
+
+
+@given(lr=st.floats(DEFAULT.floor, DEFAULT.ceiling))
+def test_crash_lr_halves_within_bounds(lr):
+    assert crash_lr(lr, DEFAULT) == max(lr * 0.5, DEFAULT.floor)
+
+
+def test_rollback_examples():
+    ckpts = [CheckpointInfo(s, healthy=s != 2100, path=f"step_{s:06d}.pt") for s in range(300, 3301, 300)]
+    plan = choose_rollback(ckpts, 3150, 1e-3, DEFAULT)
+    assert plan.to_step == 2100 - 300  # 2100 is unhealthy; 2150 is the target
+    assert plan.checkpoint.path == "step_001800.pt"
+    assert plan.new_lr == 5e-4
+    assert "crash at step 3150" in plan.reason and "latest healthy" in plan.reason
+    assert choose_rollback(ckpts, 2800, 1e-3, DEFAULT).to_step == 1800  # exactly rollback_back_steps back
+    early = choose_rollback(ckpts, 1000, 1e-3, DEFAULT)
+    assert early.to_step == 300 and "earliest healthy" in early.reason
+    assert choose_rollback(ckpts, 299, 1e-3, DEFAULT) is None  # only checkpoints after the crash
+    assert choose_rollback([CheckpointInfo(300, healthy=False)], 5000, 1e-3, DEFAULT) is None
+    assert choose_rollback([], 5000, 1e-3, DEFAULT) is None
+    assert crash_lr(1.5e-6, DEFAULT) == 1e-6  # floored
+    with pytest.raises(ValueError, match="lr_at_crash"):
+        choose_rollback(ckpts, 3150, math.nan, DEFAULT)
+
+
+# ---------------------------------------------------------------------------------------- 3. health
+
+
+@given(loss=st.floats(allow_nan=False, allow_infinity=False), cfg=guard_configs())
+@example(loss=50.0, cfg=DEFAULT)
+@example(loss=50.000001, cfg=DEFAULT)
+def test_check_loss_finite(loss, cfg):
+    h = check_loss(loss, cfg)
+    assert h.ok == (loss <= cfg.crash_loss)
+    assert h.reason == ("" if h.ok else CATASTROPHIC_LOSS)
+    assert bool(h.detail) == (not h.ok)
+
+
+@given(cfg=guard_configs())
+def test_check_loss_non_finite(cfg):
+    assert check_loss(math.nan, cfg).reason == NAN_LOSS
+    assert check_loss(math.inf, cfg).reason == INF_LOSS
+    assert check_loss(-math.inf, cfg).reason == INF_LOSS
+    for junk in (None, "nan", "2.5", True, [2.5]):
+        h = check_loss(junk, cfg)
+        assert not h.ok and h.reason == NAN_LOSS
+
+
+finite_losses = st.floats(-5, 200)
+
+
+@given(prev=finite_losses | st.just(math.nan), cur=finite_losses, cfg=guard_configs())
+@example(prev=3.0, cur=5.0, cfg=DEFAULT)  # a jump of exactly 2.0 is not above 2.0
+@example(prev=3.0, cur=5.01, cfg=DEFAULT)
+@example(prev=math.nan, cur=20.0, cfg=DEFAULT)
+@example(prev=math.nan, cur=20.01, cfg=DEFAULT)
+def test_emergency_triggers_exactly(prev, cur, cfg):
+    jump = cur - prev  # NaN without a previous interval: never above the threshold
+    expect = [t for t, on in ((LOSS_JUMP, jump > cfg.emergency_jump), (HIGH_LOSS, cur > cfg.emergency_loss)) if on]
+    e = check_emergency(prev, cur, cfg)
+    if not expect:
+        assert e is None
+        return
+    assert e is not None and list(e.triggers) == expect
+    assert e.loss == cur and e.reason.startswith("emergency: ")
+    assert e.jump == jump or (math.isnan(e.jump) and math.isnan(jump))
+
+
+@given(prev=finite_losses | st.just(math.nan), cfg=guard_configs())
+def test_emergency_leaves_non_finite_to_check_loss(prev, cfg):
+    for cur in (math.nan, math.inf, -math.inf, None, "30"):
+        assert check_emergency(prev, cur, cfg) is None
+
+
+@given(cur=lrs, cfg=guard_configs())
+def test_emergency_lr(cur, cfg):
+    lr = emergency_lr(cur, cfg)
+    assert lr == min(max(cur * cfg.emergency_factor, cfg.floor), cfg.ceiling)
+    assert cfg.floor <= lr <= cfg.ceiling
+    if cur >= cfg.floor:
+        assert lr <= cur  # an emergency never raises an LR that was within bounds
+
+
+def test_emergency_published_numbers():
+    e = check_emergency(3.1, 5.6, DEFAULT)
+    assert e.triggers == (LOSS_JUMP,) and "LR x 0.3" in e.reason
+    e = check_emergency(20.5, 21.0, DEFAULT)
+    assert e.triggers == (HIGH_LOSS,)
+    assert check_emergency(4.0, 4.5, DEFAULT) is None
+    assert check_emergency(4.0, 3.0, DEFAULT) is None  # a falling loss is no emergency
+    assert emergency_lr(1e-3, DEFAULT) == pytest.approx(3e-4)
+    assert emergency_lr(2e-6, DEFAULT) == 1e-6  # floored
+    with pytest.raises(ValueError, match="emergency_lr current"):
+        emergency_lr(0.0, DEFAULT)
+
+
+# -------------------------------------------------------------------------------------- 4. crash budget
+
+
+@given(steps=st.integers(-10, 5000), cfg=guard_configs())
+def test_is_fast_crash(steps, cfg):
+    assert is_fast_crash(steps, cfg) == (steps <= cfg.fast_crash_steps)
+
+
+def test_is_hung():
+    assert not is_hung(600.0, DEFAULT) and is_hung(600.5, DEFAULT)
+
+
+@given(lengths=st.lists(st.integers(0, 2000), max_size=60), start=st.integers(0, 5000), cfg=guard_configs())
+def test_crash_counter_matches_trailing_quick_run(lengths, start, cfg):
+    counter = CrashCounter()
+    quick_run = 0
+    for n in lengths:
+        before = counter
+        counter = counter.record(start + n, start)
+        assert before.total == counter.total - 1  # record returns a new counter, the old one is unchanged
+        quick_run = quick_run + 1 if n <= cfg.fast_crash_steps else 0
+        assert counter.consecutive_fast(cfg) == quick_run
+        assert counter.give_up(cfg) == (quick_run >= cfg.max_fast_crash)
+    assert counter.total == len(lengths)
+
+
+@given(cfg=guard_configs(), slow_at=st.integers(0, 40))
+def test_crash_counter_gives_up_after_exactly_max(cfg, slow_at):
+    quick, slow = cfg.fast_crash_steps, cfg.fast_crash_steps + 1
+    counter = CrashCounter()
+    for i in range(cfg.max_fast_crash - 1):
+        counter = counter.record(100 + quick, 100)
+        assert not counter.give_up(cfg), i
+    if slow_at < cfg.max_fast_crash:
+        counter = counter.record(100 + slow, 100)  # a long healthy stretch resets the count
+        assert counter.consecutive_fast(cfg) == 0 and not counter.give_up(cfg)
+        for _ in range(cfg.max_fast_crash - 1):
+            counter = counter.record(quick, 0)
+            assert not counter.give_up(cfg)
+    counter = counter.record(quick, 0)
+    assert counter.give_up(cfg)
+
+
+def test_crash_counter_example():
+    cfg = GuardConfig(max_fast_crash=3, fast_crash_steps=300)
+    c = CrashCounter().record(1200, 1000).record(1100, 900)
+    assert c.consecutive_fast(cfg) == 2 and not c.give_up(cfg)
+    assert not c.record(5000, 1000).give_up(cfg)  # 4000 healthy steps: reset
+    assert c.record(1000, 800).give_up(cfg)
+    assert c.crashes == ((1200, 1000), (1100, 900))
+
+
+# ------------------------------------------------------------------------------------------ purity
+
+
+def test_guard_does_not_import_torch():
+    code = "import sys, lrpilot.guard; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_guard_imports_only_pure_modules():
+    """No torch, no file or process I/O: the guard's imports are a short list of pure stdlib modules."""
+    tree = ast.parse(Path(guard_module.__file__).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module)
+    assert names <= {"__future__", "math", "numbers", "collections.abc", "dataclasses", "typing", "lrpilot.config"}
+    assert "open(" not in Path(guard_module.__file__).read_text()
