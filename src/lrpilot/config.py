@@ -232,6 +232,13 @@ class GuardConfig:
         _check(0 < self.emergency_factor < 1, "guard.emergency_factor", "must be in (0, 1)")
         _check(self.hang_timeout_s > 0, "guard.hang_timeout_s", "must be > 0")
         _check(self.max_fast_crash >= 1, "guard.max_fast_crash", "must be >= 1")
+        _check(self.fast_crash_steps >= 0, "guard.fast_crash_steps", "must be >= 0")
+        _check(self.emergency_jump > 0, "guard.emergency_jump", "must be > 0")
+        _check(
+            self.crash_loss > self.emergency_loss,
+            "guard.crash_loss",
+            f"must be above guard.emergency_loss ({self.emergency_loss}) so the emergency cut comes first",
+        )
 
 
 @dataclass(frozen=True)
