@@ -1,0 +1,203 @@
+"""Replay a logged LR trajectory with no LLM: the same decisions, in the same places, from decisions.jsonl.
+
+    lrpilot campaign --preset cpu-small --rounds 3 --controller replay --replay-from runs/agent --dir runs/replay
+
+At each decision step the controller answers with the `new_lr` recorded for that step. Where the record
+says the LR took effect later (`effective_step` > `step`: the asynchronous LLM kept training while it
+thought), the decision carries a plan that holds the current LR until `effective_step` and switches
+then, so the replay reproduces the delay. A step without a record holds the current LR.
+
+Records of kind `emergency` or `rollback` are the guard's doing, not the controller's; they are not
+replayed (the guard applies its own rules again in the replay run). A decision that never took effect
+(kind `superseded`: a reply discarded after a rollback or an emergency cut; or `effective_step` written
+as null: the trainer crashed or ended first) replays as "hold the current LR", so the replayed
+trajectory is the one that ran. A record without an `effective_step` key (older logs) is replayed as
+taking effect at its step. If the logged round had rollbacks, a step can have several records (one per
+visit); the visit number is told from the observation's rollbacks (how many rollbacks re-opened this
+step), so decide() stays a pure function of its input.
+
+`rerun_raw=True` re-feeds the recorded raw LLM replies (`raw_reply`, else `reasoning`) through the LLM
+controller's strict parser (`lrpilot.controllers.llm.parse_reply`) instead of using the logged LR:
+a regression test of the parser against real replies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lrpilot.controllers.base import BaseController, Decision, Observation
+from lrpilot.errors import LrpilotError
+from lrpilot.logs import as_float, read_jsonl
+
+#: record kinds written by the guard rather than by the controller
+_NOT_REPLAYED = ("emergency", "rollback")
+#: record kinds whose decision never reached the trainer
+_NOT_APPLIED = ("superseded",)
+
+
+class ReplayError(LrpilotError, ValueError):
+    """A decisions log cannot be replayed; the message names the record or the filter and the fix."""
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _int_field(rec: dict[str, Any], key: str, where: str) -> int | None:
+    v = rec.get(key)
+    if v is None:
+        return None
+    f = as_float(v)
+    if not (math.isfinite(f) and f.is_integer() and f >= 0):
+        raise ReplayError(f"{where}: field {key!r} must be a non-negative integer step, got {v!r}")
+    return int(f)
+
+
+class ReplayController(BaseController):
+    """Returns the logged LR at each logged decision step (delayed to its effective_step); holds elsewhere."""
+
+    name = "replay"
+    blocking = True
+
+    def __init__(self, decisions: list[dict[str, Any]], rerun_raw: bool = False, source: str = "") -> None:
+        self.source = source
+        self.rerun_raw = bool(rerun_raw)
+        self._parse: Callable[[str], tuple[float | None, str, str | None]] | None = None
+        if self.rerun_raw:
+            try:
+                from lrpilot.controllers.llm import parse_reply
+            except ImportError as e:
+                raise ReplayError(
+                    f"rerun_raw: needs lrpilot.controllers.llm.parse_reply, which is not available ({e})"
+                ) from e
+            self._parse = parse_reply
+        #: step -> records for that step, in log order (one per visit of the step)
+        self._by_step: dict[int, list[dict[str, Any]]] = {}
+        for n, rec in enumerate(decisions):
+            where = f"{source or 'decisions'} record {n}"
+            if not isinstance(rec, dict):
+                raise ReplayError(f"{where}: must be a JSON object")
+            if str(rec.get("kind", "decision")) in _NOT_REPLAYED:
+                continue
+            step = _int_field(rec, "step", where)
+            if step is None:
+                raise ReplayError(f"{where}: lacks 'step'; a decisions.jsonl record needs step and new_lr")
+            new_lr = as_float(rec.get("new_lr"))
+            if not _positive(new_lr):
+                raise ReplayError(
+                    f"{where} (step {step}): 'new_lr' must be a positive number, got {rec.get('new_lr')!r}"
+                )
+            eff = _int_field(rec, "effective_step", where)
+            applied = str(rec.get("kind", "decision")) not in _NOT_APPLIED and not (
+                "effective_step" in rec and rec["effective_step"] is None
+            )
+            raw = rec.get("raw_reply", rec.get("reasoning"))
+            if self.rerun_raw and applied and not isinstance(raw, str):
+                raise ReplayError(f"{where} (step {step}): rerun_raw needs a 'raw_reply' or 'reasoning' string")
+            self._by_step.setdefault(step, []).append(
+                {
+                    "step": step,
+                    "new_lr": new_lr,
+                    "effective_step": eff,
+                    "applied": applied,
+                    "raw": raw,
+                    "reason": str(rec.get("reasoning", rec.get("reason", "")) or ""),
+                }
+            )
+
+    @classmethod
+    def from_log(
+        cls, path: str | Path, round: int | None = None, run_start_iso: str | None = None, rerun_raw: bool = False
+    ) -> ReplayController:
+        """The records of one round of a decisions.jsonl, chosen by `round` and/or `run_start_iso`. With
+        neither, the log must hold a single round."""
+        p = Path(path)
+        if not p.is_file():
+            raise ReplayError(f"replay: decisions log not found: {p} (give a campaign's decisions.jsonl)")
+        recs = read_jsonl(p)
+        if round is not None:
+            recs = [r for r in recs if r.get("round") == round]
+        if run_start_iso is not None:
+            recs = [r for r in recs if r.get("run_start_iso") == run_start_iso]
+        if round is None and run_start_iso is None:
+            runs = sorted({str(r.get("run_start_iso", r.get("round", ""))) for r in recs})
+            if len(runs) > 1:
+                raise ReplayError(f"replay: {p} holds {len(runs)} rounds; pick one with round= or run_start_iso=")
+        if not recs:
+            rounds = sorted({r.get("round") for r in read_jsonl(p) if r.get("round") is not None})
+            raise ReplayError(
+                f"replay: no records in {p} for round={round} run_start_iso={run_start_iso}; "
+                f"rounds in the log: {rounds}"
+            )
+        return cls(recs, rerun_raw=rerun_raw, source=str(p))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "controller": self.name,
+            "source": self.source,
+            "records": sum(map(len, self._by_step.values())),
+            "steps": len(self._by_step),
+            "rerun_raw": self.rerun_raw,
+        }
+
+    def _record_for(self, obs: Observation) -> dict[str, Any] | None:
+        recs = self._by_step.get(int(obs.step))
+        if not recs:
+            return None
+        # each rollback that went back to (or before) this step and crashed after it re-opens the step
+        visit = sum(1 for rb in obs.rollbacks if rb.rolled_back_to_step <= obs.step <= rb.crash_step)
+        return recs[min(visit, len(recs) - 1)]
+
+    def decide(self, obs: Observation) -> Decision:
+        cur = obs.lr if _positive(obs.lr) else next((x for x in (obs.init_lr, obs.floor) if _positive(x)), 1e-4)
+        held = cur != obs.lr
+        rec = self._record_for(obs)
+        if rec is None:
+            return Decision(
+                lr=cur,
+                reason=f"replay: no record at step {obs.step}, hold {cur:.3e}",
+                fallback=held,
+                meta={"replayed": False},
+            )
+        if not rec["applied"]:
+            return Decision(
+                lr=cur,
+                reason=f"replay: the logged decision at step {obs.step} never took effect, hold {cur:.3e}",
+                fallback=held,
+                meta={"replayed": True, "applied": False},
+            )
+        new_lr, reason, meta = rec["new_lr"], f"replay of step {rec['step']}: {rec['reason']}", {"replayed": True}
+        if self._parse is not None:
+            try:
+                parsed, why, err = self._parse(rec["raw"])
+            except Exception as e:  # noqa: BLE001 - the parser must not break a replay; log it as a fallback
+                parsed, why, err = None, "", f"{e.__class__.__name__}: {e}"
+            meta.update(logged_lr=new_lr, parse_error=err)
+            if parsed is None or not _positive(parsed):
+                return Decision(
+                    lr=cur,
+                    reason=f"replay (rerun_raw) step {obs.step}: reply not parsed ({err}); hold {cur:.3e}",
+                    raw=rec["raw"],
+                    fallback=True,
+                    meta=meta,
+                )
+            new_lr, reason = float(parsed), f"replay (rerun_raw) of step {rec['step']}: {why}"
+        plan = None
+        eff = rec["effective_step"]
+        if eff is not None and eff > obs.step:
+            # hold the old LR through update eff-1, switch at eff; a knot past this interval is pulled in
+            last = obs.step + max(int(obs.decision_every), 1) - 1
+            eff = min(eff, last)
+            if eff > obs.step:
+                plan = (
+                    ((obs.step, cur), (eff - 1, cur), (eff, new_lr))
+                    if eff - 1 > obs.step
+                    else ((obs.step, cur), (eff, new_lr))
+                )
+                meta["effective_step"] = eff
+        return Decision(
+            lr=new_lr, reason=reason, raw=rec["raw"] if self._parse is not None else None, plan=plan, meta=meta
+        )

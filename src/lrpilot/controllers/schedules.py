@@ -1,0 +1,208 @@
+"""Baseline LR schedules as controllers: cosine (the reference), linear-to-zero (D2Z), WSD and constant.
+
+    python -m pytest -q tests/test_schedules.py
+
+A baseline goes through the same supervisor, guard and logs as the LLM agent, so the comparison is
+fair: at each decision point it answers with the schedule's LR and a `plan` holding one knot per step
+until the next decision point, so the trainer follows the closed-form curve exactly (not a staircase).
+
+Step convention (docs/architecture.md): `lr_at(t)` is the LR used for update number t (0-based). For
+t < warmup_steps it is the trainer's linear warmup `peak * (t + 1) / warmup_steps`; the schedule proper
+starts at t = warmup_steps with the peak and reaches its end value at t = total_steps (one past the last
+update, as in GaLore's `get_cosine_schedule_with_min_lr_lambda`).
+
+The trainer warms up to `schedule.init_lr`, so a baseline at peak P must run with init_lr = P: build its
+config with `baseline_config(cfg, "cosine", P)` and its controller with `make_schedule("cosine", P, cfg)`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from dataclasses import replace
+from typing import Any
+
+from lrpilot.config import ConfigError, RunConfig
+from lrpilot.controllers.base import BaseController, Decision, Observation
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+class ScheduleController(BaseController):
+    """A closed-form LR curve `lr_at(step)`; decide() returns it with a per-step plan to the next decision."""
+
+    name = "schedule"
+    blocking = True
+
+    def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int) -> None:
+        _check(
+            isinstance(peak_lr, (int, float)) and math.isfinite(peak_lr) and peak_lr > 0,
+            f"{self.name}.peak_lr",
+            f"must be a positive number, got {peak_lr!r}",
+        )
+        _check(int(total_steps) >= 1, f"{self.name}.total_steps", "must be >= 1")
+        _check(
+            0 <= int(warmup_steps) < int(total_steps),
+            f"{self.name}.warmup_steps",
+            f"must be in [0, total_steps={total_steps})",
+        )
+        self.peak_lr = float(peak_lr)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+
+    def _warmup_lr(self, step: int) -> float:
+        # the trainer's own warmup (docs/architecture.md), so lr_at describes the whole run
+        return self.peak_lr * (max(step, 0) + 1) / self.warmup_steps
+
+    def lr_at(self, step: int) -> float:
+        """LR used for update number `step` (0-based) over the whole run, warmup included."""
+        if step < self.warmup_steps:
+            return self._warmup_lr(step)
+        return self._after_warmup(min(step, self.total_steps))
+
+    @abstractmethod
+    def _after_warmup(self, step: int) -> float:
+        """The schedule for warmup_steps <= step <= total_steps."""
+
+    def _progress(self, step: int) -> float:
+        """Fraction of the post-warmup part done at `step` (0 at warmup, 1 at total_steps)."""
+        return (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
+
+    def decide(self, obs: Observation) -> Decision:
+        step = max(int(obs.step), 0)
+        end = min(step + max(int(obs.decision_every), 1), self.total_steps)
+        plan = tuple((s, self.lr_at(s)) for s in range(step, end)) or None
+        # past the end (or on a schedule that ends at 0) the headline LR must still be positive: hold
+        # the LR of the last update, which is > 0 for every schedule here
+        lr = self.lr_at(min(step, self.total_steps - 1))
+        if not (math.isfinite(lr) and lr > 0):
+            lr = self.peak_lr
+        return Decision(
+            lr=lr,
+            reason=f"{self.name} schedule: lr {lr:.3e} at step {step} (peak {self.peak_lr:.3e})",
+            plan=plan,
+            meta={"schedule": self.name},
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "controller": self.name,
+            "peak_lr": self.peak_lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+        }
+
+
+class CosineController(ScheduleController):
+    """Cosine decay from peak_lr at warmup to min_ratio * peak_lr at total_steps (GaLore's reference)."""
+
+    name = "cosine"
+
+    def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int, min_ratio: float = 0.1) -> None:
+        super().__init__(peak_lr, total_steps, warmup_steps)
+        _check(0.0 <= min_ratio <= 1.0, "cosine.min_ratio", "must be in [0, 1]")
+        self.min_ratio = float(min_ratio)
+
+    def _after_warmup(self, step: int) -> float:
+        cos = 0.5 * (1.0 + math.cos(math.pi * self._progress(step)))
+        return self.peak_lr * (self.min_ratio + (1.0 - self.min_ratio) * cos)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "min_ratio": self.min_ratio}
+
+
+class LinearDecayController(ScheduleController):
+    """D2Z: linear decay from peak_lr at warmup to 0 at total_steps."""
+
+    name = "d2z"
+
+    def _after_warmup(self, step: int) -> float:
+        return self.peak_lr * (1.0 - self._progress(step))
+
+
+class WSDController(ScheduleController):
+    """Warmup-stable-decay: peak_lr until the last decay_fraction of the run, then linear to final_ratio * peak.
+
+    The decay covers the last `round(decay_fraction * total_steps)` steps (at least 1, and never into the
+    warmup). Linear decay is the common choice (MiniCPM, Hägele et al. 2024 find (1 - sqrt) slightly better
+    but linear is the standard reference), and it makes WSD with decay_fraction=1 equal to D2Z.
+    """
+
+    name = "wsd"
+
+    def __init__(
+        self, peak_lr: float, total_steps: int, warmup_steps: int, decay_fraction: float = 0.2, final_ratio: float = 0.0
+    ) -> None:
+        super().__init__(peak_lr, total_steps, warmup_steps)
+        _check(0.0 < decay_fraction <= 1.0, "wsd.decay_fraction", "must be in (0, 1]")
+        _check(0.0 <= final_ratio <= 1.0, "wsd.final_ratio", "must be in [0, 1]")
+        self.decay_fraction = float(decay_fraction)
+        self.final_ratio = float(final_ratio)
+        decay_steps = max(1, round(self.decay_fraction * self.total_steps))
+        self.decay_start = max(self.warmup_steps, self.total_steps - decay_steps)
+
+    def _after_warmup(self, step: int) -> float:
+        if step <= self.decay_start:
+            return self.peak_lr
+        frac = (self.total_steps - step) / (self.total_steps - self.decay_start)  # 1 -> 0 over the decay
+        return self.peak_lr * (self.final_ratio + (1.0 - self.final_ratio) * frac)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "decay_fraction": self.decay_fraction,
+            "final_ratio": self.final_ratio,
+            "decay_start": self.decay_start,
+        }
+
+
+class ConstantController(ScheduleController):
+    """A constant LR after warmup."""
+
+    name = "constant"
+
+    def __init__(self, lr: float, total_steps: int | None = None, warmup_steps: int = 0) -> None:
+        # total/warmup only bound the plan and describe the warmup; without them the LR simply holds
+        self.open_ended = total_steps is None
+        super().__init__(lr, warmup_steps + 1 if total_steps is None else total_steps, warmup_steps)
+
+    def _after_warmup(self, step: int) -> float:
+        return self.peak_lr
+
+    def decide(self, obs: Observation) -> Decision:
+        if self.open_ended:  # one knot; the trainer holds it until the next decision
+            return Decision(
+                lr=self.peak_lr,
+                reason=f"constant schedule: lr {self.peak_lr:.3e}",
+                plan=((max(int(obs.step), 0), self.peak_lr),),
+                meta={"schedule": self.name},
+            )
+        return super().decide(obs)
+
+
+SCHEDULES = ("cosine", "d2z", "wsd", "constant")
+_ALIASES = {"linear": "d2z"}
+
+
+def make_schedule(name: str, peak: float, cfg: RunConfig) -> BaseController:
+    """The baseline controller `name` (cosine, d2z (alias linear), wsd, constant) at peak LR `peak`."""
+    key = _ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
+    total, warmup = cfg.train.total_steps, cfg.schedule.warmup_steps
+    if key == "cosine":
+        return CosineController(peak, total, warmup)
+    if key == "d2z":
+        return LinearDecayController(peak, total, warmup)
+    if key == "wsd":
+        return WSDController(peak, total, warmup)
+    if key == "constant":
+        return ConstantController(peak, total, warmup)
+    raise ConfigError(f"schedule {name!r}: unknown; choose one of cosine, d2z (alias linear), wsd, constant")
+
+
+def baseline_config(cfg: RunConfig, schedule: str, peak: float) -> RunConfig:
+    """`cfg` with schedule.init_lr = peak, so the trainer's warmup ends where the `schedule` starts."""
+    make_schedule(schedule, peak, cfg)  # validates the name and the peak with the usual one-line errors
+    return replace(cfg, schedule=replace(cfg.schedule, init_lr=float(peak)))

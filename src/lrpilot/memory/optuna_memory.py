@@ -1,0 +1,181 @@
+"""`--memory optuna`: an Optuna TPE study proposes the rule controller's parameters for each round.
+
+    lrpilot campaign --preset cpu-small --rounds 8 --controller rules --memory optuna --dir runs/rules
+
+The no-LLM counterpart of the LLM Memory agent: after each round its final eval ppl is told to a real
+Optuna study, and the next round runs `RuleController` with the parameters TPE asks for. The study lives
+in the campaign directory (`DIR/optuna_journal.log`, Optuna's append-only journal storage: no database
+server or SQL driver needed, and a killed campaign loses nothing), so a resumed or new process sees every
+earlier trial.
+
+Choices worth knowing:
+  * round 1 is the plain heuristic: the first trial is the default `RuleParams`, enqueued.
+  * one trial per round, found again by its `round_index` user attr: proposing the same round twice
+    (a campaign killed between propose and record) returns the same parameters.
+  * the sampler is re-seeded per round (seed, round_index), so proposals do not depend on how many
+    processes the campaign took.
+  * a failed or diverged round (or one without a finite ppl) is told as ppl = FAILED_PPL (1e9) with the
+    user attr failed=True, not as Optuna's FAIL state: TPE ignores FAIL trials and would propose the
+    crashing region again, while a (rank-based) worst value steers it away. The brief's "best" skips them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from lrpilot.controllers.rules import ParamRange, RuleParams
+from lrpilot.errors import LrpilotError
+
+STUDY_NAME = "lrpilot_rules"
+JOURNAL_FILE = "optuna_journal.log"
+#: the value told for a failed/diverged round (TPE only uses ranks, so any value worse than all real ones works)
+FAILED_PPL = 1e9
+
+
+class OptunaMemoryError(LrpilotError, ValueError):
+    """The Optuna memory was used out of order or with a bad search space; the message says how to fix it."""
+
+
+class OptunaMemory:
+    """Rule parameters per round from a seeded TPE study stored in the campaign directory."""
+
+    def __init__(
+        self,
+        campaign_dir: str | Path,
+        seed: int = 0,
+        search_space: dict[str, ParamRange] | None = None,
+        defaults: RuleParams | None = None,
+        n_startup_trials: int = 5,
+    ) -> None:
+        self.dir = Path(campaign_dir)
+        self.seed = int(seed)
+        self.search_space = dict(search_space if search_space is not None else RuleParams.search_space())
+        self.defaults = defaults if defaults is not None else RuleParams()
+        self.n_startup_trials = int(n_startup_trials)
+        self._check_space()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "Trial n finished" lines in the campaign output
+        self.storage = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(self.dir / JOURNAL_FILE))
+        )
+
+    def _check_space(self) -> None:
+        known = set(RuleParams().to_dict())
+        for name, r in self.search_space.items():
+            if name not in known:
+                raise OptunaMemoryError(f"search_space: {name!r} is not a RuleParams field; known: {sorted(known)}")
+            if not (isinstance(r, ParamRange) and math.isfinite(r.low) and math.isfinite(r.high) and r.low < r.high):
+                raise OptunaMemoryError(f"search_space.{name}: needs ParamRange(low, high) with low < high, got {r!r}")
+            if r.log and r.low <= 0:
+                raise OptunaMemoryError(f"search_space.{name}: a log range needs low > 0, got {r.low}")
+        # every corner of the box must be a valid RuleParams, or TPE could ask for an invalid one
+        lows = {n: r.low for n, r in self.search_space.items()}
+        highs = {n: r.high for n, r in self.search_space.items()}
+        for corner in (lows, highs, {**lows, "plateau_threshold": highs.get("plateau_threshold", 0.0)}):
+            try:
+                RuleParams(**{**self.defaults.to_dict(), **corner})
+            except LrpilotError as e:
+                raise OptunaMemoryError(f"search_space: its corner {corner} is not a valid RuleParams ({e})") from e
+
+    # ------------------------------------------------------------------------------------------- study
+
+    def _study(self, round_index: int = 0) -> optuna.Study:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(
+                seed=(self.seed * 1_000_003 + round_index) % 2**32,
+                n_startup_trials=self.n_startup_trials,
+                multivariate=True,
+            )
+        return optuna.create_study(
+            study_name=STUDY_NAME, storage=self.storage, sampler=sampler, direction="minimize", load_if_exists=True
+        )
+
+    @staticmethod
+    def _trial_of(study: optuna.Study, round_index: int) -> optuna.trial.FrozenTrial | None:
+        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("round_index") == round_index]
+        return mine[-1] if mine else None
+
+    def _params_of(self, trial: optuna.trial.BaseTrial) -> RuleParams:
+        values: dict[str, float] = {}
+        with warnings.catch_warnings():  # an enqueued default outside a custom range is still used, quietly
+            warnings.simplefilter("ignore")
+            for name, r in self.search_space.items():
+                values[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
+        return RuleParams(**{**self.defaults.to_dict(), **values})
+
+    # ------------------------------------------------------------------------------------------- API
+
+    def propose(self, round_index: int) -> RuleParams:
+        """The rule parameters for round `round_index`; the same ones again if asked again for that round."""
+        study = self._study(round_index)
+        trials = study.get_trials(deepcopy=False)
+        old = self._trial_of(study, round_index)
+        if old is not None:
+            if old.state == TrialState.RUNNING:  # killed after propose: same trial, missing params filled in
+                return self._params_of(optuna.trial.Trial(study, old._trial_id))
+            return RuleParams(**{**self.defaults.to_dict(), **old.params})
+        for t in trials:  # killed between ask and set_user_attr: that trial has no round, close it
+            if t.state == TrialState.RUNNING and "round_index" not in t.user_attrs:
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        if not trials:  # round 1 = the plain heuristic
+            defaults = self.defaults.to_dict()
+            study.enqueue_trial({n: defaults[n] for n in self.search_space})
+        trial = study.ask()
+        trial.set_user_attr("round_index", round_index)
+        return self._params_of(trial)
+
+    def record(self, round_index: int, final_ppl: float | None, failed: bool) -> None:
+        """Tell the study how round `round_index` went. Failed, diverged or ppl-less rounds are told as
+        FAILED_PPL with user attr failed=True. Recording a round twice keeps the first result."""
+        study = self._study(round_index)
+        trial = self._trial_of(study, round_index)
+        if trial is None:
+            raise OptunaMemoryError(
+                f"record: round {round_index} was never proposed; call propose({round_index}) first"
+            )
+        if trial.state != TrialState.RUNNING:
+            return
+        ppl = math.nan if final_ppl is None else float(final_ppl)
+        bad = bool(failed) or not (math.isfinite(ppl) and ppl > 0)
+        self.storage.set_trial_user_attr(trial._trial_id, "failed", bad)
+        self.storage.set_trial_user_attr(trial._trial_id, "final_ppl", None if not math.isfinite(ppl) else ppl)
+        study.tell(trial.number, FAILED_PPL if bad else ppl, skip_if_finished=True)
+
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per trial: round, state, ppl (None if failed/running), failed, params."""
+        out = []
+        for t in self._study().get_trials(deepcopy=False):
+            failed = bool(t.user_attrs.get("failed", t.state == TrialState.FAIL))
+            ppl = t.value if t.state == TrialState.COMPLETE and not failed else None
+            out.append(
+                {
+                    "round": t.user_attrs.get("round_index"),
+                    "state": t.state.name,
+                    "ppl": ppl,
+                    "failed": failed,
+                    "params": dict(t.params),
+                }
+            )
+        return out
+
+    def brief(self) -> str:
+        """A few lines for the round's log: trials so far, the best parameters and their ppl."""
+        hist = [h for h in self.history() if h["round"] is not None]
+        done = [h for h in hist if h["state"] == "COMPLETE"]
+        ok = [h for h in done if not h["failed"]]
+        head = (
+            f"Optuna TPE memory (seed {self.seed}): {len(done)} round(s) told ({len(ok)} ok, "
+            f"{len(done) - len(ok)} failed), {len(hist) - len(done)} running."
+        )
+        if not ok:
+            return head + " No successful round yet; round 1 uses the default rule parameters."
+        best = min(ok, key=lambda h: h["ppl"])
+        params = ", ".join(f"{k}={v:.3g}" for k, v in sorted(best["params"].items()))
+        return f"{head} Best ppl {best['ppl']:.4g} (round {best['round']}) with {params}."

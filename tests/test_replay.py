@@ -1,0 +1,230 @@
+"""Replay of a logged LR trajectory: the same LRs at the same steps, delays included, from decisions.jsonl.
+
+python -m pytest -q tests/test_replay.py
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import types
+
+import pytest
+
+from lrpilot.controllers.base import Observation, RollbackRecord
+from lrpilot.controllers.replay import ReplayController, ReplayError
+from lrpilot.controllers.rules import RuleController
+from lrpilot.logs import JsonlLog
+
+TOTAL, WARMUP, EVERY = 2000, 200, 100
+
+
+def obs(step: int, lr: float = 1e-3, rollbacks=()) -> Observation:
+    return Observation(
+        step=step,
+        total_steps=TOTAL,
+        warmup_steps=WARMUP,
+        decision_every=EVERY,
+        lr=lr,
+        init_lr=1e-3,
+        recent_losses=(3.0,),
+        loss_history=(),
+        lr_history=(),
+        rollbacks=rollbacks,
+    )
+
+
+def plan_lr(plan, step):
+    if step <= plan[0][0]:
+        return plan[0][1]
+    for (s0, v0), (s1, v1) in zip(plan, plan[1:], strict=False):
+        if s0 <= step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return plan[-1][1]
+
+
+def write_log(path, records):
+    with JsonlLog(path, fsync=False) as log:
+        for r in records:
+            log.append(r)
+
+
+def test_recorded_lr_at_recorded_steps_and_hold_elsewhere():
+    c = ReplayController([{"step": 200, "new_lr": 1.5e-3}, {"step": 400, "new_lr": 9e-4, "reasoning": "cool down"}])
+    d = c.decide(obs(200))
+    assert d.lr == 1.5e-3 and d.plan is None and d.meta["replayed"]
+    d = c.decide(obs(300, lr=1.5e-3))
+    assert d.lr == 1.5e-3 and not d.meta["replayed"] and "no record at step 300" in d.reason
+    d = c.decide(obs(400, lr=1.5e-3))
+    assert d.lr == 9e-4 and "cool down" in d.reason
+    assert c.describe() == {"controller": "replay", "source": "", "records": 2, "steps": 2, "rerun_raw": False}
+
+
+def test_effective_step_reproduces_the_async_delay():
+    c = ReplayController(
+        [
+            {"step": 300, "new_lr": 2e-3, "effective_step": 337},
+            {"step": 400, "new_lr": 1e-3, "effective_step": 401},
+            {"step": 500, "new_lr": 5e-4, "effective_step": 777},
+        ]
+    )  # later than the interval
+    d = c.decide(obs(300, lr=1e-3))
+    assert d.lr == 2e-3 and d.plan == ((300, 1e-3), (336, 1e-3), (337, 2e-3))
+    assert [plan_lr(d.plan, s) for s in (300, 320, 336, 337, 399)] == [1e-3] * 3 + [2e-3] * 2
+    d = c.decide(obs(400, lr=2e-3))
+    assert d.plan == ((400, 2e-3), (401, 1e-3)) and plan_lr(d.plan, 400) == 2e-3 and plan_lr(d.plan, 401) == 1e-3
+    d = c.decide(obs(500, lr=1e-3))
+    assert max(s for s, _ in d.plan) == 599 and d.meta["effective_step"] == 599
+
+
+def test_guard_records_are_not_replayed_and_rollback_revisits_pick_the_next_record():
+    recs = [
+        {"step": 300, "new_lr": 2e-3, "kind": "decision"},
+        {"step": 300, "new_lr": 3e-4, "kind": "emergency"},  # the guard's cut: the guard redoes it itself
+        {"step": 500, "new_lr": 4e-3},
+        {"step": 300, "new_lr": 1e-3, "kind": "fallback"},  # after the crash at 600 and rollback to 200
+    ]
+    c = ReplayController(recs)
+    assert c.decide(obs(300)).lr == 2e-3
+    rb = RollbackRecord(crash_step=600, lr_at_crash=4e-3, rolled_back_to_step=200, new_lr=2e-3, crash_reason="nan")
+    assert c.decide(obs(300, rollbacks=(rb,))).lr == 1e-3
+    assert c.decide(obs(300, rollbacks=(rb, rb))).lr == 1e-3  # more visits than records: the last one
+    assert c.describe()["records"] == 3
+
+
+def test_decisions_that_never_took_effect_hold():
+    c = ReplayController(
+        [
+            {"step": 300, "new_lr": 2e-3, "effective_step": None, "kind": "decision"},  # crashed before applied
+            {"step": 400, "new_lr": 1e-3, "kind": "superseded", "reasoning": "discarded: rolled back"},
+            {"step": 500, "new_lr": 4e-3, "effective_step": 530},
+        ]
+    )
+    for step in (300, 400):
+        d = c.decide(obs(step, lr=1e-3))
+        assert d.lr == 1e-3 and d.plan is None and "never took effect" in d.reason
+    assert c.decide(obs(500, lr=1e-3)).lr == 4e-3
+
+
+def test_rerun_raw_with_the_llm_controllers_parser():
+    llm = pytest.importorskip("lrpilot.controllers.llm")
+    if not hasattr(llm, "parse_reply"):
+        pytest.skip("lrpilot.controllers.llm has no parse_reply yet")
+    recs = [
+        {"step": 300, "new_lr": 1e-3, "raw_reply": '{"lr": 0.0015, "reason": "loss falls fast"}'},
+        {"step": 400, "new_lr": 1e-3, "raw_reply": "I would raise it a lot"},  # no JSON: the parser rejects it
+    ]
+    c = ReplayController(recs, rerun_raw=True)
+    d = c.decide(obs(300, lr=1e-3))
+    assert d.lr == 1.5e-3 and not d.fallback and "loss falls fast" in d.reason
+    d = c.decide(obs(400, lr=1.5e-3))
+    assert d.fallback and d.lr == 1.5e-3 and d.meta["parse_error"]
+
+
+def test_from_log_picks_one_round(tmp_path):
+    path = tmp_path / "decisions.jsonl"
+    write_log(
+        path,
+        [
+            {"round": 1, "run_start_iso": "2026-01-01T00:00:00", "step": 200, "new_lr": 1e-3, "old_lr": 3e-4},
+            {"round": 1, "run_start_iso": "2026-01-01T00:00:00", "step": 300, "new_lr": 2e-3},
+            {"round": 2, "run_start_iso": "2026-01-02T00:00:00", "step": 200, "new_lr": 5e-4},
+        ],
+    )
+    c = ReplayController.from_log(path, round=2)
+    assert c.decide(obs(200)).lr == 5e-4 and c.describe()["source"] == str(path)
+    assert ReplayController.from_log(path, run_start_iso="2026-01-01T00:00:00").decide(obs(300)).lr == 2e-3
+    with pytest.raises(ReplayError, match="holds 2 rounds; pick one"):
+        ReplayController.from_log(path)
+    with pytest.raises(ReplayError, match=r"rounds in the log: \[1, 2\]"):
+        ReplayController.from_log(path, round=7)
+    with pytest.raises(ReplayError, match="not found"):
+        ReplayController.from_log(tmp_path / "nope.jsonl")
+
+
+def test_bad_records_are_one_line_errors_naming_the_field(tmp_path):
+    with pytest.raises(ReplayError, match="record 1 .*'new_lr'"):
+        ReplayController([{"step": 200, "new_lr": 1e-3}, {"step": 300, "new_lr": "nan"}])
+    with pytest.raises(ReplayError, match="record 0: lacks 'step'"):
+        ReplayController([{"new_lr": 1e-3}])
+    with pytest.raises(ReplayError, match="'effective_step'"):
+        ReplayController([{"step": 200, "new_lr": 1e-3, "effective_step": 2.5}])
+    path = tmp_path / "decisions.jsonl"
+    path.write_text('{"step": 200, "new_lr": 0.001}\n{"step": 300, "new_l')  # torn last line: skipped
+    with pytest.warns(UserWarning, match="corrupt jsonl line"):
+        c = ReplayController.from_log(path)
+    assert c.describe()["records"] == 1
+
+
+def test_replay_of_a_logged_rule_round_gives_the_same_lrs(tmp_path):
+    """Run the rule controller on a synthetic loss, log its decisions, replay them: the same LR per step."""
+
+    def run(controller, log=None):
+        lr, work, losses, history, per_step = 1e-3, 0.0, [], [], []
+        rng = random.Random(1)
+        for step in range(TOTAL):
+            if step >= WARMUP and (step - WARMUP) % EVERY == 0:
+                recent = tuple(losses[-EVERY:])
+                history.append((step, sum(recent) / len(recent)))
+                d = controller.decide(
+                    Observation(
+                        step=step,
+                        total_steps=TOTAL,
+                        warmup_steps=WARMUP,
+                        decision_every=EVERY,
+                        lr=lr,
+                        init_lr=1e-3,
+                        recent_losses=recent,
+                        loss_history=tuple(history),
+                        lr_history=(),
+                    )
+                )
+                if log is not None:
+                    log.append({"round": 1, "step": step, "old_lr": lr, "new_lr": d.lr, "reasoning": d.reason})
+                lr = d.lr
+            cur = lr if step >= WARMUP else 1e-3 * (step + 1) / WARMUP
+            per_step.append(cur)
+            work += cur
+            losses.append(3.0 + 3.0 / (1.0 + work / 0.05) + rng.gauss(0, 0.01))
+        return per_step
+
+    with JsonlLog(tmp_path / "decisions.jsonl") as log:
+        original = run(RuleController(), log)
+    replayed = run(ReplayController.from_log(tmp_path / "decisions.jsonl", round=1))
+    assert replayed == original and len(set(original[WARMUP:])) > 3
+
+
+def test_rerun_raw_feeds_replies_through_the_parser(monkeypatch):
+    # a stand-in parser with parse_reply's contract ((lr | None, reason, error)); the real one is
+    # lrpilot.controllers.llm.parse_reply, tested with its module
+    def parse_reply(text):
+        try:
+            return float(text.split("LR=")[1].split()[0]), "parsed", None
+        except (IndexError, ValueError):
+            return None, "", "no LR= in the reply"
+
+    monkeypatch.setitem(sys.modules, "lrpilot.controllers.llm", types.SimpleNamespace(parse_reply=parse_reply))
+    recs = [
+        {"step": 200, "new_lr": 1e-3, "raw_reply": "go up LR=2e-3 now", "effective_step": 210},
+        {"step": 300, "new_lr": 1e-3, "reasoning": "I think we should hold"},
+    ]
+    c = ReplayController(recs, rerun_raw=True)
+    d = c.decide(obs(200, lr=1e-3))
+    assert d.lr == 2e-3 and d.plan[-1] == (210, 2e-3) and d.meta["logged_lr"] == 1e-3 and d.raw
+    d = c.decide(obs(300, lr=2e-3))
+    assert d.fallback and d.lr == 2e-3 and "no LR=" in d.reason
+    with pytest.raises(ReplayError, match="raw_reply"):
+        ReplayController([{"step": 200, "new_lr": 1e-3}], rerun_raw=True)
+
+
+def test_rerun_raw_without_the_llm_parser_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lrpilot.controllers.llm", None)  # import fails
+    with pytest.raises(ReplayError, match="parse_reply"):
+        ReplayController([{"step": 200, "new_lr": 1e-3, "raw_reply": "x"}], rerun_raw=True)
+
+
+def test_odd_observations_still_give_a_positive_lr():
+    c = ReplayController([{"step": 200, "new_lr": 1e-3}])
+    d = c.decide(obs(250, lr=float("nan")))
+    assert d.lr == 1e-3 and d.fallback and math.isfinite(d.lr)
