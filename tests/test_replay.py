@@ -228,3 +228,35 @@ def test_odd_observations_still_give_a_positive_lr():
     c = ReplayController([{"step": 200, "new_lr": 1e-3}])
     d = c.decide(obs(250, lr=float("nan")))
     assert d.lr == 1e-3 and d.fallback and math.isfinite(d.lr)
+
+
+def test_replays_a_published_round():
+    """The published agent log (tests/data): 40 rounds told apart by run_start_iso, LRs replayed exactly."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "seed-experiments" / "decisions_log_agent_60m.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    with pytest.raises(ReplayError, match="holds 40 rounds"):
+        ReplayController.from_log(path)
+    iso = max(recs, key=lambda r: r["new_lr"])["run_start_iso"]  # the round that climbed highest
+    mine = [r for r in recs if r["run_start_iso"] == iso]
+    c = ReplayController.from_log(path, run_start_iso=iso)
+    assert c.describe()["records"] == len(mine)
+    lr = 3e-4
+    for r in mine:
+        o = Observation(
+            step=r["step"],
+            total_steps=10_000,
+            warmup_steps=1000,
+            decision_every=300,
+            lr=lr,
+            init_lr=3e-4,
+            recent_losses=(r["loss"],),
+            loss_history=(),
+            lr_history=(),
+        )
+        d = c.decide(o)
+        assert d.lr == r["new_lr"] and d.plan is None
+        lr = d.lr
+    assert max(r["new_lr"] for r in mine) > 3e-4  # a trajectory that actually moves
