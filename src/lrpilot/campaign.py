@@ -182,6 +182,11 @@ def run_campaign(
     with CampaignLock(directory):
         _check_settings(directory, settings)
         done = _completed_rounds(directory)
+        if settings.memory == "optuna" and done:
+            # the campaign may have died between a round's result line and telling Optuna: tell it now
+            mem = _optuna(cfg, directory, settings)
+            for r, rec in done.items():
+                mem.record(r, _ppl(rec), rec.get("status") != "ok")
         best = min((_ppl(r) for r in done.values() if math.isfinite(_ppl(r))), default=math.inf)
         for r in range(1, rounds + 1):
             if r in done:
@@ -199,7 +204,7 @@ def _make_controller(cfg: RunConfig, directory: Path, settings: CampaignSettings
     if settings.controller == "rules":
         from lrpilot.controllers.rules import RuleController, RuleParams
 
-        return RuleController(params if params is not None else RuleParams())
+        return RuleController(params if params is not None else RuleParams.for_init_lr(cfg.schedule.init_lr))
     if settings.controller == "replay":
         from lrpilot.controllers.replay import ReplayController
 
@@ -211,12 +216,26 @@ def _make_controller(cfg: RunConfig, directory: Path, settings: CampaignSettings
     return LLMController(backend, guard=cfg.guard)
 
 
+def _optuna(cfg: RunConfig, directory: Path, settings: CampaignSettings):
+    """The campaign's Optuna study over the rule controller's parameters, scaled to the preset's init_lr."""
+    from lrpilot.controllers.rules import RuleParams
+    from lrpilot.memory.optuna_memory import OptunaMemory
+
+    init_lr = cfg.schedule.init_lr
+    return OptunaMemory(
+        directory,
+        seed=settings.optuna_seed,
+        search_space=RuleParams.search_space(init_lr),
+        defaults=RuleParams.for_init_lr(init_lr),
+    )
+
+
 def _memory_brief(cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int) -> tuple[str, Any, dict]:
     """(brief text, rule params or None, record for briefs.jsonl)."""
     if settings.memory == "optuna":
         from lrpilot.memory.optuna_memory import OptunaMemory
 
-        mem = OptunaMemory(directory, seed=settings.optuna_seed)
+        mem = _optuna(cfg, directory, settings)
         params = mem.propose(r)
         text = mem.brief()
         return text, params, {"params": dataclasses.asdict(params)}
@@ -297,9 +316,7 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
         rec["rule_params"] = dataclasses.asdict(params)
     append_jsonl(directory / "final_results.jsonl", rec)
     if settings.memory == "optuna":
-        from lrpilot.memory.optuna_memory import OptunaMemory
-
-        OptunaMemory(directory, seed=settings.optuna_seed).record(r, res.final_eval_ppl, res.status != "ok")
+        _optuna(cfg, directory, settings).record(r, res.final_eval_ppl, res.status != "ok")
     return rec
 
 
