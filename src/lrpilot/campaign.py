@@ -233,8 +233,6 @@ def _optuna(cfg: RunConfig, directory: Path, settings: CampaignSettings):
 def _memory_brief(cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int) -> tuple[str, Any, dict]:
     """(brief text, rule params or None, record for briefs.jsonl)."""
     if settings.memory == "optuna":
-        from lrpilot.memory.optuna_memory import OptunaMemory
-
         mem = _optuna(cfg, directory, settings)
         params = mem.propose(r)
         text = mem.brief()
