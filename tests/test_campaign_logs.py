@@ -74,6 +74,7 @@ def campaign(tmp_path):
             _dec(a, "2026-05-30T14:01:00", 100, 6e-4, loss=5.0),
             _dec(a, "2026-05-30T14:02:00", 150, 1e-3, loss=4.5, effective_step=152),
             _dec(a, "2026-05-30T14:03:00", 200, 5e-4, loss=4.2),
+            _dec(a, "2026-05-30T14:04:00", 250, 9e-4, loss=4.1, effective_step=None),  # never applied
             # round 2: decides at 100, 150, 200; crashes; rolled back to 120; decides again at 150
             _dec(b, "2026-05-30T15:01:00", 100, 1e-3, loss=5.1),
             _dec(b, "2026-05-30T15:02:00", 150, 2e-3, loss=4.6),
@@ -124,11 +125,13 @@ def campaign(tmp_path):
 
 
 def test_rounds_are_ordered_and_joined(campaign):
-    with pytest.warns(UserWarning, match="corrupt jsonl line"):
+    with pytest.warns(UserWarning) as caught:
         logs = load_campaign(campaign)
+    msgs = " ".join(str(w.message) for w in caught)
+    assert "corrupt jsonl line" in msgs and "broken.json" in msgs
     assert [r.round for r in logs.rounds] == [1, 2, 3]
     r1, r2, r3 = logs.rounds
-    assert [d["step"] for d in r1.decisions] == [100, 150, 200]
+    assert [d["step"] for d in r1.decisions] == [100, 150, 200, 250]
     assert [d["step"] for d in r2.decisions] == [100, 150, 200, 150]  # time order, superseded ones kept
     assert len(r2.rollbacks) == 1 and r3.decisions == () and r3.rollbacks == ()
     assert logs.unjoined_decisions == 1 and logs.unjoined_rollbacks == 0

@@ -126,6 +126,12 @@ def _parse_iso(s: Any) -> _dt.datetime | None:
         return None
 
 
+def decision_applied(rec: dict[str, Any]) -> bool:
+    """False for a decision the trainer never applied: lrpilot logs those with `effective_step: null` (a crash
+    or the end of the run came first). The published logs have no `effective_step`: all count as applied."""
+    return not ("effective_step" in rec and rec["effective_step"] is None)
+
+
 def decision_step(rec: dict[str, Any]) -> int:
     """Step a decision took effect at: `effective_step` when logged, else the decision `step`."""
     eff = rec.get("effective_step")
@@ -168,7 +174,8 @@ class RoundSummary:
     decisions: tuple[dict[str, Any], ...] = field(default=(), hash=False, repr=False)
     rollbacks: tuple[dict[str, Any], ...] = field(default=(), hash=False, repr=False)
     raw: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
-    #: planned updates of the run (final_results `total_steps`/`update_step`), None when not logged
+    #: planned updates of the run (final_results `total_steps`, `settings.total_steps` or `update_step`), None
+    #: when not logged
     total_steps: int | None = None
 
     @property
@@ -192,11 +199,13 @@ class RoundSummary:
         for kind, rec in events:
             if kind == "d":
                 step, lr = decision_step(rec), as_float(rec.get("new_lr"))
-                if not math.isfinite(lr):
+                if not math.isfinite(lr) or not decision_applied(rec):
                     continue
                 pts = [p for p in pts if p[0] < step]
                 pts.append((step, lr, rec))
             else:
+                if not _finite(rec.get("rolled_back_to_step")):
+                    continue  # where it resumed is unknown: the next decision still takes over
                 step, lr = _int(rec.get("rolled_back_to_step")), as_float(rec.get("new_lr"))
                 pts = [p for p in pts if p[0] <= step]
                 if math.isfinite(lr):
@@ -207,8 +216,9 @@ class RoundSummary:
     def lr_trajectory(self, include_rollbacks: bool = True) -> list[tuple[int, float]]:
         """[(step, lr), ...] from the decisions (`effective_step` when logged, else `step`, and `new_lr`),
         starting with (warmup_steps, init_lr): the LR set at `step` holds until the next point. Decisions
-        and rollbacks superseded by a rollback are dropped, so this is the path the final model saw; with
-        include_rollbacks the guard's halved LR at the rollback step is a point too."""
+        never applied, and those superseded by a rollback, are dropped, so this is the path the final model
+        saw; with include_rollbacks the guard's halved LR at the rollback step is a point too. A decision's
+        `plan` (per-step knots) is not expanded: its headline `new_lr` stands for it."""
         return [(s, lr) for s, lr, _ in self._path(include_rollbacks)]
 
     def lr_at(self, step: int) -> float:
@@ -235,16 +245,20 @@ class RoundSummary:
         return out
 
     def steps_trained(self) -> int | None:
-        """Updates the round actually ran: its total steps plus the steps redone after rollbacks. When
-        total_steps is not logged it is estimated as the last decision step + decision_every."""
-        total = self.total_steps
+        """Updates the round actually ran: the steps it reached (`update_step` when logged, else total_steps)
+        plus the steps redone after rollbacks. When neither is logged (the published logs) the steps reached
+        are estimated as the last decision step + decision_every."""
+        total = _opt_int(self.raw.get("update_step")) if "update_step" in self.raw else self.total_steps
         if total is None:
             steps = [_int(d.get("step")) for d in self.decisions]
             if not steps:
                 return None
             total = max(steps) + self.decision_every
-        redone = sum(max(_int(r.get("crash_step")) - _int(r.get("rolled_back_to_step")), 0) for r in self.rollbacks)
-        return total + redone
+        return total + self.steps_redone()
+
+    def steps_redone(self) -> int:
+        """Updates run twice because of rollbacks: crash_step - rolled_back_to_step summed over rollbacks."""
+        return sum(max(_int(r.get("crash_step")) - _int(r.get("rolled_back_to_step")), 0) for r in self.rollbacks)
 
 
 @dataclass(frozen=True)
@@ -429,7 +443,8 @@ def round_from_records(
     if not math.isfinite(wall):
         t0, t1 = _parse_iso(rec.get("run_start_iso")), _parse_iso(rec.get("timestamp"))
         wall = (t1 - t0).total_seconds() if t0 and t1 and t1 >= t0 else math.nan
-    total = rec.get("total_steps", rec.get("update_step"))
+    settings = rec.get("settings") if isinstance(rec.get("settings"), dict) else {}
+    total = rec.get("total_steps", settings.get("total_steps", rec.get("update_step")))
     return RoundSummary(
         round=number,
         run_start_iso=str(rec.get("run_start_iso", "")),
