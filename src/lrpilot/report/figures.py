@@ -268,15 +268,15 @@ def fig_lr_schedules(a: Analysis, out: Path) -> Figure:
         return Figure("lr_schedules", title, "No finished rounds yet: nothing to plot.")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
-    cmap = plt.get_cmap("viridis")
-    n_max = max(r.round for r in a.rounds)
+    # one distinct colour per role (the best and last rounds are often neighbours, so no round colour map)
+    role_color = {"first": "tab:purple", "middle": "tab:blue", "best": "crimson", "last": "tab:orange"}
     for role, r in a.selected_rounds.items():
         xs, ys = _round_schedule(r, est_total_steps(a))
         lw = 2.4 if "best" in role else 1.5
         ax.plot(
             xs,
             ys,
-            color=cmap(0.9 * (r.round - 1) / max(n_max - 1, 1)),
+            color=role_color["best" if "best" in role else role.split("/")[0]],
             lw=lw,
             label=f"{role}: round {r.round} (ppl {fmt_ppl(r.final_eval_ppl)})",
         )
@@ -288,7 +288,7 @@ def fig_lr_schedules(a: Analysis, out: Path) -> Figure:
         drawn.append((a.best_baseline, "k", "--", "best "))
     at_best_peak = a.baseline_at(a.best_round.peak_lr) if a.best_round else None
     if at_best_peak is not None and at_best_peak is not a.best_baseline:
-        drawn.append((at_best_peak, "tab:red", ":", "same peak as best round: "))
+        drawn.append((at_best_peak, "0.45", ":", "same peak as best round: "))
     for b, color, ls, prefix in drawn:
         xs, ys, how = _baseline_schedule(b, warmup, total)
         ax.plot(xs, ys, color=color, ls=ls, lw=1.8, label=f"{prefix}{b.label} (ppl {fmt_ppl(b.final_eval_ppl)})")
