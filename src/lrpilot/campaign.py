@@ -29,7 +29,7 @@ from typing import Any
 
 from lrpilot.config import ConfigError, RunConfig
 from lrpilot.errors import LrpilotError
-from lrpilot.logs import append_jsonl, now_iso, read_jsonl
+from lrpilot.logs import append_jsonl, as_float, now_iso, read_jsonl
 
 CONTROLLERS = ("llm", "rules", "replay")
 MEMORIES = ("llm", "optuna", "none")
@@ -135,17 +135,15 @@ def _brief_for(directory: Path, round_index: int) -> dict[str, Any] | None:
 
 
 def _ppl(rec: dict[str, Any]) -> float:
-    try:
-        return float(rec.get("final_eval_ppl"))
-    except (TypeError, ValueError):
-        return math.nan
+    return as_float(rec.get("final_eval_ppl"))
 
 
 def summary_line(rec: dict[str, Any], best: float) -> str:
+    f = {k: as_float(rec.get(k)) for k in ("peak_lr_seen", "min_lr_seen", "wall_time_s")}
     return (
-        f"round {rec['round']:>3}  {rec.get('status', 'ok'):<6} peak_lr {rec['peak_lr_seen']:.2e}  "
-        f"min_lr {rec['min_lr_seen']:.2e}  crashes {rec['crash_count']:>2}  ppl {_ppl(rec):>9.3f}  "
-        f"best so far {best:.3f}  ({rec['wall_time_s']:.0f} s)"
+        f"round {rec['round']:>3}  {rec.get('status', 'ok'):<6} peak_lr {f['peak_lr_seen']:.2e}  "
+        f"min_lr {f['min_lr_seen']:.2e}  crashes {rec.get('crash_count', 0):>2}  ppl {_ppl(rec):>9.3f}  "
+        f"best so far {best:.3f}  ({f['wall_time_s']:.0f} s)"
     )
 
 
@@ -162,7 +160,7 @@ def campaign_table(directory: Path) -> str:
         lines.append(
             f"{len(recs)} rounds: best ppl {min(ppls):.3f}, median {statistics.median(ppls):.3f}, "
             f"failed {sum(r.get('status') == 'failed' for r in recs)}, "
-            f"wall time {sum(float(r.get('wall_time_s', 0)) for r in recs) / 60:.1f} min"
+            f"wall time {sum(as_float(r.get('wall_time_s', 0)) for r in recs) / 60:.1f} min"
         )
     return "\n".join(lines)
 
