@@ -1,0 +1,572 @@
+"""The trainer: AdamW pre-training whose LR is steered from outside over the file control channel.
+
+    python -m lrpilot.trainer --run-dir RUN [--resume CKPT] [--lr LR] [--min-seq N] [--wait-for-decisions]
+    python -m torch.distributed.run --nproc_per_node=2 -m lrpilot.trainer --run-dir RUN   (gloo on CPU)
+
+RUN/config.json (a lrpilot.config.RunConfig) says everything; the protocol is in docs/architecture.md.
+The LR of update t is a linear warmup to the LR in force (schedule.init_lr unless --lr says otherwise)
+while t < warmup_steps, then whatever the last control command set (an LR or a plan of knots). Every
+`decision_every` steps after warmup rank 0 publishes an `observe` event and keeps training (or, with
+--wait-for-decisions, blocks until the command decided at that step arrives); the LR it is told is
+broadcast to every rank and takes effect at the next update, recorded by an `applied` event. The
+trainer knows nothing about LLMs or the guard: it only trains, reports and obeys.
+
+Optimizer: AdamW with weight decay on *all* parameters (norm gains included), as the GaLore reference's
+`torch.optim.AdamW(model.parameters(), weight_decay=0.01)` does, and grad clipping (train.grad_clip).
+
+Checkpoints (every checkpoint_every steps, and on stop) hold what an exact resume needs: model,
+optimizer, RNG states, data position, LR state, step and the telemetry bookkeeping of the current
+decision interval, so on CPU a resumed run reproduces the uninterrupted loss curve bit for bit.
+
+Exit codes: 0 finished (or stopped on request / at --stop-at-step), 2 bad config or usage, 1 crash.
+Testing hook: --inject-nan-at-step N (or LRPILOT_INJECT_NAN_AT_STEP=N) multiplies the loss by NaN in the
+update that completes step N, so the step event with step == N reports loss "nan" (for guard tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from lrpilot.channel import ControlReader, LRState, TelemetryWriter, warmup_lr
+from lrpilot.checkpoint import FORMAT, fingerprint, load_checkpoint, save_checkpoint
+from lrpilot.config import RunConfig
+from lrpilot.data import DataError, build_data, check_vocab, evaluate
+from lrpilot.errors import LrpilotError
+from lrpilot.model import LLaMA
+
+EXIT_OK, EXIT_CRASH, EXIT_USAGE = 0, 1, 2
+#: how often a trainer waiting for a decision looks at control.jsonl
+WAIT_POLL_S = 0.002
+
+
+class TrainerError(LrpilotError):
+    """The trainer cannot start with this config or command line (one line: what and how to fix it)."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def config_fingerprint(cfg: RunConfig) -> str:
+    """What a checkpoint must match to be resumed: the model shape and the data (not the cache path)."""
+    data = {k: v for k, v in asdict(cfg.data).items() if k != "cache_dir"}
+    return fingerprint({"model": asdict(cfg.model), "data": data})
+
+
+def is_decision_point(step: int, cfg: RunConfig) -> bool:
+    s = cfg.schedule
+    return s.warmup_steps <= step < cfg.train.total_steps and (step - s.warmup_steps) % s.decision_every == 0
+
+
+def batch_geometry(cfg: RunConfig, world_size: int) -> tuple[int, int]:
+    """(micro_batch_size, accumulation steps) per rank for the global train.batch_size."""
+    bs = cfg.train.batch_size
+    if bs % world_size:
+        raise TrainerError(f"train.batch_size ({bs}) must be divisible by the number of processes ({world_size})")
+    per_rank = bs // world_size
+    micro = cfg.train.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise TrainerError(
+            f"train.micro_batch_size ({micro}) must divide the per-process batch "
+            f"(train.batch_size / processes = {per_rank}); set it to a divisor or 0"
+        )
+    return micro, per_rank // micro
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the run touches, in types torch.load(weights_only=True) accepts."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {
+            "kind": kind,
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    key = n["key"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], key, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+class MetricLoggers:
+    """Optional wandb / TensorBoard mirrors of the step and eval metrics (train.loggers), rank 0 only."""
+
+    def __init__(self, names: str, cfg: RunConfig, run_dir: Path) -> None:
+        self.wandb: Any = None
+        self.tb: Any = None
+        wanted = {x.strip() for x in names.split(",") if x.strip()}
+        if "wandb" in wanted:
+            try:
+                import wandb
+            except ImportError:
+                raise TrainerError("train.loggers=wandb needs wandb: pip install 'lrpilot[wandb]'") from None
+            self.wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "lrpilot"),
+                name=f"{cfg.name}-{run_dir.name}",
+                dir=str(run_dir),
+                config=cfg.to_dict(),
+            )
+        if "tensorboard" in wanted:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TrainerError(
+                    "train.loggers=tensorboard needs tensorboard: pip install 'lrpilot[tensorboard]'"
+                ) from None
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Steering:
+    """Rank 0's end of the control channel: applies commands to the LRState and logs `applied` events."""
+
+    def __init__(self, reader: ControlReader, lr_state: LRState, telemetry: TelemetryWriter) -> None:
+        self.reader = reader
+        self.lr_state = lr_state
+        self.telemetry = telemetry
+        self.stop = False
+        #: the latest decision step any command answered (to know when a waited-for decision arrived)
+        self.answered_step = -1
+        #: seconds spent blocked waiting for decisions, over the whole run (carried in checkpoints)
+        self.wait_s = 0.0
+
+    def poll(self, step: int) -> None:
+        """Apply every new command; `step` is the next update, the first to use them."""
+        for cmd in self.reader.poll():
+            if cmd.get("stop") is True:
+                self.stop = True
+                continue
+            decided = cmd.get("decided_at_step")
+            if isinstance(decided, int) and not isinstance(decided, bool):
+                # a malformed answer still answers: the trainer keeps its LR rather than block forever
+                self.answered_step = max(self.answered_step, decided)
+            try:
+                self.lr_state.apply(cmd, step)
+            except ValueError as e:
+                print(f"lrpilot.trainer: warning: control command ignored: {e}", file=sys.stderr, flush=True)
+                continue
+            self.telemetry.emit(
+                "applied",
+                step,
+                seq=cmd["seq"],
+                lr=self.lr_state.lr_for(step),
+                decided_at_step=decided,
+                plan_knots=len(self.lr_state.plan or ()),
+            )
+
+    def wait_for_decision(self, step: int) -> None:
+        """Block until the command decided at `step` (or a stop) has arrived and been applied."""
+        t0 = time.perf_counter()
+        self.poll(step)
+        while self.answered_step < step and not self.stop:
+            time.sleep(WAIT_POLL_S)
+            self.poll(step)
+        self.wait_s += time.perf_counter() - t0
+
+
+def update_lr(step: int, cfg: RunConfig, lr_state: LRState) -> float:
+    """The LR of update number `step`: warmup to the LR in force, then the LR state (docs/architecture.md)."""
+    lr = lr_state.lr_for(step)
+    if step < cfg.schedule.warmup_steps:
+        return warmup_lr(step, lr, cfg.schedule.warmup_steps)
+    return lr
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | None) -> int:
+    run_dir = Path(args.run_dir)
+
+    # ---- processes and devices
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    master = rank == 0
+    ddp = world_size > 1
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise TrainerError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    use_bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and use_cuda)
+    autocast_dtype = torch.bfloat16 if use_bf16 else None
+    dtype_name = "bfloat16" if use_bf16 else "float32"
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    micro_bs, accum = batch_geometry(cfg, world_size)
+    tokens_per_update = cfg.train.batch_size * cfg.data.seq_len
+    total = cfg.train.total_steps
+    start_step = int(resume["step"]) if resume else 0
+    if args.stop_at_step is not None and args.stop_at_step <= start_step:
+        raise TrainerError(f"--stop-at-step {args.stop_at_step} must be after the start step {start_step}")
+    inject_nan_at = args.inject_nan_at_step
+    loggers = MetricLoggers(cfg.train.loggers, cfg, run_dir) if master else None  # fails early on a missing extra
+
+    if ddp:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        # long timeout: rank 0 may block on a decision or evaluate while the others wait in a collective
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
+
+    # ---- seeds, model, optimizer, data (the model is initialised identically on every rank)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    data = build_data(cfg.data, cfg.train.seed, rank=rank, world_size=world_size)
+    check_vocab(data.vocab_size, cfg.model.vocab_size)
+    raw_model = LLaMA(cfg.model).to(device)
+    optimizer = torch.optim.AdamW(
+        raw_model.parameters(),
+        lr=cfg.schedule.init_lr,
+        betas=(cfg.train.beta1, cfg.train.beta2),
+        eps=cfg.train.eps,
+        weight_decay=cfg.train.weight_decay,
+    )
+    lr_state = LRState(cfg.schedule.init_lr)
+    interval: dict[str, Any] = {"losses": [], "tokens": 0, "seconds": 0.0, "grad_norm": math.nan}
+    wait_s = 0.0
+    if resume:
+        raw_model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        data.load_state_dict(resume["data"])
+        lr_state.load_state_dict(resume["lr_state"])
+        set_rng_state(resume["rng"])
+        interval = dict(resume["interval"])
+        wait_s = float(resume["wait_s"])
+    if args.lr is not None:
+        lr_state.override(args.lr)
+    model: torch.nn.Module = torch.compile(raw_model) if cfg.train.compile else raw_model
+    if ddp:
+        # the only buffers (RoPE tables) are constants: no need to broadcast them every forward
+        model = DDP(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    # ---- rank 0: telemetry, control channel, progress bar
+    telemetry = steering = pbar = None
+    if master:
+        telemetry = TelemetryWriter(run_dir)
+        min_seq = args.min_seq
+        if min_seq is None:  # commands up to the checkpoint's are already in its LR state
+            min_seq = lr_state.seq + 1 if resume and lr_state.seq is not None else 0
+        steering = Steering(ControlReader(run_dir, min_seq), lr_state, telemetry)
+        steering.wait_s = wait_s
+        telemetry.emit(
+            "start",
+            start_step,
+            lr=update_lr(start_step, cfg, lr_state),
+            world_size=world_size,
+            resumed_from=str(args.resume) if args.resume else None,
+            device=str(device),
+            dtype=dtype_name,
+            params=raw_model.num_parameters(),
+            min_seq=min_seq,
+            wait_for_decisions=bool(args.wait_for_decisions),
+        )
+        pbar = tqdm(
+            total=total,
+            initial=start_step,
+            desc=cfg.name,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not cfg.train.progress,
+            unit="step",
+        )
+        print(
+            f"lrpilot.trainer: {cfg.name} steps {start_step}->{total} on {world_size}x{device} {dtype_name}, "
+            f"{raw_model.num_parameters():,} params, micro-batch {micro_bs} x {accum} accumulation",
+            flush=True,
+        )
+
+    def observe(step: int) -> None:
+        """Rank 0 at a decision point: publish the interval's losses (then start a new interval)."""
+        secs = interval["seconds"]
+        telemetry.emit(
+            "observe",
+            step,
+            lr=update_lr(step, cfg, lr_state),
+            losses=interval["losses"],
+            grad_norm=interval["grad_norm"],
+            tokens_per_s=interval["tokens"] / secs if secs else math.nan,
+            wait_s=steering.wait_s,
+        )
+        interval.update(losses=[], tokens=0, seconds=0.0)
+
+    def control(step: int, wait: bool) -> tuple[float, bool]:
+        """Before update `step`: rank 0 applies new commands (blocking for a decision if `wait`); every rank
+        gets the LR for the update and whether to stop."""
+        if master:
+            if wait:
+                steering.wait_for_decision(step)
+            else:
+                steering.poll(step)
+            lr, stop = update_lr(step, cfg, lr_state), steering.stop
+        else:
+            lr, stop = 0.0, False
+        if ddp:
+            msg = torch.tensor([lr, float(stop)], dtype=torch.float64, device=device)
+            dist.broadcast(msg, 0)
+            lr, stop = msg[0].item(), bool(msg[1].item())
+        return lr, stop
+
+    def evaluate_now(step: int) -> dict[str, float]:
+        # the unwrapped module: DDP's forward would wait for the other ranks
+        result = evaluate(raw_model, data, cfg.eval.tokens, cfg.eval.batch_size, device, autocast_dtype=autocast_dtype)
+        telemetry.emit("eval", step, **result)
+        loggers.log(step, {f"eval/{k}": v for k, v in result.items()})
+        return result
+
+    def checkpoint(step: int, lr: float) -> None:
+        """Every rank: gather the data positions (a stream's is per rank); rank 0 writes the checkpoint."""
+        data_state: Any = data.state_dict()
+        if ddp:
+            every_rank: list[Any] = [None] * world_size
+            dist.all_gather_object(every_rank, data_state)
+            data_state = {"ranks": every_rank}
+        if not master:
+            return
+        state = {
+            "format": FORMAT,
+            "fingerprint": config_fingerprint(cfg),
+            "step": step,
+            "lr": lr,
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_state(),
+            "data": data_state,
+            "lr_state": lr_state.state_dict(),
+            "interval": dict(interval),
+            "wait_s": steering.wait_s,
+            "world_size": world_size,
+            "config": cfg.to_dict(),
+        }
+        path = save_checkpoint(
+            run_dir, step, state, keep=cfg.checkpoint.keep, retain_back_steps=cfg.guard.rollback_back_steps
+        )
+        telemetry.emit("checkpoint", step, path=str(path), lr=lr)
+
+    # ---- the training loop: `step` = updates done; each pass makes update number `step`
+    step = start_step
+    if master and step == 0 and is_decision_point(0, cfg):
+        observe(0)  # warmup_steps == 0: the controller sets the very first LR
+    lr, stop = control(step, wait=args.wait_for_decisions and step == 0 and is_decision_point(0, cfg))
+    raw_model.train()
+    while step < total and not stop:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = data.train_batch(step, micro, micro_bs)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # gradients are all-reduced only on the last micro-batch
+            sync = model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    _, loss = model(x, y)
+                if inject_nan_at is not None and step + 1 == inject_nan_at:
+                    loss = loss * float("nan")  # testing hook: a real NaN through backward and AdamW
+                loss = loss / accum
+                loss.backward()
+            loss_sum += loss.detach().float()
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf  # inf: just measure the norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+            loss_sum /= world_size
+        loss_f, grad_norm_f = loss_sum.item(), grad_norm.item()  # .item() waits for the GPU: dt is honest
+        dt = time.perf_counter() - t0
+        step += 1
+
+        if master:
+            tokens_per_s = tokens_per_update / dt
+            interval["losses"].append(loss_f)
+            interval["tokens"] += tokens_per_update
+            interval["seconds"] += dt
+            interval["grad_norm"] = grad_norm_f
+            telemetry.emit("step", step, loss=loss_f, lr=lr, grad_norm=grad_norm_f, tokens_per_s=tokens_per_s)
+            loggers.log(
+                step,
+                {
+                    "train/loss": loss_f,
+                    "train/lr": lr,
+                    "train/grad_norm": grad_norm_f,
+                    "train/tokens_per_s": tokens_per_s,
+                },
+            )
+            pbar.set_postfix(loss=f"{loss_f:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            pbar.update(1)
+            if is_decision_point(step, cfg):
+                observe(step)
+        lr, stop = control(step, wait=args.wait_for_decisions and is_decision_point(step, cfg))
+
+        if master and cfg.eval.every and step % cfg.eval.every == 0 and step < total:
+            evaluate_now(step)
+        stop_here = stop or step == args.stop_at_step
+        if step < total and (step % cfg.checkpoint_every == 0 or stop_here):
+            checkpoint(step, lr)
+        if stop_here:
+            break
+
+    # ---- the end: final evaluation (rank 0) unless stopped early
+    if master:
+        pbar.close()
+        if step >= total:
+            result = evaluate_now(step)
+            telemetry.emit(
+                "done",
+                step,
+                final_eval_loss=result["eval_loss"],
+                final_eval_ppl=result["eval_ppl"],
+                final_eval_tokens=result["eval_tokens"],
+                wait_s=steering.wait_s,
+            )
+            print(f"lrpilot.trainer: done at step {step}: eval loss {result['eval_loss']:.4f}", flush=True)
+        else:
+            print(f"lrpilot.trainer: stopped at step {step} (checkpoint written)", flush=True)
+        telemetry.close()
+        loggers.close()
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    v = _non_negative_int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m lrpilot.trainer",
+        description="Train RUN/config.json's model, publishing telemetry.jsonl and obeying control.jsonl "
+        "(docs/architecture.md). Exit codes: 0 done or stopped, 2 bad config/usage, 1 crash.",
+    )
+    p.add_argument("--run-dir", required=True, help="run directory holding config.json; logs and checkpoints go here")
+    p.add_argument("--resume", metavar="CKPT", help="resume exactly from this checkpoint (a checkpoints/step_*.pt)")
+    p.add_argument("--lr", type=_positive_float, help="use this LR from the (resumed) start on, clearing any plan")
+    p.add_argument(
+        "--min-seq",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="ignore control commands with seq < N (an earlier launch's); default: 0, or one past "
+        "the last command in the resumed checkpoint",
+    )
+    p.add_argument(
+        "--wait-for-decisions",
+        action="store_true",
+        help="block at each decision point until the command decided at that step arrives, so the "
+        "LR takes effect exactly there (for instant, deterministic controllers)",
+    )
+    p.add_argument(
+        "--stop-at-step",
+        type=_positive_int,
+        metavar="N",
+        help="checkpoint at step N and exit 0 (tests; simulates an interrupted run)",
+    )
+    p.add_argument(
+        "--inject-nan-at-step",
+        type=_positive_int,
+        metavar="N",
+        help="TESTING HOOK: make the loss of the update that completes step N NaN (the step event "
+        "with step N reports loss 'nan'); also LRPILOT_INJECT_NAN_AT_STEP=N",
+    )
+    args = p.parse_args(argv)
+    env_nan = os.environ.get("LRPILOT_INJECT_NAN_AT_STEP", "").strip()
+    if args.inject_nan_at_step is None and env_nan:
+        try:
+            args.inject_nan_at_step = _positive_int(env_nan)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"LRPILOT_INJECT_NAN_AT_STEP: {e}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config_path = Path(args.run_dir) / "config.json"
+        cfg = RunConfig.load(config_path)
+        batch_geometry(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        resume = None
+        if args.resume:
+            resume = load_checkpoint(args.resume, fingerprint=config_fingerprint(cfg))
+        return train(cfg, args, resume)
+    except (LrpilotError, DataError) as e:
+        print(f"lrpilot.trainer: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except Exception:
+        traceback.print_exc()
+        return EXIT_CRASH
+
+
+if __name__ == "__main__":
+    sys.exit(main())
