@@ -1,0 +1,1316 @@
+"""The round supervisor: runs one pre-training run (an agent round or a baseline run) end to end.
+
+    python -m pytest -q tests/test_supervisor.py
+
+`run_round` launches the trainer as a subprocess in its own process group (`python -m lrpilot.trainer`
+for one device, `torchrun` for several), follows its telemetry (RUN/telemetry.jsonl), asks the controller
+at every decision point, passes each answer through the SafetyGuard (lrpilot.guard) and sends it to the
+trainer (RUN/control.jsonl). It keeps the run alive: a non-zero exit, a NaN/Inf/catastrophic loss or a
+trainer that writes no telemetry for guard.hang_timeout_s is a crash; the supervisor kills the whole
+process group, rolls back to the checkpoint the guard chooses (a corrupt one is skipped for the one
+before) and relaunches with the LR at the crash x crash_lr_factor. After guard.max_fast_crash consecutive
+quick crashes the round is given up and recorded as failed.
+
+Records (append-only jsonl through lrpilot.logs.JsonlLog):
+- `logs.decisions`: one line per decision (published fields run_start_iso, step, loss, trend, old_lr,
+  new_lr, raw_lr_request, clamped, reasoning, plus timestamp, effective_step, kind, clamp_reasons, ...).
+  A line is written when the trainer reports the decision applied (`applied` event), or, if it never
+  was (crash, end of run), then with effective_step null. So each decision is written exactly once.
+- `logs.rollbacks`: one line per crash (published fields run_start_iso, crash_step, lr_at_crash,
+  rolled_back_to_step, new_lr, crash_reason, crash_count_in_run).
+- RUN/config.json, RUN/round.json (run_start_iso and the round's settings), RUN/result.json (RoundResult).
+
+A run directory can be resumed (`resume=True`) after the supervisor itself was stopped: the round continues
+from the latest verified checkpoint with the same run_start_iso, and a finished one returns its stored result.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lrpilot import guard
+from lrpilot.channel import CONTROL_FILE, TELEMETRY_FILE, ControlWriter, TelemetryReader
+from lrpilot.checkpoint import list_checkpoints, verify_checkpoint
+from lrpilot.config import RunConfig
+from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
+from lrpilot.logs import JsonlLog, as_float, dumps, iter_jsonl, now_iso
+
+#: fields of the published decision log, in its order
+DECISION_FIELDS = (
+    "run_start_iso",
+    "step",
+    "loss",
+    "trend",
+    "old_lr",
+    "new_lr",
+    "raw_lr_request",
+    "clamped",
+    "reasoning",
+)
+#: fields of the published rollback log
+ROLLBACK_FIELDS = (
+    "run_start_iso",
+    "crash_step",
+    "lr_at_crash",
+    "rolled_back_to_step",
+    "new_lr",
+    "crash_reason",
+    "crash_count_in_run",
+)
+#: RUN/decisions_sent.jsonl: each decision record as its command is sent (a write-ahead log; the decision log
+#: proper gets the record once the trainer applied the command)
+SENT_FILE = "decisions_sent.jsonl"
+#: crash reason for a trainer that wrote no telemetry for guard.hang_timeout_s
+HANG = "hang"
+#: how often telemetry is polled
+POLL_S = 0.05
+#: at most this many points in RoundResult.lr_trajectory / loss_trajectory
+TRAJECTORY_POINTS = 500
+
+
+class SupervisorError(Exception):
+    """The round cannot be run as asked (for example a used run directory without resume=True)."""
+
+
+@dataclass(frozen=True)
+class RoundLogs:
+    """Where the round's records go (campaign-level files, shared by rounds) and the fields stamped on each."""
+
+    decisions: Path
+    rollbacks: Path
+    #: added to every decision and rollback record, e.g. {"round": 3, "controller": "rules"}
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """How one run ended; RUN/result.json."""
+
+    status: str  # "ok" | "failed"
+    run_start_iso: str
+    final_eval_loss: float
+    final_eval_ppl: float
+    final_eval_tokens: int
+    update_step: int
+    crash_count: int
+    total_decisions: int
+    peak_lr_seen: float
+    min_lr_seen: float
+    wall_time_s: float
+    #: seconds the trainer blocked waiting for decisions
+    wait_s: float
+    #: per controller call: seconds decide() took
+    decision_latency_s: list[float]
+    #: per applied decision: effective_step - decided step
+    effect_delay_steps: list[int]
+    #: (step, lr) and (step, loss) of the trajectory the final model saw, sampled to <= 500 points
+    lr_trajectory: list[tuple[int, float]]
+    loss_trajectory: list[tuple[int, float]]
+    failure_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoundResult:
+        f = as_float
+        return cls(
+            status=str(d["status"]),
+            run_start_iso=str(d["run_start_iso"]),
+            final_eval_loss=f(d.get("final_eval_loss")),
+            final_eval_ppl=f(d.get("final_eval_ppl")),
+            final_eval_tokens=int(d.get("final_eval_tokens") or 0),
+            update_step=int(d.get("update_step") or 0),
+            crash_count=int(d.get("crash_count") or 0),
+            total_decisions=int(d.get("total_decisions") or 0),
+            peak_lr_seen=f(d.get("peak_lr_seen")),
+            min_lr_seen=f(d.get("min_lr_seen")),
+            wall_time_s=f(d.get("wall_time_s")),
+            wait_s=f(d.get("wait_s")),
+            decision_latency_s=[f(x) for x in d.get("decision_latency_s") or []],
+            effect_delay_steps=[int(x) for x in d.get("effect_delay_steps") or []],
+            lr_trajectory=[(int(s), f(v)) for s, v in d.get("lr_trajectory") or []],
+            loss_trajectory=[(int(s), f(v)) for s, v in d.get("loss_trajectory") or []],
+            failure_reason=d.get("failure_reason"),
+        )
+
+
+# ------------------------------------------------------------------------------------ launching
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def trainer_command(
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    resume: Path | None = None,
+    lr: float | None = None,
+    min_seq: int | None = None,
+    wait_for_decisions: bool = False,
+    extra_args: Sequence[str] = (),
+) -> tuple[list[str], dict[str, str]]:
+    """The trainer's command line and environment: plain python for one process, torchrun for several."""
+    args = ["-m", "lrpilot.trainer", "--run-dir", str(run_dir)]
+    if resume is not None:
+        args += ["--resume", str(resume)]
+    if lr is not None:
+        args += ["--lr", repr(float(lr))]
+    if min_seq is not None:
+        args += ["--min-seq", str(int(min_seq))]
+    if wait_for_decisions:
+        args.append("--wait-for-decisions")
+    args += [str(a) for a in extra_args]
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if cfg.train.num_threads > 0:
+        env.setdefault("OMP_NUM_THREADS", str(cfg.train.num_threads))
+    devices = cfg.launch.devices.strip()
+    if devices not in ("cpu", "cuda") and not devices.startswith("cpu:"):
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(x.strip() for x in devices.split(","))
+    nproc = cfg.launch.nproc
+    if nproc == 1:
+        return [sys.executable, *args], env
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+    ]
+    return [*torchrun, *args], env
+
+
+def _load_libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+#: loaded in the parent: the child between fork and exec must not import anything
+_LIBC = _load_libc()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the supervisor dies, so a trainer never outlives it
+    (torchrun forwards SIGTERM to its workers)."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+#: environment variable that marks every process of one trainer launch (inherited by torchrun's workers)
+LAUNCH_ENV = "LRPILOT_LAUNCH"
+
+
+def launch_processes(token: str) -> list[int]:
+    """Live processes of the launch marked `token` (they inherit LRPILOT_LAUNCH=token). torchrun starts each
+    worker in a session of its own, so the launcher's process group does not hold them; their environment
+    does, even after the launcher died and they were orphaned. Linux (/proc) only; elsewhere []."""
+    proc_dir = Path("/proc")
+    if not token or not proc_dir.is_dir():
+        return []
+    needle = f"{LAUNCH_ENV}={token}".encode()
+    me = os.getpid()
+    out = []
+    for d in proc_dir.iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        try:
+            env = (d / "environ").read_bytes()
+        except OSError:  # gone, or not ours
+            continue
+        if needle in env.split(b"\0"):
+            out.append(int(d.name))
+    return out
+
+
+def _kill_launch(proc: subprocess.Popen, token: str, timeout: float = 30.0) -> None:
+    """SIGKILL every process of a trainer launch (its process group and, by token, torchrun's workers) and
+    wait until they are gone. SIGKILL also ends a stopped (SIGSTOP) process."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = launch_processes(token)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the launcher leads its own group
+            group_alive = True
+        except (ProcessLookupError, PermissionError):
+            group_alive = False
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.05)
+        if (proc.poll() is not None and not group_alive and not pids) or time.monotonic() > deadline:
+            return
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _finite_mean(xs: Sequence[float]) -> float:
+    ys = [x for x in xs if math.isfinite(x)]
+    return sum(ys) / len(ys) if ys else math.nan
+
+
+def _trend(prev: float, cur: float) -> str:
+    """'down -0.123' / 'up +0.050' / 'flat +0.000' / 'insufficient data' (interval means)."""
+    if not (math.isfinite(prev) and math.isfinite(cur)):
+        return "insufficient data"
+    d = cur - prev
+    word = "flat" if abs(d) < 5e-4 else ("down" if d < 0 else "up")
+    return f"{word} {d:+.3f}"
+
+
+def _plan_summary(plan: Sequence[Sequence[float]] | None) -> dict[str, Any] | None:
+    """A plan as logged: its length and endpoints, not every knot."""
+    if not plan:
+        return None
+    return {
+        "knots": len(plan),
+        "first": [int(plan[0][0]), float(plan[0][1])],
+        "last": [int(plan[-1][0]), float(plan[-1][1])],
+    }
+
+
+def _sample(points: dict[int, float], n: int = TRAJECTORY_POINTS) -> list[tuple[int, float]]:
+    """At most n (step, value) points, evenly spaced, the last step always included."""
+    steps = sorted(points)
+    if len(steps) > n:
+        stride = math.ceil(len(steps) / n)
+        keep = steps[::stride]
+        if keep[-1] != steps[-1]:
+            keep = keep[: n - 1] + [steps[-1]]
+        steps = keep
+    return [(s, points[s]) for s in steps]
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(dumps(obj) + "\n")
+    os.replace(tmp, path)
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+class _Crash(Exception):
+    """Internal: the current launch crashed (reason is a crash code, detail its words)."""
+
+    def __init__(self, reason: str, detail: str = "", step: int | None = None) -> None:
+        super().__init__(reason)
+        #: the step of the bad telemetry line; None = the last step the launch reported
+        self.reason, self.detail, self.step = reason, detail, step
+
+
+# ------------------------------------------------------------------------------------------- the round
+
+
+class _Round:
+    """State of one run under supervision: the trainer launch, the branch of the trajectory the trainer
+    is on (losses and LRs per step, decision-point history), the decisions and crashes so far."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        controller: BaseController,
+        logs: RoundLogs,
+        *,
+        memory_brief: str,
+        round_index: int,
+        on_event: Callable[[dict[str, Any]], Any] | None,
+        trainer_args: Sequence[str],
+        trainer_args_first_launch: Sequence[str],
+        poll_s: float,
+    ) -> None:
+        self.cfg, self.g = cfg, cfg.guard
+        self.run_dir = Path(run_dir)
+        self.controller, self.logs = controller, logs
+        self.memory_brief, self.round_index = memory_brief, round_index
+        self.on_event = on_event
+        self.trainer_args = list(trainer_args)
+        self.first_launch_args = list(trainer_args_first_launch)
+        self.poll_s = poll_s
+        self.blocking = bool(getattr(controller, "blocking", True))
+        self.run_start_iso = ""
+        self.t0 = time.monotonic()
+        self.wall_before = 0.0
+        # launch
+        self.proc: subprocess.Popen | None = None
+        self.launches = 0  # over the whole run (across supervisor sessions)
+        self.session_launches = 0
+        self.token = ""  # LRPILOT_LAUNCH of the live launch
+        self.launch_pid: int | None = None  # rank-0 trainer pid, from its start event
+        self.dead_pids: set[int] = set()  # rank-0 pids of launches already ended
+        self.launch_start_step = 0
+        self.last_step = 0
+        self.current_lr = cfg.schedule.init_lr
+        self.last_seen = time.monotonic()
+        self.done: dict[str, Any] | None = None
+        self.last_eval: dict[str, Any] | None = None
+        # the branch the trainer is on: dense per-step values and one entry per decision point
+        self.losses: dict[int, float] = {}
+        self.lrs: dict[int, float] = {}
+        self.loss_history: list[tuple[int, float]] = []
+        self.lr_history: list[tuple[int, float]] = []
+        self.peak_lr, self.min_lr = -math.inf, math.inf
+        # decisions and crashes
+        self.decisions: list[dict[str, Any]] = []  # every record (written or pending), in decision order
+        self.pending: dict[int, dict[str, Any]] = {}  # seq -> record not yet written (waits for `applied`)
+        self.rollbacks: list[RollbackRecord] = []
+        self.counter = guard.CrashCounter()
+        # non-blocking controllers: one decide() in flight at a time, answered through a queue
+        self.replies: queue.Queue = queue.Queue()
+        self.inflight: dict[str, Any] | None = None
+        self.generation = 0  # bumped on every relaunch; a reply from an older generation is stale
+        self.dlog: JsonlLog | None = None
+        self.sent_log: JsonlLog | None = None
+        self.writer: ControlWriter | None = None
+        self.reader: TelemetryReader | None = None
+        self.backlog: collections.deque = collections.deque()  # events read but not handled yet
+        self.draining = False  # handling a dead launch's last lines: record them, decide nothing
+        self.trainer_log = None
+
+    # ------------------------------------------------------------------------------ public entry
+
+    def run(self, resume: bool) -> RoundResult:
+        result_file = self.run_dir / "result.json"
+        round_file = self.run_dir / "round.json"
+        if resume and result_file.exists():
+            try:
+                return RoundResult.from_dict(json.loads(result_file.read_text()))
+            except (ValueError, KeyError, TypeError):
+                result_file.rename(result_file.with_suffix(".json.corrupt"))  # keep it; run the rest again
+        prior = self._read_round_file(round_file)
+        if prior is not None and not resume:
+            raise SupervisorError(
+                f"run dir {self.run_dir} was already used (round.json exists); pass resume=True "
+                "to continue it or choose a new directory"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(self.run_dir / "config.json")
+        if prior is not None:
+            self.run_start_iso = str(prior["run_start_iso"])
+            self.launches = int(prior.get("launches", 0))
+            self.wall_before = float(prior.get("wall_time_s", 0.0))
+        else:
+            self.run_start_iso = now_iso()
+        self._save_round_file(resumed=prior is not None)
+
+        old_handler = self._install_sigterm()
+        try:
+            self._open(restore=prior is not None)
+            self.controller.start_round(self.round_index, self.memory_brief)
+            if prior is None:
+                self._launch(resume=None, lr=None)
+            else:
+                self._launch_resumed()
+            result = self._supervise()
+            _write_json_atomic(result_file, result.to_dict())
+            self._emit({"event": "result", **result.to_dict()})
+            return result
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                _kill_launch(self.proc, self.token)
+            elif self.proc is not None:
+                _kill_launch(self.proc, self.token, timeout=5.0)  # stragglers of an exited launcher
+            self._drain_applied()
+            self._flush_pending()
+            self.wall_before += time.monotonic() - self.t0
+            self.t0 = time.monotonic()
+            with contextlib.suppress(OSError):
+                self._save_round_file(resumed=prior is not None)
+            for closer in (self.dlog, self.sent_log, self.writer, self.trainer_log):
+                if closer is not None:
+                    with contextlib.suppress(OSError):
+                        closer.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+
+    def _open(self, restore: bool) -> None:
+        """Open the logs and both channel ends; a restarted supervisor first rebuilds its state from them."""
+        self.dlog = JsonlLog(self.logs.decisions)
+        self.sent_log = JsonlLog(self.run_dir / SENT_FILE)
+        self.writer = ControlWriter(self.run_dir)
+        telemetry = self.run_dir / TELEMETRY_FILE
+        if restore:
+            self._restore_history(telemetry)
+        # only what launches of this session write from now on
+        self.reader = TelemetryReader(self.run_dir, offset=telemetry.stat().st_size if telemetry.exists() else 0)
+        self.trainer_log = open(self.run_dir / "trainer.log", "ab")  # noqa: SIM115 - closed by run()
+
+    # ---------------------------------------------------------------------------- round.json
+
+    def _read_round_file(self, path: Path) -> dict[str, Any] | None:
+        if not path.exists():
+            return None
+        try:
+            d = json.loads(path.read_text())
+            if isinstance(d, dict) and d.get("run_start_iso"):
+                return d
+        except (ValueError, OSError):
+            pass
+        raise SupervisorError(f"{path}: unreadable round record; delete the run directory to start the round again")
+
+    def _save_round_file(self, resumed: bool) -> None:
+        _write_json_atomic(
+            self.run_dir / "round.json",
+            {
+                "run_start_iso": self.run_start_iso,
+                "round": self.round_index,
+                "controller": self.controller.describe(),
+                "blocking": self.blocking,
+                "memory_brief": self.memory_brief,
+                "launch": {"devices": self.cfg.launch.devices, "nproc": self.cfg.launch.nproc},
+                "guard": dataclasses.asdict(self.g),
+                "launches": self.launches,
+                "resumed": resumed,
+                "wall_time_s": self.wall_before + (time.monotonic() - self.t0),
+            },
+        )
+
+    # ------------------------------------------------------------------------------- signals
+
+    def _install_sigterm(self) -> Any:
+        """SIGTERM becomes SystemExit(143) while the round runs, so the finally clause kills the trainer's
+        group (it has its own session and would otherwise outlive us). Main thread only, and only when
+        nobody else handles SIGTERM."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return None
+
+        def _raise(signum: int, frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
+        return signal.signal(signal.SIGTERM, _raise)
+
+    # ------------------------------------------------------------------------------- events
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _note(self, text: str) -> None:
+        """A line in trainer.log from the supervisor (launches, crashes, skipped checkpoints)."""
+        if self.trainer_log is not None:
+            self.trainer_log.write(f"[supervisor {now_iso()}] {text}\n".encode())
+            self.trainer_log.flush()
+
+    # ------------------------------------------------------------------------------- launch
+
+    def _launch(self, resume: Path | None, lr: float | None, start_step: int = 0) -> None:
+        assert self.writer is not None and self.trainer_log is not None
+        extra = list(self.trainer_args)
+        if self.session_launches == 0:
+            extra += self.first_launch_args
+        cmd, env = trainer_command(
+            self.cfg,
+            self.run_dir,
+            resume=resume,
+            lr=lr,
+            min_seq=self.writer.next_seq,
+            wait_for_decisions=self.blocking,
+            extra_args=extra,
+        )
+        self.launches += 1
+        self.session_launches += 1
+        self.generation += 1
+        if self.launch_pid is not None:
+            self.dead_pids.add(self.launch_pid)
+        self.launch_pid = None
+        self.token = f"{os.getpid()}-{self.launches}-{time.time_ns()}"
+        env[LAUNCH_ENV] = self.token
+        self.launch_start_step = start_step
+        self.last_step = start_step
+        self.done = None
+        self._note(f"launch {self.launches}: {' '.join(cmd)}")
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.trainer_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if _LIBC is not None else None,
+        )
+        self.last_seen = time.monotonic()
+        self._save_round_file(resumed=self.launches > self.session_launches)
+        self._emit(
+            {
+                "event": "launch",
+                "source": "supervisor",
+                "pid": self.proc.pid,
+                "pgid": self.proc.pid,
+                "cmd": cmd,
+                "token": self.token,
+                "launch_index": self.launches,
+                "resume": str(resume) if resume else None,
+                "lr": lr,
+                "start_step": start_step,
+            }
+        )
+
+    def _launch_resumed(self) -> None:
+        """Continue a run whose supervisor stopped: the latest complete, verified checkpoint (its own LR) on
+        the branch the trainer was on (a later one left by a rolled-back branch is not its past)."""
+        head = max(self.losses, default=0)
+        for info in reversed(list_checkpoints(self.run_dir)):
+            if not info.complete or info.step > head:
+                continue
+            why = verify_checkpoint(info.path)
+            if why is None:
+                self._truncate_branch(info.step)
+                self._launch(resume=info.path, lr=None, start_step=info.step)
+                return
+            self._note(f"resume: checkpoint {info.path.name} skipped ({why})")
+        self._truncate_branch(0)
+        self._launch(resume=None, lr=None)
+
+    # ------------------------------------------------------------------------------- main loop
+
+    def _supervise(self) -> RoundResult:
+        while True:
+            try:
+                self._watch()
+            except _Crash as crash:
+                failure = self._on_crash(crash)
+                if failure is not None:
+                    return self._result("failed", failure)
+                continue
+            return self._result("ok", None)
+
+    def _watch(self) -> None:
+        """Follow the current launch until it finishes (return) or crashes (raise _Crash)."""
+        assert self.proc is not None
+        while True:
+            self._pump()
+            rc = self.proc.poll()
+            if rc is not None:
+                self._pump()  # whatever it wrote before exiting
+                if self.done is not None:
+                    if rc != 0:
+                        self._note(f"trainer exited {rc} after its done event; the run is complete")
+                    return
+                if rc < 0:
+                    raise _Crash(
+                        f"signal_{signal.Signals(-rc).name}" if -rc in signal.valid_signals() else f"exit_code_{rc}",
+                        f"trainer killed by signal {-rc}",
+                    )
+                if rc == 0:
+                    raise _Crash("exit_without_done", "trainer exited 0 without a done event")
+                raise _Crash(f"exit_code_{rc}", f"trainer exited with code {rc}")
+            if guard.is_hung(time.monotonic() - self.last_seen, self.g):
+                if self.done is not None:  # finished, but stuck tearing down (e.g. a collective)
+                    self._note("trainer silent after its done event; killed, the run is complete")
+                    _kill_launch(self.proc, self.token)
+                    return
+                raise _Crash(
+                    HANG,
+                    f"no telemetry for {time.monotonic() - self.last_seen:.1f}s "
+                    f"(hang_timeout_s={self.g.hang_timeout_s:g})",
+                )
+            try:  # the wait between polls doubles as the wait for a non-blocking controller's reply
+                reply = self.replies.get(timeout=self.poll_s)
+            except queue.Empty:
+                continue
+            self._on_reply(reply)
+
+    def _pump(self) -> None:
+        """Handle every telemetry event written so far. A crash raised mid-batch leaves the rest in the
+        backlog, so the crash handler still sees them (applied decisions, later steps)."""
+        assert self.reader is not None
+        self.backlog.extend(self.reader.poll())
+        while self.backlog:
+            self._handle(self.backlog.popleft())
+            while self.inflight is not None and not self.replies.empty():  # send a reply as soon as it is in
+                self._on_reply(self.replies.get_nowait())
+
+    def _handle(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        launch = ev.get("launch")
+        if kind == "start" and self.launch_pid is None and launch not in self.dead_pids:
+            self.launch_pid = launch
+        elif self.launch_pid is None or launch != self.launch_pid:
+            return  # a line from a launch that is already dead (or from before this launch's start)
+        self.last_seen = time.monotonic()
+        self._emit(ev)
+        step = ev.get("step")
+        step = int(step) if isinstance(step, int) and not isinstance(step, bool) else self.last_step
+        if kind == "start":
+            self.launch_start_step = step
+            self.last_step = step
+            if _positive(ev.get("lr")):
+                self.current_lr = float(ev["lr"])
+        elif kind == "step":
+            self._on_step(step, ev)
+        elif kind == "observe":
+            self._on_observe(step, ev)
+        elif kind == "applied":
+            self._on_applied(step, ev)
+        elif kind == "eval":
+            self.last_eval = ev
+        elif kind == "done":
+            self.done = ev
+            self.last_step = step
+
+    def _on_step(self, step: int, ev: dict[str, Any]) -> None:
+        loss, lr = as_float(ev.get("loss")), as_float(ev.get("lr"))
+        self.last_step = step
+        self.losses[step] = loss
+        if _positive(lr):
+            self.lrs[step] = lr
+            self.current_lr = lr
+            if step > self.cfg.schedule.warmup_steps:  # update number step-1 is past the warmup
+                self.peak_lr, self.min_lr = max(self.peak_lr, lr), min(self.min_lr, lr)
+        health = guard.check_loss(loss, self.g)
+        if not health.ok:
+            raise _Crash(health.reason, f"step {step}: {health.detail}", step=step)
+
+    # ------------------------------------------------------------------------------- decisions
+
+    def _observation(self, step: int, lr: float, recent: Sequence[float], ev: dict[str, Any]) -> Observation:
+        c = self.cfg
+        return Observation(
+            step=step,
+            total_steps=c.train.total_steps,
+            warmup_steps=c.schedule.warmup_steps,
+            decision_every=c.schedule.decision_every,
+            lr=lr,
+            init_lr=c.schedule.init_lr,
+            recent_losses=tuple(recent),
+            loss_history=tuple(self.loss_history),
+            lr_history=tuple(self.lr_history),
+            grad_norm=as_float(ev.get("grad_norm")),
+            tokens_per_s=as_float(ev.get("tokens_per_s")),
+            decisions=tuple(
+                DecisionRecord(
+                    step=int(d["step"]),
+                    old_lr=as_float(d["old_lr"]),
+                    new_lr=as_float(d["new_lr"]),
+                    loss=as_float(d["loss"]),
+                    effective_step=d.get("effective_step"),
+                    kind=str(d.get("kind", "decision")),
+                    reason=str(d.get("reasoning", "")),
+                )
+                for d in self.decisions
+                if d.get("kind") in ("decision", "emergency", "fallback")
+            ),
+            rollbacks=tuple(self.rollbacks),
+            memory_brief=self.memory_brief,
+            floor=self.g.floor,
+            ceiling=self.g.ceiling,
+            min_ratio=self.g.min_ratio,
+            max_ratio=self.g.max_ratio,
+            round_index=self.round_index,
+        )
+
+    def _on_observe(self, step: int, ev: dict[str, Any]) -> None:
+        raw = ev.get("losses")
+        recent = [as_float(x) for x in raw] if isinstance(raw, list) else []
+        lr = as_float(ev.get("lr"))
+        lr = lr if _positive(lr) else self.current_lr
+        mean = _finite_mean(recent)
+        prev = next((v for s, v in reversed(self.loss_history) if s < step), math.nan)
+        self._record_point(step, mean, lr)
+        if self.draining:
+            return  # the launch is dead: nobody would apply a decision
+        obs = self._observation(step, lr, recent, ev)  # history includes this decision point
+        trend = _trend(prev, mean)
+        t_observed = as_float(ev.get("time"))
+
+        emergency = guard.check_emergency(prev, mean, self.g)
+        if emergency is not None:
+            new_lr = guard.emergency_lr(lr, self.g)
+            if self.inflight is not None:  # the slow controller's reply, when it comes, is out of date
+                self.inflight["superseded_by_emergency"] = step
+            self._send(
+                step,
+                mean,
+                trend,
+                lr,
+                new_lr,
+                kind="emergency",
+                raw_lr=new_lr,
+                clamped=False,
+                clamp_reasons=(),
+                reasoning=emergency.reason,
+                plan=None,
+                latency=None,
+                t_observed=t_observed,
+                extra={"emergency_triggers": list(emergency.triggers)},
+            )
+            return
+        if self.blocking:
+            t = time.monotonic()
+            try:
+                decision: Decision | BaseException = self.controller.decide(obs)
+            except Exception as e:  # a controller bug must not end the round: keep the LR, log it
+                decision = e
+            self._apply_decision(obs, decision, time.monotonic() - t, mean, trend, t_observed, {})
+            return
+        if self.inflight is not None:
+            self.inflight.setdefault("skipped_observes", []).append(step)
+            self._emit(
+                {
+                    "event": "observe_skipped",
+                    "source": "supervisor",
+                    "step": step,
+                    "pending_step": self.inflight["obs"].step,
+                }
+            )
+            return
+        token = {"obs": obs, "mean": mean, "trend": trend, "generation": self.generation, "t_observed": t_observed}
+        self.inflight = token
+        threading.Thread(target=self._decide_async, args=(token,), daemon=True, name=f"lrpilot-decide-{step}").start()
+
+    def _decide_async(self, token: dict[str, Any]) -> None:
+        t = time.monotonic()
+        try:
+            decision: Decision | BaseException = self.controller.decide(token["obs"])
+        except Exception as e:
+            decision = e
+        self.replies.put((token, decision, time.monotonic() - t))
+
+    def _on_reply(self, reply: tuple[dict[str, Any], Decision | BaseException, float]) -> None:
+        token, decision, latency = reply
+        if token is self.inflight:
+            self.inflight = None
+        obs: Observation = token["obs"]
+        stale = None
+        if token["generation"] != self.generation:
+            stale = "discarded: the trainer was rolled back before the reply arrived"
+        elif "superseded_by_emergency" in token:
+            stale = f"superseded by the emergency cut at step {token['superseded_by_emergency']}"
+        if stale is not None:
+            rec = self._record(
+                obs.step,
+                token["mean"],
+                token["trend"],
+                obs.lr,
+                obs.lr,
+                kind="superseded",
+                raw_lr=decision.lr if isinstance(decision, Decision) else None,
+                clamped=False,
+                clamp_reasons=(),
+                reasoning=stale,
+                plan=None,
+                latency=latency,
+                seq=None,
+                wait_s=0.0,
+                extra=self._reply_extra(decision, token),
+            )
+            self._write(rec)
+            return
+        self._apply_decision(
+            obs, decision, latency, token["mean"], token["trend"], token["t_observed"], self._reply_extra(None, token)
+        )
+
+    @staticmethod
+    def _reply_extra(decision: Any, token: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if token.get("skipped_observes"):
+            out["skipped_observes"] = list(token["skipped_observes"])
+        if isinstance(decision, Decision) and decision.raw is not None:
+            out["raw_reply"] = decision.raw
+        return out
+
+    def _apply_decision(
+        self,
+        obs: Observation,
+        decision: Decision | BaseException,
+        latency: float,
+        mean: float,
+        trend: str,
+        t_observed: float,
+        extra: dict[str, Any],
+    ) -> None:
+        """Guard a controller's answer and send it; an exception from decide() keeps the current LR."""
+        if isinstance(decision, BaseException) or not isinstance(decision, Decision):
+            why = (
+                f"controller error: {decision.__class__.__name__}: {str(decision)[:300]}"
+                if isinstance(decision, BaseException)
+                else f"controller returned {type(decision).__name__}"
+            )
+            lr = guard.clamp_lr(obs.lr, obs.lr, self.g).lr
+            self._send(
+                obs.step,
+                mean,
+                trend,
+                obs.lr,
+                lr,
+                kind="fallback",
+                raw_lr=None,
+                clamped=False,
+                clamp_reasons=(),
+                reasoning=f"{why}; kept the current LR",
+                plan=None,
+                latency=latency,
+                t_observed=t_observed,
+                extra=extra,
+            )
+            return
+        clamp = guard.clamp_lr(decision.lr, obs.lr, self.g)
+        reasons = list(clamp.reasons)
+        plan = None
+        if decision.plan is not None:
+            bounded = guard.clamp_plan(decision.plan, self.g)
+            reasons += bounded.reasons
+            plan = bounded.plan or None
+        kind = "fallback" if (decision.fallback or clamp.fallback) else "decision"
+        extra = dict(extra)
+        if decision.raw is not None:
+            extra["raw_reply"] = decision.raw
+        if decision.meta:
+            extra["meta"] = decision.meta
+        self._send(
+            obs.step,
+            mean,
+            trend,
+            obs.lr,
+            clamp.lr,
+            kind=kind,
+            raw_lr=decision.lr,
+            clamped=clamp.clamped or bool(reasons),
+            clamp_reasons=tuple(reasons),
+            reasoning=decision.reason,
+            plan=plan,
+            latency=latency,
+            t_observed=t_observed,
+            extra=extra,
+        )
+
+    def _send(
+        self,
+        step: int,
+        mean: float,
+        trend: str,
+        old_lr: float,
+        new_lr: float,
+        *,
+        kind: str,
+        raw_lr: float | None,
+        clamped: bool,
+        clamp_reasons: Sequence[str],
+        reasoning: str,
+        plan: Sequence[tuple[int, float]] | None,
+        latency: float | None,
+        t_observed: float,
+        extra: dict[str, Any],
+    ) -> None:
+        assert self.writer is not None
+        seq = self.writer.next_seq
+        # the trainer waits from its observe event until this command (blocking controllers only)
+        wait = max(0.0, time.time() - t_observed) if self.blocking and math.isfinite(t_observed) else 0.0
+        self.last_seen = time.monotonic()  # time spent deciding is not the trainer hanging
+        rec = self._record(
+            step,
+            mean,
+            trend,
+            old_lr,
+            new_lr,
+            kind=kind,
+            raw_lr=raw_lr,
+            clamped=clamped,
+            clamp_reasons=clamp_reasons,
+            reasoning=reasoning,
+            plan=plan,
+            latency=latency,
+            seq=seq,
+            wait_s=wait,
+            extra=extra,
+        )
+        assert self.sent_log is not None
+        self.sent_log.append(rec)  # write-ahead: a restarted supervisor still logs it (see _restore_history)
+        if self.writer.send(step, new_lr, plan) != seq:
+            raise RuntimeError(f"{self.run_dir / CONTROL_FILE}: another process writes control commands")
+        self.pending[seq] = rec
+        self.decisions.append(rec)
+        self._emit({"event": "decision", "source": "supervisor", **rec})
+
+    def _record(
+        self,
+        step: int,
+        mean: float,
+        trend: str,
+        old_lr: float,
+        new_lr: float,
+        *,
+        kind: str,
+        raw_lr: float | None,
+        clamped: bool,
+        clamp_reasons: Sequence[str],
+        reasoning: str,
+        plan: Sequence[tuple[int, float]] | None,
+        latency: float | None,
+        seq: int | None,
+        wait_s: float,
+        extra: dict[str, Any],
+    ) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "run_start_iso": self.run_start_iso,
+            "step": step,
+            "loss": mean,
+            "trend": trend,
+            "old_lr": old_lr,
+            "new_lr": new_lr,
+            "raw_lr_request": raw_lr,
+            "clamped": clamped,
+            "reasoning": reasoning,
+            "timestamp": now_iso(),
+            "effective_step": None,
+            "kind": kind,
+            "clamp_reasons": list(clamp_reasons),
+            "latency_s": latency,
+            "wait_s": wait_s,
+            "seq": seq,
+            "plan": _plan_summary(plan),
+            "launch": self.launches,
+            **extra,
+        }
+        for k, v in self.logs.extra.items():
+            rec.setdefault(k, v)
+        return rec
+
+    def _on_applied(self, step: int, ev: dict[str, Any]) -> None:
+        seq = ev.get("seq")
+        rec = self.pending.pop(seq, None) if isinstance(seq, int) else None
+        if rec is None:
+            return  # a command from before this supervisor session, already accounted for
+        rec["effective_step"] = step
+        self._write(rec)
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        assert self.dlog is not None
+        self.dlog.append(rec)
+
+    def _drain_applied(self) -> None:
+        """After an interrupt: the commands the dead launch applied still get their effective step."""
+        if self.reader is None or not self.pending:
+            return
+        with contextlib.suppress(OSError):
+            self.backlog.extend(self.reader.poll())
+        while self.backlog:
+            ev = self.backlog.popleft()
+            if ev.get("event") == "applied" and ev.get("launch") == self.launch_pid and isinstance(ev.get("step"), int):
+                self._on_applied(ev["step"], ev)
+
+    def _flush_pending(self) -> None:
+        """Decisions the trainer never applied (crash, end of run, interrupt): written with effective_step null."""
+        if self.dlog is None:
+            return
+        for seq in sorted(self.pending):
+            self._write(self.pending[seq])
+        self.pending.clear()
+
+    # ------------------------------------------------------------------------------- history
+
+    def _record_point(self, step: int, mean: float, lr: float) -> None:
+        """One entry per decision point on the current branch (a re-observed point replaces the old one,
+        unless it has no losses of its own, as right after a resume from that very step)."""
+        old = next((v for s, v in self.loss_history if s == step), math.nan)
+        self.loss_history = [(s, v) for s, v in self.loss_history if s < step]
+        self.lr_history = [(s, v) for s, v in self.lr_history if s < step]
+        self.loss_history.append((step, mean if math.isfinite(mean) else old))
+        self.lr_history.append((step, lr))
+
+    def _truncate_branch(self, step: int) -> None:
+        """The trainer goes back to `step`: what happened after it is no longer the run's trajectory."""
+        self.losses = {s: v for s, v in self.losses.items() if s <= step}
+        self.lrs = {s: v for s, v in self.lrs.items() if s <= step}
+        self.loss_history = [(s, v) for s, v in self.loss_history if s <= step]
+        self.lr_history = [(s, v) for s, v in self.lr_history if s <= step]
+
+    def _restore_history(self, telemetry: Path) -> None:
+        """Rebuild the round's state from its own records after the supervisor itself was restarted."""
+        applied: dict[Any, int] = {}  # seq -> step the trainer first used it
+        for ev in iter_jsonl(telemetry):
+            kind, step = ev.get("event"), ev.get("step")
+            if not isinstance(step, int):
+                continue
+            if kind == "start":
+                self._truncate_branch(step)
+            elif kind == "step":
+                loss, lr = as_float(ev.get("loss")), as_float(ev.get("lr"))
+                self.losses[step] = loss
+                if _positive(lr):
+                    self.lrs[step] = lr
+                    if step > self.cfg.schedule.warmup_steps:
+                        self.peak_lr, self.min_lr = max(self.peak_lr, lr), min(self.min_lr, lr)
+            elif kind == "observe":
+                raw = ev.get("losses")
+                lr = as_float(ev.get("lr"))
+                self._record_point(
+                    step,
+                    _finite_mean([as_float(x) for x in raw] if isinstance(raw, list) else []),
+                    lr if _positive(lr) else self.current_lr,
+                )
+            elif kind == "applied":
+                applied.setdefault(ev.get("seq"), step)
+            elif kind == "eval":
+                self.last_eval = ev
+        self.decisions = [d for d in iter_jsonl(self.logs.decisions) if d.get("run_start_iso") == self.run_start_iso]
+        # decisions sent but not yet logged when the supervisor died: log them now, applied or not
+        logged = {d.get("seq") for d in self.decisions}
+        sent = {c.get("seq") for c in iter_jsonl(self.run_dir / CONTROL_FILE)}
+        for rec in iter_jsonl(self.run_dir / SENT_FILE):
+            seq = rec.get("seq")
+            if rec.get("run_start_iso") != self.run_start_iso or seq in logged or seq not in sent:
+                continue
+            rec["effective_step"] = applied.get(seq)
+            self._write(rec)
+            self.decisions.append(rec)
+            logged.add(seq)
+        for r in iter_jsonl(self.logs.rollbacks):
+            if r.get("run_start_iso") != self.run_start_iso:
+                continue
+            self.counter = self.counter.record(int(r.get("crash_step") or 0), int(r.get("launch_start_step") or 0))
+            if isinstance(r.get("rolled_back_to_step"), int):
+                self.rollbacks.append(
+                    RollbackRecord(
+                        crash_step=int(r["crash_step"]),
+                        lr_at_crash=as_float(r.get("lr_at_crash")),
+                        rolled_back_to_step=int(r["rolled_back_to_step"]),
+                        new_lr=as_float(r.get("new_lr")),
+                        crash_reason=str(r.get("crash_reason", "")),
+                    )
+                )
+
+    # ------------------------------------------------------------------------------- crashes
+
+    def _on_crash(self, crash: _Crash) -> str | None:
+        """Kill the launch, record the crash, relaunch from the guard's checkpoint. Returns the failure
+        reason when the round is given up, else None."""
+        assert self.proc is not None and self.reader is not None
+        _kill_launch(self.proc, self.token)
+        self.backlog.extend(self.reader.poll())
+        self.draining = True
+        try:
+            while self.backlog:  # lines written before it died: steps and applied decisions still count
+                with contextlib.suppress(_Crash):
+                    self._handle(self.backlog.popleft())
+        finally:
+            self.draining = False
+        self._flush_pending()
+        self.inflight = None  # its reply, if any, is stale (generation changes on relaunch)
+        # a bad loss crashes at its own step (the trainer may have gone on a little before it was killed)
+        crash_step = crash.step if crash.step is not None else self.last_step
+        lr_at_crash = self.lrs.get(crash_step, self.current_lr)
+        self.last_step = crash_step
+        if not _positive(lr_at_crash):
+            lr_at_crash = self.cfg.schedule.init_lr
+        self.counter = self.counter.record(crash_step, self.launch_start_step)
+        n = self.counter.total
+        self._note(f"crash {n}: {crash.reason} at step {crash_step} ({crash.detail})")
+        base = {"run_start_iso": self.run_start_iso, "crash_step": crash_step, "lr_at_crash": lr_at_crash}
+        if self.counter.give_up(self.g):
+            fast = self.counter.consecutive_fast(self.g)
+            failure = (
+                f"gave up after {fast} consecutive quick crashes (max_fast_crash={self.g.max_fast_crash}, "
+                f"each within {self.g.fast_crash_steps} steps of its start); last: {crash.reason} at step "
+                f"{crash_step}"
+            )
+            self._append_rollback(
+                {
+                    **base,
+                    "rolled_back_to_step": None,
+                    "new_lr": None,
+                    "crash_reason": crash.reason,
+                    "crash_count_in_run": n,
+                    "crash_detail": crash.detail,
+                    "gave_up": True,
+                    "launch_start_step": self.launch_start_step,
+                    "skipped_checkpoints": [],
+                }
+            )
+            self._note(failure)
+            return failure
+
+        plan, skipped = self._choose_checkpoint(crash_step, lr_at_crash)
+        new_lr = plan.new_lr if plan is not None else guard.crash_lr(lr_at_crash, self.g)
+        to_step = plan.to_step if plan is not None else 0
+        rec = {
+            **base,
+            "rolled_back_to_step": to_step,
+            "new_lr": new_lr,
+            "crash_reason": crash.reason,
+            "crash_count_in_run": n,
+            "crash_detail": crash.detail,
+            "launch_start_step": self.launch_start_step,
+            "checkpoint": plan.checkpoint.path if plan is not None else None,
+            "skipped_checkpoints": skipped,
+            "rollback_reason": plan.reason if plan is not None else "no usable checkpoint: restart from step 0",
+        }
+        self._append_rollback(rec)
+        self.rollbacks.append(
+            RollbackRecord(
+                crash_step=crash_step,
+                lr_at_crash=lr_at_crash,
+                rolled_back_to_step=to_step,
+                new_lr=new_lr,
+                crash_reason=crash.reason,
+            )
+        )
+        self._truncate_branch(to_step)
+        if plan is not None:
+            self._launch(resume=Path(plan.checkpoint.path), lr=new_lr, start_step=to_step)
+        else:
+            self._launch(resume=None, lr=new_lr, start_step=0)
+        return None
+
+    def _choose_checkpoint(self, crash_step: int, lr_at_crash: float) -> tuple[guard.RollbackPlan | None, list]:
+        """The guard's choice among the checkpoints on disk; one that turns out incomplete or corrupt is
+        marked unhealthy and the guard chooses again (so the one before it is used). Returns the plan and
+        the skipped checkpoints (step, path, reason)."""
+        infos = {c.step: c for c in list_checkpoints(self.run_dir)}
+        bad: dict[int, str] = {}
+        skipped: list[dict[str, Any]] = []
+        while True:
+            cands = [guard.CheckpointInfo(step=s, healthy=s not in bad, path=str(c.path)) for s, c in infos.items()]
+            plan = guard.choose_rollback(cands, crash_step, lr_at_crash, self.g)
+            if plan is None:
+                return None, skipped
+            info = infos[plan.to_step]
+            why = info.reason if not info.complete else verify_checkpoint(info.path)
+            if why is None:
+                return plan, skipped
+            bad[info.step] = why
+            skipped.append({"step": info.step, "path": str(info.path), "reason": why})
+            self._note(f"checkpoint {info.path.name} skipped: {why}")
+            self._emit(
+                {
+                    "event": "checkpoint_skipped",
+                    "source": "supervisor",
+                    "step": info.step,
+                    "path": str(info.path),
+                    "reason": why,
+                }
+            )
+
+    def _append_rollback(self, rec: dict[str, Any]) -> None:
+        rec = {**rec, "timestamp": now_iso(), "launch": self.launches}
+        for k, v in self.logs.extra.items():
+            rec.setdefault(k, v)
+        with JsonlLog(self.logs.rollbacks) as log:
+            log.append(rec)
+        self._emit({"event": "rollback", "source": "supervisor", **rec})
+
+    # ------------------------------------------------------------------------------- result
+
+    def _result(self, status: str, failure: str | None) -> RoundResult:
+        self._flush_pending()
+        if status == "ok" and self.done is not None:
+            ev = self.done
+            loss, ppl = as_float(ev.get("final_eval_loss")), as_float(ev.get("final_eval_ppl"))
+            tokens, step = int(ev.get("final_eval_tokens") or 0), int(ev.get("step") or self.last_step)
+        elif self.last_eval is not None:
+            ev = self.last_eval
+            loss, ppl = as_float(ev.get("eval_loss")), as_float(ev.get("eval_ppl"))
+            tokens, step = int(ev.get("eval_tokens") or 0), self.last_step
+        else:
+            loss, ppl, tokens, step = math.nan, math.nan, 0, self.last_step
+        counted = [d for d in self.decisions if d.get("kind") in ("decision", "emergency", "fallback")]
+        asked = [d for d in self.decisions if d.get("kind") in ("decision", "fallback", "superseded")]
+        return RoundResult(
+            status=status,
+            run_start_iso=self.run_start_iso,
+            final_eval_loss=loss,
+            final_eval_ppl=ppl,
+            final_eval_tokens=tokens,
+            update_step=step,
+            crash_count=self.counter.total,
+            total_decisions=len(counted),
+            peak_lr_seen=self.peak_lr if math.isfinite(self.peak_lr) else math.nan,
+            min_lr_seen=self.min_lr if math.isfinite(self.min_lr) else math.nan,
+            wall_time_s=self.wall_before + (time.monotonic() - self.t0),
+            wait_s=sum(as_float(d.get("wait_s")) for d in counted if math.isfinite(as_float(d.get("wait_s")))),
+            decision_latency_s=[as_float(d["latency_s"]) for d in asked if d.get("latency_s") is not None],
+            effect_delay_steps=[
+                int(d["effective_step"]) - int(d["step"]) for d in counted if isinstance(d.get("effective_step"), int)
+            ],
+            lr_trajectory=_sample(self.lrs),
+            loss_trajectory=_sample(self.losses),
+            failure_reason=failure,
+        )
+
+
+def run_round(
+    cfg: RunConfig,
+    run_dir: Path,
+    controller: BaseController,
+    logs: RoundLogs,
+    *,
+    memory_brief: str = "",
+    round_index: int = 0,
+    resume: bool = False,
+    on_event: Callable[[dict[str, Any]], Any] | None = None,
+    trainer_args: Sequence[str] = (),
+    trainer_args_first_launch: Sequence[str] = (),
+    poll_s: float = POLL_S,
+) -> RoundResult:
+    """Run one pre-training run under supervision and return how it ended (also in RUN/result.json).
+
+    on_event(event) sees every telemetry event of the live launch and the supervisor's own events
+    (`"source": "supervisor"`: launch (with pid/pgid/cmd), decision, observe_skipped, checkpoint_skipped,
+    rollback, result). trainer_args are added to every trainer command line, trainer_args_first_launch
+    only to the first launch of this call (fault injection in tests, e.g. ["--inject-nan-at-step", "25"]).
+    With resume=True an existing run directory is continued (a finished one returns its stored result).
+    SIGTERM / KeyboardInterrupt kill the trainer's process group and propagate.
+    """
+    rnd = _Round(
+        cfg,
+        Path(run_dir),
+        controller,
+        logs,
+        memory_brief=memory_brief,
+        round_index=round_index,
+        on_event=on_event,
+        trainer_args=trainer_args,
+        trainer_args_first_launch=trainer_args_first_launch,
+        poll_s=poll_s,
+    )
+    return rnd.run(resume)
+
+
+__all__ = [
+    "DECISION_FIELDS",
+    "ROLLBACK_FIELDS",
+    "RoundLogs",
+    "RoundResult",
+    "SupervisorError",
+    "run_round",
+    "trainer_command",
+]

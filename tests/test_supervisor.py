@@ -1,0 +1,717 @@
+"""Round supervisor: real trainer subprocesses, real kills, NaNs, hangs and corrupt checkpoints.
+
+    python -m pytest -q tests/test_supervisor.py
+
+Every fault is injected into a real run of the cpu-smoke model (seconds per launch); the module prints one
+summary line at the end: faults injected and rounds that survived them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from lrpilot import guard
+from lrpilot.channel import CONTROL_FILE, TELEMETRY_FILE
+from lrpilot.config import load_config
+from lrpilot.controllers.base import BaseController, Decision, Observation
+from lrpilot.controllers.schedules import ConstantController, CosineController
+from lrpilot.logs import read_jsonl
+from lrpilot.supervisor import (
+    DECISION_FIELDS,
+    ROLLBACK_FIELDS,
+    RoundLogs,
+    RoundResult,
+    _Round,
+    launch_processes,
+    run_round,
+    trainer_command,
+)
+
+# ------------------------------------------------------------------------------------- fault tally
+
+FAULTS = {"injected": 0, "rounds": 0, "survived": 0}
+
+
+def _tally(injected: int, survived: bool) -> None:
+    FAULTS["injected"] += injected
+    FAULTS["rounds"] += 1
+    FAULTS["survived"] += int(survived)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fault_summary(request):
+    yield
+    line = (
+        f"supervisor fault injection: {FAULTS['injected']} faults injected in {FAULTS['rounds']} rounds, "
+        f"{FAULTS['survived']} rounds ended as expected (recovered, or failed cleanly when meant to)"
+    )
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():  # past pytest's output capture, onto the terminal
+        reporter.write_line("")
+        reporter.write_line(line)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def smoke(*overrides: str):
+    """cpu-smoke: 60 steps, warmup 10, decisions and checkpoints every 10 steps."""
+    return load_config("cpu-smoke", list(overrides))
+
+
+def round_logs(tmp_path: Path) -> RoundLogs:
+    return RoundLogs(
+        decisions=tmp_path / "decisions.jsonl",
+        rollbacks=tmp_path / "rollbacks.jsonl",
+        extra={"round": 7, "controller": "test"},
+    )
+
+
+def constant(cfg) -> ConstantController:
+    return ConstantController(cfg.schedule.init_lr, cfg.train.total_steps, cfg.schedule.warmup_steps)
+
+
+class Recorder:
+    """on_event callback: keeps every event and the live trainer's process group; runs per-event hooks."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.pgid: int | None = None
+        self.hooks: list = []
+
+    def __call__(self, ev: dict) -> None:
+        self.events.append(ev)
+        if ev.get("event") == "launch" and ev.get("source") == "supervisor":
+            self.pgid = ev["pgid"]
+        for hook in list(self.hooks):
+            hook(ev)
+
+    def of(self, name: str) -> list[dict]:
+        return [e for e in self.events if e.get("event") == name]
+
+
+class KillAt:
+    """Kill the trainer's process group (default SIGKILL) at the step event of each step in `steps`, in order;
+    `before(run_dir, step)` runs right before each kill."""
+
+    def __init__(self, rec: Recorder, steps: list[int], sig: int = signal.SIGKILL, before=None) -> None:
+        self.rec, self.steps, self.sig, self.before = rec, list(steps), sig, before
+        self.done: list[int] = []
+        rec.hooks.append(self)
+
+    def __call__(self, ev: dict) -> None:
+        if ev.get("event") != "step" or len(self.done) == len(self.steps):
+            return
+        if ev["step"] == self.steps[len(self.done)]:
+            if self.before is not None:
+                self.before(ev["step"])
+            self.done.append(ev["step"])
+            os.killpg(self.rec.pgid, self.sig)
+
+
+class RecordingController(ConstantController):
+    """A constant schedule that keeps every Observation it is given."""
+
+    name = "recording"
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg.schedule.init_lr, cfg.train.total_steps, cfg.schedule.warmup_steps)
+        self.observations: list[Observation] = []
+
+    def decide(self, obs: Observation) -> Decision:
+        self.observations.append(obs)
+        return super().decide(obs)
+
+
+def launches(run_dir: Path) -> list[list[dict]]:
+    """Telemetry split into launches (each starts with its `start` event)."""
+    out: list[list[dict]] = []
+    for ev in read_jsonl(run_dir / TELEMETRY_FILE):
+        if ev["event"] == "start":
+            out.append([ev])
+        elif out and ev.get("launch") == out[-1][0]["launch"]:
+            out[-1].append(ev)
+    return out
+
+
+def check_decision_log(path: Path, run_dir: Path, cfg, blocking: bool = True) -> list[dict]:
+    """Valid jsonl with the published fields; each seq once; every applied command logged exactly once with
+    its effective step; per launch, each decision step at most once and only at decision points."""
+    recs = read_jsonl(path, strict=True)
+    for r in recs:
+        assert set(DECISION_FIELDS) <= r.keys(), sorted(set(DECISION_FIELDS) - r.keys())
+        assert r["round"] == 7 and r["controller"] == "test"
+        assert r["kind"] in ("decision", "emergency", "fallback", "superseded")
+        assert isinstance(r["trend"], str) and r["trend"]
+    seqs = [r["seq"] for r in recs if r["seq"] is not None]
+    assert len(seqs) == len(set(seqs)), "a decision was logged twice"
+    applied = {e["seq"]: e for e in read_jsonl(run_dir / TELEMETRY_FILE) if e["event"] == "applied"}
+    by_seq = {r["seq"]: r for r in recs}
+    assert set(applied) <= set(by_seq), "an applied command has no decision record"
+    for seq, ev in applied.items():
+        assert by_seq[seq]["effective_step"] == ev["step"]
+        if blocking:
+            assert ev["step"] == by_seq[seq]["step"]
+    for r in recs:
+        if r["seq"] is not None and r["seq"] not in applied:
+            assert r["effective_step"] is None
+    sent = read_jsonl(run_dir / CONTROL_FILE)
+    assert sorted(c["seq"] for c in sent) == sorted(seqs), "control.jsonl and the decision log disagree"
+    per_launch: dict[int, list[int]] = {}
+    for r in recs:
+        per_launch.setdefault(r["launch"], []).append(r["step"])
+    w, every = cfg.schedule.warmup_steps, cfg.schedule.decision_every
+    for steps in per_launch.values():
+        assert len(steps) == len(set(steps)), f"a decision step repeated within one launch: {steps}"
+        assert all(s >= w and (s - w) % every == 0 for s in steps)
+    return recs
+
+
+def assert_gone(launch: dict) -> None:
+    """No process of a launch survives: not its process group, not a torchrun worker (own session)."""
+    with pytest.raises(ProcessLookupError):
+        os.killpg(launch["pgid"], 0)
+    if Path("/proc").is_dir():
+        assert launch_processes(launch["token"]) == []
+
+
+def decision_points(cfg) -> list[int]:
+    w, e, t = cfg.schedule.warmup_steps, cfg.schedule.decision_every, cfg.train.total_steps
+    return list(range(w, t, e))
+
+
+# --------------------------------------------------------------------------------------- fast tests
+
+
+def test_trainer_command_python_torchrun_and_cuda_list(tmp_path):
+    cmd, env = trainer_command(
+        smoke(),
+        tmp_path,
+        resume=tmp_path / "c.pt",
+        lr=1e-3,
+        min_seq=4,
+        wait_for_decisions=True,
+        extra_args=["--inject-nan-at-step", "5"],
+    )
+    assert cmd[:3] == [sys.executable, "-m", "lrpilot.trainer"]
+    assert cmd[cmd.index("--run-dir") + 1] == str(tmp_path)
+    assert cmd[cmd.index("--resume") + 1] == str(tmp_path / "c.pt")
+    assert float(cmd[cmd.index("--lr") + 1]) == 1e-3 and cmd[cmd.index("--min-seq") + 1] == "4"
+    assert "--wait-for-decisions" in cmd and cmd[-2:] == ["--inject-nan-at-step", "5"]
+
+    cmd, env = trainer_command(smoke("launch.devices=cpu:2"), tmp_path)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "2" and int(cmd[cmd.index("--master_port") + 1]) > 0
+    assert cmd[cmd.index("-m", 3) + 1] == "lrpilot.trainer" and str(tmp_path) in cmd
+
+    cmd, env = trainer_command(smoke("launch.devices=2,3,5"), tmp_path)
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3,5" and cmd[cmd.index("--nproc_per_node") + 1] == "3"
+
+
+class _Scripted(BaseController):
+    """Answers from a script: a number is an LR, an exception is raised."""
+
+    name = "scripted"
+
+    def __init__(self, script) -> None:
+        self.script = list(script)
+        self.observations: list[Observation] = []
+
+    def decide(self, obs: Observation) -> Decision:
+        self.observations.append(obs)
+        item = self.script.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return Decision(lr=item, reason=f"scripted {item}", raw=f'{{"lr": {item}}}')
+
+
+def _synthetic_round(tmp_path, controller, *overrides):
+    """A _Round fed with hand-written telemetry events (no trainer): the decision path alone."""
+    cfg = smoke(*overrides)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rnd = _Round(
+        cfg,
+        run_dir,
+        controller,
+        round_logs(tmp_path),
+        memory_brief="brief",
+        round_index=7,
+        on_event=None,
+        trainer_args=(),
+        trainer_args_first_launch=(),
+        poll_s=0.05,
+    )
+    rnd.run_start_iso = "2026-01-01T00:00:00"
+    rnd._open(restore=False)
+    rnd._handle({"event": "start", "step": 0, "time": time.time(), "launch": 1, "lr": 3e-4})
+    return rnd
+
+
+def _interval(rnd, step: int, mean: float, lr: float) -> None:
+    for s in range(step - 9, step + 1):
+        rnd._handle({"event": "step", "step": s, "time": time.time(), "launch": 1, "loss": mean, "lr": lr})
+    rnd._handle({"event": "observe", "step": step, "time": time.time(), "launch": 1, "lr": lr, "losses": [mean] * 10})
+
+
+def test_emergency_clamp_and_fallback_on_synthetic_telemetry(tmp_path):
+    ctrl = _Scripted([1.0, RuntimeError("model offline"), 2e-3])
+    rnd = _synthetic_round(tmp_path, ctrl)
+    _interval(rnd, 10, 3.0, 3e-3)  # asks for 1.0: clamped to 2x
+    _interval(rnd, 20, 5.5, 6e-3)  # jump +2.5 > 2.0: emergency, controller not asked
+    _interval(rnd, 30, 5.0, 1.8e-3)  # controller raises: fallback keeps the LR
+    _interval(rnd, 40, 4.0, 1.8e-3)  # asks 2e-3; sees the history
+    for seq in range(4):
+        rnd._handle({"event": "applied", "step": 10 * (seq + 1), "time": time.time(), "launch": 1, "seq": seq})
+    recs = read_jsonl(tmp_path / "decisions.jsonl", strict=True)
+    assert [r["kind"] for r in recs] == ["decision", "emergency", "fallback", "decision"]
+    d, e, f, last = recs
+    assert d["clamped"] and d["new_lr"] == pytest.approx(6e-3) and d["raw_lr_request"] == 1.0
+    assert d["clamp_reasons"] and d["raw_reply"] == '{"lr": 1.0}' and d["trend"] == "insufficient data"
+    assert e["new_lr"] == pytest.approx(0.3 * 6e-3) and e["old_lr"] == pytest.approx(6e-3)
+    assert e["trend"] == "up +2.500" and "loss_jump" in e["emergency_triggers"] and e["latency_s"] is None
+    assert f["new_lr"] == f["old_lr"] == pytest.approx(1.8e-3) and "model offline" in f["reasoning"]
+    assert [r["effective_step"] for r in recs] == [10, 20, 30, 40]
+    assert [o.step for o in ctrl.observations] == [10, 30, 40]  # not asked at the emergency
+    seen = ctrl.observations[-1]
+    assert [(x.step, x.kind) for x in seen.decisions] == [(10, "decision"), (20, "emergency"), (30, "fallback")]
+    assert seen.loss_history == ((10, 3.0), (20, 5.5), (30, 5.0), (40, 4.0)) and seen.memory_brief == "brief"
+    assert seen.recent_losses == (4.0,) * 10 and seen.round_index == 7
+    cmds = read_jsonl(tmp_path / "run" / CONTROL_FILE)
+    assert [c["decided_at_step"] for c in cmds] == [10, 20, 30, 40]
+    assert cmds[1]["lr"] == pytest.approx(0.3 * 6e-3)
+    # the emergency rule's other trigger: a loss above emergency_loss (8.0 in cpu-smoke) on the first interval
+    (tmp_path / "b").mkdir()
+    rnd2 = _synthetic_round(tmp_path / "b", _Scripted([]))
+    _interval(rnd2, 10, 9.0, 3e-3)
+    assert read_jsonl(tmp_path / "b" / "decisions.jsonl") == []  # not applied yet: pending, written later
+    rnd2._flush_pending()
+    (rec,) = read_jsonl(tmp_path / "b" / "decisions.jsonl")
+    assert rec["kind"] == "emergency" and rec["effective_step"] is None and "high_loss" in rec["emergency_triggers"]
+
+
+# ------------------------------------------------------------------------------------ real rounds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_normal_round(tmp_path, schedule):
+    cfg = smoke()
+    t, w = cfg.train.total_steps, cfg.schedule.warmup_steps
+    ctrl = constant(cfg) if schedule == "constant" else CosineController(cfg.schedule.init_lr, t, w)
+    rec = Recorder()
+    run_dir = tmp_path / "run"
+    res = run_round(cfg, run_dir, ctrl, round_logs(tmp_path), on_event=rec, round_index=7)
+    assert res.status == "ok" and res.failure_reason is None
+    assert res.update_step == t and res.crash_count == 0
+    assert math.isfinite(res.final_eval_ppl) and res.final_eval_tokens > 0
+    assert res.total_decisions == len(decision_points(cfg))
+    recs = check_decision_log(tmp_path / "decisions.jsonl", run_dir, cfg)
+    assert [r["step"] for r in recs] == decision_points(cfg)
+    assert all(r["effective_step"] == r["step"] and r["kind"] == "decision" for r in recs)
+    assert res.effect_delay_steps == [0] * len(recs) and len(res.decision_latency_s) == len(recs)
+    assert not (tmp_path / "rollbacks.jsonl").exists()
+    (launch,) = rec.of("launch")
+    assert launch["cmd"][launch["cmd"].index("--run-dir") + 1] == str(run_dir)
+    assert "--wait-for-decisions" in launch["cmd"]
+    # the trainer trained with the schedule's LR at every update after warmup
+    steps = [e for e in read_jsonl(run_dir / TELEMETRY_FILE) if e["event"] == "step"]
+    for e in steps:
+        if e["step"] - 1 >= w:
+            assert e["lr"] == pytest.approx(ctrl.lr_at(e["step"] - 1), rel=1e-9)
+    post = [ctrl.lr_at(s) for s in range(w, t)]
+    assert res.peak_lr_seen == pytest.approx(max(post)) and res.min_lr_seen == pytest.approx(min(post))
+    assert res.lr_trajectory[-1][0] == t and len(res.loss_trajectory) == t
+    stored = json.loads((run_dir / "result.json").read_text())
+    assert stored["status"] == "ok" and stored["run_start_iso"] == res.run_start_iso
+    assert json.loads((run_dir / "round.json").read_text())["run_start_iso"] == res.run_start_iso
+    # a finished run directory resumed returns the stored result and runs nothing
+    again = Recorder()
+    res2 = run_round(cfg, run_dir, ctrl, round_logs(tmp_path), on_event=again, resume=True)
+    assert res2 == RoundResult.from_dict(stored) and again.events == []
+    assert len(read_jsonl(tmp_path / "decisions.jsonl")) == len(recs)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_steps_rolls_back_and_finishes(tmp_path):
+    cfg = smoke()
+    t = cfg.train.total_steps
+    kills = sorted(random.Random(1234).sample(range(12, t - 2), 3))
+    rec = Recorder()
+    killer = KillAt(rec, kills)
+    run_dir = tmp_path / "run"
+    res = run_round(cfg, run_dir, constant(cfg), round_logs(tmp_path), on_event=rec)
+    assert killer.done == kills
+    _tally(len(kills), res.status == "ok")
+    assert res.status == "ok" and res.update_step == t and res.crash_count == len(kills)
+    rbs = read_jsonl(tmp_path / "rollbacks.jsonl", strict=True)
+    assert len(rbs) == len(kills)
+    runs = launches(run_dir)
+    assert len(runs) == len(kills) + 1
+    for n, (rb, k, dead, nxt) in enumerate(zip(rbs, kills, runs[:-1], runs[1:], strict=True), 1):
+        assert set(ROLLBACK_FIELDS) <= rb.keys() and rb["round"] == 7
+        assert rb["crash_reason"] == "signal_SIGKILL" and rb["crash_count_in_run"] == n
+        last_step = max(e["step"] for e in dead if e["event"] == "step")
+        assert rb["crash_step"] == last_step and last_step >= k  # lines written before the kill still count
+        assert rb["lr_at_crash"] == pytest.approx([e for e in dead if e["event"] == "step"][-1]["lr"])
+        assert rb["new_lr"] == pytest.approx(0.5 * rb["lr_at_crash"])
+        to = rb["rolled_back_to_step"]
+        assert to % cfg.checkpoint_every == 0 and to <= rb["crash_step"]
+        if rb["crash_step"] - cfg.guard.rollback_back_steps >= cfg.checkpoint_every:
+            assert to <= rb["crash_step"] - cfg.guard.rollback_back_steps
+        start = nxt[0]
+        assert start["step"] == to
+        if to:
+            assert start["resumed_from"].endswith(f"step_{to:06d}.pt")
+            first = next(e for e in nxt if e["event"] == "step")
+            assert first["step"] == to + 1
+            if to >= cfg.schedule.warmup_steps:
+                assert first["lr"] == pytest.approx(rb["new_lr"])
+    check_decision_log(tmp_path / "decisions.jsonl", run_dir, cfg)
+    # every launch decided at every decision point it reached, once
+    dec = read_jsonl(tmp_path / "decisions.jsonl")
+    for i, run in enumerate(runs, 1):
+        reached = [e["step"] for e in run if e["event"] == "applied"]
+        assert sorted(r["step"] for r in dec if r["launch"] == i and r["effective_step"] is not None) == reached
+    for launch in rec.of("launch"):
+        assert_gone(launch)
+
+
+@pytest.mark.slow
+def test_nan_rolls_back_once_and_next_observation_sees_it(tmp_path):
+    cfg = smoke()
+    ctrl = RecordingController(cfg)
+    rec = Recorder()
+    res = run_round(
+        cfg,
+        tmp_path / "run",
+        ctrl,
+        round_logs(tmp_path),
+        on_event=rec,
+        trainer_args_first_launch=["--inject-nan-at-step", "25"],
+    )
+    _tally(1, res.status == "ok")
+    assert res.status == "ok" and res.update_step == cfg.train.total_steps and res.crash_count == 1
+    (rb,) = read_jsonl(tmp_path / "rollbacks.jsonl")
+    assert rb["crash_reason"] == "nan_loss" and rb["crash_step"] == 25 and rb["rolled_back_to_step"] == 10
+    assert rb["lr_at_crash"] == pytest.approx(cfg.schedule.init_lr) and rb["new_lr"] == pytest.approx(1.5e-3)
+    first, second = rec.of("launch")
+    assert "--inject-nan-at-step" in first["cmd"] and "--inject-nan-at-step" not in second["cmd"]
+    assert second["cmd"][second["cmd"].index("--lr") + 1] == repr(1.5e-3)
+    # the Controller's first decision after the crash sees the rollback and the decisions before it
+    after = [o for o in ctrl.observations if o.rollbacks]
+    assert after and after[0].step == 20
+    (seen,) = after[0].rollbacks
+    assert (seen.crash_step, seen.rolled_back_to_step, seen.crash_reason) == (25, 10, "nan_loss")
+    assert seen.new_lr == pytest.approx(1.5e-3) and after[0].lr == pytest.approx(1.5e-3)
+    assert [d.step for d in after[0].decisions] == [10, 20]  # made before the crash, in the dead launch
+    assert all(s <= 20 for s, _ in after[0].loss_history)  # the abandoned branch is not the trajectory
+    check_decision_log(tmp_path / "decisions.jsonl", tmp_path / "run", cfg)
+
+
+@pytest.mark.slow
+def test_hung_trainer_is_killed_and_rolled_back(tmp_path):
+    cfg = smoke("guard.hang_timeout_s=8")
+    rec = Recorder()
+    stopper = KillAt(rec, [25], sig=signal.SIGSTOP)
+    t0 = time.monotonic()
+    res = run_round(cfg, tmp_path / "run", constant(cfg), round_logs(tmp_path), on_event=rec)
+    _tally(1, res.status == "ok")
+    assert stopper.done == [25]
+    assert res.status == "ok" and res.update_step == cfg.train.total_steps
+    (rb,) = read_jsonl(tmp_path / "rollbacks.jsonl")
+    assert rb["crash_reason"] == "hang" and rb["crash_step"] >= 25 and "no telemetry" in rb["crash_detail"]
+    assert rb["rolled_back_to_step"] <= rb["crash_step"] - cfg.guard.rollback_back_steps
+    assert time.monotonic() - t0 < 120
+    first, second = rec.of("launch")
+    assert_gone(first)  # the stopped trainer did not survive
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_is_skipped_for_the_one_before(tmp_path):
+    # rollback_back_steps=0: the guard wants the newest checkpoint, which we damage right before each kill
+    cfg = smoke("guard.rollback_back_steps=0")
+    run_dir = tmp_path / "run"
+    rec = Recorder()
+
+    def damage(step: int) -> None:
+        newest = run_dir / "checkpoints" / f"step_{step // 10 * 10:06d}.pt"
+        data = newest.read_bytes()
+        if step == 35:  # truncated: the sidecar's byte count no longer matches
+            newest.write_bytes(data[: len(data) // 2])
+        else:  # same size, flipped bytes: only the checksum tells
+            newest.write_bytes(data[:-64] + bytes(b ^ 0xFF for b in data[-64:]))
+
+    killer = KillAt(rec, [35, 45], before=damage)
+    res = run_round(cfg, run_dir, constant(cfg), round_logs(tmp_path), on_event=rec)
+    _tally(4, res.status == "ok")  # two kills, two damaged checkpoints
+    assert killer.done == [35, 45]
+    assert res.status == "ok" and res.update_step == cfg.train.total_steps
+    r1, r2 = read_jsonl(tmp_path / "rollbacks.jsonl")
+    # the trainer may run on up to its next decision point before the kill lands; 30 is still the newest checkpoint
+    assert 35 <= r1["crash_step"] <= 40 and r1["rolled_back_to_step"] == 20
+    assert [s["step"] for s in r1["skipped_checkpoints"]] == [30] and "truncated" in r1["skipped_checkpoints"][0][
+        "reason"
+    ]
+    assert 45 <= r2["crash_step"] <= 50 and r2["rolled_back_to_step"] == 30
+    assert [s["step"] for s in r2["skipped_checkpoints"]] == [40]
+    assert "checksum" in r2["skipped_checkpoints"][0]["reason"]
+    assert len(rec.of("checkpoint_skipped")) == 2
+    assert "step_000030.pt skipped" in (run_dir / "trainer.log").read_text()
+
+
+@pytest.mark.slow
+def test_crashing_every_time_fails_cleanly(tmp_path):
+    cfg = smoke("guard.max_fast_crash=3")
+    rec = Recorder()
+    t0 = time.monotonic()
+    res = run_round(
+        cfg,
+        tmp_path / "run",
+        constant(cfg),
+        round_logs(tmp_path),
+        on_event=rec,
+        trainer_args=["--inject-nan-at-step", "3"],
+    )
+    _tally(3, res.status == "failed")
+    assert res.status == "failed" and "3 consecutive quick crashes" in res.failure_reason
+    assert res.crash_count == 3 and math.isnan(res.final_eval_ppl) and res.update_step == 3
+    assert len(rec.of("launch")) == 3 and time.monotonic() - t0 < 120
+    rbs = read_jsonl(tmp_path / "rollbacks.jsonl")
+    assert [r["crash_reason"] for r in rbs] == ["nan_loss"] * 3 and [r["crash_count_in_run"] for r in rbs] == [1, 2, 3]
+    assert rbs[-1]["gave_up"] is True and rbs[-1]["rolled_back_to_step"] is None
+    # no checkpoint yet: restarts from scratch with the halved LR (warmup goes to it)
+    assert rbs[0]["rolled_back_to_step"] == 0 and rbs[1]["new_lr"] == pytest.approx(0.5 * rbs[1]["lr_at_crash"])
+    stored = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert stored["status"] == "failed" and stored["final_eval_ppl"] == "nan"
+    for launch in rec.of("launch"):
+        assert_gone(launch)
+
+
+@pytest.mark.slow
+def test_emergency_rule_in_a_real_run(tmp_path):
+    # emergency_loss below the byte model's early loss (~5): the first decision points are emergencies
+    cfg = smoke("guard.emergency_loss=4.0", "train.total_steps=40")
+    ctrl = RecordingController(cfg)
+    res = run_round(cfg, tmp_path / "run", ctrl, round_logs(tmp_path))
+    assert res.status == "ok"
+    recs = check_decision_log(tmp_path / "decisions.jsonl", tmp_path / "run", cfg)
+    em = [r for r in recs if r["kind"] == "emergency"]
+    assert em and em[0]["step"] == 10
+    for r in em:
+        assert r["new_lr"] == pytest.approx(max(0.3 * r["old_lr"], cfg.guard.floor)) and r["loss"] > 4.0
+    asked = {o.step for o in ctrl.observations}
+    assert not asked & {r["step"] for r in em}
+    steps = {e["step"]: e for e in read_jsonl(tmp_path / "run" / TELEMETRY_FILE) if e["event"] == "step"}
+    assert steps[11]["lr"] == pytest.approx(0.3 * cfg.schedule.init_lr)  # the trainer used the cut LR
+    if ctrl.observations:
+        assert any(d.kind == "emergency" for d in ctrl.observations[-1].decisions)
+
+
+class GatedController(BaseController):
+    """Non-blocking (like the LLM): decide() returns only once the trainer has gone `lag` steps further."""
+
+    name = "gated"
+    blocking = False
+
+    def __init__(self, lr: float, lag: int) -> None:
+        self.lr, self.lag = lr, lag
+        self.step_seen = 0
+        self.cond = threading.Condition()
+
+    def on_event(self, ev: dict) -> None:
+        if ev.get("event") == "step":
+            with self.cond:
+                self.step_seen = ev["step"]
+                self.cond.notify_all()
+
+    def decide(self, obs: Observation) -> Decision:
+        with self.cond:
+            self.cond.wait_for(lambda: self.step_seen >= obs.step + self.lag, timeout=60)
+        return Decision(lr=self.lr, reason="gated")
+
+
+@pytest.mark.slow
+def test_non_blocking_controller_trains_on_and_skips_busy_observes(tmp_path):
+    cfg = smoke("train.total_steps=50")
+    ctrl = GatedController(2e-3, lag=12)  # each answer arrives after the next decision point
+    rec = Recorder()
+    rec.hooks.append(ctrl.on_event)
+    run_dir = tmp_path / "run"
+    res = run_round(cfg, run_dir, ctrl, round_logs(tmp_path), on_event=rec)
+    assert res.status == "ok" and res.update_step == 50
+    (launch,) = rec.of("launch")
+    assert "--wait-for-decisions" not in launch["cmd"]
+    recs = check_decision_log(tmp_path / "decisions.jsonl", run_dir, cfg, blocking=False)
+    applied = [r for r in recs if r["effective_step"] is not None]
+    assert applied and all(r["effective_step"] >= r["step"] + 12 for r in applied)
+    assert res.effect_delay_steps and min(res.effect_delay_steps) >= 12 and res.wait_s == 0.0
+    # the answer for step 10 was still out at step 20 (maybe 30, depending on speed): those observes were skipped
+    assert rec.of("observe_skipped") and recs[0]["step"] == 10 and recs[0]["skipped_observes"][0] == 20
+
+
+@pytest.mark.slow
+def test_interrupt_kills_the_trainer_and_resume_continues(tmp_path):
+    cfg = smoke()
+    run_dir = tmp_path / "run"
+    rec = Recorder()
+
+    def interrupt(ev):
+        if ev.get("event") == "step" and ev["step"] == 33:
+            raise KeyboardInterrupt
+
+    rec.hooks.append(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_round(cfg, run_dir, constant(cfg), round_logs(tmp_path), on_event=rec)
+    _tally(1, True)
+    for launch in rec.of("launch"):
+        assert_gone(launch)
+    first_iso = json.loads((run_dir / "round.json").read_text())["run_start_iso"]
+    assert not (run_dir / "result.json").exists()
+    rec2 = Recorder()
+    res = run_round(cfg, run_dir, constant(cfg), round_logs(tmp_path), on_event=rec2, resume=True)
+    assert res.status == "ok" and res.update_step == cfg.train.total_steps and res.run_start_iso == first_iso
+    (launch,) = rec2.of("launch")
+    assert launch["cmd"][launch["cmd"].index("--resume") + 1].endswith("step_000030.pt")
+    recs = check_decision_log(tmp_path / "decisions.jsonl", run_dir, cfg)
+    assert {r["run_start_iso"] for r in recs} == {first_iso}
+    assert res.total_decisions == len(recs) and res.crash_count == 0
+
+
+SUPERVISOR_SCRIPT = textwrap.dedent("""
+    import json
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+    from lrpilot.config import load_config
+    from lrpilot.controllers.schedules import ConstantController
+    from lrpilot.supervisor import RoundLogs, run_round
+
+    tmp, sig = Path(sys.argv[1]), getattr(signal, sys.argv[2])
+    cfg = load_config("cpu-smoke", ["train.total_steps=80"])
+    def on_event(ev):
+        if ev.get("event") == "launch":
+            (tmp / "launch.json").write_text(json.dumps(ev))
+        if ev.get("event") == "decision" and ev["step"] == 20:  # sent to the trainer, not yet logged
+            os.kill(os.getpid(), sig)
+    logs = RoundLogs(tmp / "decisions.jsonl", tmp / "rollbacks.jsonl", {"round": 7, "controller": "test"})
+    run_round(cfg, tmp / "run", ConstantController(3e-3, 80, 10), logs, on_event=on_event)
+""")
+
+
+def _wait_gone(launch: dict, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            assert_gone(launch)
+            return
+        except (AssertionError, pytest.fail.Exception):
+            time.sleep(0.05)  # polling a condition with a deadline
+    assert_gone(launch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_supervisor_killed_leaves_no_trainer_and_resumes_without_losing_a_decision(tmp_path, sig):
+    """SIGTERM: the supervisor kills the trainer's group and exits 143. SIGKILL: it cannot clean up; the
+    trainer gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and the decision sent but not logged yet is
+    logged on resume from the write-ahead RUN/decisions_sent.jsonl."""
+    sup = subprocess.run([sys.executable, "-c", SUPERVISOR_SCRIPT, str(tmp_path), sig], timeout=300)
+    assert sup.returncode == (143 if sig == "SIGTERM" else -signal.SIGKILL)
+    launch = json.loads((tmp_path / "launch.json").read_text())
+    _wait_gone(launch)
+    _tally(1, True)
+    run_dir = tmp_path / "run"
+    iso = json.loads((run_dir / "round.json").read_text())["run_start_iso"]
+    assert not (run_dir / "result.json").exists()
+    cfg = smoke("train.total_steps=80")
+    res = run_round(cfg, run_dir, constant(cfg), round_logs(tmp_path), resume=True)
+    assert res.status == "ok" and res.update_step == 80 and res.run_start_iso == iso
+    recs = check_decision_log(tmp_path / "decisions.jsonl", run_dir, cfg)
+    first = [r for r in recs if r["launch"] == 1]
+    assert [r["step"] for r in first] == [10, 20]  # the one in flight at the kill is logged, once
+    assert res.total_decisions == len(recs)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_survive_a_kill(tmp_path):
+    cfg = smoke("launch.devices=cpu:2", "train.total_steps=40")
+    rec = Recorder()
+    KillAt(rec, [25])
+    res = run_round(cfg, tmp_path / "run", constant(cfg), round_logs(tmp_path), on_event=rec)
+    _tally(1, res.status == "ok")
+    assert res.status == "ok" and res.update_step == 40 and res.crash_count == 1
+    first, second = rec.of("launch")
+    assert "torch.distributed.run" in first["cmd"] and first["cmd"][first["cmd"].index("--nproc_per_node") + 1] == "2"
+    assert all(e["world_size"] == 2 for e in rec.of("start"))
+    (rb,) = read_jsonl(tmp_path / "rollbacks.jsonl")
+    assert rb["crash_step"] >= 25 and rb["rolled_back_to_step"] <= rb["crash_step"] - 10
+    assert_gone(first)  # torchrun's workers (each in its own session) included
+    assert_gone(second)
+    check_decision_log(tmp_path / "decisions.jsonl", tmp_path / "run", cfg)
+
+
+def test_round_result_round_trips_through_json(tmp_path):
+    res = RoundResult(
+        status="failed",
+        run_start_iso="x",
+        final_eval_loss=math.nan,
+        final_eval_ppl=math.nan,
+        final_eval_tokens=0,
+        update_step=3,
+        crash_count=2,
+        total_decisions=0,
+        peak_lr_seen=math.nan,
+        min_lr_seen=math.nan,
+        wall_time_s=1.5,
+        wait_s=0.0,
+        decision_latency_s=[0.1],
+        effect_delay_steps=[0],
+        lr_trajectory=[(1, 1e-3)],
+        loss_trajectory=[(1, 5.0)],
+        failure_reason="gave up",
+    )
+    from lrpilot.logs import dumps
+
+    back = RoundResult.from_dict(json.loads(dumps(res.to_dict())))
+    assert back.status == "failed" and math.isnan(back.final_eval_ppl) and back.lr_trajectory == [(1, 1e-3)]
+    assert replace(back, final_eval_loss=0.0, final_eval_ppl=0.0, peak_lr_seen=0.0, min_lr_seen=0.0) == replace(
+        res, final_eval_loss=0.0, final_eval_ppl=0.0, peak_lr_seen=0.0, min_lr_seen=0.0
+    )
+
+
+def test_used_run_dir_without_resume_is_refused(tmp_path, smoke_config):
+    from lrpilot.supervisor import SupervisorError
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "round.json").write_text(json.dumps({"run_start_iso": "2026-01-01T00:00:00"}))
+    with pytest.raises(SupervisorError, match="resume=True"):
+        run_round(smoke_config, run_dir, constant(smoke_config), round_logs(tmp_path))
+
+
+def test_guard_is_the_one_deciding_rollbacks():
+    """The supervisor's expectations of the guard (if these change, the supervisor's tests change too)."""
+    g = smoke().guard
+    plan = guard.choose_rollback(
+        [guard.CheckpointInfo(10), guard.CheckpointInfo(20), guard.CheckpointInfo(30)], 35, 3e-3, g
+    )
+    assert plan.to_step == 20 and plan.new_lr == pytest.approx(1.5e-3)
