@@ -307,6 +307,44 @@ def test_emergency_clamp_and_fallback_on_synthetic_telemetry(tmp_path):
     assert rec["kind"] == "emergency" and rec["effective_step"] is None and "high_loss" in rec["emergency_triggers"]
 
 
+class _Held(BaseController):
+    """Non-blocking; each answer waits until the test releases it."""
+
+    name = "held"
+    blocking = False
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def decide(self, obs: Observation) -> Decision:
+        assert self.release.wait(timeout=60)
+        return Decision(lr=obs.lr * 1.5, reason="held", raw="raw")
+
+
+def test_late_answers_after_an_emergency_or_a_rollback_are_logged_not_sent(tmp_path):
+    ctrl = _Held()
+    rnd = _synthetic_round(tmp_path, ctrl)
+    _interval(rnd, 10, 3.0, 3e-3)  # asked; answer held
+    _interval(rnd, 20, 5.5, 3e-3)  # emergency while the question is out
+    ctrl.release.set()
+    rnd._on_reply(rnd.replies.get(timeout=60))
+    ctrl.release.clear()
+    _interval(rnd, 30, 5.0, 9e-4)  # asked; answer held
+    _interval(rnd, 40, 4.9, 9e-4)  # still out: this point is skipped
+    rnd.generation += 1  # as a relaunch after a crash does
+    ctrl.release.set()
+    rnd._on_reply(rnd.replies.get(timeout=60))
+    rnd._flush_pending()
+    recs = read_jsonl(tmp_path / "decisions.jsonl", strict=True)
+    by_kind = {r["kind"]: r for r in recs if r["kind"] != "superseded"}
+    late = [r for r in recs if r["kind"] == "superseded"]
+    assert by_kind["emergency"]["step"] == 20 and by_kind["emergency"]["new_lr"] == pytest.approx(9e-4)
+    assert [r["step"] for r in late] == [10, 30] and all(r["seq"] is None for r in late)
+    assert "emergency cut at step 20" in late[0]["reasoning"] and "rolled back" in late[1]["reasoning"]
+    assert late[1]["skipped_observes"] == [40] and late[0]["raw_lr_request"] == pytest.approx(4.5e-3)
+    assert [c["decided_at_step"] for c in read_jsonl(tmp_path / "run" / CONTROL_FILE)] == [20]  # only the cut
+
+
 # ------------------------------------------------------------------------------------ real rounds
 
 
@@ -497,8 +535,13 @@ def test_crashing_every_time_fails_cleanly(tmp_path):
     rbs = read_jsonl(tmp_path / "rollbacks.jsonl")
     assert [r["crash_reason"] for r in rbs] == ["nan_loss"] * 3 and [r["crash_count_in_run"] for r in rbs] == [1, 2, 3]
     assert rbs[-1]["gave_up"] is True and rbs[-1]["rolled_back_to_step"] is None
-    # no checkpoint yet: restarts from scratch with the halved LR (warmup goes to it)
-    assert rbs[0]["rolled_back_to_step"] == 0 and rbs[1]["new_lr"] == pytest.approx(0.5 * rbs[1]["lr_at_crash"])
+    # no checkpoint yet: restarts from scratch with init_lr halved (the warmup then heads for it), then halved again
+    assert [r["rolled_back_to_step"] for r in rbs[:2]] == [0, 0]
+    assert [r["lr_at_crash"] for r in rbs] == pytest.approx([3e-3, 1.5e-3, 7.5e-4])
+    assert rbs[0]["lr_used_at_crash"] == pytest.approx(3e-3 * 3 / 10)  # the warmup LR of update 2
+    assert [r["new_lr"] for r in rbs[:2]] == pytest.approx([1.5e-3, 7.5e-4])
+    starts = [e for e in read_jsonl(tmp_path / "run" / TELEMETRY_FILE) if e["event"] == "start"]
+    assert [e["lr"] for e in starts] == pytest.approx([3e-4, 1.5e-4, 7.5e-5])  # update 0 of each warmup
     stored = json.loads((tmp_path / "run" / "result.json").read_text())
     assert stored["status"] == "failed" and stored["final_eval_ppl"] == "nan"
     for launch in rec.of("launch"):

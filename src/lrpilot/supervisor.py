@@ -338,6 +338,19 @@ class _Crash(Exception):
 # ------------------------------------------------------------------------------------------- the round
 
 
+@dataclass
+class _Point:
+    """A decision point as the supervisor saw it; for a non-blocking controller also the question in flight."""
+
+    obs: Observation
+    loss: float  # the interval's mean loss
+    trend: str
+    t_observed: float  # trainer clock of the observe event
+    generation: int  # launch it belongs to; an answer for an older one is stale
+    skipped: list[int] = field(default_factory=list)  # later decision points skipped while it was in flight
+    superseded_by: int | None = None  # step of an emergency cut made while it was in flight
+
+
 class _Round:
     """State of one run under supervision: the trainer launch, the branch of the trajectory the trainer
     is on (losses and LRs per step, decision-point history), the decisions and crashes so far."""
@@ -377,6 +390,8 @@ class _Round:
         self.dead_pids: set[int] = set()  # rank-0 pids of launches already ended
         self.launch_start_step = 0
         self.last_step = 0
+        #: the LR in force: the LR of the last update, or during warmup the LR the warmup is heading to
+        #: (what the trainer's --lr sets, so what a rollback halves)
         self.current_lr = cfg.schedule.init_lr
         self.last_seen = time.monotonic()
         self.done: dict[str, Any] | None = None
@@ -394,7 +409,7 @@ class _Round:
         self.counter = guard.CrashCounter()
         # non-blocking controllers: one decide() in flight at a time, answered through a queue
         self.replies: queue.Queue = queue.Queue()
-        self.inflight: dict[str, Any] | None = None
+        self.inflight: _Point | None = None
         self.generation = 0  # bumped on every relaunch; a reply from an older generation is stale
         self.dlog: JsonlLog | None = None
         self.sent_log: JsonlLog | None = None
@@ -674,7 +689,7 @@ class _Round:
             self.launch_start_step = step
             self.last_step = step
             if _positive(ev.get("lr")):
-                self.current_lr = float(ev["lr"])
+                self.current_lr = self._in_force(float(ev["lr"]), update=step)
         elif kind == "step":
             self._on_step(step, ev)
         elif kind == "observe":
@@ -687,13 +702,19 @@ class _Round:
             self.done = ev
             self.last_step = step
 
+    def _in_force(self, lr: float, update: int) -> float:
+        """The LR in force given the LR of update number `update`: during warmup the trainer used
+        target * (update + 1) / warmup_steps, so the target is recovered; after warmup it is lr itself."""
+        w = self.cfg.schedule.warmup_steps
+        return lr * w / (update + 1) if 0 <= update < w else lr
+
     def _on_step(self, step: int, ev: dict[str, Any]) -> None:
         loss, lr = as_float(ev.get("loss")), as_float(ev.get("lr"))
         self.last_step = step
         self.losses[step] = loss
         if _positive(lr):
             self.lrs[step] = lr
-            self.current_lr = lr
+            self.current_lr = self._in_force(lr, update=step - 1)
             if step > self.cfg.schedule.warmup_steps:  # update number step-1 is past the warmup
                 self.peak_lr, self.min_lr = max(self.peak_lr, lr), min(self.min_lr, lr)
         health = guard.check_loss(loss, self.g)
@@ -748,258 +769,141 @@ class _Round:
         self._record_point(step, mean, lr)
         if self.draining:
             return  # the launch is dead: nobody would apply a decision
-        obs = self._observation(step, lr, recent, ev)  # history includes this decision point
-        trend = _trend(prev, mean)
-        t_observed = as_float(ev.get("time"))
-
+        point = _Point(
+            obs=self._observation(step, lr, recent, ev),  # its history includes this decision point
+            loss=mean,
+            trend=_trend(prev, mean),
+            t_observed=as_float(ev.get("time")),
+            generation=self.generation,
+        )
+        # the published emergency rule comes first and does not ask the controller
         emergency = guard.check_emergency(prev, mean, self.g)
         if emergency is not None:
-            new_lr = guard.emergency_lr(lr, self.g)
             if self.inflight is not None:  # the slow controller's reply, when it comes, is out of date
-                self.inflight["superseded_by_emergency"] = step
-            self._send(
-                step,
-                mean,
-                trend,
-                lr,
-                new_lr,
-                kind="emergency",
-                raw_lr=new_lr,
-                clamped=False,
-                clamp_reasons=(),
-                reasoning=emergency.reason,
-                plan=None,
-                latency=None,
-                t_observed=t_observed,
-                extra={"emergency_triggers": list(emergency.triggers)},
-            )
+                self.inflight.superseded_by = step
+            self._send(point, guard.emergency_lr(lr, self.g), None, kind="emergency", reasoning=emergency.reason,
+                       emergency_triggers=list(emergency.triggers))  # fmt: skip
             return
         if self.blocking:
             t = time.monotonic()
             try:
-                decision: Decision | BaseException = self.controller.decide(obs)
+                decision: Decision | BaseException = self.controller.decide(point.obs)
             except Exception as e:  # a controller bug must not end the round: keep the LR, log it
                 decision = e
-            self._apply_decision(obs, decision, time.monotonic() - t, mean, trend, t_observed, {})
+            self._apply_decision(point, decision, time.monotonic() - t)
             return
-        if self.inflight is not None:
-            self.inflight.setdefault("skipped_observes", []).append(step)
-            self._emit(
-                {
-                    "event": "observe_skipped",
-                    "source": "supervisor",
-                    "step": step,
-                    "pending_step": self.inflight["obs"].step,
-                }
-            )
+        if self.inflight is not None:  # one question at a time: this decision point is skipped
+            self.inflight.skipped.append(step)
+            self._emit({"event": "observe_skipped", "source": "supervisor", "step": step,
+                        "pending_step": self.inflight.obs.step})  # fmt: skip
             return
-        token = {"obs": obs, "mean": mean, "trend": trend, "generation": self.generation, "t_observed": t_observed}
-        self.inflight = token
-        threading.Thread(target=self._decide_async, args=(token,), daemon=True, name=f"lrpilot-decide-{step}").start()
+        self.inflight = point
+        threading.Thread(target=self._decide_async, args=(point,), daemon=True, name=f"lrpilot-decide-{step}").start()
 
-    def _decide_async(self, token: dict[str, Any]) -> None:
+    def _decide_async(self, point: _Point) -> None:
         t = time.monotonic()
         try:
-            decision: Decision | BaseException = self.controller.decide(token["obs"])
+            decision: Decision | BaseException = self.controller.decide(point.obs)
         except Exception as e:
             decision = e
-        self.replies.put((token, decision, time.monotonic() - t))
+        self.replies.put((point, decision, time.monotonic() - t))
 
-    def _on_reply(self, reply: tuple[dict[str, Any], Decision | BaseException, float]) -> None:
-        token, decision, latency = reply
-        if token is self.inflight:
+    def _on_reply(self, reply: tuple[_Point, Decision | BaseException, float]) -> None:
+        """A non-blocking controller answered: send it, unless the trainer moved on to another branch or an
+        emergency cut came first (then the answer is only logged, as kind "superseded")."""
+        point, decision, latency = reply
+        if point is self.inflight:
             self.inflight = None
-        obs: Observation = token["obs"]
         stale = None
-        if token["generation"] != self.generation:
+        if point.generation != self.generation:
             stale = "discarded: the trainer was rolled back before the reply arrived"
-        elif "superseded_by_emergency" in token:
-            stale = f"superseded by the emergency cut at step {token['superseded_by_emergency']}"
-        if stale is not None:
-            rec = self._record(
-                obs.step,
-                token["mean"],
-                token["trend"],
-                obs.lr,
-                obs.lr,
-                kind="superseded",
-                raw_lr=decision.lr if isinstance(decision, Decision) else None,
-                clamped=False,
-                clamp_reasons=(),
-                reasoning=stale,
-                plan=None,
-                latency=latency,
-                seq=None,
-                wait_s=0.0,
-                extra=self._reply_extra(decision, token),
-            )
-            self._write(rec)
+        elif point.superseded_by is not None:
+            stale = f"superseded by the emergency cut at step {point.superseded_by}"
+        if stale is None:
+            self._apply_decision(point, decision, latency)
             return
-        self._apply_decision(
-            obs, decision, latency, token["mean"], token["trend"], token["t_observed"], self._reply_extra(None, token)
-        )
+        fields: dict[str, Any] = {"latency_s": latency}
+        if point.skipped:
+            fields["skipped_observes"] = list(point.skipped)
+        if isinstance(decision, Decision):
+            fields.update(raw_lr_request=decision.lr, raw_reply=decision.raw)
+        self._write(self._record(point, point.obs.lr, kind="superseded", reasoning=stale, **fields))
 
-    @staticmethod
-    def _reply_extra(decision: Any, token: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if token.get("skipped_observes"):
-            out["skipped_observes"] = list(token["skipped_observes"])
-        if isinstance(decision, Decision) and decision.raw is not None:
-            out["raw_reply"] = decision.raw
-        return out
-
-    def _apply_decision(
-        self,
-        obs: Observation,
-        decision: Decision | BaseException,
-        latency: float,
-        mean: float,
-        trend: str,
-        t_observed: float,
-        extra: dict[str, Any],
-    ) -> None:
+    def _apply_decision(self, point: _Point, decision: Decision | BaseException, latency: float) -> None:
         """Guard a controller's answer and send it; an exception from decide() keeps the current LR."""
-        if isinstance(decision, BaseException) or not isinstance(decision, Decision):
+        lr_now = point.obs.lr
+        if not isinstance(decision, Decision):
             why = (
                 f"controller error: {decision.__class__.__name__}: {str(decision)[:300]}"
                 if isinstance(decision, BaseException)
-                else f"controller returned {type(decision).__name__}"
+                else f"controller returned {type(decision).__name__}, not a Decision"
             )
-            lr = guard.clamp_lr(obs.lr, obs.lr, self.g).lr
-            self._send(
-                obs.step,
-                mean,
-                trend,
-                obs.lr,
-                lr,
-                kind="fallback",
-                raw_lr=None,
-                clamped=False,
-                clamp_reasons=(),
-                reasoning=f"{why}; kept the current LR",
-                plan=None,
-                latency=latency,
-                t_observed=t_observed,
-                extra=extra,
-            )
+            self._send(point, guard.clamp_lr(lr_now, lr_now, self.g).lr, None, kind="fallback",
+                       reasoning=f"{why}; kept the current LR", latency_s=latency)  # fmt: skip
             return
-        clamp = guard.clamp_lr(decision.lr, obs.lr, self.g)
+        clamp = guard.clamp_lr(decision.lr, lr_now, self.g)
         reasons = list(clamp.reasons)
         plan = None
         if decision.plan is not None:
             bounded = guard.clamp_plan(decision.plan, self.g)
             reasons += bounded.reasons
             plan = bounded.plan or None
-        kind = "fallback" if (decision.fallback or clamp.fallback) else "decision"
-        extra = dict(extra)
-        if decision.raw is not None:
-            extra["raw_reply"] = decision.raw
+        fields: dict[str, Any] = {"raw_reply": decision.raw} if decision.raw is not None else {}
         if decision.meta:
-            extra["meta"] = decision.meta
+            fields["meta"] = decision.meta
         self._send(
-            obs.step,
-            mean,
-            trend,
-            obs.lr,
+            point,
             clamp.lr,
-            kind=kind,
-            raw_lr=decision.lr,
-            clamped=clamp.clamped or bool(reasons),
-            clamp_reasons=tuple(reasons),
+            plan,
+            kind="fallback" if (decision.fallback or clamp.fallback) else "decision",
             reasoning=decision.reason,
-            plan=plan,
-            latency=latency,
-            t_observed=t_observed,
-            extra=extra,
+            raw_lr_request=decision.lr,
+            clamped=bool(reasons),
+            clamp_reasons=reasons,
+            latency_s=latency,
+            **fields,
         )
 
-    def _send(
-        self,
-        step: int,
-        mean: float,
-        trend: str,
-        old_lr: float,
-        new_lr: float,
-        *,
-        kind: str,
-        raw_lr: float | None,
-        clamped: bool,
-        clamp_reasons: Sequence[str],
-        reasoning: str,
-        plan: Sequence[tuple[int, float]] | None,
-        latency: float | None,
-        t_observed: float,
-        extra: dict[str, Any],
-    ) -> None:
-        assert self.writer is not None
+    def _send(self, point: _Point, new_lr: float, plan: Sequence[tuple[int, float]] | None, **fields: Any) -> None:
+        """Send the LR decided at point to the trainer; its record waits in `pending` for the `applied` event."""
+        assert self.writer is not None and self.sent_log is not None
         seq = self.writer.next_seq
-        # the trainer waits from its observe event until this command (blocking controllers only)
-        wait = max(0.0, time.time() - t_observed) if self.blocking and math.isfinite(t_observed) else 0.0
+        # the trainer waits from its observe event until this command arrives (blocking controllers only)
+        t_obs = point.t_observed
+        wait = max(0.0, time.time() - t_obs) if self.blocking and math.isfinite(t_obs) else 0.0
         self.last_seen = time.monotonic()  # time spent deciding is not the trainer hanging
-        rec = self._record(
-            step,
-            mean,
-            trend,
-            old_lr,
-            new_lr,
-            kind=kind,
-            raw_lr=raw_lr,
-            clamped=clamped,
-            clamp_reasons=clamp_reasons,
-            reasoning=reasoning,
-            plan=plan,
-            latency=latency,
-            seq=seq,
-            wait_s=wait,
-            extra=extra,
-        )
-        assert self.sent_log is not None
+        if point.skipped:
+            fields["skipped_observes"] = list(point.skipped)
+        rec = self._record(point, new_lr, seq=seq, wait_s=wait, plan=_plan_summary(plan), **fields)
         self.sent_log.append(rec)  # write-ahead: a restarted supervisor still logs it (see _restore_history)
-        if self.writer.send(step, new_lr, plan) != seq:
-            raise RuntimeError(f"{self.run_dir / CONTROL_FILE}: another process writes control commands")
+        if self.writer.send(point.obs.step, new_lr, plan) != seq:
+            raise SupervisorError(f"{self.run_dir / CONTROL_FILE}: another process writes control commands")
         self.pending[seq] = rec
         self.decisions.append(rec)
         self._emit({"event": "decision", "source": "supervisor", **rec})
 
-    def _record(
-        self,
-        step: int,
-        mean: float,
-        trend: str,
-        old_lr: float,
-        new_lr: float,
-        *,
-        kind: str,
-        raw_lr: float | None,
-        clamped: bool,
-        clamp_reasons: Sequence[str],
-        reasoning: str,
-        plan: Sequence[tuple[int, float]] | None,
-        latency: float | None,
-        seq: int | None,
-        wait_s: float,
-        extra: dict[str, Any],
-    ) -> dict[str, Any]:
+    def _record(self, point: _Point, new_lr: float, *, kind: str, reasoning: str, **fields: Any) -> dict[str, Any]:
+        """A decision-log record: the published fields first, then ours, then the campaign's (logs.extra)."""
         rec: dict[str, Any] = {
             "run_start_iso": self.run_start_iso,
-            "step": step,
-            "loss": mean,
-            "trend": trend,
-            "old_lr": old_lr,
+            "step": point.obs.step,
+            "loss": point.loss,
+            "trend": point.trend,
+            "old_lr": point.obs.lr,
             "new_lr": new_lr,
-            "raw_lr_request": raw_lr,
-            "clamped": clamped,
+            "raw_lr_request": fields.pop("raw_lr_request", new_lr if kind == "emergency" else None),
+            "clamped": fields.pop("clamped", False),
             "reasoning": reasoning,
             "timestamp": now_iso(),
             "effective_step": None,
             "kind": kind,
-            "clamp_reasons": list(clamp_reasons),
-            "latency_s": latency,
-            "wait_s": wait_s,
-            "seq": seq,
-            "plan": _plan_summary(plan),
+            "clamp_reasons": list(fields.pop("clamp_reasons", ())),
+            "latency_s": fields.pop("latency_s", None),
+            "wait_s": fields.pop("wait_s", 0.0),
+            "seq": fields.pop("seq", None),
+            "plan": fields.pop("plan", None),
             "launch": self.launches,
-            **extra,
+            **fields,
         }
         for k, v in self.logs.extra.items():
             rec.setdefault(k, v)
@@ -1128,14 +1032,16 @@ class _Round:
         self.inflight = None  # its reply, if any, is stale (generation changes on relaunch)
         # a bad loss crashes at its own step (the trainer may have gone on a little before it was killed)
         crash_step = crash.step if crash.step is not None else self.last_step
-        lr_at_crash = self.lrs.get(crash_step, self.current_lr)
+        lr_used = self.lrs.get(crash_step, self.current_lr)
+        lr_at_crash = self._in_force(lr_used, crash_step - 1) if crash_step in self.lrs else self.current_lr
         self.last_step = crash_step
         if not _positive(lr_at_crash):
             lr_at_crash = self.cfg.schedule.init_lr
         self.counter = self.counter.record(crash_step, self.launch_start_step)
         n = self.counter.total
         self._note(f"crash {n}: {crash.reason} at step {crash_step} ({crash.detail})")
-        base = {"run_start_iso": self.run_start_iso, "crash_step": crash_step, "lr_at_crash": lr_at_crash}
+        base = {"run_start_iso": self.run_start_iso, "crash_step": crash_step, "lr_at_crash": lr_at_crash,
+                "lr_used_at_crash": lr_used}  # fmt: skip
         if self.counter.give_up(self.g):
             fast = self.counter.consecutive_fast(self.g)
             failure = (
