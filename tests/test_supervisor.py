@@ -638,6 +638,43 @@ def test_interrupt_kills_the_trainer_and_resume_continues(tmp_path):
     assert res.total_decisions == len(recs) and res.crash_count == 0
 
 
+@pytest.mark.slow
+def test_llm_controller_over_http_sees_the_rollback_in_its_next_prompt(tmp_path, monkeypatch):
+    """The LLM agent (non-blocking) against a real OpenAI-compatible HTTP server on 127.0.0.1: training goes
+    on while it thinks; after a NaN crash its next prompt tells it about the rollback."""
+    pytest.importorskip("openai", reason="needs the `openai` extra")
+    from llm_servers import TEST_KEY, ScriptedServer, chat_body
+
+    from lrpilot.config import AgentConfig
+    from lrpilot.controllers.llm import LLMController
+    from lrpilot.llm.base import make_backend
+
+    server = ScriptedServer([(200, chat_body('{"reason": "hold steady", "lr": 0.002}'), {})])
+    monkeypatch.setenv("LRPILOT_TEST_KEY", TEST_KEY)
+    try:
+        cfg = smoke()
+        agent = AgentConfig(backend="openai", base_url=server.base_url, model="scripted", api_key_env="LRPILOT_TEST_KEY",
+                            retries=0, timeout_s=30)  # fmt: skip
+        ctrl = LLMController(make_backend(agent, "controller", tmp_path / "llm_calls.jsonl"), guard=cfg.guard)
+        rec = Recorder()
+        res = run_round(cfg, tmp_path / "run", ctrl, round_logs(tmp_path), on_event=rec,
+                        trainer_args_first_launch=["--inject-nan-at-step", "35"])  # fmt: skip
+    finally:
+        server.stop()
+    _tally(1, res.status == "ok")
+    assert res.status == "ok" and res.update_step == cfg.train.total_steps and res.crash_count == 1
+    assert all("--wait-for-decisions" not in e["cmd"] for e in rec.of("launch"))
+    recs = check_decision_log(tmp_path / "decisions.jsonl", tmp_path / "run", cfg, blocking=False)
+    sent = [r for r in recs if r["kind"] == "decision"]
+    assert sent and all(r["raw_reply"] == '{"reason": "hold steady", "lr": 0.002}' for r in sent)
+    assert all(r["latency_s"] > 0 for r in sent) and res.decision_latency_s
+    prompts = [" ".join(m["content"] for m in p["json"]["messages"]) for p in server.posts]
+    before = [p for p in prompts if "crash at step 35" not in p]
+    after = [p for p in prompts if "crash at step 35" in p]
+    assert before and after and "nan_loss" in after[0] and "rolled back to step" in after[0]
+    assert prompts.index(after[0]) == len(before)  # every prompt after the crash carries it
+
+
 SUPERVISOR_SCRIPT = textwrap.dedent("""
     import json
     import os

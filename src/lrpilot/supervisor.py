@@ -4,10 +4,11 @@
 
 `run_round` launches the trainer as a subprocess in its own process group (`python -m lrpilot.trainer`
 for one device, `torchrun` for several), follows its telemetry (RUN/telemetry.jsonl), asks the controller
-at every decision point, passes each answer through the SafetyGuard (lrpilot.guard) and sends it to the
+at every decision point (inline with the trainer waiting for a blocking controller, in a worker thread
+while the trainer trains on for a non-blocking one such as the LLM agent), passes each answer through the SafetyGuard (lrpilot.guard) and sends it to the
 trainer (RUN/control.jsonl). It keeps the run alive: a non-zero exit, a NaN/Inf/catastrophic loss or a
-trainer that writes no telemetry for guard.hang_timeout_s is a crash; the supervisor kills the whole
-process group, rolls back to the checkpoint the guard chooses (a corrupt one is skipped for the one
+trainer that writes no telemetry for guard.hang_timeout_s is a crash; the supervisor kills every process
+of the launch (its process group, and torchrun's workers, which torch puts in sessions of their own), rolls back to the checkpoint the guard chooses (a corrupt one is skipped for the one
 before) and relaunches with the LR at the crash x crash_lr_factor. After guard.max_fast_crash consecutive
 quick crashes the round is given up and recorded as failed.
 
@@ -17,8 +18,13 @@ Records (append-only jsonl through lrpilot.logs.JsonlLog):
   A line is written when the trainer reports the decision applied (`applied` event), or, if it never
   was (crash, end of run), then with effective_step null. So each decision is written exactly once.
 - `logs.rollbacks`: one line per crash (published fields run_start_iso, crash_step, lr_at_crash,
-  rolled_back_to_step, new_lr, crash_reason, crash_count_in_run).
-- RUN/config.json, RUN/round.json (run_start_iso and the round's settings), RUN/result.json (RoundResult).
+  rolled_back_to_step, new_lr, crash_reason, crash_count_in_run; plus the checkpoints skipped as corrupt).
+  crash_reason: nan_loss / inf_loss / catastrophic_loss (guard.check_loss), hang, exit_code_N,
+  signal_SIGKILL (killed by a signal), exit_without_done. During warmup lr_at_crash is the LR the warmup
+  heads for (what --lr sets); the LR of the last update is lr_used_at_crash.
+- RUN/config.json, RUN/round.json (run_start_iso and the round's settings), RUN/result.json (RoundResult),
+  RUN/decisions_sent.jsonl (write-ahead copy of each decision record, for a supervisor killed mid-round),
+  and "[supervisor]" lines in RUN/trainer.log (launch commands, crashes, skipped checkpoints).
 
 A run directory can be resumed (`resume=True`) after the supervisor itself was stopped: the round continues
 from the latest verified checkpoint with the same run_start_iso, and a finished one returns its stored result.
