@@ -49,8 +49,12 @@ def _check_round_logs(d: Path, rounds: int, decisions_per_round: int) -> list[di
         assert r["status"] == "ok" and r["update_step"] == 40
     decisions = read_jsonl(d / "decisions.jsonl", strict=True)
     for r in range(1, rounds + 1):
-        steps = [x["step"] for x in decisions if x["round"] == r]
-        assert len(steps) == len(set(steps)) == decisions_per_round, (r, steps)
+        mine = [x for x in decisions if x["round"] == r]
+        # every decision point was decided; none logged twice (a rollback may legitimately re-decide a step,
+        # but then under a new command seq)
+        assert len({x["step"] for x in mine}) == decisions_per_round, (r, mine)
+        seqs = [x["seq"] for x in mine]
+        assert len(seqs) == len(set(seqs)), (r, seqs)
     return finals
 
 
