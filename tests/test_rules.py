@@ -185,5 +185,5 @@ def test_params_validation_and_round_trip():
     space = RuleParams.search_space()
     assert all(r.contains(getattr(RuleParams(), n)) for n, r in space.items())  # defaults inside the space
     assert space["plateau_threshold"].high < space["fast_threshold"].low
-    assert RuleParams.search_space(3e-3)["ceiling"].high == pytest.approx(3e-2)
+    assert RuleParams.search_space(3e-3)["ceiling"].high == pytest.approx(3e-1)
     assert RuleController(p).describe() == {"controller": "rules", "params": p.to_dict()}
