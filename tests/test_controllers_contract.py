@@ -30,6 +30,7 @@ from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, O
 from lrpilot.controllers.replay import ReplayController
 from lrpilot.controllers.rules import RuleController, RuleParams
 from lrpilot.controllers.schedules import make_schedule
+from lrpilot.llm.base import LLMBackend, Reply
 from lrpilot.logs import dumps
 
 
@@ -91,6 +92,35 @@ def _replay(s: Shape) -> BaseController:
     return ReplayController(recs, source="generated")
 
 
+class _CannedLLM(LLMBackend):
+    """Scripted backend for the LLM controller: a good, a fenced, a garbage, a negative and a NaN reply in turn."""
+
+    model = "canned"
+    replies = (
+        '{"reason": "hold", "lr": 0.0005}',
+        '```json\n{"reason": "up", "lr": "2e-3"}\n```',
+        "not json",
+        '{"lr": -1}',
+        '{"lr": NaN}',
+    )
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def generate(self, messages, schema=None):
+        self.n += 1
+        return Reply(self.replies[(self.n - 1) % len(self.replies)], None, {"total_tokens": 1}, 0.0, self.model)
+
+    def ping(self):
+        pass
+
+
+def _llm(s: Shape) -> BaseController:
+    from lrpilot.controllers.llm import LLMController
+
+    return LLMController(_CannedLLM())
+
+
 # To put another controller under this contract, add a factory here: that is all it takes. The LLM
 # controller (lrpilot.controllers.llm, blocking=False) joins with a factory that builds it on a backend
 # (its determinism checks are skipped because it is not blocking).
@@ -104,6 +134,7 @@ FACTORIES: list[tuple[str, Callable[[Shape], BaseController]]] = [
     ("rules-optuna-a", lambda s: RuleController(_optuna_params()[0])),
     ("rules-optuna-b", lambda s: RuleController(_optuna_params()[1])),
     ("replay", _replay),
+    ("llm-scripted", _llm),
 ]
 
 # ------------------------------------------------------------------------------------ observations

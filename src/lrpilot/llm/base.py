@@ -1,0 +1,299 @@
+"""The LLM backend contract, the audit log of every call, secrets from the environment or ./.env.
+
+    python -c "from lrpilot.config import AgentConfig; from lrpilot.llm.base import make_backend; \
+make_backend(AgentConfig(backend='local'), 'controller', None).ping()"
+
+A backend turns chat messages into a `Reply`. `generate` never raises for a failed call (timeout, HTTP
+error, bad model output): the failure is in `Reply.error`, so a controller can fall back and the round goes
+on. Configuration problems (missing package, missing key, model file not found) raise `LLMError` with one
+line that names the fix, at construction or in `ping()`, so a campaign fails before its first round.
+
+Every call goes to `llm_calls.jsonl` through `AuditedBackend` (role, model, messages, reply, usage,
+latency, error, time). API keys and HTTP headers are never written there, nor printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lrpilot.logs import JsonlLog, now_iso
+
+ROLES = ("controller", "memory")
+
+
+class LLMError(RuntimeError):
+    """An LLM backend cannot work as configured; the one-line message names what is wrong and the fix."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One model answer. `parsed` is the JSON object in `text` when a schema was asked for and it parsed;
+    `error` is set (and `text` may be partial or empty) when the call failed."""
+
+    text: str
+    parsed: dict | None
+    usage: dict = field(default_factory=dict)
+    latency_s: float = 0.0
+    model: str = ""
+    error: str | None = None
+
+
+class LLMBackend(ABC):
+    """Turns chat messages into a Reply; never raises from generate(), raises LLMError from ping()."""
+
+    #: the model name sent with each request (or the model file for a local backend)
+    model: str = ""
+
+    @abstractmethod
+    def generate(self, messages: list[dict], schema: dict | None = None) -> Reply:
+        """Answer `messages` ([{"role": ..., "content": ...}]); with `schema`, ask for a JSON object
+        that follows it (as far as the backend can enforce it) and fill `Reply.parsed`."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Check quickly that the backend can answer (endpoint reachable, key accepted, model known);
+        raise LLMError with a one-line reason otherwise."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": type(self).__name__, "model": self.model}
+
+    def secret_values(self) -> tuple[str, ...]:
+        """Strings that must never reach a log (the API key); the audit wrapper masks them."""
+        return ()
+
+
+# ------------------------------------------------------------------------------------------- JSON
+
+
+_FENCE = re.compile(r"^```[A-Za-z0-9_-]*[ \t]*\n?(.*?)\n?```$", re.DOTALL)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def parse_json_object(text: str) -> dict:
+    """The single JSON object in `text`, which may be wrapped in a ``` code fence and may hold raw
+    newlines inside strings (llama.cpp's JSON grammar lets them through). Anything else (prose around the
+    object, NaN/Infinity literals, duplicate keys, a list) raises ValueError with the reason."""
+    if not isinstance(text, str):
+        raise ValueError(f"reply is {type(text).__name__}, not text")
+    s = text.strip()
+    m = _FENCE.match(s)
+    if m:
+        s = m.group(1).strip()
+    if not s:
+        raise ValueError("empty reply")
+    if not s.startswith("{"):
+        raise ValueError(f"reply is not a JSON object (starts with {s[:20]!r})")
+    try:
+        # strict=False: control characters (raw newlines, tabs) allowed inside strings
+        obj = json.loads(s, strict=False, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"invalid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError("reply is not a JSON object")
+    return obj
+
+
+def try_parse(text: str) -> dict | None:
+    try:
+        return parse_json_object(text)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------- secrets
+
+
+def read_dotenv(path: str | Path = ".env") -> dict[str, str]:
+    """KEY=VALUE lines of a .env file (`export ` prefix, quotes and # comments allowed); {} if absent.
+    Values are returned, never printed; os.environ is not modified."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    out: dict[str, str] = {}
+    for raw in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        if "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        key, value = key.strip(), value.strip()
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            continue
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        else:
+            value = re.split(r"\s+#", value, maxsplit=1)[0].strip()  # trailing comment on an unquoted value
+        out[key] = value
+    return out
+
+
+def get_secret(*names: str, dotenv: str | Path | None = None) -> tuple[str, str] | None:
+    """(name, value) of the first of `names` set (non-empty) in the environment, else in ./.env; None if
+    none is. The environment wins over .env."""
+    for name in names:
+        v = os.environ.get(name, "").strip()
+        if v:
+            return name, v
+    env = read_dotenv(dotenv if dotenv is not None else Path.cwd() / ".env")
+    for name in names:
+        v = env.get(name, "").strip()
+        if v:
+            return name, v
+    return None
+
+
+# ------------------------------------------------------------------------------------------ audit
+
+
+def _mask(obj: Any, secrets: tuple[str, ...]) -> Any:
+    if not secrets:
+        return obj
+    if isinstance(obj, str):
+        for s in secrets:
+            if s and s in obj:
+                obj = obj.replace(s, "***")
+        return obj
+    if isinstance(obj, dict):
+        return {k: _mask(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_mask(v, secrets) for v in obj]
+    return obj
+
+
+class AuditedBackend(LLMBackend):
+    """Wraps a backend; appends one line per generate() to llm_calls.jsonl (the key is never written)."""
+
+    def __init__(self, inner: LLMBackend, role: str, audit_path: str | Path, extra: dict | None = None) -> None:
+        self.inner = inner
+        self.role = role
+        self.audit_path = Path(audit_path)
+        self.extra = dict(extra or {})
+        self._log: JsonlLog | None = None
+
+    @property
+    def model(self) -> str:  # type: ignore[override]
+        return self.inner.model
+
+    def _append(self, record: dict) -> None:
+        if self._log is None:
+            self._log = JsonlLog(self.audit_path)
+        self._log.append(_mask(record, tuple(s for s in self.inner.secret_values() if len(s) >= 4)))
+
+    def generate(self, messages: list[dict], schema: dict | None = None) -> Reply:
+        t0 = time.time()
+        try:
+            reply = self.inner.generate(messages, schema)
+        except Exception as e:  # a backend broke its contract; still log and still return a Reply
+            reply = Reply(
+                text="",
+                parsed=None,
+                usage={},
+                latency_s=time.time() - t0,
+                model=self.model,
+                error=f"{type(e).__name__}: {e}",
+            )
+        record = {
+            "time": now_iso(),
+            "role": self.role,
+            "backend": type(self.inner).__name__,
+            "model": reply.model or self.model,
+            **self.extra,
+            "messages": messages,
+            "schema": schema is not None,
+            "reply": reply.text,
+            "parsed": reply.parsed,
+            "usage": reply.usage,
+            "latency_s": round(reply.latency_s, 4),
+            "error": reply.error,
+        }
+        try:
+            self._append(record)
+        except OSError as e:  # a full disk must not stop training; say so on the reply instead
+            reply = Reply(
+                reply.text,
+                reply.parsed,
+                reply.usage,
+                reply.latency_s,
+                reply.model,
+                reply.error or f"audit log not written ({e})",
+            )
+        return reply
+
+    def ping(self) -> None:
+        self.inner.ping()
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "role": self.role}
+
+    def secret_values(self) -> tuple[str, ...]:
+        return self.inner.secret_values()
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+# ---------------------------------------------------------------------------------------- factory
+
+
+def model_for_role(agent: Any, role: str) -> str:
+    """Controller = fast tier (agent.model); Memory = strong tier (agent.memory_model, or agent.model)."""
+    if role not in ROLES:
+        raise LLMError(f"role {role!r}: must be one of {', '.join(ROLES)}")
+    return (agent.memory_model or agent.model) if role == "memory" else agent.model
+
+
+def make_backend(agent: Any, role: str, audit_path: str | Path | None = None) -> LLMBackend:
+    """The backend that AgentConfig `agent` describes for `role` ("controller" | "memory"), wrapped so that
+    each call is appended to `audit_path` (llm_calls.jsonl) when given."""
+    model = model_for_role(agent, role)
+    if agent.backend == "openai":
+        from lrpilot.llm.openai_backend import OpenAIBackend
+
+        backend: LLMBackend = OpenAIBackend(
+            base_url=agent.base_url,
+            model=model,
+            api_key_env=agent.api_key_env,
+            timeout_s=agent.timeout_s,
+            retries=agent.retries,
+            temperature=agent.temperature,
+            max_tokens=agent.max_tokens,
+        )
+    elif agent.backend == "local":
+        from lrpilot.llm.local_backend import LocalBackend
+
+        backend = LocalBackend(
+            model_path=agent.local_model_path or None,
+            n_threads=agent.local_threads,
+            temperature=agent.temperature,
+            max_tokens=agent.max_tokens,
+            timeout_s=agent.timeout_s,
+        )
+    else:
+        raise LLMError(f"agent.backend: unknown backend {agent.backend!r}; use openai or local")
+    if audit_path is None:
+        return backend
+    return AuditedBackend(backend, role, audit_path)

@@ -1,0 +1,291 @@
+"""Any OpenAI-compatible chat endpoint through the official `openai` client (DashScope by default).
+
+    DASHSCOPE_API_KEY=... python -c "from lrpilot.llm.openai_backend import OpenAIBackend; \
+OpenAIBackend().ping()"
+
+Defaults reproduce the published setup: DashScope's compatible-mode endpoint, Qwen 3.6 Plus, the key from
+DASHSCOPE_API_KEY (or OPENAI_API_KEY). A local endpoint (127.0.0.1 / localhost, e.g. `python -m
+llama_cpp.server`) works without a key.
+
+Failures: timeouts, connection errors, HTTP 429 and 5xx are retried with exponential backoff; 4xx are not
+(a rejected key stays rejected). JSON output: we ask for OpenAI's `json_schema` response format and, when an
+endpoint answers that it does not support it (llama_cpp.server: HTTP 500 naming response_format), fall
+back to `json_object` with the schema (llama.cpp's extension), then plain `json_object`, then no
+response_format at all (the prompt still asks for JSON); the first one that works is remembered.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+from lrpilot.llm.base import LLMBackend, LLMError, Reply, get_secret, try_parse
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
+DEFAULT_MODEL = "qwen3.6-plus-2026-04-02"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+#: response_format variants, most to least strict
+JSON_MODES = ("json_schema", "json_object_schema", "json_object", "none")
+_UNSUPPORTED_HINTS = ("response_format", "json_schema", "json_object", "schema", "not support", "unsupported")
+
+
+def _import_openai() -> Any:
+    try:
+        import openai
+    except ImportError as e:
+        raise LLMError("the openai backend needs the openai package: pip install 'lrpilot[openai]'") from e
+    return openai
+
+
+def is_local_url(base_url: str) -> bool:
+    return (urlparse(base_url).hostname or "") in LOCAL_HOSTS
+
+
+def _status_message(e: Any) -> str:
+    """A short, header-free description of an HTTP error from the openai client."""
+    msg = ""
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        msg = str(inner.get("message") or inner.get("detail") or "") if isinstance(inner, dict) else str(inner)
+    if not msg:
+        msg = str(getattr(e, "message", "") or e)
+    return " ".join(msg.split())[:300]
+
+
+class OpenAIBackend(LLMBackend):
+    """Chat completions against an OpenAI-compatible endpoint; retries transient failures, never raises
+    from generate()."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        model: str = DEFAULT_MODEL,
+        api_key_env: str = "DASHSCOPE_API_KEY",
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        temperature: float = 0.3,
+        max_tokens: int = 512,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        json_mode: str | None = None,
+        extra_body: dict | None = None,
+    ) -> None:
+        openai = _import_openai()
+        self._openai = openai
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.temperature = float(temperature)
+        self.max_tokens = int(max_tokens)
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        if json_mode is not None and json_mode not in JSON_MODES:
+            raise LLMError(f"json_mode {json_mode!r}: use one of {', '.join(JSON_MODES)}")
+        self._mode = JSON_MODES.index(json_mode) if json_mode else 0
+        names = tuple(dict.fromkeys(n for n in (api_key_env, "OPENAI_API_KEY") if n))
+        found = get_secret(*names)
+        if found is None:
+            if not is_local_url(self.base_url):
+                raise LLMError(
+                    f"agent.api_key_env: no API key for {self.base_url}: set {' or '.join(names)} in the "
+                    "environment or in ./.env"
+                )
+            self.key_name, self._key = "(none: local endpoint)", "sk-local-no-key"
+        else:
+            self.key_name, self._key = found
+        # DashScope's Qwen3 models may think before answering; non-streaming calls must turn that off
+        if extra_body is None and "dashscope" in (urlparse(self.base_url).hostname or ""):
+            extra_body = {"enable_thinking": False}
+        self.extra_body = extra_body
+        # our own retry loop (so we can tell auth errors from transient ones and back off as we choose)
+        self._client = openai.OpenAI(api_key=self._key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0)
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    @property
+    def json_mode(self) -> str:
+        """The response_format variant in use (json_schema until an endpoint refuses it)."""
+        return JSON_MODES[self._mode]
+
+    def secret_values(self) -> tuple[str, ...]:
+        return (self._key,)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "openai", "base_url": self.base_url, "model": self.model, "json_mode": self.json_mode}
+
+    def _response_format(self, schema: dict | None) -> dict | None:
+        if schema is None:
+            return None
+        mode = self.json_mode
+        if mode == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+        if mode == "json_object_schema":
+            return {"type": "json_object", "schema": schema}
+        if mode == "json_object":
+            return {"type": "json_object"}
+        return None
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        delay = min(self.max_backoff_s, self.backoff_s * (2**attempt))
+        if retry_after is not None and retry_after > 0:
+            delay = min(self.max_backoff_s, max(delay, retry_after))
+        return delay * (1.0 + 0.1 * random.random())  # jitter: retries from parallel rounds do not line up
+
+    # ---------------------------------------------------------------------------------- generate
+
+    def generate(self, messages: list[dict], schema: dict | None = None) -> Reply:
+        oa = self._openai
+        t0 = time.monotonic()
+        attempt = 0
+        while True:
+            kwargs: dict[str, Any] = {
+                "model": self.model,
+                "messages": messages,
+                "temperature": self.temperature,
+                "max_tokens": self.max_tokens,
+            }
+            rf = self._response_format(schema)
+            if rf is not None:
+                kwargs["response_format"] = rf
+            if self.extra_body:
+                kwargs["extra_body"] = self.extra_body
+            error: str
+            retry_after: float | None = None
+            try:
+                resp = self._client.chat.completions.create(**kwargs)
+                return self._reply(resp, schema, time.monotonic() - t0)
+            except oa.APIStatusError as e:
+                status = int(e.status_code)
+                msg = _status_message(e)
+                if (
+                    rf is not None
+                    and status in (400, 415, 422, 500, 501)
+                    and any(h in msg.lower() for h in _UNSUPPORTED_HINTS)
+                ):
+                    # the endpoint refuses this response_format: step down and remember (not a retry)
+                    log.info(
+                        "%s: response_format %s refused (HTTP %d); trying the next",
+                        self.base_url,
+                        self.json_mode,
+                        status,
+                    )
+                    self._mode += 1
+                    continue
+                error = f"HTTP {status} from {self.base_url}: {msg}"
+                if status in (401, 403):
+                    error = f"HTTP {status}: API key rejected by {self.base_url} (key from {self.key_name}): {msg}"
+                    return self._failed(error, t0)
+                if not (status == 429 or status == 408 or status >= 500):
+                    return self._failed(error, t0)
+                try:
+                    retry_after = float(e.response.headers.get("retry-after", ""))
+                except (AttributeError, TypeError, ValueError):
+                    retry_after = None
+            except oa.APITimeoutError:
+                error = f"timeout: no answer from {self.base_url} within {self.timeout_s:g}s"
+            except oa.APIConnectionError as e:
+                cause = e.__cause__ or e
+                error = f"connection error to {self.base_url}: {type(cause).__name__}: {str(cause)[:200]}"
+            except Exception as e:  # a malformed response body, an SDK surprise: a failed call, not a crash
+                return self._failed(f"unexpected {type(e).__name__}: {str(e)[:300]}", t0)
+            if attempt >= self.retries:
+                suffix = f" (after {attempt + 1} attempts)" if attempt else ""
+                return self._failed(error + suffix, t0)
+            delay = self._backoff(attempt, retry_after)
+            log.warning("%s; retry %d/%d in %.2fs", error, attempt + 1, self.retries, delay)
+            time.sleep(delay)
+            attempt += 1
+
+    def _failed(self, error: str, t0: float) -> Reply:
+        return Reply(text="", parsed=None, usage={}, latency_s=time.monotonic() - t0, model=self.model, error=error)
+
+    def _reply(self, resp: Any, schema: dict | None, latency: float) -> Reply:
+        choices = getattr(resp, "choices", None)
+        if not choices:
+            return Reply("", None, {}, latency, self.model, f"no choices in the response from {self.base_url}")
+        text = choices[0].message.content or ""
+        usage: dict[str, int] = {}
+        u = getattr(resp, "usage", None)
+        if u is not None:
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                v = getattr(u, k, None)
+                if isinstance(v, int):
+                    usage[k] = v
+        parsed = try_parse(text) if schema is not None else None
+        error = None
+        if getattr(choices[0], "finish_reason", None) == "length" and schema is not None and parsed is None:
+            error = f"reply cut at max_tokens={self.max_tokens} before the JSON object was complete"
+        return Reply(text, parsed, usage, latency, getattr(resp, "model", None) or self.model, error)
+
+    # -------------------------------------------------------------------------------------- ping
+
+    def ping(self) -> None:
+        oa = self._openai
+        client = self._client.with_options(timeout=min(self.timeout_s, 10.0), max_retries=0)
+        try:
+            page = client.models.list()
+            ids = [m.id for m in page.data]
+        except oa.APITimeoutError as e:
+            raise LLMError(
+                f"endpoint {self.base_url} did not answer within {min(self.timeout_s, 10.0):g}s; "
+                "check agent.base_url and that the server is up"
+            ) from e
+        except oa.APIConnectionError as e:
+            cause = e.__cause__ or e
+            raise LLMError(
+                f"endpoint unreachable: {self.base_url} ({type(cause).__name__}); start the server "
+                "or fix agent.base_url"
+            ) from e
+        except oa.APIStatusError as e:
+            if e.status_code in (401, 403):
+                raise LLMError(
+                    f"API key rejected by {self.base_url} (HTTP {e.status_code}, key from "
+                    f"{self.key_name}); set a valid key in the environment or ./.env"
+                ) from e
+            if e.status_code in (404, 405, 501):
+                return self._ping_by_chat()  # no /models route: try a 1-token completion instead
+            raise LLMError(
+                f"endpoint {self.base_url} answered HTTP {e.status_code} to /models: {_status_message(e)}"
+            ) from e
+        except Exception as e:
+            raise LLMError(
+                f"endpoint {self.base_url} gave an unreadable /models answer ({type(e).__name__}); "
+                "is agent.base_url an OpenAI-compatible /v1 URL?"
+            ) from e
+        if ids and self.model not in ids:
+            shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+            unknown = f"model {self.model!r} unknown at {self.base_url}; it serves: {shown}; fix agent.model"
+            if is_local_url(self.base_url):
+                # a local server's list is complete, and llama_cpp.server would silently answer with its own model
+                raise LLMError(unknown)
+            # hosted APIs may list only part of what they serve (dated snapshots): ask the model itself
+            try:
+                self._ping_by_chat()
+            except LLMError as e:
+                raise LLMError(f"{unknown} ({e})") from e
+            log.warning("%s: model %r is not in /models but answers; going on", self.base_url, self.model)
+
+    def _ping_by_chat(self) -> None:
+        oa = self._openai
+        client = self._client.with_options(timeout=min(self.timeout_s, 30.0), max_retries=0)
+        try:
+            client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "ok"}], max_tokens=1)
+        except oa.APIStatusError as e:
+            msg = _status_message(e)
+            if e.status_code in (401, 403):
+                raise LLMError(
+                    f"API key rejected by {self.base_url} (HTTP {e.status_code}, key from "
+                    f"{self.key_name}); set a valid key in the environment or ./.env"
+                ) from e
+            if e.status_code == 404 or "model" in msg.lower():
+                raise LLMError(f"model {self.model!r} unknown at {self.base_url} ({msg}); fix agent.model") from e
+            raise LLMError(f"endpoint {self.base_url} answered HTTP {e.status_code}: {msg}") from e
+        except oa.APIConnectionError as e:
+            raise LLMError(f"endpoint unreachable: {self.base_url}; start the server or fix agent.base_url") from e
