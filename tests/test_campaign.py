@@ -152,9 +152,11 @@ def test_kill_and_resume(tmp_path):
 @pytest.mark.llm
 def test_local_llm_campaign(tmp_path):
     pytest.importorskip("llama_cpp", reason="needs the `local` extra (make test installs it)")
-    cfg = apply_overrides(_cfg(), ["agent.backend=local"])
+    # the trainer waits for each answer: a smoke round (seconds) would otherwise end before SmolLM2's first one
+    local = ["agent.backend=local", "agent.wait_for_decisions=true"]
+    cfg = apply_overrides(_cfg(), local)
     d = tmp_path / "llm"
-    settings = CampaignSettings(preset="cpu-smoke", overrides=(*SMOKE, "agent.backend=local"), controller="llm",
+    settings = CampaignSettings(preset="cpu-smoke", overrides=(*SMOKE, *local), controller="llm",
                                 memory="llm", backend="local", model="SmolLM2-135M")  # fmt: skip
     run_campaign(cfg, d, 3, settings, echo=lambda s: None)
     finals = read_jsonl(d / "final_results.jsonl", strict=True)
@@ -164,6 +166,7 @@ def test_local_llm_campaign(tmp_path):
     assert {"controller", "memory"} <= roles
     briefs = read_jsonl(d / "briefs.jsonl", strict=True)
     assert all(len(b["brief"].split()) <= 150 for b in briefs)
+    _check_round_logs(d, 3, decisions_per_round=3)
     decisions = read_jsonl(d / "decisions.jsonl", strict=True)
-    assert decisions and all(x["new_lr"] > 0 for x in decisions)
+    assert all(x["new_lr"] > 0 and x["effective_step"] == x["step"] for x in decisions)
     assert json.dumps(calls).count("sk-") == 0

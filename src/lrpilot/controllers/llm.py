@@ -118,8 +118,10 @@ class LLMController(BaseController):
         dense_samples: int = 12,
         max_history: int = 30,
         max_decisions: int = 10,
+        blocking: bool = False,
     ) -> None:
         self.backend = backend
+        self.blocking = blocking
         self.guard = guard
         self.dense_samples = dense_samples
         self.max_history = max_history

@@ -270,6 +270,7 @@ def make_backend(agent: Any, role: str, audit_path: str | Path | None = None) ->
     """The backend that AgentConfig `agent` describes for `role` ("controller" | "memory"), wrapped so that
     each call is appended to `audit_path` (llm_calls.jsonl) when given."""
     model = model_for_role(agent, role)
+    max_tokens = agent.memory_max_tokens if role == "memory" else agent.max_tokens
     if agent.backend == "openai":
         from lrpilot.llm.openai_backend import OpenAIBackend
 
@@ -280,7 +281,7 @@ def make_backend(agent: Any, role: str, audit_path: str | Path | None = None) ->
             timeout_s=agent.timeout_s,
             retries=agent.retries,
             temperature=agent.temperature,
-            max_tokens=agent.max_tokens,
+            max_tokens=max_tokens,
         )
     elif agent.backend == "local":
         from lrpilot.llm.local_backend import LocalBackend
@@ -289,7 +290,7 @@ def make_backend(agent: Any, role: str, audit_path: str | Path | None = None) ->
             model_path=agent.local_model_path or None,
             n_threads=agent.local_threads,
             temperature=agent.temperature,
-            max_tokens=agent.max_tokens,
+            max_tokens=max_tokens,
             timeout_s=agent.timeout_s,
         )
     else:
