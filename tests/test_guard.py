@@ -48,6 +48,7 @@ def guard_configs(draw) -> GuardConfig:
     if draw(st.booleans()):
         return DEFAULT
     floor = 10 ** draw(st.floats(-8, -3))
+    emergency_loss = draw(st.floats(1, 100))
     return GuardConfig(
         min_ratio=draw(st.floats(0.05, 1.0)),
         max_ratio=draw(st.floats(1.0, 10.0)),
@@ -56,9 +57,9 @@ def guard_configs(draw) -> GuardConfig:
         rollback_back_steps=draw(st.integers(0, 2000)),
         crash_lr_factor=draw(st.floats(0.05, 0.95)),
         emergency_jump=draw(st.floats(0.1, 10)),
-        emergency_loss=draw(st.floats(1, 100)),
+        emergency_loss=emergency_loss,
         emergency_factor=draw(st.floats(0.05, 0.95)),
-        crash_loss=draw(st.floats(1, 200)),
+        crash_loss=emergency_loss + draw(st.floats(0.01, 200)),  # config requires crash_loss > emergency_loss
         max_fast_crash=draw(st.integers(1, 30)),
         fast_crash_steps=draw(st.integers(0, 1000)),
     )
