@@ -10,6 +10,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
+# extra flags for `lrpilot demo`, e.g. DEMO_ARGS="--rounds 2 --peaks 1e-2"
+DEMO_ARGS ?=
 # A portable llama.cpp build (no -march=native), so pip's cached wheel works on any x86-64 with AVX2.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
 
@@ -41,7 +43,7 @@ install-local: $(VENV)/.local
 install-dev: $(VENV)/.dev
 
 demo: $(VENV)/.core
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/lrpilot demo --dir $(DEMO_DIR)
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/lrpilot demo --dir $(DEMO_DIR) $(DEMO_ARGS)
 
 test: $(VENV)/.dev
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests
