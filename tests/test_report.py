@@ -201,3 +201,129 @@ def test_report_on_our_own_layout_with_failures_and_trajectories(tmp_path):
     assert d3.failed == [1, 2] and d3.best_round is None and d3.best_baseline is None
     assert {f.name for f in d3.figures if f.path is None} == {"ppl_per_round", "landscape", "loss_curves"}
     assert "No round finished with a perplexity" in (tmp_path / "out3" / "report.md").read_text()
+
+
+def _campaign(path, controller, memory, ppls, total_steps=60, wall=100.0):
+    """A small campaign as lrpilot writes it: campaign.json plus one final_results line per round (a NaN ppl is a
+    failed round that stopped at step 25)."""
+    path.mkdir(parents=True)
+    settings = {"preset": "cpu-smoke", "overrides": [], "controller": controller, "memory": memory}
+    (path / "campaign.json").write_text(json.dumps({"settings": settings, "created": "2026-01-01T00:00:00"}))
+    finals = []
+    for n, (ppl, peak) in enumerate(ppls, 1):
+        failed = not math.isfinite(ppl)
+        finals.append(
+            {
+                "round": n,
+                "run_start_iso": f"2026-01-01T0{n}:00:00",
+                "final_eval_ppl": ppl,
+                "final_eval_loss": math.log(ppl),
+                "final_eval_tokens": 4096,
+                "status": "failed" if failed else "ok",
+                "controller": controller,
+                "memory": memory,
+                "peak_lr_seen": peak,
+                "init_lr": 1e-3,
+                "warmup_steps": 10,
+                "decision_every": 10,
+                "seed": 0,
+                "update_step": 25 if failed else total_steps,
+                "wall_time_s": wall,
+                "settings": {"total_steps": total_steps},
+            }
+        )
+    _write(path / "final_results.jsonl", finals)
+    return path
+
+
+def _cosine_sweep(path, runs, total_steps=60):
+    path.mkdir(parents=True)
+    for peak, ppl in runs:
+        rec = {
+            "final_eval_ppl": ppl,
+            "final_eval_loss": math.log(ppl),
+            "final_eval_tokens": 4096,
+            "update_step": total_steps,
+            "total_steps": total_steps,
+            "seed": 0,
+            "schedule": "cosine",
+            "peak_lr": peak,
+            "wall_time_s": 50.0,
+        }
+        (path / f"cosine_lr{peak:g}.json").write_text(json.dumps(rec))
+    return path
+
+
+@pytest.mark.slow
+def test_report_compares_campaigns_side_by_side(tmp_path):
+    """`--compare`: LLM memory, Optuna memory and the cosine sweep in one table and one figure, same budget."""
+    llm = _campaign(tmp_path / "llm-mem", "llm", "llm", [(40.0, 1e-3), (34.0, 3e-3), (36.0, 2e-3)])
+    optuna = _campaign(
+        tmp_path / "optuna-mem", "rules", "optuna", [(38.0, 2e-3), (float("nan"), 1e-2), (33.0, 4e-3)], wall=90.0
+    )
+    sweep = _cosine_sweep(tmp_path / "sweep", [(1e-3, 37.5), (3e-3, 35.0)])
+
+    plain = build_report(llm, [sweep], tmp_path / "plain")
+    assert plain.side_by_side is None and "side_by_side" not in plain.tables
+    assert "Side by side" not in (tmp_path / "plain" / "report.md").read_text()
+
+    d = build_report(llm, [sweep], tmp_path / "out", compare_dirs=[optuna])
+    s = d.side_by_side
+    assert [r.name for r in s.rows] == ["llm-mem", "optuna-mem", "cosine sweep"]
+    a, b, c = s.rows
+    assert (a.method, b.method, c.method) == ("llm / llm", "rules / optuna", "fixed cosine")
+    assert (a.runs, b.runs, c.runs) == (3, 3, 2)
+    assert (a.best_ppl, a.best_at, a.best_peak_lr) == (34.0, "round 2", 3e-3)
+    assert (b.best_ppl, b.best_at, b.best_peak_lr) == (33.0, "round 3", 4e-3)
+    assert (c.best_ppl, c.best_at, c.best_peak_lr) == (35.0, "cosine 3e-3", 3e-3)
+    assert (a.median_ppl, b.median_ppl, c.median_ppl) == (36.0, 35.5, 36.25)
+    assert (a.failed, b.failed, c.failed) == ((), ("round 2",), ())
+    assert (a.steps, b.steps, c.steps) == (180, 60 + 25 + 60, 120)
+    assert (a.wall_s, b.wall_s, c.wall_s) == (300.0, 270.0, 100.0)
+    assert s.same_budget and s.budget == 60 and "Same budget" in s.budget_note
+    # the failed round keeps the best so far; the line starts at the first finished round
+    assert b.best_so_far == [(1, 38.0), (2, 38.0), (3, 33.0)]
+    assert a.best_so_far == [(1, 40.0), (2, 34.0), (3, 34.0)]
+
+    table = d.tables["side_by_side"]
+    assert table.rows[1][:9] == [
+        "optuna-mem",
+        "rules / optuna",
+        "3 rounds",
+        "33.00",
+        "round 3",
+        "35.50",
+        "1 (round 2)",
+        "4e-3",
+        "60",
+    ]
+    assert table.rows[1][9:] == ["145", "4.5 min"] and table.rows[2][:2] == ["cosine sweep", "fixed cosine"]
+
+    png = tmp_path / "out" / "side_by_side.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(FIGURES) + 1 and "Side by side" in html
+    assert "alt='Side by side: best-so-far perplexity per round'" in html
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "](side_by_side.png)" in md and "| optuna-mem | rules / optuna | 3 rounds | 33.00 |" in md
+
+    # another budget is flagged, naming each row's steps per run
+    long_sweep = _cosine_sweep(tmp_path / "long-sweep", [(3e-3, 30.0)], total_steps=120)
+    d2 = build_report(llm, [sweep, long_sweep], tmp_path / "out2", compare_dirs=[optuna])
+    assert [r.name for r in d2.side_by_side.rows][2:] == ["cosine sweep (sweep)", "cosine sweep (long-sweep)"]
+    assert not d2.side_by_side.same_budget and d2.side_by_side.budget is None
+    assert "Budget mismatch" in d2.side_by_side.budget_note
+    assert "cosine sweep (long-sweep) 120" in d2.side_by_side.budget_note
+
+    # the command line, end to end: the table is printed and the report embeds the figure
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "lrpilot", "report", str(llm), "--baselines", str(sweep), "--out", str(out)]
+    proc = subprocess.run([*cmd, "--compare", str(optuna)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Side by side" in proc.stdout and "Same budget" in proc.stdout
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("optuna-mem"))
+    assert line.split()[:4] == ["optuna-mem", "rules", "/", "optuna"] and "1 (round 2)" in line and "145" in line
+    assert (out / "side_by_side.png").exists() and "side_by_side" not in proc.stderr
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    bad = subprocess.run([*cmd, "--compare", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing" in bad.stderr

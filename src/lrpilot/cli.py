@@ -5,6 +5,7 @@
     lrpilot baseline --preset cpu-small --schedule cosine --peaks 1e-3 3e-3 1e-2 --out runs/sweep
     lrpilot campaign --preset cpu-small --rounds 8 --controller rules --memory optuna --dir runs/rules
     lrpilot report runs/rules --baselines runs/sweep --out runs/report
+    lrpilot report runs/llm --compare runs/rules --baselines runs/sweep --out runs/compare
     lrpilot import-logs ../shared/seed-experiments --dir runs/published
     lrpilot demo --dir runs/demo
 
@@ -139,7 +140,9 @@ def cmd_campaign(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from lrpilot.report import main_report
 
-    return main_report(Path(args.dir), [Path(b) for b in args.baselines], Path(args.out))
+    return main_report(
+        Path(args.dir), [Path(b) for b in args.baselines], Path(args.out), [Path(c) for c in args.compare]
+    )
 
 
 def cmd_import_logs(args: argparse.Namespace) -> int:
@@ -250,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables and figures from a campaign's logs (never imports torch)")
     p.add_argument("dir", help="campaign directory")
     p.add_argument("--baselines", nargs="*", default=[], help="directories of baseline result jsons")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="other campaign directories to put side by side with DIR (table + best-so-far figure)",
+    )
     p.add_argument("--out", required=True, help="output directory for report.html, report.md and PNGs")
     p.set_defaults(func=cmd_report)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lrpilot.campaign_logs import BaselineResult, RoundSummary, bands_between, fmt_lr, peak_band
-from lrpilot.report.tables import Analysis, fmt_ppl
+from lrpilot.report.tables import Analysis, SideBySide, SideBySideRow, fmt_ppl
 
 WIDTH_IN, HEIGHT_IN, DPI = 8.4, 4.8, 110  # ~920 x 530 px
 _BOX = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
@@ -573,22 +573,138 @@ def fig_loss_curves(a: Analysis, out: Path) -> Figure:
     return Figure("loss_curves", title, caption, _save(fig, out / "loss_curves.png"))
 
 
+# ------------------------------------------------------------------------------------------ side by side
+
+#: a ppl axis switches to log scale when its largest value is this many times its smallest
+LOG_Y_RATIO = 3.0
+
+
+def _baseline_box(groups: list[SideBySideRow]) -> str:
+    """The baseline runs as a small monospace table: one line per run, peak and ppl, the best marked."""
+    lines = []
+    for g in groups:
+        best = next((b for b in g.baselines if b.ok and b.label == g.best_at), None)
+        lines += [f"{g.name}", f"{'peak LR':>8}  {'ppl':>8}"]
+        for b in g.baselines:
+            ppl = f"{b.final_eval_ppl:8.2f}" if b.ok else "diverged"
+            lines.append(f"{fmt_lr(b.peak_lr):>8}  {ppl:>8}" + (" ◀ best" if b is best else ""))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def fig_side_by_side(s: SideBySide, out: Path) -> Figure:
+    title = "Side by side: best-so-far perplexity per round"
+    camps = [r for r in s.campaigns if any(math.isfinite(p) for _, p in r.best_so_far)]
+    groups = [g for g in s.baseline_groups if g.baselines]
+    if not camps and not any(math.isfinite(g.best_ppl) for g in groups):
+        return Figure("side_by_side", title, "No campaign round and no baseline run finished with a perplexity.")
+    plt = _plt()
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+
+    # narrower than the others: the table of baseline runs sits to the right of the axes
+    fig, ax = plt.subplots(figsize=(WIDTH_IN - 1.4, HEIGHT_IN))
+    colors = ["crimson", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive"]
+    ys: list[float] = []
+    xmax = 1
+    for i, c in enumerate(camps):
+        color = colors[i % len(colors)]
+        pts = c.best_so_far
+        xs, vals = [x for x, _ in pts], [v for _, v in pts]
+        ys += [v for v in vals if math.isfinite(v)]
+        xmax = max(xmax, *xs)
+        z = 3 + 0.1 * (len(camps) - i)  # the main campaign (first) on top where lines meet
+        ax.plot(
+            xs,
+            vals,
+            color=color,
+            lw=2.0,
+            marker="o",
+            ms=4.5,
+            label=f"{c.name} ({c.method}): best {fmt_ppl(c.best_ppl)} at {c.best_at}",
+            zorder=z,
+        )
+        failed = [(x, v) for (x, v), r in zip(pts, c.rounds, strict=True) if not r.ok and math.isfinite(v)]
+        if failed:
+            ax.scatter(
+                *zip(*failed, strict=True),
+                marker="x",
+                s=70,
+                color=color,
+                lw=2,
+                zorder=z + 1,
+                label=f"{c.name}: failed round{'s' * (len(failed) > 1)} (best so far unchanged)",
+            )
+    styles = [("k", "--"), ("0.45", "-."), ("tab:cyan", ":"), ("tab:olive", "--")]
+    for i, g in enumerate(groups):
+        if not math.isfinite(g.best_ppl):
+            continue
+        color, ls = styles[i % len(styles)]
+        label = f"{g.name}: best run {fmt_lr(g.best_peak_lr)}, ppl {fmt_ppl(g.best_ppl)}"
+        ax.axhline(g.best_ppl, color=color, ls=ls, lw=1.6, zorder=2, label=label)
+        ys.append(g.best_ppl)
+    lo, hi = min(ys), max(ys)
+    if hi / lo > LOG_Y_RATIO:
+        ax.set_yscale("log")
+        ax.set_ylim(lo / 1.12, hi * 1.12)
+        # plain numbers at 1, 2, 3, 5 x 10^k rather than only 10^k: the range is often under a decade
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ylabel = "best final eval perplexity so far (log scale)"
+    else:
+        pad = 0.08 * (hi - lo) if hi > lo else 0.05 * hi
+        ax.set_ylim(lo - pad, hi + pad)
+        ylabel = "best final eval perplexity so far"
+    ax.set_xlim(0.5, xmax + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
+    if groups:
+        ax.text(
+            1.02,
+            1.0,
+            _baseline_box(groups),
+            transform=ax.transAxes,
+            ha="left",
+            va="top",
+            family="monospace",
+            fontsize=8.5,
+            bbox={"boxstyle": "round,pad=0.4", "facecolor": "0.96", "edgecolor": "0.8"},
+        )
+    skipped = [r.name for r in s.campaigns if r not in camps]
+    caption = (
+        "For each campaign, the lowest final eval perplexity reached by that round or any earlier one (lower is "
+        "better; × marks a failed round). Dashed: the best run of each baseline sweep; the box lists every "
+        "baseline run's peak LR and perplexity. "
+        + (f"Not drawn (no round finished with a perplexity): {', '.join(skipped)}. " if skipped else "")
+        + s.budget_note
+    )
+    return Figure("side_by_side", title, caption, _save(fig, out / "side_by_side.png"))
+
+
+def safe_figure(name: str, fn, *args) -> Figure:
+    """fn(*args), or a note (with a warning) when it fails on odd data instead of losing the report."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - a figure is not worth the whole report
+        warnings.warn(f"report: figure {name} skipped ({e.__class__.__name__}: {e})", stacklevel=2)
+        _plt().close("all")
+        return Figure(name, name, f"This figure could not be drawn ({e.__class__.__name__}: {e}).")
+
+
 def all_figures(a: Analysis, out: Path) -> list[Figure]:
     """Every figure; one that fails on odd data becomes a note (with a warning) instead of losing the report."""
-    figs = []
-    for name, fn in (
-        ("ppl_per_round", fig_ppl_per_round),
-        ("lr_schedules", fig_lr_schedules),
-        ("landscape", fig_landscape),
-        ("loss_curves", fig_loss_curves),
-    ):
-        try:
-            figs.append(fn(a, out))
-        except Exception as e:  # noqa: BLE001 - a figure is not worth the whole report
-            warnings.warn(f"report: figure {name} skipped ({e.__class__.__name__}: {e})", stacklevel=2)
-            _plt().close("all")
-            figs.append(Figure(name, name, f"This figure could not be drawn ({e.__class__.__name__}: {e})."))
-    return figs
+    return [
+        safe_figure(name, fn, a, out)
+        for name, fn in (
+            ("ppl_per_round", fig_ppl_per_round),
+            ("lr_schedules", fig_lr_schedules),
+            ("landscape", fig_landscape),
+            ("loss_curves", fig_loss_curves),
+        )
+    ]
 
 
-__all__ = ["Figure", "all_figures", "cosine_curve", "peak_band", "ppl_cap"]
+__all__ = ["Figure", "all_figures", "cosine_curve", "fig_side_by_side", "peak_band", "ppl_cap", "safe_figure"]

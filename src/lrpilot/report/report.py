@@ -4,7 +4,11 @@
 
 Reads logs only (through `lrpilot.campaign_logs`) and never imports torch. Sections: (a) cross-round
 learning per phase of 10 rounds, (b) head-to-head at the same peak LR, (c) LR schedule evolution, (d) the
-exploration landscape, (e) loss curves with rollbacks, (f) summary and survival per peak band.
+exploration landscape, (e) loss curves with rollbacks, (f) summary and survival per peak band. With
+`--compare DIR2 [DIR3 ...]` a "Side by side" section puts the campaigns and the baseline sweeps in one table
+and one best-so-far figure, and says whether they ran on the same per-run budget:
+
+    lrpilot report runs/llm-small --compare runs/rules-small --baselines runs/sweep-small --out runs/compare
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrpilot.campaign_logs import BaselineResult, CampaignLogsError, load_baselines, load_campaign
-from lrpilot.report.figures import Figure, all_figures
+from lrpilot.report.figures import Figure, all_figures, fig_side_by_side, safe_figure
 from lrpilot.report.tables import (
     Analysis,
+    SideBySide,
     Table,
     analyse,
     fmt_ppl,
     head_to_head_table,
     phase_table,
     rounds_table,
+    side_by_side,
+    side_by_side_table,
     summary_table,
     survival_table,
 )
@@ -44,6 +51,8 @@ class ReportData(Analysis):
     tables: dict[str, Table] = field(default_factory=dict)
     html_path: Path | None = None
     md_path: Path | None = None
+    #: the campaigns and baseline sweeps side by side (None unless build_report got compare_dirs)
+    side_by_side: SideBySide | None = None
 
     @property
     def phase_means(self) -> list[float]:
@@ -74,8 +83,12 @@ details { margin: 1em 0; }
 def _sections(d: ReportData) -> list[tuple[str, list[Table | Figure | str]]]:
     figs = {f.name: f for f in d.figures}
     t = d.tables
+    compare: list[tuple[str, list[Table | Figure | str]]] = (
+        [("Side by side", [t["side_by_side"], figs["side_by_side"]])] if d.side_by_side is not None else []
+    )
     return [
         ("Summary", [t["summary"]]),
+        *compare,
         ("(a) Cross-round learning", [t["phases"], figs["ppl_per_round"]]),
         ("(b) Head-to-head at the same peak LR", [t["head_to_head"]]),
         ("(c) LR schedule evolution", [figs["lr_schedules"]]),
@@ -88,8 +101,10 @@ def _sections(d: ReportData) -> list[tuple[str, list[Table | Figure | str]]]:
 
 def _intro(d: ReportData) -> str:
     n_b = len(d.baselines)
+    others = d.side_by_side.campaigns[1:] if d.side_by_side is not None else []
+    compared = f"Compared side by side with {', '.join(c.path for c in others)}. " if others else ""
     return (
-        f"Campaign {d.campaign_dir}: {len(d.rounds)} rounds; {n_b} baseline run{'s' * (n_b != 1)}. "
+        f"Campaign {d.campaign_dir}: {len(d.rounds)} rounds; {n_b} baseline run{'s' * (n_b != 1)}. {compared}"
         f"Generated {_dt.datetime.now().isoformat(timespec='seconds')} by lrpilot report from the logs only."
     )
 
@@ -139,21 +154,38 @@ def render_markdown(d: ReportData) -> str:
 
 def render_text(d: ReportData) -> str:
     """The key tables for the terminal."""
-    blocks = [d.tables[k].text() for k in ("summary", "phases", "head_to_head", "survival")]
+    keys = ("summary", "side_by_side", "phases", "head_to_head", "survival")
+    blocks = [d.tables[k].text() for k in keys if k in d.tables]
     blocks.append(f"report: {d.html_path}  (markdown: {d.md_path}; figures beside it)")
     return "\n\n".join(blocks)
 
 
+def _names(dirs: Sequence[Path]) -> list[str]:
+    """Row names: each directory's name, with as many parent folders as it takes to tell them apart."""
+    parts = [p.resolve().parts[1:] for p in dirs]  # without the root "/"
+    for depth in range(1, max(len(x) for x in parts) + 1):
+        names = ["/".join(x[-depth:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{p.name} #{i}" for i, p in enumerate(dirs, 1)]  # the same folder given twice
+
+
 def build_report(
-    campaign_dir: str | Path, baseline_dirs: Sequence[str | Path] = (), out_dir: str | Path | None = None
+    campaign_dir: str | Path,
+    baseline_dirs: Sequence[str | Path] = (),
+    out_dir: str | Path | None = None,
+    compare_dirs: Sequence[str | Path] = (),
 ) -> ReportData:
     """Read the campaign (and extra baseline folders), compute every number, and write OUT/report.html,
-    OUT/report.md and the PNGs (OUT defaults to CAMPAIGN/report). Raises CampaignLogsError for unreadable
-    input, or when there is nothing to report."""
+    OUT/report.md and the PNGs (OUT defaults to CAMPAIGN/report). With compare_dirs (other campaign
+    directories) the report gets a "Side by side" section: one row per campaign (this one first) and per
+    baseline schedule, and the best-so-far figure. Raises CampaignLogsError for unreadable input, or when there
+    is nothing to report."""
     campaign_dir = Path(campaign_dir)
     logs = load_campaign(campaign_dir)
+    others = [load_campaign(Path(c)) for c in compare_dirs]
     extra: list[BaselineResult] = load_baselines(list(baseline_dirs)) if baseline_dirs else []
-    if not logs.rounds and not logs.baselines and not extra:
+    if not logs.rounds and not logs.baselines and not extra and not any(o.rounds for o in others):
         raise CampaignLogsError(
             f"report: {campaign_dir} has no finished rounds and no baselines; nothing to report yet"
         )
@@ -170,6 +202,20 @@ def build_report(
         "survival": survival_table(a),
         "rounds": rounds_table(a),
     }
+    if compare_dirs:
+        names = _names([campaign_dir, *(Path(c) for c in compare_dirs)])
+        # each compared campaign's own sweep gets its own rows (it may have another budget); a file read twice
+        # (the same folder given to --baselines and held by a campaign) counts once
+        # (analyse keeps one run per schedule, peak and seed; here every sweep stays whole, in its own row)
+        baselines, seen = [], set()
+        for b in [*logs.baselines, *extra, *(b for o in others for b in o.baselines)]:
+            key = Path(b.path).resolve() if b.path else id(b)
+            if key not in seen:
+                seen.add(key)
+                baselines.append(b)
+        d.side_by_side = side_by_side(list(zip(names, [logs, *others], strict=True)), baselines)
+        d.tables["side_by_side"] = side_by_side_table(d.side_by_side)
+        d.figures.append(safe_figure("side_by_side", fig_side_by_side, d.side_by_side, out))
     d.html_path, d.md_path = out / "report.html", out / "report.md"
     d.md_path.write_text(render_markdown(d), encoding="utf-8")
     d.html_path.write_text(render_html(d), encoding="utf-8")
@@ -177,12 +223,15 @@ def build_report(
 
 
 def main_report(
-    campaign_dir: str | Path, baseline_dirs: Sequence[str | Path] = (), out_dir: str | Path | None = None
+    campaign_dir: str | Path,
+    baseline_dirs: Sequence[str | Path] = (),
+    out_dir: str | Path | None = None,
+    compare_dirs: Sequence[str | Path] = (),
 ) -> int:
-    """`lrpilot report DIR [--baselines DIR ...] --out OUT`: build the report, print the key tables; 0 on
-    success, 2 with a one-line error for unreadable input."""
+    """`lrpilot report DIR [--baselines DIR ...] [--compare DIR2 ...] --out OUT`: build the report, print the
+    key tables; 0 on success, 2 with a one-line error for unreadable input."""
     try:
-        d = build_report(campaign_dir, baseline_dirs, out_dir)
+        d = build_report(campaign_dir, baseline_dirs, out_dir, compare_dirs)
     except CampaignLogsError as e:
         print(f"lrpilot report: error: {e}", file=sys.stderr)
         return 2

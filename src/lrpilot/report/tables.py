@@ -4,6 +4,7 @@
 print(analyse(load_campaign('runs/published'), []).summary)"
 
 `analyse` turns a campaign and its baselines into `Analysis` (phases, head-to-head, survival, summary);
+`side_by_side` puts several campaigns and the baseline sweeps in one table (`lrpilot report --compare`);
 `Table` renders the same rows as terminal text, markdown and HTML, so the three outputs cannot disagree.
 """
 
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import html
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lrpilot.campaign_logs import (
     BaselineResult,
@@ -25,6 +28,7 @@ from lrpilot.campaign_logs import (
     outlier_rounds,
     phase_stats,
 )
+from lrpilot.logs import as_float
 
 #: a round is catastrophic when its ppl exceeds this multiple of the campaign median
 OUTLIER_FACTOR = 3.0
@@ -287,6 +291,267 @@ def analyse(logs: CampaignLogs, extra_baselines: Sequence[BaselineResult] = ()) 
     )
 
 
+# ------------------------------------------------------------------------------------------- side by side
+
+
+@dataclass(frozen=True)
+class SideBySideRow:
+    """One row of the side-by-side comparison: a whole campaign, or every baseline run of one schedule."""
+
+    name: str
+    kind: str  # "campaign" | "baselines"
+    method: str  # "controller / memory" of a campaign, "fixed <schedule>" of baselines
+    runs: int  # rounds of a campaign, runs of a baseline group
+    best_ppl: float
+    best_at: str  # "round 3" | "cosine 3e-3"; "—" when nothing finished
+    best_peak_lr: float
+    median_ppl: float  # over runs with a finite ppl
+    failed: tuple[str, ...]  # rounds that failed ("round 2") or runs that diverged ("cosine 1e-2")
+    steps: int | None  # sum of update_step over the runs (steps reached; rollback repeats not counted)
+    steps_estimated: bool  # some run logged no update_step: its planned or estimated steps were counted
+    wall_s: float | None  # sum of wall_time_s over the runs that logged it
+    wall_logged: int  # runs that logged wall_time_s
+    budgets: tuple[int, ...]  # distinct planned steps per run (sorted); empty when not logged
+    path: str = ""
+    rounds: tuple[RoundSummary, ...] = field(default=(), repr=False)
+    baselines: tuple[BaselineResult, ...] = field(default=(), repr=False)
+
+    @property
+    def best_so_far(self) -> list[tuple[int, float]]:
+        """[(round, lowest finite ppl of this round and every earlier one)], NaN before the first finished
+        round (campaign rows; empty for baselines)."""
+        out, best = [], math.nan
+        for r in self.rounds:
+            if r.ok and (math.isnan(best) or r.final_eval_ppl < best):
+                best = r.final_eval_ppl
+            out.append((r.round, best))
+        return out
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    """Campaigns and baseline schedules side by side, with whether they ran on the same per-run budget."""
+
+    rows: list[SideBySideRow]
+    same_budget: bool
+    budget: int | None  # the common planned steps per run when same_budget
+    budget_note: str
+
+    def row(self, name: str) -> SideBySideRow | None:
+        return next((r for r in self.rows if r.name == name), None)
+
+    @property
+    def campaigns(self) -> list[SideBySideRow]:
+        return [r for r in self.rows if r.kind == "campaign"]
+
+    @property
+    def baseline_groups(self) -> list[SideBySideRow]:
+        return [r for r in self.rows if r.kind == "baselines"]
+
+
+def _method(logs: CampaignLogs) -> str:
+    """The "controller / memory" of a campaign: campaign.json `settings`, else the final_results records."""
+    settings = logs.settings.get("settings", logs.settings) if isinstance(logs.settings, dict) else {}
+    settings = settings if isinstance(settings, dict) else {}
+
+    def pick(key: str) -> str:
+        v = settings.get(key)
+        if isinstance(v, str) and v:
+            return v
+        seen = sorted({str(r.raw.get(key)) for r in logs.rounds if r.raw.get(key)})
+        return ", ".join(seen) if seen else "—"
+
+    return f"{pick('controller')} / {pick('memory')}"
+
+
+def _round_budget(r: RoundSummary) -> int | None:
+    """Planned updates of a round: `total_steps` (top level or in `settings`), else `update_step` of a round that
+    finished (a failed round stopped early, so its update_step says nothing about the budget)."""
+    settings = r.raw.get("settings") if isinstance(r.raw.get("settings"), dict) else {}
+    for v in (r.raw.get("total_steps"), settings.get("total_steps")):
+        if v is not None and math.isfinite(as_float(v)):
+            return int(as_float(v))
+    return int(as_float(r.raw["update_step"])) if r.ok and math.isfinite(as_float(r.raw.get("update_step"))) else None
+
+
+def _baseline_budget(b: BaselineResult) -> int | None:
+    v = as_float(b.raw.get("total_steps"))
+    if math.isfinite(v):
+        return int(v)
+    return b.update_step if b.ok else None
+
+
+def _wall(values: Sequence[float | None]) -> tuple[float | None, int]:
+    logged = [v for v in values if v is not None and math.isfinite(v)]
+    return (sum(logged) if logged else None), len(logged)
+
+
+def campaign_row(logs: CampaignLogs, name: str) -> SideBySideRow:
+    """The side-by-side row of one campaign."""
+    rounds = list(logs.rounds)
+    ok = [r for r in rounds if r.ok]
+    best = min(ok, key=lambda r: r.final_eval_ppl) if ok else None
+    steps, estimated = 0, False
+    for r in rounds:
+        reached = as_float(r.raw.get("update_step"))
+        if math.isfinite(reached):
+            steps += int(reached)
+        else:  # published logs: no update_step; count the planned or estimated steps and say so
+            estimated = True
+            steps += (r.steps_trained() or 0) - r.steps_redone()
+    wall, n_wall = _wall([r.wall_time_s for r in rounds])
+    return SideBySideRow(
+        name=name,
+        kind="campaign",
+        method=_method(logs),
+        runs=len(rounds),
+        best_ppl=best.final_eval_ppl if best else math.nan,
+        best_at=f"round {best.round}" if best else "—",
+        best_peak_lr=best.peak_lr if best else math.nan,
+        median_ppl=campaign_median(rounds),
+        failed=tuple(f"round {r.round}" for r in rounds if not r.ok),
+        steps=steps if rounds else None,
+        steps_estimated=estimated,
+        wall_s=wall,
+        wall_logged=n_wall,
+        budgets=tuple(sorted({b for b in map(_round_budget, rounds) if b is not None})),
+        path=logs.path,
+        rounds=tuple(rounds),
+    )
+
+
+def _origin(b: BaselineResult) -> str:
+    """The sweep a baseline run came from: its folder's name (the campaign's name for CAMPAIGN/baselines/)."""
+    if not b.path:
+        return ""
+    folder = Path(b.path).resolve().parent
+    return folder.parent.name if folder.name == "baselines" else folder.name
+
+
+def baseline_rows(baselines: Sequence[BaselineResult]) -> list[SideBySideRow]:
+    """One side-by-side row per schedule and sweep folder ("cosine sweep", or "cosine sweep (FOLDER)" when runs
+    of one schedule come from several sweeps, which may differ in budget): cosine first, then by name."""
+    groups: dict[tuple[str, str], list[BaselineResult]] = {}
+    for b in baselines:
+        groups.setdefault((b.schedule, _origin(b)), []).append(b)
+    rows = []
+    for sched, origin in sorted(groups, key=lambda k: (k[0] != "cosine", k[0])):  # stable: sweeps in given order
+        bs = sorted(groups[sched, origin], key=lambda b: b.peak_lr if math.isfinite(b.peak_lr) else math.inf)
+        several = sum(k[0] == sched for k in groups) > 1
+        name = f"{sched} sweep" + (f" ({origin or 'no folder'})" if several else "")
+        ok = [b for b in bs if b.ok]
+        best = min(ok, key=lambda b: b.final_eval_ppl) if ok else None
+        fin = [b.final_eval_ppl for b in bs if math.isfinite(b.final_eval_ppl)]
+        steps, estimated = 0, False
+        for b in bs:
+            if b.update_step is not None:
+                steps += b.update_step
+            else:
+                estimated = True
+                steps += _baseline_budget(b) or 0
+        wall, n_wall = _wall([b.wall_time_s for b in bs])
+        rows.append(
+            SideBySideRow(
+                name=name,
+                kind="baselines",
+                method=f"fixed {sched}",
+                runs=len(bs),
+                best_ppl=best.final_eval_ppl if best else math.nan,
+                best_at=best.label if best else "—",
+                best_peak_lr=best.peak_lr if best else math.nan,
+                median_ppl=statistics.median(fin) if fin else math.nan,
+                failed=tuple(b.label for b in bs if not b.ok),
+                steps=steps,
+                steps_estimated=estimated,
+                wall_s=wall,
+                wall_logged=n_wall,
+                budgets=tuple(sorted({x for x in map(_baseline_budget, bs) if x is not None})),
+                path=str(Path(bs[0].path).parent) if bs[0].path else "",
+                baselines=tuple(bs),
+            )
+        )
+    return rows
+
+
+def _budget_verdict(rows: Sequence[SideBySideRow]) -> tuple[bool, int | None, str]:
+    """Same per-run budget across rows? Rows without a single finished run have nothing to compare and are only
+    named."""
+    empty = [r.name for r in rows if not r.runs]
+    rows = [r for r in rows if r.runs]
+    tail = f" ({', '.join(empty)}: no finished runs yet.)" if empty else ""
+    if not rows:
+        return False, None, "Nothing to compare: no finished rounds or runs." + tail
+    unknown = [r.name for r in rows if not r.budgets]
+    all_budgets = sorted({b for r in rows for b in r.budgets})
+    if not unknown and len(all_budgets) == 1:
+        n = all_budgets[0]
+        return True, n, f"Same budget: every round and run in this table was planned for {n:,} training steps." + tail
+    per_row = "; ".join(f"{r.name} {', '.join(f'{b:,}' for b in r.budgets) or 'not logged'}" for r in rows)
+    if len(all_budgets) > 1:
+        head = "Budget mismatch: the rows were not planned for the same number of steps per run"
+    else:
+        head = f"Same budget not established: planned steps per run not logged for {', '.join(unknown)}"
+    return False, None, f"{head} ({per_row}); compare with care." + tail
+
+
+def side_by_side(campaigns: Sequence[tuple[str, CampaignLogs]], baselines: Sequence[BaselineResult]) -> SideBySide:
+    """Each campaign (in the given order: the main one first) and each baseline schedule group, with the verdict
+    on the per-run budget (planned steps: `total_steps`, else the `update_step` of finished runs)."""
+    rows = [campaign_row(logs, name) for name, logs in campaigns] + baseline_rows(baselines)
+    same, budget, note = _budget_verdict(rows)
+    return SideBySide(rows, same, budget, note)
+
+
+def side_by_side_table(s: SideBySide) -> Table:
+    rows = []
+    for r in s.rows:
+        failed = str(len(r.failed))
+        if 0 < len(r.failed) <= 3:
+            failed += f" ({', '.join(r.failed)})"
+        wall = fmt_duration(r.wall_s) if r.wall_s is not None else "not logged"
+        if r.wall_s is not None and r.wall_logged < r.runs:
+            wall += f" ({r.wall_logged} of {r.runs} logged)"
+        rows.append(
+            [
+                r.name,
+                r.method,
+                f"{r.runs} {'round' if r.kind == 'campaign' else 'run'}{'s' * (r.runs != 1)}",
+                fmt_ppl(r.best_ppl),
+                r.best_at,
+                fmt_ppl(r.median_ppl),
+                failed,
+                fmt_lr(r.best_peak_lr),
+                ", ".join(f"{b:,}" for b in r.budgets) or "not logged",
+                "—" if r.steps is None else f"{'≈' if r.steps_estimated else ''}{r.steps:,}",
+                wall,
+            ]
+        )
+    note = (
+        s.budget_note + " Training steps = sum of update_step over the rounds/runs (steps reached; steps redone "
+        "after rollbacks not counted; ≈ where some run did not log it). Median over runs that finished with a "
+        "perplexity; failed = rounds that failed / baseline runs that diverged."
+    )
+    return Table(
+        "Side by side: campaigns and baseline sweeps",
+        [
+            "name",
+            "controller / memory",
+            "rounds / runs",
+            "best ppl",
+            "best at",
+            "median ppl",
+            "failed / diverged",
+            "peak LR of best",
+            "steps per run",
+            "training steps",
+            "wall time",
+        ],
+        rows,
+        note,
+        align="llrrlrlrrrr",
+    )
+
+
 # ------------------------------------------------------------------------------------------------ tables
 
 
@@ -448,12 +713,18 @@ __all__ = [
     "Analysis",
     "BandSurvival",
     "HeadToHead",
+    "SideBySide",
+    "SideBySideRow",
     "Table",
     "analyse",
+    "baseline_rows",
+    "campaign_row",
     "fmt_ppl",
     "head_to_head_table",
     "phase_table",
     "rounds_table",
+    "side_by_side",
+    "side_by_side_table",
     "summary_table",
     "survival_table",
 ]
