@@ -48,7 +48,7 @@ def test_baseline_sweep_writes_one_result_per_peak(tmp_path):
         # the cosine plan reached the trainer: the LR of the last update (number 29, logged at step 30) is the formula's
         p = rec["peak_lr"]
         assert rec["lr_trajectory"][-1] == [
-            29,
+            30,
             pytest.approx(0.1 * p + 0.9 * p * 0.5 * (1 + math.cos(math.pi * 19 / 20))),
         ]
     assert "cosine" in r.stdout and "best" in r.stdout
