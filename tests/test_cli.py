@@ -66,3 +66,12 @@ def test_demo_end_to_end(tmp_path):
     assert (report / "report.html").stat().st_size > 10_000 and (report / "report.md").exists()
     assert "data:image/png;base64," in (report / "report.html").read_text()
     assert "cosine sweep" in r.stdout and "round   2" in r.stdout
+
+
+def test_trainer_config_error_is_not_retried(tmp_path):
+    # a data path that does not exist is the user's error: one line, no rollbacks at half the LR
+    r = _lrpilot("train", "--preset", "cpu-smoke", "--set", "data.source=files", "--set", "data.path=/nonexistent",
+                 "--dir", str(tmp_path / "bad"))  # fmt: skip
+    assert r.returncode == 2
+    assert "trainer refused to start" in r.stderr and "data.path" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "bad" / "runs" / "cosine_lr3e-3" / "rollbacks.jsonl").exists()

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lrpilot.errors import LrpilotError
 from lrpilot.logs import as_float, iter_jsonl
 
 
-class CampaignLogsError(ValueError):
+class CampaignLogsError(LrpilotError, ValueError):
     """A campaign or baseline path that cannot be read (the message names the path and the fix)."""
 
 

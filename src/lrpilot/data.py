@@ -49,9 +49,10 @@ import numpy as np
 import torch
 
 from lrpilot.config import DataConfig
+from lrpilot.errors import LrpilotError
 
 
-class DataError(ValueError):
+class DataError(LrpilotError, ValueError):
     """Data cannot be read or does not fit the run; the one-line message names the field and the fix."""
 
 

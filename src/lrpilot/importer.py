@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.campaign_logs import peak_from_filename
+from lrpilot.errors import LrpilotError
 from lrpilot.logs import as_float, dumps, iter_jsonl
 
 #: the campaign files an import writes, or finds in a destination that already holds a campaign
 CAMPAIGN_LOGS = ("final_results.jsonl", "decisions.jsonl", "rollbacks.jsonl", "llm_calls.jsonl", "briefs.jsonl")
 
 
-class LogImportError(ValueError):
+class LogImportError(LrpilotError, ValueError):
     """The source or destination of an import cannot be used (the message names what and the fix)."""
 
 

@@ -55,6 +55,7 @@ from lrpilot.channel import CONTROL_FILE, TELEMETRY_FILE, ControlWriter, Telemet
 from lrpilot.checkpoint import list_checkpoints, verify_checkpoint
 from lrpilot.config import RunConfig
 from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
+from lrpilot.errors import LrpilotError
 from lrpilot.logs import JsonlLog, as_float, dumps, iter_jsonl, now_iso
 
 #: fields of the published decision log, in its order
@@ -90,8 +91,9 @@ POLL_S = 0.05
 TRAJECTORY_POINTS = 500
 
 
-class SupervisorError(Exception):
-    """The round cannot be run as asked (for example a used run directory without resume=True)."""
+class SupervisorError(LrpilotError):
+    """The round cannot be run as asked (a used run directory without resume=True, or a trainer that
+    rejects its config or data before training: exit code 2 on a fresh start is not retried)."""
 
 
 @dataclass(frozen=True)
@@ -553,6 +555,15 @@ class _Round:
 
     # ------------------------------------------------------------------------------- launch
 
+    def _trainer_error(self) -> str:
+        """The trainer's own one-line error: the last non-supervisor line of trainer.log."""
+        try:
+            lines = (self.run_dir / "trainer.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "see trainer.log"
+        mine = [ln for ln in lines if ln.strip() and not ln.startswith("[supervisor")]
+        return mine[-1].strip() if mine else f"see {self.run_dir / 'trainer.log'}"
+
     def _launch(self, resume: Path | None, lr: float | None, start_step: int = 0) -> None:
         assert self.writer is not None and self.trainer_log is not None
         extra = list(self.trainer_args)
@@ -576,6 +587,7 @@ class _Round:
         self.token = f"{os.getpid()}-{self.launches}-{time.time_ns()}"
         env[LAUNCH_ENV] = self.token
         self.launch_start_step = start_step
+        self.launch_resumed = resume is not None
         self.last_step = start_step
         self.done = None
         self._note(f"launch {self.launches}: {' '.join(cmd)}")
@@ -653,6 +665,9 @@ class _Round:
                     )
                 if rc == 0:
                     raise _Crash("exit_without_done", "trainer exited 0 without a done event")
+                if rc == 2 and not self.launch_resumed and self.last_step == 0:
+                    # the trainer rejected its config, data or flags: retrying at half the LR cannot help
+                    raise SupervisorError(f"trainer refused to start: {self._trainer_error()}")
                 raise _Crash(f"exit_code_{rc}", f"trainer exited with code {rc}")
             if guard.is_hung(time.monotonic() - self.last_seen, self.g):
                 if self.done is not None:  # finished, but stuck tearing down (e.g. a collective)

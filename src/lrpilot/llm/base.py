@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lrpilot.errors import LrpilotError
 from lrpilot.logs import JsonlLog, now_iso
 
 ROLES = ("controller", "memory")
 
 
-class LLMError(RuntimeError):
+class LLMError(LrpilotError, RuntimeError):
     """An LLM backend cannot work as configured; the one-line message names what is wrong and the fix."""
 
 
