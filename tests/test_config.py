@@ -97,7 +97,9 @@ def test_cli_reports_bad_input_in_one_line():
 
 
 def test_cli_info_prints_parameter_count():
-    r = subprocess.run([sys.executable, "-m", "lrpilot", "info", "--preset", "llama_60m"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "lrpilot", "info", "--preset", "llama_60m"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert '"hidden_size": 512' in r.stdout
     assert "parameters: 58,0" in r.stdout  # HF LlamaForCausalLM with llama_60m.json: 58,073,600
