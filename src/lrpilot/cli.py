@@ -16,25 +16,15 @@ the resolved config and the keys that exist. Errors in input are one line naming
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import threading
 from pathlib import Path
 
+from lrpilot.argtypes import positive_float
 from lrpilot.config import PRESETS, ConfigError, RunConfig, load_config
 from lrpilot.errors import LrpilotError
 
 SCHEDULES = ("cosine", "d2z", "wsd", "constant")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number such as 3e-3, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str = "cpu-small") -> None:
@@ -202,9 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--dir", required=True, help="output directory (result json and the run directory)")
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="LR schedule after warmup (default cosine)")
-    p.add_argument(
-        "--peak", type=_positive_float, default=None, help="peak LR (default: the preset's schedule.init_lr)"
-    )
+    p.add_argument("--peak", type=positive_float, default=None, help="peak LR (default: the preset's schedule.init_lr)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("baseline", help="sweep a schedule over peak LRs; one result json per peak")
@@ -215,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="cosine",
         help="cosine (to 0.1x peak, the reference), d2z (linear to zero), wsd, constant",
     )
-    p.add_argument("--peaks", type=_positive_float, nargs="+", required=True, help="peak LRs, e.g. 1e-3 3e-3 1e-2")
+    p.add_argument("--peaks", type=positive_float, nargs="+", required=True, help="peak LRs, e.g. 1e-3 3e-3 1e-2")
     p.add_argument("--out", required=True, help="output directory; re-running skips finished peaks")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (each uses train.num_threads threads)")
     p.set_defaults(func=cmd_baseline)
@@ -274,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="campaign rounds (default 3)")
     p.add_argument(
         "--peaks",
-        type=_positive_float,
+        type=positive_float,
         nargs="+",
         default=[1e-3, 3e-3, 3e-2],
         help="cosine sweep peaks (default 1e-3 3e-3 3e-2: near-best, best, and where cosine collapses on cpu-small)",

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from lrpilot.argtypes import non_negative_int, positive_float, positive_int
 from lrpilot.channel import ControlReader, LRState, TelemetryWriter, warmup_lr
 from lrpilot.checkpoint import FORMAT, fingerprint, load_checkpoint, save_checkpoint
 from lrpilot.config import RunConfig
@@ -477,33 +478,6 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    v = _non_negative_int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m lrpilot.trainer",
@@ -512,10 +486,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--run-dir", required=True, help="run directory holding config.json; logs and checkpoints go here")
     p.add_argument("--resume", metavar="CKPT", help="resume exactly from this checkpoint (a checkpoints/step_*.pt)")
-    p.add_argument("--lr", type=_positive_float, help="use this LR from the (resumed) start on, clearing any plan")
+    p.add_argument("--lr", type=positive_float, help="use this LR from the (resumed) start on, clearing any plan")
     p.add_argument(
         "--min-seq",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=None,
         metavar="N",
         help="ignore control commands with seq < N (an earlier launch's); default: 0, or one past "
@@ -529,13 +503,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--stop-at-step",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="checkpoint at step N and exit 0 (tests; simulates an interrupted run)",
     )
     p.add_argument(
         "--inject-nan-at-step",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="TESTING HOOK: make the loss of the update that completes step N NaN (the step event "
         "with step N reports loss 'nan'); also LRPILOT_INJECT_NAN_AT_STEP=N",
@@ -544,7 +518,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env_nan = os.environ.get("LRPILOT_INJECT_NAN_AT_STEP", "").strip()
     if args.inject_nan_at_step is None and env_nan:
         try:
-            args.inject_nan_at_step = _positive_int(env_nan)
+            args.inject_nan_at_step = positive_int(env_nan)
         except argparse.ArgumentTypeError as e:
             p.error(f"LRPILOT_INJECT_NAN_AT_STEP: {e}")
     return args
