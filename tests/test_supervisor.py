@@ -331,7 +331,9 @@ def test_late_answers_after_an_emergency_or_a_rollback_are_logged_not_sent(tmp_p
     ctrl.release.clear()
     _interval(rnd, 30, 5.0, 9e-4)  # asked; answer held
     _interval(rnd, 40, 4.9, 9e-4)  # still out: this point is skipped
+    launch_asked = rnd.launches
     rnd.generation += 1  # as a relaunch after a crash does
+    rnd.launches += 1
     ctrl.release.set()
     rnd._on_reply(rnd.replies.get(timeout=60))
     rnd._flush_pending()
@@ -342,6 +344,7 @@ def test_late_answers_after_an_emergency_or_a_rollback_are_logged_not_sent(tmp_p
     assert [r["step"] for r in late] == [10, 30] and all(r["seq"] is None for r in late)
     assert "emergency cut at step 20" in late[0]["reasoning"] and "rolled back" in late[1]["reasoning"]
     assert late[1]["skipped_observes"] == [40] and late[0]["raw_lr_request"] == pytest.approx(4.5e-3)
+    assert late[1]["launch"] == launch_asked  # the launch that asked, not the one alive when the answer came
     assert [c["decided_at_step"] for c in read_jsonl(tmp_path / "run" / CONTROL_FILE)] == [20]  # only the cut
 
 
@@ -608,6 +611,44 @@ def test_non_blocking_controller_trains_on_and_skips_busy_observes(tmp_path):
     assert res.effect_delay_steps and min(res.effect_delay_steps) >= 12 and res.wait_s == 0.0
     # the answer for step 10 was still out at step 20 (maybe 30, depending on speed): those observes were skipped
     assert rec.of("observe_skipped") and recs[0]["step"] == 10 and recs[0]["skipped_observes"][0] == 20
+
+
+class _HeldUntilRelaunch(BaseController):
+    """Non-blocking; the answer for the first decision at `held_step` comes only after the trainer was
+    relaunched (the race in which a reply for a dead launch arrives while the new one is running)."""
+
+    name = "held-until-relaunch"
+    blocking = False
+
+    def __init__(self, held_step: int) -> None:
+        self.held_step = held_step
+        self.relaunched = threading.Event()
+        self.held = False
+
+    def on_event(self, ev: dict) -> None:
+        if ev.get("event") == "launch" and ev.get("launch_index", 0) >= 2:
+            self.relaunched.set()
+
+    def decide(self, obs: Observation) -> Decision:
+        if obs.step == self.held_step and not self.held:
+            self.held = True
+            assert self.relaunched.wait(timeout=120)
+        return Decision(lr=obs.lr, reason="hold")
+
+
+@pytest.mark.slow
+def test_a_reply_for_a_dead_launch_is_logged_under_that_launch(tmp_path):
+    cfg = smoke()
+    ctrl = _HeldUntilRelaunch(held_step=30)
+    rec = Recorder()
+    rec.hooks.append(ctrl.on_event)
+    res = run_round(cfg, tmp_path / "run", ctrl, round_logs(tmp_path), on_event=rec,
+                    trainer_args_first_launch=["--inject-nan-at-step", "35"])  # fmt: skip
+    assert res.status == "ok" and res.crash_count == 1 and ctrl.held
+    recs = check_decision_log(tmp_path / "decisions.jsonl", tmp_path / "run", cfg, blocking=False)
+    (late,) = [r for r in recs if r["kind"] == "superseded"]
+    assert late["step"] == 30 and late["launch"] == 1 and "rolled back" in late["reasoning"]
+    assert any(r["step"] == 30 and r["launch"] == 2 for r in recs)  # the new launch asked again at step 30
 
 
 @pytest.mark.slow

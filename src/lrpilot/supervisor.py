@@ -355,6 +355,7 @@ class _Point:
     trend: str
     t_observed: float  # trainer clock of the observe event
     generation: int  # launch it belongs to; an answer for an older one is stale
+    launch: int  # the launch number its record carries, even when the reply arrives after a relaunch
     skipped: list[int] = field(default_factory=list)  # later decision points skipped while it was in flight
     superseded_by: int | None = None  # step of an emergency cut made while it was in flight
 
@@ -796,6 +797,7 @@ class _Round:
             trend=_trend(prev, mean),
             t_observed=as_float(ev.get("time")),
             generation=self.generation,
+            launch=self.launches,
         )
         # the published emergency rule comes first and does not ask the controller
         emergency = guard.check_emergency(prev, mean, self.g)
@@ -923,7 +925,7 @@ class _Round:
             "wait_s": fields.pop("wait_s", 0.0),
             "seq": fields.pop("seq", None),
             "plan": fields.pop("plan", None),
-            "launch": self.launches,
+            "launch": point.launch,
             **fields,
         }
         for k, v in self.logs.extra.items():
