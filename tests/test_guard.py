@@ -363,6 +363,14 @@ def test_is_fast_crash(steps, cfg):
 
 def test_is_hung():
     assert not is_hung(600.0, DEFAULT) and is_hung(600.5, DEFAULT)
+    # before a launch's first telemetry line the (longer) start timeout applies
+    assert not is_hung(1800.0, DEFAULT, started=False) and is_hung(1800.5, DEFAULT, started=False)
+
+
+@given(silent=st.floats(0, 1e5), hang=st.floats(1e-3, 1e4), start=st.floats(1e-3, 1e4), started=st.booleans())
+def test_is_hung_uses_the_timeout_of_the_phase(silent, hang, start, started):
+    cfg = GuardConfig(hang_timeout_s=hang, start_timeout_s=start)
+    assert is_hung(silent, cfg, started=started) == (silent > (hang if started else start))
 
 
 @given(lengths=st.lists(st.integers(0, 2000), max_size=60), start=st.integers(0, 5000), cfg=guard_configs())

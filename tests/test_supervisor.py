@@ -486,6 +486,26 @@ def test_hung_trainer_is_killed_and_rolled_back(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_slow_start_is_not_a_hang_but_a_launch_that_never_starts_is(tmp_path):
+    # a first telemetry line 10 s after launch is over hang_timeout_s but within start_timeout_s: no crash
+    cfg = smoke("guard.hang_timeout_s=5", "guard.start_timeout_s=120")
+    res = run_round(cfg, tmp_path / "a" / "run", constant(cfg), round_logs(tmp_path / "a"),
+                    trainer_args_first_launch=["--inject-start-delay", "10"])  # fmt: skip
+    assert res.status == "ok" and res.crash_count == 0 and res.update_step == cfg.train.total_steps
+    # a launch that stays silent past start_timeout_s is hung: killed, and the round restarts it
+    cfg = smoke("guard.start_timeout_s=20")
+    rec = Recorder()
+    res = run_round(cfg, tmp_path / "b" / "run", constant(cfg), round_logs(tmp_path / "b"), on_event=rec,
+                    trainer_args_first_launch=["--inject-start-delay", "600"])  # fmt: skip
+    _tally(1, res.status == "ok")
+    assert res.status == "ok" and res.crash_count == 1 and res.update_step == cfg.train.total_steps
+    (rb,) = read_jsonl(tmp_path / "b" / "rollbacks.jsonl")
+    assert rb["crash_reason"] == "hang" and rb["crash_step"] == 0 and "start_timeout_s=20" in rb["crash_detail"]
+    first, _ = rec.of("launch")
+    assert_gone(first)
+
+
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_skipped_for_the_one_before(tmp_path):
     # rollback_back_steps=0: the guard wants the newest checkpoint, which we damage right before each kill
     cfg = smoke("guard.rollback_back_steps=0")

@@ -216,8 +216,11 @@ class GuardConfig:
     emergency_factor: float = 0.3
     #: a loss above this is treated as a crash (NaN/Inf always are)
     crash_loss: float = 50.0
-    #: no telemetry for this many seconds = hung trainer
+    #: no telemetry for this many seconds, once the launch has started, = hung trainer
     hang_timeout_s: float = 600.0
+    #: a launch may take this long to write its first telemetry line (imports, data preparation, process
+    #: group set-up, loading a checkpoint); a launch silent for longer is hung too
+    start_timeout_s: float = 1800.0
     #: consecutive quick crashes after which the round is given up
     max_fast_crash: int = 20
     #: a crash within this many steps of a (re)start counts as quick
@@ -231,6 +234,7 @@ class GuardConfig:
         _check(0 < self.crash_lr_factor < 1, "guard.crash_lr_factor", "must be in (0, 1)")
         _check(0 < self.emergency_factor < 1, "guard.emergency_factor", "must be in (0, 1)")
         _check(self.hang_timeout_s > 0, "guard.hang_timeout_s", "must be > 0")
+        _check(self.start_timeout_s > 0, "guard.start_timeout_s", "must be > 0")
         _check(self.max_fast_crash >= 1, "guard.max_fast_crash", "must be >= 1")
         _check(self.fast_crash_steps >= 0, "guard.fast_crash_steps", "must be >= 0")
         _check(self.emergency_jump > 0, "guard.emergency_jump", "must be > 0")
@@ -496,7 +500,12 @@ def preset_cpu_small() -> RunConfig:
         eval=EvalConfig(tokens=65_536, every=0, batch_size=32),
         checkpoint=CheckpointConfig(every=0, keep=6),
         guard=GuardConfig(
-            rollback_back_steps=150, fast_crash_steps=50, hang_timeout_s=120, emergency_loss=8.0, crash_loss=12.0
+            rollback_back_steps=150,
+            fast_crash_steps=50,
+            hang_timeout_s=120,
+            start_timeout_s=600,
+            emergency_loss=8.0,
+            crash_loss=12.0,
         ),
     )
 
@@ -522,6 +531,7 @@ def preset_cpu_smoke() -> RunConfig:
             rollback_back_steps=10,
             fast_crash_steps=10,
             hang_timeout_s=60,
+            start_timeout_s=300,
             emergency_loss=8.0,
             crash_loss=12.0,
             max_fast_crash=5,

@@ -22,7 +22,8 @@ The rules:
    published emergency rule cuts the LR x `emergency_factor` on a big loss jump or a high loss, without
    asking the controller.
 4. `is_fast_crash` / `CrashCounter`: after `max_fast_crash` consecutive quick crashes the round is given up.
-   `is_hung`: no telemetry for `hang_timeout_s` seconds means the trainer hangs.
+   `is_hung`: no telemetry for `hang_timeout_s` seconds (`start_timeout_s` before a launch's first line)
+   means the trainer hangs.
 
 Inputs that come from outside the supervisor (a controller's proposal or plan, losses from telemetry) are
 untrusted: any value, including NaN, a string or None, gives a result and a reason, never an exception.
@@ -327,9 +328,10 @@ def is_fast_crash(steps_since_start: int, cfg: GuardConfig) -> bool:
     return steps_since_start <= cfg.fast_crash_steps
 
 
-def is_hung(seconds_since_telemetry: float, cfg: GuardConfig) -> bool:
-    """No telemetry line for more than hang_timeout_s seconds: the trainer hangs (kill it, treat as a crash)."""
-    return seconds_since_telemetry > cfg.hang_timeout_s
+def is_hung(seconds_since_telemetry: float, cfg: GuardConfig, started: bool = True) -> bool:
+    """No telemetry line for more than hang_timeout_s seconds (start_timeout_s before the launch's first
+    line, which may wait for imports, data and process groups): the trainer hangs (kill it, a crash)."""
+    return seconds_since_telemetry > (cfg.hang_timeout_s if started else cfg.start_timeout_s)
 
 
 @dataclass(frozen=True)

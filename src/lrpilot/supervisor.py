@@ -670,16 +670,16 @@ class _Round:
                     # the trainer rejected its config, data or flags: retrying at half the LR cannot help
                     raise SupervisorError(f"trainer refused to start: {self._trainer_error()}")
                 raise _Crash(f"exit_code_{rc}", f"trainer exited with code {rc}")
-            if guard.is_hung(time.monotonic() - self.last_seen, self.g):
+            started = self.launch_pid is not None
+            if guard.is_hung(time.monotonic() - self.last_seen, self.g, started=started):
                 if self.done is not None:  # finished, but stuck tearing down (e.g. a collective)
                     self._note("trainer silent after its done event; killed, the run is complete")
                     _kill_launch(self.proc, self.token)
                     return
-                raise _Crash(
-                    HANG,
-                    f"no telemetry for {time.monotonic() - self.last_seen:.1f}s "
-                    f"(hang_timeout_s={self.g.hang_timeout_s:g})",
-                )
+                limit = f"hang_timeout_s={self.g.hang_timeout_s:g}"
+                if not started:
+                    limit = f"no start event yet; start_timeout_s={self.g.start_timeout_s:g}"
+                raise _Crash(HANG, f"no telemetry for {time.monotonic() - self.last_seen:.1f}s ({limit})")
             try:  # the wait between polls doubles as the wait for a non-blocking controller's reply
                 reply = self.replies.get(timeout=self.poll_s)
             except queue.Empty:

@@ -19,8 +19,9 @@ optimizer, RNG states, data position, LR state, step and the telemetry bookkeepi
 decision interval, so on CPU a resumed run reproduces the uninterrupted loss curve bit for bit.
 
 Exit codes: 0 finished (or stopped on request / at --stop-at-step), 2 bad config or usage, 1 crash.
-Testing hook: --inject-nan-at-step N (or LRPILOT_INJECT_NAN_AT_STEP=N) multiplies the loss by NaN in the
-update that completes step N, so the step event with step == N reports loss "nan" (for guard tests).
+Testing hooks: --inject-nan-at-step N (or LRPILOT_INJECT_NAN_AT_STEP=N) multiplies the loss by NaN in the
+update that completes step N, so the step event with step == N reports loss "nan" (for guard tests);
+--inject-start-delay S waits S seconds before the start event (a slow start: data, process groups).
 """
 
 from __future__ import annotations
@@ -292,6 +293,8 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
             min_seq = lr_state.seq + 1 if resume and lr_state.seq is not None else 0
         steering = Steering(ControlReader(run_dir, min_seq), lr_state, telemetry)
         steering.wait_s = wait_s
+        if args.inject_start_delay:
+            time.sleep(args.inject_start_delay)  # fault injection (a slow start), not synchronisation
         telemetry.emit(
             "start",
             start_step,
@@ -513,6 +516,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="TESTING HOOK: make the loss of the update that completes step N NaN (the step event "
         "with step N reports loss 'nan'); also LRPILOT_INJECT_NAN_AT_STEP=N",
+    )
+    p.add_argument(
+        "--inject-start-delay",
+        type=positive_float,
+        metavar="S",
+        help="TESTING HOOK: wait S seconds before the start event, as a slow data or process-group set-up would",
     )
     args = p.parse_args(argv)
     env_nan = os.environ.get("LRPILOT_INJECT_NAN_AT_STEP", "").strip()
