@@ -6,11 +6,11 @@ python -m pytest -q tests/test_replay.py
 from __future__ import annotations
 
 import math
-import random
 import sys
 import types
 
 import pytest
+from toy_loop import toy_loop
 
 from lrpilot.controllers.base import Observation, RollbackRecord
 from lrpilot.controllers.replay import ReplayController, ReplayError
@@ -161,32 +161,12 @@ def test_replay_of_a_logged_rule_round_gives_the_same_lrs(tmp_path):
     """Run the rule controller on a synthetic loss, log its decisions, replay them: the same LR per step."""
 
     def run(controller, log=None):
-        lr, work, losses, history, per_step = 1e-3, 0.0, [], [], []
-        rng = random.Random(1)
-        for step in range(TOTAL):
-            if step >= WARMUP and (step - WARMUP) % EVERY == 0:
-                recent = tuple(losses[-EVERY:])
-                history.append((step, sum(recent) / len(recent)))
-                d = controller.decide(
-                    Observation(
-                        step=step,
-                        total_steps=TOTAL,
-                        warmup_steps=WARMUP,
-                        decision_every=EVERY,
-                        lr=lr,
-                        init_lr=1e-3,
-                        recent_losses=recent,
-                        loss_history=tuple(history),
-                        lr_history=(),
-                    )
-                )
-                if log is not None:
-                    log.append({"round": 1, "step": step, "old_lr": lr, "new_lr": d.lr, "reasoning": d.reason})
-                lr = d.lr
-            cur = lr if step >= WARMUP else 1e-3 * (step + 1) / WARMUP
-            per_step.append(cur)
-            work += cur
-            losses.append(3.0 + 3.0 / (1.0 + work / 0.05) + rng.gauss(0, 0.01))
+        def record(step, old_lr, d):
+            if log is not None:
+                log.append({"round": 1, "step": step, "old_lr": old_lr, "new_lr": d.lr, "reasoning": d.reason})
+
+        per_step, _ = toy_loop(controller, total=TOTAL, warmup=WARMUP, every=EVERY, init_lr=1e-3, scale=0.05, seed=1,
+                               on_decision=record)  # fmt: skip
         return per_step
 
     with JsonlLog(tmp_path / "decisions.jsonl") as log:

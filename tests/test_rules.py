@@ -9,6 +9,7 @@ import math
 import random
 
 import pytest
+from toy_loop import toy_loop
 
 from lrpilot.config import ConfigError
 from lrpilot.controllers.base import Observation, RollbackRecord
@@ -137,32 +138,7 @@ def test_rollback_caps_the_ceiling_below_the_crash_lr():
 def test_closed_loop_climbs_then_decays_like_the_published_agent():
     """On a synthetic run whose loss falls fast early and slowly later, the defaults climb from 3e-4 to
     the ceiling within a few decisions, hold, then decay to ~1e-4 by the end."""
-    c, lr, rng = RuleController(), 3e-4, random.Random(0)
-    work, losses, lrs, history = 0.0, [], [], []
-    for step in range(TOTAL):
-        if step < WARMUP:
-            cur_lr = 3e-4 * (step + 1) / WARMUP
-        else:
-            if (step - WARMUP) % EVERY == 0:
-                recent = tuple(losses[-EVERY:])
-                history.append((step, sum(recent) / len(recent)))
-                lr = c.decide(
-                    Observation(
-                        step=step,
-                        total_steps=TOTAL,
-                        warmup_steps=WARMUP,
-                        decision_every=EVERY,
-                        lr=lr,
-                        init_lr=3e-4,
-                        recent_losses=recent,
-                        loss_history=tuple(history),
-                        lr_history=tuple(lrs),
-                    )
-                ).lr
-                lrs.append((step, lr))
-            cur_lr = lr
-        work += cur_lr
-        losses.append(3.0 + 3.0 / (1.0 + work / 0.2) + rng.gauss(0, 0.01))
+    _, lrs = toy_loop(RuleController(), total=TOTAL, warmup=WARMUP, every=EVERY, init_lr=3e-4, scale=0.2, seed=0)
     seq = [v for _, v in lrs]
     assert math.isclose(max(seq), 1e-3) and seq.index(max(seq)) <= 5
     assert all(b >= a for a, b in zip(seq[: seq.index(max(seq))], seq[1 : seq.index(max(seq)) + 1], strict=False))
