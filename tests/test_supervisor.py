@@ -28,6 +28,7 @@ from lrpilot.channel import CONTROL_FILE, TELEMETRY_FILE
 from lrpilot.config import load_config
 from lrpilot.controllers.base import BaseController, Decision, Observation
 from lrpilot.controllers.schedules import ConstantController, CosineController
+from lrpilot.launcher import launch_processes, trainer_command
 from lrpilot.logs import read_jsonl
 from lrpilot.supervisor import (
     DECISION_FIELDS,
@@ -35,9 +36,7 @@ from lrpilot.supervisor import (
     RoundLogs,
     RoundResult,
     _Round,
-    launch_processes,
     run_round,
-    trainer_command,
 )
 
 # ------------------------------------------------------------------------------------- fault tally

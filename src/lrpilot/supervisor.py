@@ -40,9 +40,7 @@ import math
 import os
 import queue
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +54,7 @@ from lrpilot.checkpoint import list_checkpoints, verify_checkpoint
 from lrpilot.config import RunConfig
 from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
 from lrpilot.errors import LrpilotError
+from lrpilot.launcher import kill_launch, start_launch, trainer_command
 from lrpilot.logs import JsonlLog, as_float, dumps, iter_jsonl, now_iso
 
 #: fields of the published decision log, in its order
@@ -157,131 +156,6 @@ class RoundResult:
             loss_trajectory=[(int(s), f(v)) for s, v in d.get("loss_trajectory") or []],
             failure_reason=d.get("failure_reason"),
         )
-
-
-# ------------------------------------------------------------------------------------ launching
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def trainer_command(
-    cfg: RunConfig,
-    run_dir: Path,
-    *,
-    resume: Path | None = None,
-    lr: float | None = None,
-    min_seq: int | None = None,
-    wait_for_decisions: bool = False,
-    extra_args: Sequence[str] = (),
-) -> tuple[list[str], dict[str, str]]:
-    """The trainer's command line and environment: plain python for one process, torchrun for several."""
-    args = ["-m", "lrpilot.trainer", "--run-dir", str(run_dir)]
-    if resume is not None:
-        args += ["--resume", str(resume)]
-    if lr is not None:
-        args += ["--lr", repr(float(lr))]
-    if min_seq is not None:
-        args += ["--min-seq", str(int(min_seq))]
-    if wait_for_decisions:
-        args.append("--wait-for-decisions")
-    args += [str(a) for a in extra_args]
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if cfg.train.num_threads > 0:
-        env.setdefault("OMP_NUM_THREADS", str(cfg.train.num_threads))
-    devices = cfg.launch.devices.strip()
-    if devices not in ("cpu", "cuda") and not devices.startswith("cpu:"):
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(x.strip() for x in devices.split(","))
-    nproc = cfg.launch.nproc
-    if nproc == 1:
-        return [sys.executable, *args], env
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-    ]
-    return [*torchrun, *args], env
-
-
-def _load_libc() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
-#: loaded in the parent: the child between fork and exec must not import anything
-_LIBC = _load_libc()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the supervisor dies, so a trainer never outlives it
-    (torchrun forwards SIGTERM to its workers)."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-#: environment variable that marks every process of one trainer launch (inherited by torchrun's workers)
-LAUNCH_ENV = "LRPILOT_LAUNCH"
-
-
-def launch_processes(token: str) -> list[int]:
-    """Live processes of the launch marked `token` (they inherit LRPILOT_LAUNCH=token). torchrun starts each
-    worker in a session of its own, so the launcher's process group does not hold them; their environment
-    does, even after the launcher died and they were orphaned. Linux (/proc) only; elsewhere []."""
-    proc_dir = Path("/proc")
-    if not token or not proc_dir.is_dir():
-        return []
-    needle = f"{LAUNCH_ENV}={token}".encode()
-    me = os.getpid()
-    out = []
-    for d in proc_dir.iterdir():
-        if not d.name.isdigit() or int(d.name) == me:
-            continue
-        try:
-            env = (d / "environ").read_bytes()
-        except OSError:  # gone, or not ours
-            continue
-        if needle in env.split(b"\0"):
-            out.append(int(d.name))
-    return out
-
-
-def _kill_launch(proc: subprocess.Popen, token: str, timeout: float = 30.0) -> None:
-    """SIGKILL every process of a trainer launch (its process group and, by token, torchrun's workers) and
-    wait until they are gone. SIGKILL also ends a stopped (SIGSTOP) process."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = launch_processes(token)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the launcher leads its own group
-            group_alive = True
-        except (ProcessLookupError, PermissionError):
-            group_alive = False
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=0.05)
-        if (proc.poll() is not None and not group_alive and not pids) or time.monotonic() > deadline:
-            return
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -468,9 +342,9 @@ class _Round:
             return result
         finally:
             if self.proc is not None and self.proc.poll() is None:
-                _kill_launch(self.proc, self.token)
+                kill_launch(self.proc, self.token)
             elif self.proc is not None:
-                _kill_launch(self.proc, self.token, timeout=5.0)  # stragglers of an exited launcher
+                kill_launch(self.proc, self.token, timeout=5.0)  # stragglers of an exited launcher
             self._drain_applied()
             self._flush_pending()
             self.wall_before += time.monotonic() - self.t0
@@ -586,21 +460,12 @@ class _Round:
             self.dead_pids.add(self.launch_pid)
         self.launch_pid = None
         self.token = f"{os.getpid()}-{self.launches}-{time.time_ns()}"
-        env[LAUNCH_ENV] = self.token
         self.launch_start_step = start_step
         self.launch_resumed = resume is not None
         self.last_step = start_step
         self.done = None
         self._note(f"launch {self.launches}: {' '.join(cmd)}")
-        self.proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self.trainer_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if _LIBC is not None else None,
-        )
+        self.proc = start_launch(cmd, env, self.token, self.trainer_log)
         self.last_seen = time.monotonic()
         self._save_round_file(resumed=self.launches > self.session_launches)
         self._emit(
@@ -674,7 +539,7 @@ class _Round:
             if guard.is_hung(time.monotonic() - self.last_seen, self.g, started=started):
                 if self.done is not None:  # finished, but stuck tearing down (e.g. a collective)
                     self._note("trainer silent after its done event; killed, the run is complete")
-                    _kill_launch(self.proc, self.token)
+                    kill_launch(self.proc, self.token)
                     return
                 limit = f"hang_timeout_s={self.g.hang_timeout_s:g}"
                 if not started:
@@ -1042,7 +907,7 @@ class _Round:
         """Kill the launch, record the crash, relaunch from the guard's checkpoint. Returns the failure
         reason when the round is given up, else None."""
         assert self.proc is not None and self.reader is not None
-        _kill_launch(self.proc, self.token)
+        kill_launch(self.proc, self.token)
         self.backlog.extend(self.reader.poll())
         self.draining = True
         try:
@@ -1241,5 +1106,4 @@ __all__ = [
     "RoundResult",
     "SupervisorError",
     "run_round",
-    "trainer_command",
 ]
