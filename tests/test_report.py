@@ -61,6 +61,9 @@ def test_report_reproduces_published_numbers(report):
         0,
     )
     assert s["1e-3..3e-3"].agent_rate == 1.0
+    # the under-trained first rounds (ppl 56.8 and 50.1 at low peaks) survived; only collapses did not
+    assert d.survival_threshold == pytest.approx(30.3698**1.3, rel=1e-4)
+    assert (s["1e-4..3e-4"].agent_rate, s["3e-4..1e-3"].agent_rate) == (1.0, 1.0)
     assert d.campaign_wall_s == pytest.approx(26.8 * 3600, rel=0.01)
     assert d.sweep_steps == 8 * 10001 and d.sweep_wall_s is None
 
@@ -327,3 +330,24 @@ def test_report_compares_campaigns_side_by_side(tmp_path):
     assert "data:image/png;base64," in (out / "report.html").read_text()
     bad = subprocess.run([*cmd, "--compare", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing" in bad.stderr
+
+
+def test_survival_is_a_loss_ratio_that_means_the_same_at_any_scale(tmp_path):
+    """Survived = finished and ln(ppl) < 1.3 x ln(best ppl). On cpu-small's scale (best 4.70) the collapsed
+    cosine at 3e-2 (9.24, 1.43x the loss) did not survive, a round at 5.95 (1.15x) did; a failed round never does.
+    """
+    from lrpilot.campaign_logs import load_baselines, load_campaign
+    from lrpilot.report.tables import analyse
+
+    camp = _campaign(tmp_path / "c", "rules", "optuna", [(4.70, 1e-3), (5.95, 2.2e-2), (float("nan"), 2.5e-2)])
+    sweep = _cosine_sweep(tmp_path / "sweep", [(3e-3, 4.87), (1e-2, 5.39), (3e-2, 9.24)])
+    a = analyse(load_campaign(camp), load_baselines([sweep]))
+    assert a.survival_threshold == pytest.approx(4.70**1.3)
+    s = {b.band: b for b in a.survival}
+    assert (s["1e-3..3e-3"].agent_survived, s["3e-3..1e-2"].baseline_survived) == (1, 1)
+    assert (s["1e-2..3e-2"].agent_survived, len(s["1e-2..3e-2"].agent_rounds), s["1e-2..3e-2"].baseline_survived) == (
+        1,
+        2,
+        1,
+    )
+    assert (s["3e-2..1e-1"].baseline_runs, s["3e-2..1e-1"].baseline_survived) == (1, 0)

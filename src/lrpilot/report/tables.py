@@ -32,8 +32,11 @@ from lrpilot.logs import as_float
 
 #: a round is catastrophic when its ppl exceeds this multiple of the campaign median
 OUTLIER_FACTOR = 3.0
-#: a run survives when it finished and its ppl is below this multiple of the best ppl in the report
-SURVIVAL_FACTOR = 2.0
+#: a run survives when it finished and its final eval loss (ln ppl) is below this multiple of the best run's
+#: loss in the report, i.e. ppl < best_ppl ** SURVIVAL_LOSS_FACTOR. A loss ratio, not a ppl ratio, because it
+#: means the same for a byte-level model (best ppl 4.7: collapse at 9.2 is 1.43x the loss) and for LLaMA-60M
+#: on C4 (best 30.4: an under-trained 57 is 1.18x, the collapsed cosine at 215 is 1.57x)
+SURVIVAL_LOSS_FACTOR = 1.3
 #: two results within this relative difference of ppl are a tie
 TIE_REL = 1e-3
 
@@ -124,7 +127,7 @@ class HeadToHead:
 
 @dataclass(frozen=True)
 class BandSurvival:
-    """Survival in one peak band: finished without failure and ppl < SURVIVAL_FACTOR x the best ppl."""
+    """Survival in one peak band: finished without failure and ln(ppl) < SURVIVAL_LOSS_FACTOR x ln(best ppl)."""
 
     band: str
     agent_rounds: tuple[int, ...]
@@ -247,7 +250,7 @@ def analyse(logs: CampaignLogs, extra_baselines: Sequence[BaselineResult] = ()) 
     h2h.sort(key=lambda h: (band_sort_key(h.band), h.baseline.peak_lr if h.baseline else 0.0))
 
     best_ppl = min([x.final_eval_ppl for x in ok_rounds] + [b.final_eval_ppl for b in ok_base], default=math.nan)
-    thr = SURVIVAL_FACTOR * best_ppl
+    thr = best_ppl**SURVIVAL_LOSS_FACTOR if best_ppl > 1 else math.nan
     bands = sorted({r.band for r in rounds} | {b.band for b in baselines}, key=band_sort_key)
     survival = []
     for band in bands:
@@ -658,8 +661,8 @@ def survival_table(a: Analysis) -> Table:
         "Survival per peak band",
         ["peak band", "agent rounds survived", "agent rate", "baseline runs survived", "baseline rate"],
         rows,
-        f"Survived = finished without failure and ppl < {SURVIVAL_FACTOR:g} x the best ppl of the report "
-        f"({fmt_ppl(a.survival_threshold)}).",
+        f"Survived = finished without failure and a final eval loss below {SURVIVAL_LOSS_FACTOR:g} x the best "
+        f"run's loss in the report (ppl < best ppl ^ {SURVIVAL_LOSS_FACTOR:g} = {fmt_ppl(a.survival_threshold)}).",
     )
 
 
