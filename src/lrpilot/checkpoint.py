@@ -177,8 +177,8 @@ def latest_checkpoint(run_dir: str | Path) -> CheckpointInfo | None:
 
 def prune_checkpoints(run_dir: str | Path, keep: int, retain_back_steps: int = 0) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints (plus, with retain_back_steps, every one newer
-    than newest - retain_back_steps and the newest at or before that), incomplete ones older than the newest complete one, and
-    leftover temporary files. Returns the deleted .pt paths."""
+    than newest - retain_back_steps and the newest at or before that), incomplete ones older than the newest
+    complete one, and leftover temporary files. Returns the deleted .pt paths."""
     infos = list_checkpoints(run_dir)
     done = [c for c in infos if c.complete]
     if not done:

@@ -3,14 +3,16 @@
     python -m pytest -q tests/test_supervisor.py
 
 `run_round` launches the trainer as a subprocess in its own process group (`python -m lrpilot.trainer`
-for one device, `torchrun` for several), follows its telemetry (RUN/telemetry.jsonl), asks the controller
-at every decision point (inline with the trainer waiting for a blocking controller, in a worker thread
-while the trainer trains on for a non-blocking one such as the LLM agent), passes each answer through the SafetyGuard (lrpilot.guard) and sends it to the
-trainer (RUN/control.jsonl). It keeps the run alive: a non-zero exit, a NaN/Inf/catastrophic loss or a
-trainer that writes no telemetry for guard.hang_timeout_s is a crash; the supervisor kills every process
-of the launch (its process group, and torchrun's workers, which torch puts in sessions of their own), rolls back to the checkpoint the guard chooses (a corrupt one is skipped for the one
-before) and relaunches with the LR at the crash x crash_lr_factor. After guard.max_fast_crash consecutive
-quick crashes the round is given up and recorded as failed.
+for one device, `torchrun` for several; lrpilot.launcher), follows its telemetry (RUN/telemetry.jsonl), asks
+the controller at every decision point (inline with the trainer waiting for a blocking controller, in a
+worker thread while the trainer trains on for a non-blocking one such as the LLM agent), passes each answer
+through the SafetyGuard (lrpilot.guard) and sends it to the trainer (RUN/control.jsonl). It keeps the run
+alive: a non-zero exit, a NaN/Inf/catastrophic loss or a trainer that writes no telemetry for
+guard.hang_timeout_s (guard.start_timeout_s before its first line) is a crash; the supervisor kills every
+process of the launch (its process group, and torchrun's workers, which torch puts in sessions of their
+own), rolls back to the checkpoint the guard chooses (a corrupt one is skipped for the one before) and
+relaunches with the LR at the crash x crash_lr_factor. After guard.max_fast_crash consecutive quick crashes
+the round is given up and recorded as failed.
 
 Records (append-only jsonl through lrpilot.logs.JsonlLog):
 - `logs.decisions`: one line per decision (published fields run_start_iso, step, loss, trend, old_lr,
