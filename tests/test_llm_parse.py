@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -15,7 +16,7 @@ from llm_servers import LlamaServer, llama_cpp_missing
 
 from lrpilot.config import AgentConfig, GuardConfig
 from lrpilot.controllers.base import DecisionRecord, Observation, RollbackRecord
-from lrpilot.controllers.llm import REPLY_SCHEMA, LLMController, parse_reply
+from lrpilot.controllers.llm import REPLY_SCHEMA, LLMController, parse_recorded_reply, parse_reply
 from lrpilot.llm.base import AuditedBackend, LLMBackend, LLMError, Reply, get_secret, make_backend, read_dotenv
 from lrpilot.llm.openai_backend import OpenAIBackend
 from lrpilot.logs import read_jsonl
@@ -89,6 +90,33 @@ def test_parse_never_raises(text):
     assert (lr is None) == (err is not None)
     assert lr is None or (math.isfinite(lr) and lr > 0)
     assert isinstance(reason, str)
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_parse_recorded_never_raises(text):
+    lr, reason, err = parse_recorded_reply(text + "[FINAL_LR]" + text[:20] + "[/FINAL_LR]")
+    assert (lr is None) == (err is not None)
+    assert lr is None or (math.isfinite(lr) and lr > 0)
+
+
+def test_parse_recorded_reads_every_published_reply():
+    """All 1230 published replies end in [FINAL_LR] x [/FINAL_LR]; the parsed value is the logged request (which the study rounded to 4 digits)."""
+    path = Path(__file__).parent / "data" / "seed-experiments" / "decisions_log_agent_60m.jsonl"
+    recs = read_jsonl(path, strict=True)
+    assert len(recs) == 1230
+    for r in recs:
+        lr, reason, err = parse_recorded_reply(r["reasoning"])
+        assert err is None and lr == pytest.approx(r["raw_lr_request"], rel=1e-3), (r["step"], r["reasoning"][-60:])
+        assert reason and "[FINAL_LR]" not in reason
+    # the last tag counts; a tag that is not a number is an error naming it; JSON replies still parse
+    assert parse_recorded_reply("[FINAL_LR] 1e-3 [/FINAL_LR] no, [FINAL_LR]2e-3[/FINAL_LR]")[0] == 2e-3
+    lr, _, err = parse_recorded_reply("[FINAL_LR] 3e-4 * 2 [/FINAL_LR]")
+    assert lr is None and "[FINAL_LR] is not a number" in err
+    assert parse_recorded_reply("[FINAL_LR] -1e-3 [/FINAL_LR]")[2] == "[FINAL_LR] must be > 0, got -0.001"
+    assert parse_recorded_reply('{"lr": 5e-4, "reason": "x"}')[:2] == (5e-4, "x")
+    # a live Controller reply must be JSON: the tag format is for logs only
+    assert parse_reply("[FINAL_LR] 3e-4 [/FINAL_LR]")[0] is None
 
 
 @given(st.floats(min_value=1e-12, max_value=1e6, allow_nan=False, allow_infinity=False), st.text(max_size=50))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import sys
-import types
 
 import pytest
 from toy_loop import toy_loop
@@ -108,18 +107,19 @@ def test_decisions_that_never_took_effect_hold():
 
 
 def test_rerun_raw_with_the_llm_controllers_parser():
-    llm = pytest.importorskip("lrpilot.controllers.llm")
-    if not hasattr(llm, "parse_reply"):
-        pytest.skip("lrpilot.controllers.llm has no parse_reply yet")
     recs = [
         {"step": 300, "new_lr": 1e-3, "raw_reply": '{"lr": 0.0015, "reason": "loss falls fast"}'},
         {"step": 400, "new_lr": 1e-3, "raw_reply": "I would raise it a lot"},  # no JSON: the parser rejects it
+        # the published study's format, in `reasoning`: free text, then the tag
+        {"step": 500, "new_lr": 1e-3, "reasoning": "Loss still falls; climb.\n[FINAL_LR] 2.0e-3 [/FINAL_LR]"},
     ]
     c = ReplayController(recs, rerun_raw=True)
     d = c.decide(obs(300, lr=1e-3))
     assert d.lr == 1.5e-3 and not d.fallback and "loss falls fast" in d.reason
     d = c.decide(obs(400, lr=1.5e-3))
     assert d.fallback and d.lr == 1.5e-3 and d.meta["parse_error"]
+    d = c.decide(obs(500, lr=1.5e-3))
+    assert d.lr == 2e-3 and not d.fallback and "climb" in d.reason and d.meta["logged_lr"] == 1e-3
 
 
 def test_from_log_picks_one_round(tmp_path):
@@ -175,32 +175,23 @@ def test_replay_of_a_logged_rule_round_gives_the_same_lrs(tmp_path):
     assert replayed == original and len(set(original[WARMUP:])) > 3
 
 
-def test_rerun_raw_feeds_replies_through_the_parser(monkeypatch):
-    # a stand-in parser with parse_reply's contract ((lr | None, reason, error)); the real one is
-    # lrpilot.controllers.llm.parse_reply, tested with its module
-    def parse_reply(text):
-        try:
-            return float(text.split("LR=")[1].split()[0]), "parsed", None
-        except (IndexError, ValueError):
-            return None, "", "no LR= in the reply"
-
-    monkeypatch.setitem(sys.modules, "lrpilot.controllers.llm", types.SimpleNamespace(parse_reply=parse_reply))
+def test_rerun_raw_keeps_the_logged_effect_delay():
     recs = [
-        {"step": 200, "new_lr": 1e-3, "raw_reply": "go up LR=2e-3 now", "effective_step": 210},
+        {"step": 200, "new_lr": 1e-3, "raw_reply": '{"lr": 2e-3, "reason": "up"}', "effective_step": 210},
         {"step": 300, "new_lr": 1e-3, "reasoning": "I think we should hold"},
     ]
     c = ReplayController(recs, rerun_raw=True)
     d = c.decide(obs(200, lr=1e-3))
     assert d.lr == 2e-3 and d.plan[-1] == (210, 2e-3) and d.meta["logged_lr"] == 1e-3 and d.raw
     d = c.decide(obs(300, lr=2e-3))
-    assert d.fallback and d.lr == 2e-3 and "no LR=" in d.reason
+    assert d.fallback and d.lr == 2e-3 and "not parsed" in d.reason
     with pytest.raises(ReplayError, match="raw_reply"):
         ReplayController([{"step": 200, "new_lr": 1e-3}], rerun_raw=True)
 
 
 def test_rerun_raw_without_the_llm_parser_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lrpilot.controllers.llm", None)  # import fails
-    with pytest.raises(ReplayError, match="parse_reply"):
+    with pytest.raises(ReplayError, match="parse_recorded_reply"):
         ReplayController([{"step": 200, "new_lr": 1e-3, "raw_reply": "x"}], rerun_raw=True)
 
 

@@ -53,23 +53,45 @@ def parse_reply(text: str) -> tuple[float | None, str, str | None]:
     reason = " ".join(reason.split())[:MAX_REASON_CHARS]
     if "lr" not in obj:
         return None, reason, f"no 'lr' field (keys: {sorted(obj)[:5]})"
-    v = obj["lr"]
+    lr, err = _check_lr(obj["lr"], "'lr'")
+    return lr, reason, err
+
+
+#: the published study's replies: free text that ends in "[FINAL_LR] 3.0e-4 [/FINAL_LR]"
+_FINAL_LR = re.compile(r"\[FINAL_LR\]([^\[\]]*)\[/FINAL_LR\]")
+
+
+def parse_recorded_reply(text: str) -> tuple[float | None, str, str | None]:
+    """parse_reply for logged replies, which come in two formats: ours (the JSON object) and the published
+    study's free text ending in `[FINAL_LR] x [/FINAL_LR]` (the last tag counts; the text before it is the
+    reason). The number gets the same checks. Used by replay (`rerun_raw`), never for a live agent: the
+    Controller's own replies must be JSON."""
+    tags = _FINAL_LR.findall(text) if isinstance(text, str) else []
+    if not tags:
+        return parse_reply(text)
+    reason = " ".join(text[: text.rfind("[FINAL_LR]")].split())[:MAX_REASON_CHARS]
+    lr, err = _check_lr(tags[-1].strip(), "[FINAL_LR]")
+    return lr, reason, err
+
+
+def _check_lr(v: Any, name: str) -> tuple[float | None, str | None]:
+    """A proposed LR as a finite positive float (a JSON number or a numeric string), or the error."""
     if isinstance(v, bool):
-        return None, reason, f"'lr' is a boolean ({v}), not a number"
+        return None, f"{name} is a boolean ({v}), not a number"
     if isinstance(v, (int, float)):
         lr = float(v)
     elif isinstance(v, str):
         s = v.strip()
         if not _NUMBER.fullmatch(s):
-            return None, reason, f"'lr' is not a number: {v[:40]!r}"
+            return None, f"{name} is not a number: {v[:40]!r}"
         lr = float(s)
     else:
-        return None, reason, f"'lr' is a {type(v).__name__}, not a number"
+        return None, f"{name} is a {type(v).__name__}, not a number"
     if not math.isfinite(lr):
-        return None, reason, f"'lr' is not finite ({v!r})"
+        return None, f"{name} is not finite ({v!r})"
     if lr <= 0:
-        return None, reason, f"'lr' must be > 0, got {lr:g}"
-    return lr, reason, None
+        return None, f"{name} must be > 0, got {lr:g}"
+    return lr, None
 
 
 def _lr(x: float) -> str:

@@ -17,8 +17,9 @@ visit); the visit number is told from the observation's rollbacks (how many roll
 step), so decide() stays a pure function of its input.
 
 `rerun_raw=True` re-feeds the recorded raw LLM replies (`raw_reply`, else `reasoning`) through the LLM
-controller's strict parser (`lrpilot.controllers.llm.parse_reply`) instead of using the logged LR:
-a regression test of the parser against real replies.
+controller's parser (`lrpilot.controllers.llm.parse_recorded_reply`: our JSON replies, or the published
+study's `[FINAL_LR] x [/FINAL_LR]` text) instead of using the logged LR: a regression test of the parser
+against real replies.
 """
 
 from __future__ import annotations
@@ -68,12 +69,12 @@ class ReplayController(BaseController):
         self._parse: Callable[[str], tuple[float | None, str, str | None]] | None = None
         if self.rerun_raw:
             try:
-                from lrpilot.controllers.llm import parse_reply
+                from lrpilot.controllers.llm import parse_recorded_reply
             except ImportError as e:
                 raise ReplayError(
-                    f"rerun_raw: needs lrpilot.controllers.llm.parse_reply, which is not available ({e})"
+                    f"rerun_raw: needs lrpilot.controllers.llm.parse_recorded_reply, which is not available ({e})"
                 ) from e
-            self._parse = parse_reply
+            self._parse = parse_recorded_reply
         #: step -> records for that step, in log order (one per visit of the step)
         self._by_step: dict[int, list[dict[str, Any]]] = {}
         for n, rec in enumerate(decisions):
