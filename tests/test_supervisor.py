@@ -484,10 +484,10 @@ def test_hung_trainer_is_killed_and_rolled_back(tmp_path):
 
 @pytest.mark.slow
 def test_a_slow_start_is_not_a_hang_but_a_launch_that_never_starts_is(tmp_path):
-    # a first telemetry line 10 s after launch is over hang_timeout_s but within start_timeout_s: no crash
-    cfg = smoke("guard.hang_timeout_s=5", "guard.start_timeout_s=120")
+    # a first telemetry line 14 s after launch is over hang_timeout_s but within start_timeout_s: no crash
+    cfg = smoke("guard.hang_timeout_s=8", "guard.start_timeout_s=120")
     res = run_round(cfg, tmp_path / "a" / "run", constant(cfg), round_logs(tmp_path / "a"),
-                    trainer_args_first_launch=["--inject-start-delay", "10"])  # fmt: skip
+                    trainer_args_first_launch=["--inject-start-delay", "14"])  # fmt: skip
     assert res.status == "ok" and res.crash_count == 0 and res.update_step == cfg.train.total_steps
     # a launch that stays silent past start_timeout_s is hung: killed, and the round restarts it
     cfg = smoke("guard.start_timeout_s=20")
