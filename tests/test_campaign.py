@@ -84,6 +84,42 @@ def test_settings_are_checked():
         CampaignSettings(preset="cpu-smoke", overrides=(), controller="llm", memory="optuna")
     with pytest.raises(ConfigError, match="--replay-from"):
         CampaignSettings(preset="cpu-smoke", overrides=(), controller="replay", memory="none")
+    with pytest.raises(ConfigError, match="use it with --controller rules"):
+        CampaignSettings(preset="cpu-smoke", overrides=(), controller="llm", memory="llm", rule_params={"ceiling": 1})
+    with pytest.raises(ConfigError, match="--rule celing: unknown parameter"):
+        CampaignSettings(preset="cpu-smoke", overrides=(), controller="rules", memory="none", rule_params={"celing": 1})
+    fixed = CampaignSettings(preset="p", overrides=(), controller="rules", memory="none", rule_params={"ceiling": 3e-2})
+    assert fixed.rules_for(3e-4).ceiling == 3e-2 and fixed.rules_for(3e-4).climb_factor == 1.5
+    with pytest.raises(ConfigError, match="rules.climb_factor"):
+        CampaignSettings(preset="p", overrides=(), controller="rules", memory="none",
+                         rule_params={"climb_factor": 5.0}).rules_for(3e-4)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_fixed_rule_params_are_used_every_round_and_left_out_of_the_search(tmp_path):
+    """`lrpilot campaign --rule NAME=VALUE`: fixed for every round, recorded, not searched by Optuna."""
+    import optuna
+
+    d = tmp_path / "camp"
+    cmd = [sys.executable, "-m", "lrpilot", "campaign", "--preset", "cpu-smoke", "--rounds", "2", "--dir", str(d),
+           "--controller", "rules", "--memory", "optuna", "--rule", "ceiling=5e-3", "--rule", "climb_factor=2",
+           *[a for o in SMOKE for a in ("--set", o)]]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    finals = _check_round_logs(d, 2, decisions_per_round=3)
+    assert all(f["rule_params"]["ceiling"] == 5e-3 and f["rule_params"]["climb_factor"] == 2.0 for f in finals)
+    assert all(f["peak_lr_seen"] <= 5e-3 * (1 + 1e-9) for f in finals)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(d / "optuna_journal.log")))
+    trials = optuna.load_study(study_name="lrpilot_rules", storage=storage).trials
+    assert len(trials) == 2 and all({"ceiling", "climb_factor"}.isdisjoint(t.params) for t in trials)
+    assert trials[1].params and finals[1]["rule_params"] != finals[0]["rule_params"]  # the rest was searched
+    assert json.loads((d / "campaign.json").read_text())["settings"]["rule_params"] == {
+        "ceiling": 5e-3,
+        "climb_factor": 2.0,
+    }
+    # another --rule value on the same directory is a different campaign: refused, naming the field
+    r = subprocess.run([*cmd[:-1], cmd[-1], "--rule", "decay_start=0.6"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "rule_params" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_changed_settings_on_an_existing_campaign_are_refused(tmp_path):
@@ -93,6 +129,7 @@ def test_changed_settings_on_an_existing_campaign_are_refused(tmp_path):
 
     d.mkdir()
     _check_settings(d, s1)
+    assert "rule_params" not in json.loads((d / "campaign.json").read_text())["settings"]  # as before --rule
     s2 = CampaignSettings(preset="cpu-smoke", overrides=(), controller="rules", memory="optuna")
     with pytest.raises(CampaignError, match="memory"):
         _check_settings(d, s2)

@@ -31,3 +31,17 @@ def positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
+
+
+def rule_param(text: str) -> tuple[str, float]:
+    """NAME=VALUE with a numeric value, e.g. "ceiling=3e-2" (the name is checked by the campaign)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE such as ceiling=3e-2, got {text!r}")
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name.strip()}: expected a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{name.strip()}: expected a finite number, got {value!r}")
+    return name.strip(), v

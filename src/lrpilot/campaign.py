@@ -9,6 +9,8 @@ Before it starts, the campaign's memory looks at the earlier rounds in DIR's log
   * `optuna` - an Optuna TPE study (stored in DIR) proposes the rule controller's parameters from the past
                rounds' final ppl: the embedded default's learner, and the honest control for the LLM memory;
   * `none`   - every round starts from the same prior.
+With the rule controller, `rule_params` (`--rule NAME=VALUE`) fixes some of its parameters: every round uses
+them, and Optuna searches only the others.
 The round's final result is appended to `DIR/final_results.jsonl`; that line is the round's commit point, so
 killing the campaign at any moment and running the same command again resumes the unfinished round from its
 checkpoint and never counts a round twice. One process at a time holds `DIR/campaign.lock`.
@@ -23,7 +25,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,8 @@ class CampaignSettings:
     model: str = ""
     replay_from: str = ""
     optuna_seed: int = 0
+    #: rule-controller parameters fixed for every round (Optuna searches only the others)
+    rule_params: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.controller not in CONTROLLERS:
@@ -63,6 +67,24 @@ class CampaignSettings:
             raise ConfigError("--memory llm writes briefs for the LLM controller: use it with --controller llm")
         if self.controller == "replay" and not self.replay_from:
             raise ConfigError("--controller replay needs --replay-from DIR (a campaign directory to re-play)")
+        if self.rule_params:
+            if self.controller != "rules":
+                raise ConfigError("--rule sets the rule controller's parameters: use it with --controller rules")
+            from lrpilot.controllers.rules import RuleParams
+
+            known = RuleParams().to_dict()
+            for name, value in self.rule_params.items():
+                if name not in known:
+                    raise ConfigError(f"--rule {name}: unknown parameter; known: {', '.join(known)}")
+                if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                    raise ConfigError(f"--rule {name}: expected a finite number, got {value!r}")
+
+    def rules_for(self, init_lr: float) -> Any:
+        """The rule controller's default parameters for a workload whose warmup ends at init_lr, with the
+        fixed ones (`rule_params`) applied; a bad value raises ConfigError naming rules.<field>."""
+        from lrpilot.controllers.rules import RuleParams
+
+        return RuleParams.for_init_lr(init_lr, **{k: float(v) for k, v in self.rule_params.items()})
 
 
 class CampaignLock:
@@ -101,6 +123,8 @@ def _check_settings(directory: Path, settings: CampaignSettings) -> None:
     path = directory / "campaign.json"
     mine = dataclasses.asdict(settings)
     mine["overrides"] = list(settings.overrides)
+    if not settings.rule_params:
+        del mine["rule_params"]  # campaigns without --rule keep the settings they were created with
     if path.exists():
         try:
             theirs = json.loads(path.read_text()).get("settings", {})
@@ -177,6 +201,8 @@ def run_campaign(
     directory = Path(directory)
     if rounds < 1:
         raise ConfigError("--rounds: must be >= 1")
+    if settings.controller == "rules":
+        settings.rules_for(cfg.schedule.init_lr)  # a bad --rule value fails here, before anything is written
     with CampaignLock(directory):
         _check_settings(directory, settings)
         done = _completed_rounds(directory)
@@ -200,9 +226,9 @@ def run_campaign(
 
 def _make_controller(cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int, params: Any):
     if settings.controller == "rules":
-        from lrpilot.controllers.rules import RuleController, RuleParams
+        from lrpilot.controllers.rules import RuleController
 
-        return RuleController(params if params is not None else RuleParams.for_init_lr(cfg.schedule.init_lr))
+        return RuleController(params if params is not None else settings.rules_for(cfg.schedule.init_lr))
     if settings.controller == "replay":
         from lrpilot.controllers.replay import ReplayController
 
@@ -220,12 +246,8 @@ def _optuna(cfg: RunConfig, directory: Path, settings: CampaignSettings):
     from lrpilot.memory.optuna_memory import OptunaMemory
 
     init_lr = cfg.schedule.init_lr
-    return OptunaMemory(
-        directory,
-        seed=settings.optuna_seed,
-        search_space=RuleParams.search_space(init_lr),
-        defaults=RuleParams.for_init_lr(init_lr),
-    )
+    space = {k: r for k, r in RuleParams.search_space(init_lr).items() if k not in settings.rule_params}
+    return OptunaMemory(directory, seed=settings.optuna_seed, search_space=space, defaults=settings.rules_for(init_lr))
 
 
 def _memory_brief(cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int) -> tuple[str, Any, dict]:
@@ -261,6 +283,8 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
             directory / "briefs.jsonl",
             {"round": r, "timestamp": now_iso(), "memory": settings.memory, "brief": brief, **extra},
         )
+    if params is None and settings.controller == "rules":
+        params = settings.rules_for(cfg.schedule.init_lr)  # recorded with the round, as Optuna's are
     controller = _make_controller(cfg, directory, settings, r, params)
     logs = RoundLogs(
         decisions=directory / "decisions.jsonl",

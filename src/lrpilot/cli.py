@@ -20,7 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
-from lrpilot.argtypes import positive_float
+from lrpilot.argtypes import positive_float, rule_param
 from lrpilot.config import PRESETS, ConfigError, RunConfig, load_config
 from lrpilot.errors import LrpilotError
 
@@ -97,6 +97,7 @@ def _campaign_settings(args: argparse.Namespace, cfg: RunConfig):
         model=cfg.agent.model if cfg.agent.backend == "openai" else (cfg.agent.local_model_path or "SmolLM2-135M"),
         replay_from=args.replay_from or "",
         optuna_seed=args.optuna_seed,
+        rule_params=dict(args.rule),
     )
 
 
@@ -236,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-model", default=None, help="Memory agent model (default: same as --model)")
     p.add_argument("--replay-from", default=None, help="for --controller replay: the campaign directory to re-play")
     p.add_argument("--optuna-seed", type=int, default=0, help="seed of the Optuna TPE sampler (--memory optuna)")
+    p.add_argument(
+        "--rule",
+        action="append",
+        type=rule_param,
+        default=[],
+        metavar="NAME=VALUE",
+        help="fix one rule-controller parameter for every round, e.g. --rule ceiling=3e-2 (repeatable; "
+        "--controller rules; with --memory optuna it is left out of the search). Names: ceiling, climb_factor, "
+        "fast_threshold, plateau_threshold, cut_factor, decay_start, final_ratio, noise_threshold, crash_margin",
+    )
     p.set_defaults(func=cmd_campaign)
 
     p = sub.add_parser("report", help="tables and figures from a campaign's logs (never imports torch)")
