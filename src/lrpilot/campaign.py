@@ -228,7 +228,7 @@ def _make_controller(cfg: RunConfig, directory: Path, settings: CampaignSettings
     if settings.controller == "rules":
         from lrpilot.controllers.rules import RuleController
 
-        return RuleController(params if params is not None else settings.rules_for(cfg.schedule.init_lr))
+        return RuleController(params)  # Optuna's proposal, or settings.rules_for (see _run_one_round)
     if settings.controller == "replay":
         from lrpilot.controllers.replay import ReplayController
 

@@ -230,8 +230,7 @@ class _Point:
     loss: float  # the interval's mean loss
     trend: str
     t_observed: float  # trainer clock of the observe event
-    generation: int  # launch it belongs to; an answer for an older one is stale
-    launch: int  # the launch number its record carries, even when the reply arrives after a relaunch
+    launch: int  # the launch it belongs to: its record carries it, and an answer for an older one is stale
     skipped: list[int] = field(default_factory=list)  # later decision points skipped while it was in flight
     superseded_by: int | None = None  # step of an emergency cut made while it was in flight
 
@@ -295,7 +294,6 @@ class _Round:
         # non-blocking controllers: one decide() in flight at a time, answered through a queue
         self.replies: queue.Queue = queue.Queue()
         self.inflight: _Point | None = None
-        self.generation = 0  # bumped on every relaunch; a reply from an older generation is stale
         self.dlog: JsonlLog | None = None
         self.sent_log: JsonlLog | None = None
         self.writer: ControlWriter | None = None
@@ -457,7 +455,6 @@ class _Round:
         )
         self.launches += 1
         self.session_launches += 1
-        self.generation += 1
         if self.launch_pid is not None:
             self.dead_pids.add(self.launch_pid)
         self.launch_pid = None
@@ -663,7 +660,6 @@ class _Round:
             loss=mean,
             trend=_trend(prev, mean),
             t_observed=as_float(ev.get("time")),
-            generation=self.generation,
             launch=self.launches,
         )
         # the published emergency rule comes first and does not ask the controller
@@ -705,7 +701,7 @@ class _Round:
         if point is self.inflight:
             self.inflight = None
         stale = None
-        if point.generation != self.generation:
+        if point.launch != self.launches:
             stale = "discarded: the trainer was rolled back before the reply arrived"
         elif point.superseded_by is not None:
             stale = f"superseded by the emergency cut at step {point.superseded_by}"
@@ -919,7 +915,7 @@ class _Round:
         finally:
             self.draining = False
         self._flush_pending()
-        self.inflight = None  # its reply, if any, is stale (generation changes on relaunch)
+        self.inflight = None  # its reply, if any, is stale (the relaunch changes self.launches)
         # a bad loss crashes at its own step (the trainer may have gone on a little before it was killed)
         crash_step = crash.step if crash.step is not None else self.last_step
         lr_used = self.lrs.get(crash_step, self.current_lr)
