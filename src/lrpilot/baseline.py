@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -78,11 +77,9 @@ def run_one(cfg: RunConfig, schedule: str, peak: float, out_dir: Path, preset: s
         "loss_trajectory": [list(p) for p in res.loss_trajectory],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    from lrpilot.logs import dumps
+    from lrpilot.logs import write_json_atomic
 
-    tmp.write_text(dumps(record) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, record)
     return record
 
 

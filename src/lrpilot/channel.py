@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lrpilot.logs import JsonlFollower, JsonlLog, iter_jsonl
+from lrpilot.logs import JsonlFollower, JsonlLog, is_positive_finite, iter_jsonl
 
 TELEMETRY_FILE = "telemetry.jsonl"
 CONTROL_FILE = "control.jsonl"
@@ -41,7 +41,7 @@ def warmup_lr(step: int, init_lr: float, warmup_steps: int) -> float:
 
 
 def _positive_lr(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not is_positive_finite(value):
         raise ValueError(f"{what}: lr must be a positive finite number, got {value!r}")
     return float(value)
 

@@ -53,6 +53,17 @@ def as_float(v: Any) -> float:
         return math.nan
 
 
+def is_positive_finite(x: Any) -> bool:
+    """A real number (not a bool) that is finite and > 0: what an LR must be."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def finite_mean(xs: Any) -> float:
+    """Mean of the finite values of xs; NaN if there are none."""
+    ys = [x for x in xs if math.isfinite(x)]
+    return sum(ys) / len(ys) if ys else math.nan
+
+
 class JsonlLog:
     """Append-only jsonl file: one object per line, flushed (and optionally fsynced) per line."""
 
@@ -90,6 +101,14 @@ class JsonlLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write one json document (as `dumps`) so that a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(dumps(obj) + "\n")
+    os.replace(tmp, path)
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:

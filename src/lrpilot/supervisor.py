@@ -57,7 +57,16 @@ from lrpilot.config import RunConfig
 from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
 from lrpilot.errors import LrpilotError
 from lrpilot.launcher import kill_launch, start_launch, trainer_command
-from lrpilot.logs import JsonlLog, as_float, dumps, iter_jsonl, now_iso
+from lrpilot.logs import (
+    JsonlLog,
+    append_jsonl,
+    as_float,
+    finite_mean,
+    is_positive_finite,
+    iter_jsonl,
+    now_iso,
+    write_json_atomic,
+)
 
 #: fields of the published decision log, in its order
 DECISION_FIELDS = (
@@ -163,11 +172,6 @@ class RoundResult:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _finite_mean(xs: Sequence[float]) -> float:
-    ys = [x for x in xs if math.isfinite(x)]
-    return sum(ys) / len(ys) if ys else math.nan
-
-
 def _trend(prev: float, cur: float) -> str:
     """'down -0.123' / 'up +0.050' / 'flat +0.000' / 'insufficient data' (interval means)."""
     if not (math.isfinite(prev) and math.isfinite(cur)):
@@ -200,16 +204,6 @@ def _sample(points: dict[int, float], n: int = TRAJECTORY_POINTS) -> list[tuple[
     return [(s, points[s]) for s in steps]
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(dumps(obj) + "\n")
-    os.replace(tmp, path)
-
-
-def _positive(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-
-
 class _Crash(Exception):
     """Internal: the current launch crashed (reason is a crash code, detail its words)."""
 
@@ -227,7 +221,6 @@ class _Point:
     """A decision point as the supervisor saw it; for a non-blocking controller also the question in flight."""
 
     obs: Observation
-    loss: float  # the interval's mean loss
     trend: str
     t_observed: float  # trainer clock of the observe event
     launch: int  # the launch it belongs to: its record carries it, and an answer for an older one is stale
@@ -337,7 +330,7 @@ class _Round:
             else:
                 self._launch_resumed()
             result = self._supervise()
-            _write_json_atomic(result_file, result.to_dict())
+            write_json_atomic(result_file, result.to_dict())
             self._emit({"event": "result", **result.to_dict()})
             return result
         finally:
@@ -384,7 +377,7 @@ class _Round:
         raise SupervisorError(f"{path}: unreadable round record; delete the run directory to start the round again")
 
     def _save_round_file(self, resumed: bool) -> None:
-        _write_json_atomic(
+        write_json_atomic(
             self.run_dir / "round.json",
             {
                 "run_start_iso": self.run_start_iso,
@@ -574,7 +567,7 @@ class _Round:
         if kind == "start":
             self.launch_start_step = step
             self.last_step = step
-            if _positive(ev.get("lr")):
+            if is_positive_finite(ev.get("lr")):
                 self.current_lr = self._in_force(float(ev["lr"]), update=step)
         elif kind == "step":
             self._on_step(step, ev)
@@ -594,15 +587,21 @@ class _Round:
         w = self.cfg.schedule.warmup_steps
         return lr * w / (update + 1) if 0 <= update < w else lr
 
-    def _on_step(self, step: int, ev: dict[str, Any]) -> None:
+    def _track_step(self, step: int, ev: dict[str, Any]) -> tuple[float, float]:
+        """Record a step event on the trajectory (live and when restoring); returns its (loss, lr)."""
         loss, lr = as_float(ev.get("loss")), as_float(ev.get("lr"))
-        self.last_step = step
         self.losses[step] = loss
-        if _positive(lr):
+        if is_positive_finite(lr):
             self.lrs[step] = lr
-            self.current_lr = self._in_force(lr, update=step - 1)
             if step > self.cfg.schedule.warmup_steps:  # update number step-1 is past the warmup
                 self.peak_lr, self.min_lr = max(self.peak_lr, lr), min(self.min_lr, lr)
+        return loss, lr
+
+    def _on_step(self, step: int, ev: dict[str, Any]) -> None:
+        loss, lr = self._track_step(step, ev)
+        self.last_step = step
+        if is_positive_finite(lr):
+            self.current_lr = self._in_force(lr, update=step - 1)
         health = guard.check_loss(loss, self.g)
         if not health.ok:
             raise _Crash(health.reason, f"step {step}: {health.detail}", step=step)
@@ -645,19 +644,23 @@ class _Round:
             round_index=self.round_index,
         )
 
-    def _on_observe(self, step: int, ev: dict[str, Any]) -> None:
+    def _track_observe(self, step: int, ev: dict[str, Any]) -> tuple[list[float], float, float]:
+        """Record a decision point on the trajectory (live and when restoring); returns (losses, mean, lr)."""
         raw = ev.get("losses")
         recent = [as_float(x) for x in raw] if isinstance(raw, list) else []
         lr = as_float(ev.get("lr"))
-        lr = lr if _positive(lr) else self.current_lr
-        mean = _finite_mean(recent)
-        prev = next((v for s, v in reversed(self.loss_history) if s < step), math.nan)
+        lr = lr if is_positive_finite(lr) else self.current_lr
+        mean = finite_mean(recent)
         self._record_point(step, mean, lr)
+        return recent, mean, lr
+
+    def _on_observe(self, step: int, ev: dict[str, Any]) -> None:
+        prev = next((v for s, v in reversed(self.loss_history) if s < step), math.nan)
+        recent, mean, lr = self._track_observe(step, ev)
         if self.draining:
             return  # the launch is dead: nobody would apply a decision
         point = _Point(
             obs=self._observation(step, lr, recent, ev),  # its history includes this decision point
-            loss=mean,
             trend=_trend(prev, mean),
             t_observed=as_float(ev.get("time")),
             launch=self.launches,
@@ -713,7 +716,9 @@ class _Round:
             fields["skipped_observes"] = list(point.skipped)
         if isinstance(decision, Decision):
             fields.update(raw_lr_request=decision.lr, raw_reply=decision.raw)
-        self._write(self._record(point, point.obs.lr, kind="superseded", reasoning=stale, **fields))
+        rec = self._record(point, point.obs.lr, kind="superseded", reasoning=stale, **fields)
+        self._write(rec)
+        self.decisions.append(rec)  # its latency counts, as it does when the round is restored from the log
 
     def _apply_decision(self, point: _Point, decision: Decision | BaseException, latency: float) -> None:
         """Guard a controller's answer and send it; an exception from decide() keeps the current LR."""
@@ -773,7 +778,7 @@ class _Round:
         rec: dict[str, Any] = {
             "run_start_iso": self.run_start_iso,
             "step": point.obs.step,
-            "loss": point.loss,
+            "loss": point.obs.loss,
             "trend": point.trend,
             "old_lr": point.obs.lr,
             "new_lr": new_lr,
@@ -854,20 +859,9 @@ class _Round:
             if kind == "start":
                 self._truncate_branch(step)
             elif kind == "step":
-                loss, lr = as_float(ev.get("loss")), as_float(ev.get("lr"))
-                self.losses[step] = loss
-                if _positive(lr):
-                    self.lrs[step] = lr
-                    if step > self.cfg.schedule.warmup_steps:
-                        self.peak_lr, self.min_lr = max(self.peak_lr, lr), min(self.min_lr, lr)
+                self._track_step(step, ev)
             elif kind == "observe":
-                raw = ev.get("losses")
-                lr = as_float(ev.get("lr"))
-                self._record_point(
-                    step,
-                    _finite_mean([as_float(x) for x in raw] if isinstance(raw, list) else []),
-                    lr if _positive(lr) else self.current_lr,
-                )
+                self._track_observe(step, ev)
             elif kind == "applied":
                 applied.setdefault(ev.get("seq"), step)
             elif kind == "eval":
@@ -921,7 +915,7 @@ class _Round:
         lr_used = self.lrs.get(crash_step, self.current_lr)
         lr_at_crash = self._in_force(lr_used, crash_step - 1) if crash_step in self.lrs else self.current_lr
         self.last_step = crash_step
-        if not _positive(lr_at_crash):
+        if not is_positive_finite(lr_at_crash):
             lr_at_crash = self.cfg.schedule.init_lr
         self.counter = self.counter.record(crash_step, self.launch_start_step)
         n = self.counter.total
@@ -1016,8 +1010,7 @@ class _Round:
         rec = {**rec, "timestamp": now_iso(), "launch": self.launches}
         for k, v in self.logs.extra.items():
             rec.setdefault(k, v)
-        with JsonlLog(self.logs.rollbacks) as log:
-            log.append(rec)
+        append_jsonl(self.logs.rollbacks, rec)
         self._emit({"event": "rollback", "source": "supervisor", **rec})
 
     # ------------------------------------------------------------------------------- result

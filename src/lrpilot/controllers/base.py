@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from lrpilot.logs import finite_mean
+
 
 @dataclass(frozen=True)
 class DecisionRecord:
@@ -73,8 +75,7 @@ class Observation:
     @property
     def loss(self) -> float:
         """Mean of the recent losses (the interval's loss), NaN if none."""
-        xs = [x for x in self.recent_losses if math.isfinite(x)]
-        return sum(xs) / len(xs) if xs else math.nan
+        return finite_mean(self.recent_losses)
 
     @property
     def steps_left(self) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 
 from lrpilot.controllers.base import BaseController, Decision, Observation
 from lrpilot.errors import LrpilotError
-from lrpilot.logs import as_float, read_jsonl
+from lrpilot.logs import as_float, is_positive_finite, read_jsonl
 
 #: record kinds written by the guard rather than by the controller
 _NOT_REPLAYED = ("emergency", "rollback")
@@ -41,10 +41,6 @@ _NOT_APPLIED = ("superseded",)
 
 class ReplayError(LrpilotError, ValueError):
     """A decisions log cannot be replayed; the message names the record or the filter and the fix."""
-
-
-def _positive(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def _int_field(rec: dict[str, Any], key: str, where: str) -> int | None:
@@ -87,7 +83,7 @@ class ReplayController(BaseController):
             if step is None:
                 raise ReplayError(f"{where}: lacks 'step'; a decisions.jsonl record needs step and new_lr")
             new_lr = as_float(rec.get("new_lr"))
-            if not _positive(new_lr):
+            if not is_positive_finite(new_lr):
                 raise ReplayError(
                     f"{where} (step {step}): 'new_lr' must be a positive number, got {rec.get('new_lr')!r}"
                 )
@@ -153,7 +149,11 @@ class ReplayController(BaseController):
         return recs[min(visit, len(recs) - 1)]
 
     def decide(self, obs: Observation) -> Decision:
-        cur = obs.lr if _positive(obs.lr) else next((x for x in (obs.init_lr, obs.floor) if _positive(x)), 1e-4)
+        cur = (
+            obs.lr
+            if is_positive_finite(obs.lr)
+            else next((x for x in (obs.init_lr, obs.floor) if is_positive_finite(x)), 1e-4)
+        )
         held = cur != obs.lr
         rec = self._record_for(obs)
         if rec is None:
@@ -177,7 +177,7 @@ class ReplayController(BaseController):
             except Exception as e:  # noqa: BLE001 - the parser must not break a replay; log it as a fallback
                 parsed, why, err = None, "", f"{e.__class__.__name__}: {e}"
             meta.update(logged_lr=new_lr, parse_error=err)
-            if parsed is None or not _positive(parsed):
+            if parsed is None or not is_positive_finite(parsed):
                 return Decision(
                     lr=cur,
                     reason=f"replay (rerun_raw) step {obs.step}: reply not parsed ({err}); hold {cur:.3e}",

@@ -42,15 +42,12 @@ from typing import Any
 
 from lrpilot.config import ConfigError
 from lrpilot.controllers.base import BaseController, Decision, Observation
+from lrpilot.logs import finite_mean, is_positive_finite
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"rules.{name}: {msg}")
-
-
-def _ok(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 @dataclass(frozen=True)
@@ -176,9 +173,9 @@ class RuleController(BaseController):
     def _ceiling(self, obs: Observation) -> tuple[float, str]:
         """Effective ceiling and why: params, the guard's ceiling, and below any LR that crashed."""
         ceil, why = self.params.ceiling, "rules ceiling"
-        if _ok(obs.ceiling) and obs.ceiling < ceil:
+        if is_positive_finite(obs.ceiling) and obs.ceiling < ceil:
             ceil, why = obs.ceiling, "guard ceiling"
-        crash_lrs = [r.lr_at_crash for r in obs.rollbacks if _ok(r.lr_at_crash)]
+        crash_lrs = [r.lr_at_crash for r in obs.rollbacks if is_positive_finite(r.lr_at_crash)]
         if crash_lrs and self.params.crash_margin * min(crash_lrs) < ceil:
             ceil = self.params.crash_margin * min(crash_lrs)
             why = f"{self.params.crash_margin:g} x crash LR {min(crash_lrs):.3e}"
@@ -187,7 +184,7 @@ class RuleController(BaseController):
     @staticmethod
     def _peak_seen(obs: Observation) -> float:
         lrs = [obs.init_lr, obs.lr] + [lr for _, lr in obs.lr_history] + [d.new_lr for d in obs.decisions]
-        return max((x for x in lrs if _ok(x)), default=math.nan)
+        return max((x for x in lrs if is_positive_finite(x)), default=math.nan)
 
     @staticmethod
     def _previous_loss(obs: Observation) -> float:
@@ -198,10 +195,10 @@ class RuleController(BaseController):
 
     def _limit(self, obs: Observation, lr: float, new: float, ceiling: float) -> float:
         """Keep `new` inside the guard's ratio band around `lr` and inside [floor, ceiling]."""
-        lo = lr * obs.min_ratio if _ok(obs.min_ratio) and obs.min_ratio <= 1 else lr * 0.5
-        hi = lr * obs.max_ratio if _ok(obs.max_ratio) and obs.max_ratio >= 1 else lr * 2.0
+        lo = lr * obs.min_ratio if is_positive_finite(obs.min_ratio) and obs.min_ratio <= 1 else lr * 0.5
+        hi = lr * obs.max_ratio if is_positive_finite(obs.max_ratio) and obs.max_ratio >= 1 else lr * 2.0
         new = min(max(new, lo), hi, ceiling)
-        if _ok(obs.floor):
+        if is_positive_finite(obs.floor):
             new = max(new, obs.floor)
         return new
 
@@ -215,8 +212,8 @@ class RuleController(BaseController):
             return Decision(lr=new, reason=f"{rule}: {reason}", fallback=fallback, meta={**meta, "rule": rule})
 
         lr = obs.lr
-        if not _ok(lr):
-            safe = next(x for x in (obs.init_lr, obs.floor, p.ceiling) if _ok(x))
+        if not is_positive_finite(lr):
+            safe = next(x for x in (obs.init_lr, obs.floor, p.ceiling) if is_positive_finite(x))
             return out("bad-lr", safe, f"current lr {lr!r} is not a positive number; fall back to {safe:.3e}", True)
 
         ceiling, ceiling_why = self._ceiling(obs)
@@ -227,7 +224,7 @@ class RuleController(BaseController):
 
         def decided(rule: str, new: float, reason: str) -> Decision:
             new = self._limit(obs, lr, new, ceiling)
-            if not _ok(new):  # only with absurd guard limits in the observation
+            if not is_positive_finite(new):  # only with absurd guard limits in the observation
                 return out(rule, lr, f"{reason}; limits give no valid LR, hold {lr:.3e}", True)
             return out(rule, new, f"{reason}: lr {lr:.3e} -> {new:.3e}" if new != lr else f"{reason}: lr {lr:.3e}")
 
@@ -238,7 +235,7 @@ class RuleController(BaseController):
         if lr > ceiling:
             return decided("over-ceiling", ceiling, f"lr above ceiling {ceiling:.3e} ({ceiling_why})")
 
-        cur = sum(finite) / len(finite) if finite else math.nan
+        cur = finite_mean(finite)
         prev = self._previous_loss(obs)
         rel = (prev - cur) / abs(prev) if math.isfinite(cur) and math.isfinite(prev) and prev != 0 else math.nan
         noise = _residual_noise(finite)
