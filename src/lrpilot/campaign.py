@@ -171,8 +171,8 @@ def summary_line(rec: dict[str, Any], best: float) -> str:
     )
 
 
-def campaign_table(directory: Path) -> str:
-    recs = sorted(_completed_rounds(Path(directory)).values(), key=lambda r: r["round"])
+def campaign_table(recs: list[dict[str, Any]]) -> str:
+    """The summary line of every round (in order) and a totals line."""
     lines, best = [], math.inf
     for rec in recs:
         p = _ppl(rec)
@@ -206,22 +206,23 @@ def run_campaign(
     with CampaignLock(directory):
         _check_settings(directory, settings)
         done = _completed_rounds(directory)
-        if settings.memory == "optuna" and done:
+        mem = _optuna(cfg, directory, settings) if settings.memory == "optuna" else None
+        if mem is not None:
             # the campaign may have died between a round's result line and telling Optuna: tell it now
-            mem = _optuna(cfg, directory, settings)
             for r, rec in done.items():
                 mem.record(r, _ppl(rec), rec.get("status") != "ok")
         best = min((_ppl(r) for r in done.values() if math.isfinite(_ppl(r))), default=math.inf)
         for r in range(1, rounds + 1):
             if r in done:
                 continue
-            rec = _run_one_round(cfg, directory, r, settings)
+            rec = _run_one_round(cfg, directory, r, settings, mem)
             done[r] = rec
             if math.isfinite(_ppl(rec)):
                 best = min(best, _ppl(rec))
             echo(summary_line(rec, best))
-        echo(campaign_table(directory))
-        return [done[r] for r in sorted(done)]
+        recs = [done[r] for r in sorted(done)]
+        echo(campaign_table(recs))
+        return recs
 
 
 def _make_controller(cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int, params: Any):
@@ -250,15 +251,16 @@ def _optuna(cfg: RunConfig, directory: Path, settings: CampaignSettings):
     return OptunaMemory(directory, seed=settings.optuna_seed, search_space=space, defaults=settings.rules_for(init_lr))
 
 
-def _memory_brief(cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int) -> tuple[str, Any, dict]:
-    """(brief text, rule params or None, record for briefs.jsonl)."""
-    if settings.memory == "optuna":
-        mem = _optuna(cfg, directory, settings)
+def _memory_brief(
+    cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int, mem: Any, prior: dict[str, Any] | None
+) -> tuple[str, Any, dict]:
+    """(brief text, rule params or None, record for briefs.jsonl). mem: the Optuna memory (--memory optuna);
+    prior: the brief already written for this round, if the round is being resumed."""
+    if mem is not None:
         params = mem.propose(r)
         text = mem.brief()
         return text, params, {"params": dataclasses.asdict(params)}
     if settings.memory == "llm":
-        prior = _brief_for(directory, r)
         if prior is not None:
             return str(prior.get("brief", "")), None, {}
         from lrpilot.campaign_logs import load_campaign
@@ -271,14 +273,15 @@ def _memory_brief(cfg: RunConfig, directory: Path, settings: CampaignSettings, r
     return "", None, {}
 
 
-def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSettings) -> dict[str, Any]:
+def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSettings, mem: Any) -> dict[str, Any]:
     from lrpilot.supervisor import RoundLogs, run_round
 
     run_dir = directory / "rounds" / f"round_{r:03d}"
     resume = run_dir.exists()
     t0 = time.time()
-    brief, params, extra = _memory_brief(cfg, directory, settings, r)
-    if _brief_for(directory, r) is None:
+    prior = _brief_for(directory, r)
+    brief, params, extra = _memory_brief(cfg, directory, settings, r, mem, prior)
+    if prior is None:
         append_jsonl(
             directory / "briefs.jsonl",
             {"round": r, "timestamp": now_iso(), "memory": settings.memory, "brief": brief, **extra},
@@ -335,8 +338,8 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
     if params is not None:
         rec["rule_params"] = dataclasses.asdict(params)
     append_jsonl(directory / "final_results.jsonl", rec)
-    if settings.memory == "optuna":
-        _optuna(cfg, directory, settings).record(r, res.final_eval_ppl, res.status != "ok")
+    if mem is not None:
+        mem.record(r, res.final_eval_ppl, res.status != "ok")
     return rec
 
 
