@@ -21,10 +21,10 @@ import threading
 from pathlib import Path
 
 from lrpilot.argtypes import positive_float, rule_param
-from lrpilot.config import PRESETS, ConfigError, RunConfig, load_config
+from lrpilot.campaign import CONTROLLERS, MEMORIES
+from lrpilot.config import PRESETS, RunConfig, load_config
+from lrpilot.controllers.schedules import SCHEDULES
 from lrpilot.errors import LrpilotError
-
-SCHEDULES = ("cosine", "d2z", "wsd", "constant")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str = "cpu-small") -> None:
@@ -147,7 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lrpilot.baseline import run_sweep, sweep_table
     from lrpilot.campaign import CampaignSettings, run_campaign
 
-    cfg = load_config(args.preset, args.overrides)
+    cfg = _config(args)
     out = Path(args.dir)
     settings = CampaignSettings(
         preset=args.preset, overrides=tuple(args.overrides), controller="rules", memory="optuna"
@@ -215,13 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, required=True, help="total rounds (finished ones are skipped)")
     p.add_argument(
         "--controller",
-        choices=("llm", "rules", "replay"),
+        choices=CONTROLLERS,
         default="rules",
         help="llm (an LLM agent), rules (no-LLM heuristic), replay (re-play another campaign)",
     )
     p.add_argument(
         "--memory",
-        choices=("llm", "optuna", "none"),
+        choices=MEMORIES,
         default=None,
         help="cross-round memory: llm brief (for llm), optuna TPE over rule parameters (for rules), "
         "none; default llm for --controller llm, optuna for rules",
@@ -287,9 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"lrpilot: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("lrpilot: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
