@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.errors import LrpilotError
+from lrpilot.logs import write_atomic
 
 #: stored in every checkpoint's state under "format"
 FORMAT = "lrpilot-checkpoint-v1"
@@ -86,16 +87,6 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _read_sidecar(pt: Path) -> tuple[dict[str, Any] | None, str]:
     side = sidecar_path(pt)
     if not side.exists():
@@ -138,7 +129,8 @@ def save_checkpoint(
     }
     os.replace(tmp, pt)
     _fsync_dir(pt.parent)
-    _write_atomic(side, (json.dumps(meta, indent=1) + "\n").encode())
+    write_atomic(side, (json.dumps(meta, indent=1) + "\n").encode(), fsync=True)
+    _fsync_dir(side.parent)
     if keep is not None:
         prune_checkpoints(run_dir, keep, retain_back_steps)
     return pt

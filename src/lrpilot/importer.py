@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -27,7 +26,7 @@ from typing import Any
 
 from lrpilot.campaign_logs import peak_from_filename
 from lrpilot.errors import LrpilotError
-from lrpilot.logs import as_float, dumps, iter_jsonl
+from lrpilot.logs import as_float, dumps, iter_jsonl, write_atomic
 
 #: the campaign files an import writes, or finds in a destination that already holds a campaign
 CAMPAIGN_LOGS = ("final_results.jsonl", "decisions.jsonl", "rollbacks.jsonl", "llm_calls.jsonl", "briefs.jsonl")
@@ -166,16 +165,6 @@ def _existing_campaign_files(dest: Path) -> list[str]:
     return found
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.import-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def import_published(src_dir: str | Path, dest_dir: str | Path, tag: str | None = None) -> ImportSummary:
     """Turn the published logs in `src_dir` into a campaign directory `dest_dir` (see the module docstring).
     `tag` picks one campaign when the source holds several (final_results_log_<tag>.jsonl). Raises
@@ -197,9 +186,12 @@ def import_published(src_dir: str | Path, dest_dir: str | Path, tag: str | None 
         return replace(summary, dest=str(dest), already=True)
     # final_results.jsonl last: until it exists the destination is not a readable campaign
     for name in sorted(todo, key=lambda n: n == "final_results.jsonl"):
-        _write_atomic(dest / name, files[name])
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(dest / name, files[name], fsync=True)
     counts = {k: getattr(summary, k) for k in ("rounds", "decisions", "rollbacks", "baselines")}
-    _write_atomic(dest / "import.json", (json.dumps({**provenance, "counts": counts}, indent=2) + "\n").encode())
+    write_atomic(
+        dest / "import.json", (json.dumps({**provenance, "counts": counts}, indent=2) + "\n").encode(), fsync=True
+    )
     return replace(summary, dest=str(dest))
 
 

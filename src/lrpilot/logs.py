@@ -103,12 +103,22 @@ class JsonlLog:
         self.close()
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write one json document (as `dumps`) so that a reader sees the old file or the new one, never half."""
+def write_atomic(path: str | Path, data: bytes, fsync: bool = False) -> None:
+    """Replace `path` with `data` so that a reader sees the old file or the new one, never half of it
+    (through PATH.tmp<pid>); fsync=True also makes the bytes durable before the rename."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(dumps(obj) + "\n")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """One json document (as `dumps`), written with `write_atomic`."""
+    write_atomic(path, (dumps(obj) + "\n").encode("utf-8"))
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
