@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lrpilot.campaign_logs import decision_applied
 from lrpilot.controllers.base import BaseController, Decision, Observation
 from lrpilot.errors import LrpilotError
 from lrpilot.logs import as_float, is_positive_finite, read_jsonl
@@ -77,7 +78,8 @@ class ReplayController(BaseController):
             where = f"{source or 'decisions'} record {n}"
             if not isinstance(rec, dict):
                 raise ReplayError(f"{where}: must be a JSON object")
-            if str(rec.get("kind", "decision")) in _NOT_REPLAYED:
+            kind = str(rec.get("kind", "decision"))
+            if kind in _NOT_REPLAYED:
                 continue
             step = _int_field(rec, "step", where)
             if step is None:
@@ -88,9 +90,7 @@ class ReplayController(BaseController):
                     f"{where} (step {step}): 'new_lr' must be a positive number, got {rec.get('new_lr')!r}"
                 )
             eff = _int_field(rec, "effective_step", where)
-            applied = str(rec.get("kind", "decision")) not in _NOT_APPLIED and not (
-                "effective_step" in rec and rec["effective_step"] is None
-            )
+            applied = kind not in _NOT_APPLIED and decision_applied(rec)
             raw = rec.get("raw_reply", rec.get("reasoning"))
             if self.rerun_raw and applied and not isinstance(raw, str):
                 raise ReplayError(f"{where} (step {step}): rerun_raw needs a 'raw_reply' or 'reasoning' string")
