@@ -40,14 +40,13 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from lrpilot.config import ConfigError
+from lrpilot import config
 from lrpilot.controllers.base import BaseController, Decision, Observation
 from lrpilot.logs import finite_mean, is_positive_finite
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"rules.{name}: {msg}")
+    config._check(cond, f"rules.{name}", msg)
 
 
 @dataclass(frozen=True)

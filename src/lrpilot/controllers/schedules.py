@@ -22,13 +22,9 @@ from abc import abstractmethod
 from dataclasses import replace
 from typing import Any
 
-from lrpilot.config import ConfigError, RunConfig
+from lrpilot.channel import warmup_lr
+from lrpilot.config import ConfigError, RunConfig, _check
 from lrpilot.controllers.base import BaseController, Decision, Observation
-
-
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}: {msg}")
 
 
 class ScheduleController(BaseController):
@@ -55,7 +51,7 @@ class ScheduleController(BaseController):
 
     def _warmup_lr(self, step: int) -> float:
         # the trainer's own warmup (docs/architecture.md), so lr_at describes the whole run
-        return self.peak_lr * (max(step, 0) + 1) / self.warmup_steps
+        return warmup_lr(max(step, 0), self.peak_lr, self.warmup_steps)
 
     def lr_at(self, step: int) -> float:
         """LR used for update number `step` (0-based) over the whole run, warmup included."""
