@@ -78,6 +78,15 @@ class LRState:
         self.decided_at_step: int | None = None
         self.applied_step: int | None = None
 
+    @property
+    def plan(self) -> tuple[tuple[int, float], ...] | None:
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: tuple[tuple[int, float], ...] | None) -> None:
+        self._plan = plan
+        self._knot_steps = [s for s, _ in plan] if plan else []  # for bisect, once per plan, not per step
+
     def lr_for(self, step: int) -> float:
         """LR for update number `step`: the plan interpolated between knots and held after the last one;
         the LR in force before the first knot or without a plan."""
@@ -87,7 +96,7 @@ class LRState:
         if step >= plan[-1][0]:
             return plan[-1][1]
         # plan[i-1] is the last knot at or before step; with duplicate steps the later knot wins
-        i = bisect_right([s for s, _ in plan], step)
+        i = bisect_right(self._knot_steps, step)
         (s0, v0), (s1, v1) = plan[i - 1], plan[i]
         if s1 == s0:
             return v1

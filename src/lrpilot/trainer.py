@@ -423,6 +423,7 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
         loss_f, grad_norm_f = loss_sum.item(), grad_norm.item()  # .item() waits for the GPU: dt is honest
         dt = time.perf_counter() - t0
         step += 1
+        at_decision = is_decision_point(step, cfg)
 
         if master:
             tokens_per_s = tokens_per_update / dt
@@ -442,9 +443,9 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
             )
             pbar.set_postfix(loss=f"{loss_f:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             pbar.update(1)
-            if is_decision_point(step, cfg):
+            if at_decision:
                 observe(step)
-        lr, stop = control(step, wait=args.wait_for_decisions and is_decision_point(step, cfg))
+        lr, stop = control(step, wait=args.wait_for_decisions and at_decision)
 
         if master and cfg.eval.every and step % cfg.eval.every == 0 and step < total:
             evaluate_now(step)
