@@ -154,8 +154,7 @@ class TelemetryWriter:
     def emit(self, event: str, step: int, **fields: Any) -> dict[str, Any]:
         """Write one event; DURABLE_EVENTS are fsync'd, the rest only flushed. Returns the record."""
         record = {"event": event, "step": int(step), "time": time.time(), "launch": self.launch, **fields}
-        self._log.fsync = event in DURABLE_EVENTS
-        self._log.append(record)
+        self._log.append(record, fsync=event in DURABLE_EVENTS)
         return record
 
     def close(self) -> None:

@@ -83,12 +83,13 @@ class JsonlLog:
                 self._f.flush()
         self._f.seek(0, os.SEEK_END)
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any], fsync: bool | None = None) -> None:
+        """Write one record as a line and flush it; fsync it too per `fsync` (None: the log's setting)."""
         line = (dumps(record) + "\n").encode("utf-8")
         with self._lock:
             self._f.write(line)
             self._f.flush()
-            if self.fsync:
+            if self.fsync if fsync is None else fsync:
                 os.fsync(self._f.fileno())
 
     def close(self) -> None:
@@ -127,6 +128,14 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         log.append(record)
 
 
+def _parse_line(raw: bytes) -> dict[str, Any]:
+    """One jsonl line as a dict; ValueError/UnicodeDecodeError when it is not a JSON object."""
+    rec = json.loads(raw.decode("utf-8"))
+    if not isinstance(rec, dict):
+        raise ValueError("not a JSON object")
+    return rec
+
+
 def iter_jsonl(path: str | Path, strict: bool = False) -> Iterator[dict[str, Any]]:
     """Records of a jsonl file. Blank lines are skipped; a corrupt line is skipped with a warning that
     names file and line (or raises ValueError when strict)."""
@@ -138,9 +147,7 @@ def iter_jsonl(path: str | Path, strict: bool = False) -> Iterator[dict[str, Any
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw.decode("utf-8"))
-                if not isinstance(rec, dict):
-                    raise ValueError("not a JSON object")
+                rec = _parse_line(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 msg = f"{p}:{n}: corrupt jsonl line skipped ({e.__class__.__name__}: {str(e)[:80]})"
                 if strict:
@@ -182,10 +189,7 @@ class JsonlFollower:
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw.decode("utf-8"))
+                out.append(_parse_line(raw))
             except (ValueError, UnicodeDecodeError):
                 warnings.warn(f"{self.path}: corrupt jsonl line skipped while following", stacklevel=2)
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
         return out
