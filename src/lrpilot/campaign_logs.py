@@ -553,6 +553,21 @@ def outlier_rounds(rounds: Sequence[RoundSummary], factor: float = 3.0) -> list[
     return [r.round for r in rounds if math.isfinite(r.final_eval_ppl) and r.final_eval_ppl > factor * med]
 
 
+def campaign_total_steps(rounds: Sequence[RoundSummary]) -> int | None:
+    """Planned steps per round: each round's logged total_steps, else the median over rounds of (last
+    decision step + decision_every) -- a round that decided late (a non-blocking decision applied after its
+    nominal step) does not get a longer run."""
+    logged = [r.total_steps for r in rounds if r.total_steps]
+    if logged:
+        return int(statistics.median(logged))
+    est = []
+    for r in rounds:
+        steps = [int(d.get("step", 0)) for d in r.decisions if isinstance(d.get("step"), (int, float))]
+        if steps and r.decision_every:
+            est.append(max(steps) + r.decision_every)
+    return int(statistics.median(est)) if est else None
+
+
 def _mean(xs: Sequence[float]) -> float:
     return statistics.fmean(xs) if xs else math.nan
 

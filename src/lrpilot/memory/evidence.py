@@ -21,7 +21,15 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lrpilot.campaign_logs import CampaignLogs, RoundSummary, bands_between, fmt_lr, peak_band, peak_band_range
+from lrpilot.campaign_logs import (
+    CampaignLogs,
+    RoundSummary,
+    bands_between,
+    campaign_total_steps,
+    fmt_lr,
+    peak_band,
+    peak_band_range,
+)
 
 MILESTONES = tuple(i / 10 for i in range(1, 11))
 #: peak LRs worth considering at all: the evidence table names the bands in here that no round tried
@@ -32,21 +40,6 @@ DIVERGED_FACTOR = 3.0
 
 def _ppl(x: float) -> str:
     return f"{x:.2f}" if math.isfinite(x) else "n/a"
-
-
-def campaign_total_steps(rounds: Sequence[RoundSummary]) -> int | None:
-    """Planned steps per round: each round's logged total_steps, else the median over rounds of (last
-    decision step + decision_every) -- a round that decided late (a non-blocking decision applied after its
-    nominal step) does not get a longer run."""
-    logged = [r.total_steps for r in rounds if r.total_steps]
-    if logged:
-        return int(statistics.median(logged))
-    est = []
-    for r in rounds:
-        steps = [int(d.get("step", 0)) for d in r.decisions if isinstance(d.get("step"), (int, float))]
-        if steps and r.decision_every:
-            est.append(max(steps) + r.decision_every)
-    return int(statistics.median(est)) if est else None
 
 
 def failed(r: RoundSummary, median_ppl: float) -> bool:

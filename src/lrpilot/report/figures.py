@@ -10,12 +10,11 @@ catastrophic round does not flatten the rest; anything above the cap is drawn at
 from __future__ import annotations
 
 import math
-import statistics
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from lrpilot.campaign_logs import BaselineResult, RoundSummary, bands_between, fmt_lr, peak_band
+from lrpilot.campaign_logs import BaselineResult, RoundSummary, bands_between, campaign_total_steps, fmt_lr, peak_band
 from lrpilot.report.tables import Analysis, SideBySide, SideBySideRow, fmt_ppl
 
 WIDTH_IN, HEIGHT_IN, DPI = 8.4, 4.8, 110  # ~920 x 530 px
@@ -228,16 +227,6 @@ def _baseline_schedule(b: BaselineResult, warmup: int, total: int) -> tuple[list
     return xs, ys, f"drawn from its peak: warmup {warmup} steps, cosine to {COSINE_MIN_RATIO:g}x peak at step {total}"
 
 
-def est_total_steps(a: Analysis) -> int | None:
-    """Planned steps of a round: logged `total_steps`, else the campaign's median of last decision step +
-    decision_every (the published logs do not record it)."""
-    logged = [r.total_steps for r in a.rounds if r.total_steps]
-    if logged:
-        return int(statistics.median(logged))
-    ends = [max(int(d.get("step", 0)) for d in r.decisions) + r.decision_every for r in a.rounds if r.decisions]
-    return int(statistics.median(ends)) if ends else None
-
-
 def _round_end(r: RoundSummary, default: int | None) -> int:
     if r.total_steps:
         return r.total_steps
@@ -270,8 +259,9 @@ def fig_lr_schedules(a: Analysis, out: Path) -> Figure:
     fig, ax = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
     # one distinct colour per role (the best and last rounds are often neighbours, so no round colour map)
     role_color = {"first": "tab:purple", "middle": "tab:blue", "best": "crimson", "last": "tab:orange"}
+    est_total = campaign_total_steps(a.rounds)
     for role, r in a.selected_rounds.items():
-        xs, ys = _round_schedule(r, est_total_steps(a))
+        xs, ys = _round_schedule(r, est_total)
         lw = 2.4 if "best" in role else 1.5
         ax.plot(
             xs,
@@ -282,7 +272,7 @@ def fig_lr_schedules(a: Analysis, out: Path) -> Figure:
         )
     notes = []
     ref = a.best_round or next(iter(a.selected_rounds.values()))
-    warmup, total = ref.warmup_steps, _round_end(ref, est_total_steps(a))
+    warmup, total = ref.warmup_steps, _round_end(ref, est_total)
     drawn = []
     if a.best_baseline is not None:
         drawn.append((a.best_baseline, "k", "--", "best "))
@@ -476,7 +466,8 @@ def fig_loss_curves(a: Analysis, out: Path) -> Figure:
                 )
     ys_all: list[float] = []
     rb_labelled = False
-    nudge = 0.012 * (est_total_steps(a) or 1)  # final-eval stars of runs that end together sit side by side
+    est_total = campaign_total_steps(a.rounds)
+    nudge = 0.012 * (est_total or 1)  # final-eval stars of runs that end together sit side by side
     for k, (r, color, label) in enumerate(shown):
         traj = r.loss_trajectory()
         if not traj:
@@ -518,7 +509,7 @@ def fig_loss_curves(a: Analysis, out: Path) -> Figure:
                 )
         if math.isfinite(r.final_eval_loss):
             ax.scatter(
-                [_round_end(r, est_total_steps(a)) + k * nudge],
+                [_round_end(r, est_total) + k * nudge],
                 [r.final_eval_loss],
                 marker="*",
                 s=140,
