@@ -89,16 +89,20 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+def strip_code_fence(text: str) -> str:
+    """`text` stripped, and without the ``` code fence (with an optional language tag) wrapping all of it."""
+    s = text.strip()
+    m = _FENCE.match(s)
+    return m.group(1).strip() if m else s
+
+
 def parse_json_object(text: str) -> dict:
     """The single JSON object in `text`, which may be wrapped in a ``` code fence and may hold raw
     newlines inside strings (llama.cpp's JSON grammar lets them through). Anything else (prose around the
     object, NaN/Infinity literals, duplicate keys, a list) raises ValueError with the reason."""
     if not isinstance(text, str):
         raise ValueError(f"reply is {type(text).__name__}, not text")
-    s = text.strip()
-    m = _FENCE.match(s)
-    if m:
-        s = m.group(1).strip()
+    s = strip_code_fence(text)
     if not s:
         raise ValueError("empty reply")
     if not s.startswith("{"):

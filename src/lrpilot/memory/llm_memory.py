@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from lrpilot.campaign_logs import CampaignLogs, fmt_lr
-from lrpilot.llm.base import LLMBackend
+from lrpilot.llm.base import LLMBackend, strip_code_fence
 from lrpilot.memory.evidence import Evidence, build_evidence
 
 log = logging.getLogger(__name__)
 
 EMPTY_BRIEF = "First round of the campaign: no earlier results. Decide from this run's own telemetry."
-_FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*\n?(.*?)\n?```$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -55,10 +54,7 @@ def limit_words(text: str, max_words: int) -> tuple[str, bool]:
 
 def clean_reply(text: str) -> str:
     """The brief inside a reply: code fence, surrounding quotes and a leading "Brief:" label removed."""
-    s = (text or "").strip()
-    m = _FENCE.match(s)
-    if m:
-        s = m.group(1).strip()
+    s = strip_code_fence(text or "")
     if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'":
         s = s[1:-1].strip()
     s = re.sub(r"^\**\s*brief\s*(?::\s*\**|\**\s*:)\s*", "", s, flags=re.IGNORECASE)
