@@ -310,8 +310,7 @@ class CampaignLogs:
         return next((r for r in self.rounds if r.round == n), None)
 
     def best_round(self) -> RoundSummary | None:
-        ok = [r for r in self.rounds if r.ok]
-        return min(ok, key=lambda r: r.final_eval_ppl) if ok else None
+        return best_round(self.rounds)
 
     def best_baseline(self, schedule: str | None = None) -> BaselineResult | None:
         ok = [b for b in self.baselines if b.ok and (schedule is None or b.schedule == schedule)]
@@ -551,6 +550,13 @@ def outlier_rounds(rounds: Sequence[RoundSummary], factor: float = 3.0) -> list[
     """Rounds whose ppl is catastrophic: > factor x the campaign median."""
     med = campaign_median(rounds)
     return [r.round for r in rounds if math.isfinite(r.final_eval_ppl) and r.final_eval_ppl > factor * med]
+
+
+def best_round(rounds: Iterable[RoundSummary]) -> RoundSummary | None:
+    """The finished round (`ok`) with the lowest final ppl; on a tie the first in the given order. None when
+    no round finished."""
+    ok = [r for r in rounds if r.ok]
+    return min(ok, key=lambda r: r.final_eval_ppl) if ok else None
 
 
 def campaign_total_steps(rounds: Sequence[RoundSummary]) -> int | None:

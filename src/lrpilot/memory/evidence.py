@@ -25,6 +25,7 @@ from lrpilot.campaign_logs import (
     CampaignLogs,
     RoundSummary,
     bands_between,
+    best_round,
     campaign_total_steps,
     fmt_lr,
     peak_band,
@@ -87,8 +88,10 @@ def round_evidence(r: RoundSummary, total_steps: int | None, best_round: int | N
 def history(logs: CampaignLogs | Sequence[RoundSummary], last: int = 10) -> list[RoundEvidence]:
     """The last `last` rounds plus the best round ever (if older), oldest first."""
     rounds = list(logs.rounds if isinstance(logs, CampaignLogs) else logs)
-    ok = [r for r in rounds if r.ok]
-    best = min(ok, key=lambda r: r.final_eval_ppl) if ok else None
+    return _history(rounds, last, best_round(rounds))
+
+
+def _history(rounds: list[RoundSummary], last: int, best: RoundSummary | None) -> list[RoundEvidence]:
     total = campaign_total_steps(rounds)
     chosen = rounds[-last:] if last > 0 else []
     if best is not None and best not in chosen:
@@ -236,7 +239,7 @@ def evidence_table(rounds: Sequence[RoundSummary], sensible: tuple[float, float]
         lo, hi = peak_band_range(rs[0].peak_lr)
         good = [r for r in rs if not failed(r, median_all)]
         vals = [r.final_eval_ppl for r in good]
-        best = min(good, key=lambda r: r.final_eval_ppl) if good else None
+        best = best_round(good)  # every round in `good` is ok
         rows.append(
             BandRow(
                 band=b,
@@ -325,11 +328,10 @@ def build_evidence(
     sensible: tuple[float, float] = SENSIBLE_RANGE,
 ) -> Evidence:
     rounds = list(logs.rounds if isinstance(logs, CampaignLogs) else logs)
-    ok = [r for r in rounds if r.ok]
-    best = min(ok, key=lambda r: r.final_eval_ppl) if ok else None
+    best = best_round(rounds)
     return Evidence(
         n_rounds=len(rounds),
-        history=tuple(history(rounds, max_cross_run_history)),
+        history=tuple(_history(rounds, max_cross_run_history, best)),
         plateau=plateau_rule(rounds, window=window, sensible=sensible),
         table=evidence_table(rounds, sensible),
         best_round=best.round if best else None,

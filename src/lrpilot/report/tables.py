@@ -23,6 +23,7 @@ from lrpilot.campaign_logs import (
     PhaseStats,
     RoundSummary,
     band_sort_key,
+    best_round,
     campaign_median,
     fmt_lr,
     outlier_rounds,
@@ -215,8 +216,7 @@ def analyse(logs: CampaignLogs, extra_baselines: Sequence[BaselineResult] = ()) 
             baselines.append(b)
     baselines.sort(key=lambda b: (b.schedule, b.peak_lr))
     med = campaign_median(rounds)
-    ok_rounds = [r for r in rounds if r.ok]
-    best = min(ok_rounds, key=lambda r: r.final_eval_ppl) if ok_rounds else None
+    best = best_round(rounds)
     ok_base = [b for b in baselines if b.ok]
     best_b = min(ok_base, key=lambda b: b.final_eval_ppl) if ok_base else None
     near = (
@@ -231,8 +231,7 @@ def analyse(logs: CampaignLogs, extra_baselines: Sequence[BaselineResult] = ()) 
     # head-to-head: each baseline against the agent's best round in its band, then agent bands with no baseline
     def best_in(band: str) -> tuple[RoundSummary | None, int]:
         inside = [r for r in rounds if r.band == band]
-        fin = [r for r in inside if r.ok]
-        return (min(fin, key=lambda r: r.final_eval_ppl) if fin else None), len(inside)
+        return best_round(inside), len(inside)
 
     h2h = []
     for b in baselines:
@@ -249,7 +248,7 @@ def analyse(logs: CampaignLogs, extra_baselines: Sequence[BaselineResult] = ()) 
         h2h.append(HeadToHead(band, None, agent, n, "no baseline"))
     h2h.sort(key=lambda h: (band_sort_key(h.band), h.baseline.peak_lr if h.baseline else 0.0))
 
-    best_ppl = min([x.final_eval_ppl for x in ok_rounds] + [b.final_eval_ppl for b in ok_base], default=math.nan)
+    best_ppl = min([x.final_eval_ppl for x in rounds if x.ok] + [b.final_eval_ppl for b in ok_base], default=math.nan)
     thr = best_ppl**SURVIVAL_LOSS_FACTOR if best_ppl > 1 else math.nan
     bands = sorted({r.band for r in rounds} | {b.band for b in baselines}, key=band_sort_key)
     survival = []
@@ -392,8 +391,7 @@ def _wall(values: Sequence[float | None]) -> tuple[float | None, int]:
 def campaign_row(logs: CampaignLogs, name: str) -> SideBySideRow:
     """The side-by-side row of one campaign."""
     rounds = list(logs.rounds)
-    ok = [r for r in rounds if r.ok]
-    best = min(ok, key=lambda r: r.final_eval_ppl) if ok else None
+    best = best_round(rounds)
     steps, estimated = 0, False
     for r in rounds:
         reached = as_float(r.raw.get("update_step"))
