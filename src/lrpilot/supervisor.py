@@ -920,8 +920,15 @@ class _Round:
         self.counter = self.counter.record(crash_step, self.launch_start_step)
         n = self.counter.total
         self._note(f"crash {n}: {crash.reason} at step {crash_step} ({crash.detail})")
-        base = {"run_start_iso": self.run_start_iso, "crash_step": crash_step, "lr_at_crash": lr_at_crash,
-                "lr_used_at_crash": lr_used}  # fmt: skip
+
+        def record(to_step: int | None, new_lr: float | None, **more: Any) -> None:
+            self._append_rollback({
+                "run_start_iso": self.run_start_iso, "crash_step": crash_step, "lr_at_crash": lr_at_crash,
+                "lr_used_at_crash": lr_used, "rolled_back_to_step": to_step, "new_lr": new_lr,
+                "crash_reason": crash.reason, "crash_count_in_run": n, "crash_detail": crash.detail,
+                "launch_start_step": self.launch_start_step, **more,
+            })  # fmt: skip
+
         if self.counter.give_up(self.g):
             fast = self.counter.consecutive_fast(self.g)
             failure = (
@@ -929,38 +936,20 @@ class _Round:
                 f"each within {self.g.fast_crash_steps} steps of its start); last: {crash.reason} at step "
                 f"{crash_step}"
             )
-            self._append_rollback(
-                {
-                    **base,
-                    "rolled_back_to_step": None,
-                    "new_lr": None,
-                    "crash_reason": crash.reason,
-                    "crash_count_in_run": n,
-                    "crash_detail": crash.detail,
-                    "gave_up": True,
-                    "launch_start_step": self.launch_start_step,
-                    "skipped_checkpoints": [],
-                }
-            )
+            record(None, None, gave_up=True, skipped_checkpoints=[])
             self._note(failure)
             return failure
 
         plan, skipped = self._choose_checkpoint(crash_step, lr_at_crash)
         new_lr = plan.new_lr if plan is not None else guard.crash_lr(lr_at_crash, self.g)
         to_step = plan.to_step if plan is not None else 0
-        rec = {
-            **base,
-            "rolled_back_to_step": to_step,
-            "new_lr": new_lr,
-            "crash_reason": crash.reason,
-            "crash_count_in_run": n,
-            "crash_detail": crash.detail,
-            "launch_start_step": self.launch_start_step,
-            "checkpoint": plan.checkpoint.path if plan is not None else None,
-            "skipped_checkpoints": skipped,
-            "rollback_reason": plan.reason if plan is not None else "no usable checkpoint: restart from step 0",
-        }
-        self._append_rollback(rec)
+        record(
+            to_step,
+            new_lr,
+            checkpoint=plan.checkpoint.path if plan is not None else None,
+            skipped_checkpoints=skipped,
+            rollback_reason=plan.reason if plan is not None else "no usable checkpoint: restart from step 0",
+        )
         self.rollbacks.append(
             RollbackRecord(
                 crash_step=crash_step,
@@ -971,10 +960,7 @@ class _Round:
             )
         )
         self._truncate_branch(to_step)
-        if plan is not None:
-            self._launch(resume=Path(plan.checkpoint.path), lr=new_lr, start_step=to_step)
-        else:
-            self._launch(resume=None, lr=new_lr, start_step=0)
+        self._launch(resume=Path(plan.checkpoint.path) if plan is not None else None, lr=new_lr, start_step=to_step)
         return None
 
     def _choose_checkpoint(self, crash_step: int, lr_at_crash: float) -> tuple[guard.RollbackPlan | None, list]:
