@@ -19,7 +19,7 @@ import os
 import re
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,19 @@ class Reply:
     latency_s: float = 0.0
     model: str = ""
     error: str | None = None
+
+    @classmethod
+    def failed(cls, error: str, latency_s: float, model: str) -> Reply:
+        """A failed call: no text, nothing parsed, no usage, `error` saying why."""
+        return cls(text="", parsed=None, usage={}, latency_s=latency_s, model=model, error=error)
+
+
+def truncation_error(finish_reason: Any, schema: dict | None, parsed: dict | None, max_tokens: int) -> str | None:
+    """The error of a reply that a schema asked JSON of, cut at max_tokens (finish_reason "length") before
+    its JSON object was complete; None for any other reply."""
+    if finish_reason == "length" and schema is not None and parsed is None:
+        return f"reply cut at max_tokens={max_tokens} before the JSON object was complete"
+    return None
 
 
 class LLMBackend(ABC):
@@ -211,14 +224,7 @@ class AuditedBackend(LLMBackend):
         try:
             reply = self.inner.generate(messages, schema)
         except Exception as e:  # a backend broke its contract; still log and still return a Reply
-            reply = Reply(
-                text="",
-                parsed=None,
-                usage={},
-                latency_s=time.time() - t0,
-                model=self.model,
-                error=f"{type(e).__name__}: {e}",
-            )
+            reply = Reply.failed(f"{type(e).__name__}: {e}", time.time() - t0, self.model)
         record = {
             "time": now_iso(),
             "role": self.role,
@@ -236,14 +242,7 @@ class AuditedBackend(LLMBackend):
         try:
             self._append(record)
         except OSError as e:  # a full disk must not stop training; say so on the reply instead
-            reply = Reply(
-                reply.text,
-                reply.parsed,
-                reply.usage,
-                reply.latency_s,
-                reply.model,
-                reply.error or f"audit log not written ({e})",
-            )
+            reply = replace(reply, error=reply.error or f"audit log not written ({e})")
         return reply
 
     def ping(self) -> None:

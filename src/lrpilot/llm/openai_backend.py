@@ -22,12 +22,14 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from lrpilot.llm.base import LLMBackend, LLMError, Reply, get_secret, try_parse
+from lrpilot.config import AgentConfig
+from lrpilot.llm.base import LLMBackend, LLMError, Reply, get_secret, truncation_error, try_parse
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
-DEFAULT_MODEL = "qwen3.6-plus-2026-04-02"
+#: the published setup, as AgentConfig's defaults say
+DEFAULT_BASE_URL = AgentConfig.base_url
+DEFAULT_MODEL = AgentConfig.model
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 #: response_format variants, most to least strict
 JSON_MODES = ("json_schema", "json_object_schema", "json_object", "none")
@@ -204,12 +206,12 @@ class OpenAIBackend(LLMBackend):
             attempt += 1
 
     def _failed(self, error: str, t0: float) -> Reply:
-        return Reply(text="", parsed=None, usage={}, latency_s=time.monotonic() - t0, model=self.model, error=error)
+        return Reply.failed(error, time.monotonic() - t0, self.model)
 
     def _reply(self, resp: Any, schema: dict | None, latency: float) -> Reply:
         choices = getattr(resp, "choices", None)
         if not choices:
-            return Reply("", None, {}, latency, self.model, f"no choices in the response from {self.base_url}")
+            return Reply.failed(f"no choices in the response from {self.base_url}", latency, self.model)
         text = choices[0].message.content or ""
         usage: dict[str, int] = {}
         u = getattr(resp, "usage", None)
@@ -219,12 +221,16 @@ class OpenAIBackend(LLMBackend):
                 if isinstance(v, int):
                     usage[k] = v
         parsed = try_parse(text) if schema is not None else None
-        error = None
-        if getattr(choices[0], "finish_reason", None) == "length" and schema is not None and parsed is None:
-            error = f"reply cut at max_tokens={self.max_tokens} before the JSON object was complete"
+        error = truncation_error(getattr(choices[0], "finish_reason", None), schema, parsed, self.max_tokens)
         return Reply(text, parsed, usage, latency, getattr(resp, "model", None) or self.model, error)
 
     # -------------------------------------------------------------------------------------- ping
+
+    def _key_rejected(self, status: int) -> LLMError:
+        return LLMError(
+            f"API key rejected by {self.base_url} (HTTP {status}, key from "
+            f"{self.key_name}); set a valid key in the environment or ./.env"
+        )
 
     def ping(self) -> None:
         oa = self._openai
@@ -245,10 +251,7 @@ class OpenAIBackend(LLMBackend):
             ) from e
         except oa.APIStatusError as e:
             if e.status_code in (401, 403):
-                raise LLMError(
-                    f"API key rejected by {self.base_url} (HTTP {e.status_code}, key from "
-                    f"{self.key_name}); set a valid key in the environment or ./.env"
-                ) from e
+                raise self._key_rejected(e.status_code) from e
             if e.status_code in (404, 405, 501):
                 return self._ping_by_chat()  # no /models route: try a 1-token completion instead
             raise LLMError(
@@ -280,10 +283,7 @@ class OpenAIBackend(LLMBackend):
         except oa.APIStatusError as e:
             msg = _status_message(e)
             if e.status_code in (401, 403):
-                raise LLMError(
-                    f"API key rejected by {self.base_url} (HTTP {e.status_code}, key from "
-                    f"{self.key_name}); set a valid key in the environment or ./.env"
-                ) from e
+                raise self._key_rejected(e.status_code) from e
             if e.status_code == 404 or "model" in msg.lower():
                 raise LLMError(f"model {self.model!r} unknown at {self.base_url} ({msg}); fix agent.model") from e
             raise LLMError(f"endpoint {self.base_url} answered HTTP {e.status_code}: {msg}") from e
