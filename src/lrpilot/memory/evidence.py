@@ -79,7 +79,7 @@ def round_evidence(r: RoundSummary, total_steps: int | None, best_round: int | N
         crashes=r.crash_count,
         final_ppl=r.final_eval_ppl,
         ok=r.ok,
-        band=peak_band(r.peak_lr),
+        band=r.band,
         lr_at_milestones=lrs,
         best=r.round == best_round,
     )
@@ -172,7 +172,7 @@ def plateau_rule(
     center = math.exp(sum(math.log(p) for p in peaks) / len(peaks))
     lo, hi = sensible
     cands = tuple(c for c in (center * 10, center / 10) if lo * (1 - 1e-9) <= c <= hi * (1 + 1e-9))
-    tried = [peak_band(r.peak_lr) for r in rounds]
+    tried = [r.band for r in rounds]
 
     def _where(c: float) -> str:
         n = tried.count(peak_band(c))
@@ -229,7 +229,7 @@ def evidence_table(rounds: Sequence[RoundSummary], sensible: tuple[float, float]
     groups: dict[str, list[RoundSummary]] = {}
     unknown = []
     for r in rounds:
-        b = peak_band(r.peak_lr)
+        b = r.band
         if b == "n/a":
             unknown.append(r.round)
             continue

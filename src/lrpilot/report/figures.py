@@ -14,7 +14,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from lrpilot.campaign_logs import BaselineResult, RoundSummary, bands_between, campaign_total_steps, fmt_lr, peak_band
+from lrpilot.campaign_logs import (
+    BaselineResult,
+    RoundSummary,
+    band_sort_key,
+    bands_between,
+    campaign_total_steps,
+    fmt_lr,
+    peak_band,
+)
 from lrpilot.report.tables import Analysis, SideBySide, SideBySideRow, fmt_ppl
 
 WIDTH_IN, HEIGHT_IN, DPI = 8.4, 4.8, 110  # ~920 x 530 px
@@ -111,7 +119,7 @@ def fig_ppl_per_round(a: Analysis, out: Path) -> Figure:
 
     cap = ppl_cap(a)
     fig, ax = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
-    bands = sorted({r.band for r in rounds}, key=lambda b: float(b.split("..")[0]) if b != "n/a" else math.inf)
+    bands = sorted({r.band for r in rounds}, key=band_sort_key)
     colors = _band_colors(bands)
     xs = [r.round for r in rounds]
     ys = [min(r.final_eval_ppl, cap) if math.isfinite(r.final_eval_ppl) else math.nan for r in rounds]
