@@ -17,19 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from lrpilot.campaign_logs import fmt_lr
 from lrpilot.config import RunConfig
 
 
 def format_lr(lr: float) -> str:
-    """Compact LR for file names, as the published logs spell them: 0.001 -> 1e-3, 0.0035 -> 3.5e-3."""
+    """Compact LR for file names, as the published logs spell them: 0.001 -> 1e-3, 0.0035 -> 3.5e-3
+    (lrpilot.campaign_logs.fmt_lr with 6 significant digits at most, so that nearby peaks get their own file)."""
     if lr <= 0 or not math.isfinite(lr):
         raise ValueError(f"peak LR must be a positive number, got {lr!r}")
-    exp = math.floor(math.log10(lr))
-    mant = round(lr / 10**exp, 6)
-    if mant >= 10:  # rounding carried over
-        mant, exp = mant / 10, exp + 1
-    m = f"{mant:g}"
-    return f"{m}e{exp}"
+    return fmt_lr(float(lr), digits=6)
 
 
 def result_path(out_dir: Path, schedule: str, peak: float) -> Path:

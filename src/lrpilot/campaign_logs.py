@@ -34,13 +34,14 @@ class CampaignLogsError(LrpilotError, ValueError):
 # --------------------------------------------------------------------------------------------- formatting
 
 
-def fmt_lr(lr: float) -> str:
-    """Compact LR as the published file names spell it: 0.01 -> "1e-2", 0.0035 -> "3.5e-3" (3 significant
-    digits at most); non-positive or non-finite -> "n/a"."""
+def fmt_lr(lr: float, digits: int = 2) -> str:
+    """Compact LR as the published file names spell it: 0.01 -> "1e-2", 0.0035 -> "3.5e-3" (the mantissa
+    rounded to `digits` decimals: 3 significant digits at most by default); non-positive or non-finite ->
+    "n/a"."""
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         return "n/a"
     exp = math.floor(math.log10(lr))
-    mant = round(lr / 10**exp, 2)
+    mant = round(lr / 10**exp, digits)
     if mant >= 10:  # rounding carried over (9.996 -> 10.0)
         mant, exp = mant / 10, exp + 1
     return f"{mant:g}e{exp}"
