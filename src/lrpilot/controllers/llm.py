@@ -102,7 +102,7 @@ def _lr(x: float) -> str:
 
 
 def _loss(x: float) -> str:
-    return f"{x:.3f}" if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
+    return f"{x:.3f}"  # non-finite: nan, inf, -inf
 
 
 def _finite(xs: Any) -> list[float]:
@@ -148,11 +148,9 @@ class LLMController(BaseController):
         self.dense_samples = dense_samples
         self.max_history = max_history
         self.max_decisions = max_decisions
-        self.round_index = 0
         self.memory_brief = ""
 
     def start_round(self, round_index: int = 0, memory_brief: str = "") -> None:
-        self.round_index = round_index
         self.memory_brief = memory_brief
 
     def describe(self) -> dict[str, Any]:

@@ -90,7 +90,6 @@ class LLMMemory:
 
     def __init__(self, backend: LLMBackend, agent_cfg: Any) -> None:
         self.backend = backend
-        self.agent = agent_cfg
         self.max_words = int(getattr(agent_cfg, "brief_words", 150))
         self.max_history = int(getattr(agent_cfg, "max_cross_run_history", 10))
 
