@@ -18,7 +18,7 @@ import math
 import re
 import statistics
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,10 +316,6 @@ class CampaignLogs:
     def best_baseline(self, schedule: str | None = None) -> BaselineResult | None:
         ok = [b for b in self.baselines if b.ok and (schedule is None or b.schedule == schedule)]
         return min(ok, key=lambda b: b.final_eval_ppl) if ok else None
-
-    def iter_llm_calls(self) -> Iterator[dict[str, Any]]:
-        """The LLM call log, streamed (it holds full prompts, so it is not loaded up front)."""
-        return iter_jsonl(Path(self.path) / "llm_calls.jsonl")
 
 
 # ------------------------------------------------------------------------------------------- loading

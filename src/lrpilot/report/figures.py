@@ -21,7 +21,6 @@ from lrpilot.campaign_logs import (
     bands_between,
     campaign_total_steps,
     fmt_lr,
-    peak_band,
 )
 from lrpilot.report.tables import Analysis, SideBySide, SideBySideRow, fmt_ppl
 
@@ -706,4 +705,4 @@ def all_figures(a: Analysis, out: Path) -> list[Figure]:
     ]
 
 
-__all__ = ["Figure", "all_figures", "cosine_curve", "fig_side_by_side", "peak_band", "ppl_cap", "safe_figure"]
+__all__ = ["Figure", "all_figures", "cosine_curve", "fig_side_by_side", "ppl_cap", "safe_figure"]

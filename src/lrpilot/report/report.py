@@ -58,13 +58,6 @@ class ReportData(Analysis):
     def phase_means(self) -> list[float]:
         return [p.mean for p in self.phases]
 
-    @property
-    def phase_means_without_outliers(self) -> list[float]:
-        return [p.mean_without_outliers for p in self.phases]
-
-    def figure_paths(self) -> list[Path]:
-        return [f.path for f in self.figures if f.path is not None]
-
 
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1000px; margin: 2em auto;
