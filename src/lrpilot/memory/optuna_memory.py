@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +81,7 @@ class OptunaMemory:
         highs = {n: r.high for n, r in self.search_space.items()}
         for corner in (lows, highs, {**lows, "plateau_threshold": highs.get("plateau_threshold", 0.0)}):
             try:
-                RuleParams(**{**self.defaults.to_dict(), **corner})
+                replace(self.defaults, **corner)
             except LrpilotError as e:
                 raise OptunaMemoryError(f"search_space: its corner {corner} is not a valid RuleParams ({e})") from e
 
@@ -98,8 +100,8 @@ class OptunaMemory:
         )
 
     @staticmethod
-    def _trial_of(study: optuna.Study, round_index: int) -> optuna.trial.FrozenTrial | None:
-        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("round_index") == round_index]
+    def _trial_of(trials: Sequence[optuna.trial.FrozenTrial], round_index: int) -> optuna.trial.FrozenTrial | None:
+        mine = [t for t in trials if t.user_attrs.get("round_index") == round_index]
         return mine[-1] if mine else None
 
     def _params_of(self, trial: optuna.trial.BaseTrial) -> RuleParams:
@@ -108,7 +110,7 @@ class OptunaMemory:
             warnings.simplefilter("ignore")
             for name, r in self.search_space.items():
                 values[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
-        return RuleParams(**{**self.defaults.to_dict(), **values})
+        return replace(self.defaults, **values)
 
     # ------------------------------------------------------------------------------------------- API
 
@@ -116,11 +118,11 @@ class OptunaMemory:
         """The rule parameters for round `round_index`; the same ones again if asked again for that round."""
         study = self._study(round_index)
         trials = study.get_trials(deepcopy=False)
-        old = self._trial_of(study, round_index)
+        old = self._trial_of(trials, round_index)
         if old is not None:
             if old.state == TrialState.RUNNING:  # killed after propose: same trial, missing params filled in
                 return self._params_of(optuna.trial.Trial(study, old._trial_id))
-            return RuleParams(**{**self.defaults.to_dict(), **old.params})
+            return replace(self.defaults, **old.params)
         for t in trials:  # killed between ask and set_user_attr: that trial has no round, close it
             if t.state == TrialState.RUNNING and "round_index" not in t.user_attrs:
                 study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -135,7 +137,7 @@ class OptunaMemory:
         """Tell the study how round `round_index` went. Failed, diverged or ppl-less rounds are told as
         FAILED_PPL with user attr failed=True. Recording a round twice keeps the first result."""
         study = self._study(round_index)
-        trial = self._trial_of(study, round_index)
+        trial = self._trial_of(study.get_trials(deepcopy=False), round_index)
         if trial is None:
             raise OptunaMemoryError(
                 f"record: round {round_index} was never proposed; call propose({round_index}) first"
