@@ -19,6 +19,9 @@ from typing import Any
 
 from lrpilot.campaign_logs import fmt_lr
 from lrpilot.config import RunConfig
+from lrpilot.errors import writing
+from lrpilot.locks import DirLock
+from lrpilot.logs import write_json_atomic
 
 
 def format_lr(lr: float) -> str:
@@ -34,26 +37,40 @@ def result_path(out_dir: Path, schedule: str, peak: float) -> Path:
 
 
 def run_one(cfg: RunConfig, schedule: str, peak: float, out_dir: Path, preset: str = "") -> dict[str, Any]:
-    """Run (or resume, or skip if done) one baseline run and write its result json."""
-    from lrpilot.controllers.schedules import baseline_config, make_schedule
-    from lrpilot.supervisor import RoundLogs, run_round
-
+    """Run (or resume, or skip if done) one baseline run and write its result json. The run holds
+    OUT/runs/NAME/run.lock (lrpilot.locks.DirLock): a second process on the same run is refused with
+    DirInUseError naming the holder; runs of other peaks are independent."""
     out_dir = Path(out_dir)
     path = result_path(out_dir, schedule, peak)
+    run_dir = out_dir / "runs" / path.stem
     if path.exists():
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError:
-            path.rename(path.with_suffix(".json.corrupt"))  # keep it for inspection; run again
+            pass  # renamed (kept for inspection) and run again, under the run's lock
+    # one writer per run: a second process on the same peak (and --out) is refused, naming this one
+    with DirLock(run_dir, what="another run", hint="wait for it to finish or use another --out/--dir"):
+        return _run_locked(cfg, schedule, peak, path, run_dir, preset)
+
+
+def _run_locked(cfg: RunConfig, schedule: str, peak: float, path: Path, run_dir: Path, preset: str) -> dict[str, Any]:
+    from lrpilot.controllers.schedules import baseline_config, make_schedule
+    from lrpilot.supervisor import RoundLogs, run_round
+
+    if path.exists():  # finished by another process while this one was starting
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            with writing(path):
+                path.rename(path.with_suffix(".json.corrupt"))  # keep it for inspection; run again
     bcfg = baseline_config(cfg, schedule, peak)
-    run_dir = out_dir / "runs" / path.stem
     controller = make_schedule(schedule, peak, bcfg)
     logs = RoundLogs(
         decisions=run_dir / "decisions.jsonl",
         rollbacks=run_dir / "rollbacks.jsonl",
         extra={"schedule": schedule, "peak_lr": peak},
     )
-    res = run_round(bcfg, run_dir, controller, logs, resume=run_dir.exists())
+    res = run_round(bcfg, run_dir, controller, logs, resume=True)  # a used run dir is resumed
     record = {
         "final_eval_loss": res.final_eval_loss,
         "final_eval_ppl": res.final_eval_ppl,
@@ -73,9 +90,6 @@ def run_one(cfg: RunConfig, schedule: str, peak: float, out_dir: Path, preset: s
         "lr_trajectory": [list(p) for p in res.lr_trajectory],
         "loss_trajectory": [list(p) for p in res.loss_trajectory],
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from lrpilot.logs import write_json_atomic
-
     write_json_atomic(path, record)
     return record
 
@@ -88,7 +102,8 @@ def run_sweep(
 
     make_schedule(schedule, peaks[0], cfg)  # fail fast on an unknown schedule name
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     if jobs <= 1:
         return [run_one(cfg, schedule, p, out_dir, preset) for p in peaks]
     with ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -19,7 +19,6 @@ checkpoint and never counts a round twice. One process at a time holds `DIR/camp
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -31,7 +30,8 @@ from typing import Any
 
 from lrpilot.config import ConfigError, RunConfig
 from lrpilot.errors import LrpilotError
-from lrpilot.logs import append_jsonl, as_float, now_iso, read_jsonl
+from lrpilot.locks import DirLock
+from lrpilot.logs import append_jsonl, as_float, now_iso, read_jsonl, write_atomic
 
 CONTROLLERS = ("llm", "rules", "replay")
 MEMORIES = ("llm", "optuna", "none")
@@ -87,36 +87,14 @@ class CampaignSettings:
         return RuleParams.for_init_lr(init_lr, **{k: float(v) for k, v in self.rule_params.items()})
 
 
-class CampaignLock:
-    """An exclusive, non-blocking lock on DIR/campaign.lock; released when the process dies."""
+class CampaignLock(DirLock):
+    """An exclusive, non-blocking lock on DIR/campaign.lock (lrpilot.locks.DirLock); released when the process dies."""
 
     def __init__(self, directory: Path) -> None:
-        self.path = Path(directory) / "campaign.lock"
-        self._f = None
-
-    def __enter__(self) -> CampaignLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")  # noqa: SIM115 - held for the campaign's lifetime
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise CampaignError(
-                f"{self.path.parent} is in use by a running campaign ({holder}); wait for it or use another --dir"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} since {now_iso()}\n")
-        f.flush()
-        self._f = f
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        super().__init__(
+            directory, "campaign.lock", what="a running campaign", hint="wait for it or use another --dir",
+            error=CampaignError,
+        )  # fmt: skip
 
 
 def _check_settings(directory: Path, settings: CampaignSettings) -> None:
@@ -138,7 +116,7 @@ def _check_settings(directory: Path, settings: CampaignSettings) -> None:
             )
         if theirs is not None:
             return
-    path.write_text(json.dumps({"settings": mine, "created": now_iso()}, indent=2) + "\n")
+    write_atomic(path, (json.dumps({"settings": mine, "created": now_iso()}, indent=2) + "\n").encode())
 
 
 def _completed_rounds(directory: Path) -> dict[int, dict[str, Any]]:

@@ -31,6 +31,10 @@ from lrpilot.logs import JsonlFollower, JsonlLog, is_positive_finite, iter_jsonl
 TELEMETRY_FILE = "telemetry.jsonl"
 CONTROL_FILE = "control.jsonl"
 
+#: the trainer's exit code when the disk refused a write (full, read-only): not a training crash, so the
+#: supervisor stops the round with that error instead of rolling back (lrpilot.errors.DiskWriteError)
+EXIT_DISK = 3
+
 #: telemetry events a supervisor acts on: fsync'd so a crash right after cannot lose them
 DURABLE_EVENTS = frozenset({"start", "observe", "applied", "checkpoint", "eval", "done"})
 

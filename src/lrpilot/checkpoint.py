@@ -18,6 +18,8 @@ keep >= rollback_back_steps / checkpoint_every + 2, so that extra rule never kee
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -27,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lrpilot.errors import LrpilotError
-from lrpilot.logs import write_atomic
+from lrpilot.errors import DiskWriteError, LrpilotError, is_disk_error, writing
+from lrpilot.logs import charge_write, temp_name, write_atomic
 
 #: stored in every checkpoint's state under "format"
 FORMAT = "lrpilot-checkpoint-v1"
@@ -109,31 +111,66 @@ def save_checkpoint(
     import torch
 
     pt = checkpoint_path(run_dir, step)
-    pt.parent.mkdir(parents=True, exist_ok=True)
     side = sidecar_path(pt)
-    # re-saving a step (after a resume): drop the old sidecar first so the pair is never stale-but-"complete"
-    side.unlink(missing_ok=True)
-    tmp = pt.with_name(f"{pt.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    meta = {
-        "format": FORMAT,
-        "step": int(step),
-        "lr": state.get("lr"),
-        "sha256": _sha256(tmp),
-        "bytes": tmp.stat().st_size,
-        "time": time.time(),
-        "fingerprint": state.get("fingerprint"),
-    }
-    os.replace(tmp, pt)
+    tmp = temp_name(pt)
+    try:
+        with writing(pt):
+            pt.parent.mkdir(parents=True, exist_ok=True)
+            # re-saving a step (after a resume): drop the old sidecar first so the pair is never stale-but-"complete"
+            side.unlink(missing_ok=True)
+            with open(tmp, "wb") as f:
+                try:
+                    torch.save(state, f)
+                except RuntimeError as e:
+                    # torch wraps the file's OSError (e.g. "file write failed"): a disk that refuses bytes is
+                    # a DiskWriteError, not a crash
+                    _raise_if_disk_full(pt, e)
+                    raise
+                f.flush()
+                charge_write(f.tell(), pt)
+                os.fsync(f.fileno())
+            meta = {
+                "format": FORMAT,
+                "step": int(step),
+                "lr": state.get("lr"),
+                "sha256": _sha256(tmp),
+                "bytes": tmp.stat().st_size,
+                "time": time.time(),
+                "fingerprint": state.get("fingerprint"),
+            }
+            os.replace(tmp, pt)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a save that failed leaves no temporary file behind
     _fsync_dir(pt.parent)
-    write_atomic(side, (json.dumps(meta, indent=1) + "\n").encode(), fsync=True)
+    try:
+        write_atomic(side, (json.dumps(meta, indent=1) + "\n").encode(), fsync=True)
+    except OSError:
+        with contextlib.suppress(OSError):
+            pt.unlink()  # without its sidecar it is never used: give its room back
+        raise
     _fsync_dir(side.parent)
     if keep is not None:
         prune_checkpoints(run_dir, keep, retain_back_steps)
     return pt
+
+
+def _raise_if_disk_full(pt: Path, e: RuntimeError) -> None:
+    """torch.save's RuntimeError as the DiskWriteError it hides, when the cause is a disk error, or the
+    directory is read-only or has no room left."""
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, OSError) and is_disk_error(cause):
+            raise DiskWriteError(pt, cause) from e
+        cause = cause.__cause__ or cause.__context__
+    try:
+        st = os.statvfs(pt.parent)
+    except OSError:
+        return
+    if st.f_flag & os.ST_RDONLY:
+        raise DiskWriteError(pt, OSError(errno.EROFS, os.strerror(errno.EROFS))) from e
+    if st.f_bavail * st.f_frsize < (1 << 20):  # less than 1 MiB left: the failed write ran out of room
+        raise DiskWriteError(pt, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from e
 
 
 def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
@@ -193,7 +230,8 @@ def prune_checkpoints(run_dir: str | Path, keep: int, retain_back_steps: int = 0
         c.path.unlink(missing_ok=True)
         deleted.append(c.path)
     for tmp in (Path(run_dir) / CHECKPOINT_DIR).glob("step_*.tmp*"):
-        if not tmp.name.endswith(f".tmp{os.getpid()}"):  # never another live writer's file in flight
+        # never this process's own file in flight; other writers' are leftovers (one writer per run: run.lock)
+        if f".tmp{os.getpid()}." not in tmp.name:
             tmp.unlink(missing_ok=True)
     return deleted
 

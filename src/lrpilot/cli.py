@@ -24,7 +24,7 @@ from lrpilot.argtypes import positive_float, rule_param
 from lrpilot.campaign import CONTROLLERS, MEMORIES
 from lrpilot.config import PRESETS, RunConfig, load_config
 from lrpilot.controllers.schedules import SCHEDULES
-from lrpilot.errors import LrpilotError
+from lrpilot.errors import LrpilotError, disk_error, is_disk_error
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str = "cpu-small") -> None:
@@ -292,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except LrpilotError as e:
         print(f"lrpilot: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write no lrpilot writer wrapped (a library's): the same one line
+        if not is_disk_error(e):
+            raise
+        print(f"lrpilot: error: {disk_error(None, e)}", file=sys.stderr)
         return 2
 
 

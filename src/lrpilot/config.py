@@ -342,7 +342,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from lrpilot.logs import write_atomic  # atomic: a full disk never leaves half a config.json
+
+        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:

@@ -26,6 +26,7 @@ from typing import Any
 
 from lrpilot.campaign_logs import peak_from_filename
 from lrpilot.errors import LrpilotError
+from lrpilot.errors import writing
 from lrpilot.logs import as_float, dumps, iter_jsonl, write_atomic
 
 #: the campaign files an import writes, or finds in a destination that already holds a campaign
@@ -184,14 +185,19 @@ def import_published(src_dir: str | Path, dest_dir: str | Path, tag: str | None 
     todo = [name for name in files if name not in existing]
     if not todo:
         return replace(summary, dest=str(dest), already=True)
-    # final_results.jsonl last: until it exists the destination is not a readable campaign
-    for name in sorted(todo, key=lambda n: n == "final_results.jsonl"):
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(dest / name, files[name], fsync=True)
-    counts = {k: getattr(summary, k) for k in ("rounds", "decisions", "rollbacks", "baselines")}
-    write_atomic(
-        dest / "import.json", (json.dumps({**provenance, "counts": counts}, indent=2) + "\n").encode(), fsync=True
-    )
+    from lrpilot.campaign import CampaignLock
+
+    # the destination is a campaign directory: no campaign (or second import) may write it meanwhile
+    with CampaignLock(dest):
+        # final_results.jsonl last: until it exists the destination is not a readable campaign
+        for name in sorted(todo, key=lambda n: n == "final_results.jsonl"):
+            with writing(dest / name):
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(dest / name, files[name], fsync=True)
+        counts = {k: getattr(summary, k) for k in ("rounds", "decisions", "rollbacks", "baselines")}
+        write_atomic(
+            dest / "import.json", (json.dumps({**provenance, "counts": counts}, indent=2) + "\n").encode(), fsync=True
+        )
     return replace(summary, dest=str(dest))
 
 

@@ -8,15 +8,48 @@ strings "nan", "inf", "-inf" (strict JSON has no NaN) and read back as floats by
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import json
 import math
 import os
 import threading
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from lrpilot.errors import DiskWriteError, writing
+
+#: TESTING HOOK: LRPILOT_INJECT_WRITE_ERROR=ERRNO:BYTES (e.g. ENOSPC:800000 or EROFS:0) makes lrpilot's writers in
+#: every process that sees it fail with that errno once BYTES bytes have been written in that process (a disk
+#: that fills, or is read-only, where mounting a small filesystem is not allowed)
+INJECT_WRITE_ERROR_ENV = "LRPILOT_INJECT_WRITE_ERROR"
+_inject_lock = threading.Lock()
+_inject_left: list[Any] = []  # [errno, bytes left] once parsed; [] = not parsed yet
+
+
+def charge_write(nbytes: int, path: str | Path) -> None:
+    """Count `nbytes` about to be written to `path` against the LRPILOT_INJECT_WRITE_ERROR budget; raises
+    DiskWriteError when it is spent. A no-op unless the testing hook is set."""
+    with _inject_lock:
+        if not _inject_left:
+            spec = os.environ.get(INJECT_WRITE_ERROR_ENV, "").strip()
+            code: int | None = None
+            left = 0
+            if spec:
+                name, _, amount = spec.partition(":")
+                code = getattr(errno, name.strip().upper(), None)
+                left = int(amount or 0)
+            _inject_left[:] = [code, left]
+        code, left = _inject_left
+        if code is None:
+            return
+        _inject_left[1] = left - nbytes
+        if left - nbytes < 0:
+            raise DiskWriteError(path, OSError(code, os.strerror(code)))
 
 
 def now_iso() -> str:
@@ -65,32 +98,51 @@ def finite_mean(xs: Any) -> float:
 
 
 class JsonlLog:
-    """Append-only jsonl file: one object per line, flushed (and optionally fsynced) per line."""
+    """Append-only jsonl file: one object per line, written with one unbuffered write (and optionally fsynced)
+    per line. A line the disk refuses (full, read-only) raises DiskWriteError and leaves no part of itself."""
 
     def __init__(self, path: str | Path, fsync: bool = True) -> None:
         self.path = Path(path)
         self.fsync = fsync
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a+b")  # noqa: SIM115 - kept open for the log's lifetime
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # unbuffered: a failed write leaves nothing in a buffer that a later flush or close would retry
+            self._f = open(self.path, "a+b", buffering=0)  # noqa: SIM115 - kept open for the log's lifetime
         self._f.seek(0, os.SEEK_END)
         if self._f.tell() > 0:
             self._f.seek(-1, os.SEEK_END)
             if self._f.read(1) != b"\n":
                 # a writer died mid-line: keep its bytes, start ours on a fresh line
-                self._f.seek(0, os.SEEK_END)
-                self._f.write(b"\n")
-                self._f.flush()
+                self._write(b"\n")
         self._f.seek(0, os.SEEK_END)
 
+    def _write(self, data: bytes) -> None:
+        """Append data whole or not at all: after a failed (or partial) write the file is cut back to its
+        old length, unless someone else appended meanwhile."""
+        fd = self._f.fileno()
+        start = os.fstat(fd).st_size
+        done = 0
+        try:
+            charge_write(len(data), self.path)
+            while done < len(data):
+                done += os.write(fd, data[done:])
+        except OSError as e:
+            if done and os.fstat(fd).st_size == start + done:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+            with writing(self.path):
+                raise e from None
+
     def append(self, record: dict[str, Any], fsync: bool | None = None) -> None:
-        """Write one record as a line and flush it; fsync it too per `fsync` (None: the log's setting)."""
+        """Write one record as a line; fsync it too per `fsync` (None: the log's setting). Raises
+        DiskWriteError when the disk refuses it (nothing of the line is left in the file)."""
         line = (dumps(record) + "\n").encode("utf-8")
         with self._lock:
-            self._f.write(line)
-            self._f.flush()
+            self._write(line)
             if self.fsync if fsync is None else fsync:
-                os.fsync(self._f.fileno())
+                with writing(self.path):
+                    os.fsync(self._f.fileno())
 
     def close(self) -> None:
         with self._lock:
@@ -104,17 +156,30 @@ class JsonlLog:
         self.close()
 
 
+def temp_name(path: str | Path) -> Path:
+    """A temporary name next to `path` that no other process or thread uses: PATH.tmp<pid>.<random>."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp{os.getpid()}.{uuid.uuid4().hex[:8]}")
+
+
 def write_atomic(path: str | Path, data: bytes, fsync: bool = False) -> None:
     """Replace `path` with `data` so that a reader sees the old file or the new one, never half of it
-    (through PATH.tmp<pid>); fsync=True also makes the bytes durable before the rename."""
+    (through a temp_name of its own); fsync=True also makes the bytes durable before the rename. A disk
+    that refuses the write raises DiskWriteError naming `path`, leaves the old file and no temporary file."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    try:
+        with writing(path):
+            charge_write(len(data), path)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -51,11 +52,11 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot import guard
-from lrpilot.channel import CONTROL_FILE, TELEMETRY_FILE, ControlWriter, TelemetryReader
+from lrpilot.channel import CONTROL_FILE, EXIT_DISK, TELEMETRY_FILE, ControlWriter, TelemetryReader
 from lrpilot.checkpoint import list_checkpoints, verify_checkpoint
 from lrpilot.config import RunConfig
 from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
-from lrpilot.errors import LrpilotError
+from lrpilot.errors import DISK_ERRNOS, DiskWriteError, LrpilotError, is_disk_error, writing
 from lrpilot.launcher import kill_launch, start_launch, trainer_command
 from lrpilot.logs import (
     JsonlLog,
@@ -65,8 +66,10 @@ from lrpilot.logs import (
     is_positive_finite,
     iter_jsonl,
     now_iso,
+    temp_name,
     write_json_atomic,
 )
+from lrpilot.locks import RUN_LOCK, DirLock
 
 #: fields of the published decision log, in its order
 DECISION_FIELDS = (
@@ -95,6 +98,9 @@ ROLLBACK_FIELDS = (
 SENT_FILE = "decisions_sent.jsonl"
 #: crash reason for a trainer that wrote no telemetry for guard.hang_timeout_s
 HANG = "hang"
+#: the one-line disk error of the trainer (lrpilot.errors.DiskWriteError), as it appears in trainer.log
+_CANNOT_WRITE = re.compile(r"error: cannot write (.+) \(([^()]+)\); ")
+_DISK_STRERROR = {os.strerror(code): code for code in DISK_ERRNOS}
 #: how often telemetry is polled
 POLL_S = 0.05
 #: at most this many points in RoundResult.lr_trajectory / loss_trajectory
@@ -298,6 +304,11 @@ class _Round:
     # ------------------------------------------------------------------------------ public entry
 
     def run(self, resume: bool) -> RoundResult:
+        # one writer per run directory: a second supervisor (process or thread) is refused, naming the holder
+        with DirLock(self.run_dir, RUN_LOCK, what="another run", hint="wait for it to finish or use another directory"):
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> RoundResult:
         result_file = self.run_dir / "result.json"
         round_file = self.run_dir / "round.json"
         if resume and result_file.exists():
@@ -338,8 +349,9 @@ class _Round:
                 kill_launch(self.proc, self.token)
             elif self.proc is not None:
                 kill_launch(self.proc, self.token, timeout=5.0)  # stragglers of an exited launcher
-            self._drain_applied()
-            self._flush_pending()
+            with contextlib.suppress(OSError):  # a disk that refuses them: decisions_sent.jsonl has them
+                self._drain_applied()
+                self._flush_pending()
             self.wall_before += time.monotonic() - self.t0
             self.t0 = time.monotonic()
             with contextlib.suppress(OSError):
@@ -361,7 +373,8 @@ class _Round:
             self._restore_history(telemetry)
         # only what launches of this session write from now on
         self.reader = TelemetryReader(self.run_dir, offset=telemetry.stat().st_size if telemetry.exists() else 0)
-        self.trainer_log = open(self.run_dir / "trainer.log", "ab")  # noqa: SIM115 - closed by run()
+        with writing(self.run_dir / "trainer.log"):  # unbuffered: a refused note is not retried at close
+            self.trainer_log = open(self.run_dir / "trainer.log", "ab", buffering=0)  # noqa: SIM115 - closed by run()
 
     # ---------------------------------------------------------------------------- round.json
 
@@ -418,8 +431,8 @@ class _Round:
     def _note(self, text: str) -> None:
         """A line in trainer.log from the supervisor (launches, crashes, skipped checkpoints)."""
         if self.trainer_log is not None:
-            self.trainer_log.write(f"[supervisor {now_iso()}] {text}\n".encode())
-            self.trainer_log.flush()
+            with writing(self.run_dir / "trainer.log"):
+                self.trainer_log.write(f"[supervisor {now_iso()}] {text}\n".encode())
 
     # ------------------------------------------------------------------------------- launch
 
@@ -523,6 +536,11 @@ class _Round:
                     )
                 if rc == 0:
                     raise _Crash("exit_without_done", "trainer exited 0 without a done event")
+                if rc == EXIT_DISK:
+                    raise self._disk_failure() or SupervisorError(
+                        f"the trainer could not write in {self.run_dir} (exit code {EXIT_DISK}; see trainer.log); "
+                        "free space and run the same command again"
+                    )
                 if rc == 2 and not self.launch_resumed and self.last_step == 0:
                     # the trainer rejected its config, data or flags: retrying at half the LR cannot help
                     raise SupervisorError(f"trainer refused to start: {self._trainer_error()}")
@@ -900,6 +918,9 @@ class _Round:
         reason when the round is given up, else None."""
         assert self.proc is not None and self.reader is not None
         kill_launch(self.proc, self.token)
+        disk = self._disk_failure()
+        if disk is not None:  # a write the disk refused is not a training crash: stop, change no LR
+            raise disk
         self.backlog.extend(self.reader.poll())
         self.draining = True
         try:
@@ -961,6 +982,33 @@ class _Round:
         )
         self._truncate_branch(to_step)
         self._launch(resume=Path(plan.checkpoint.path) if plan is not None else None, lr=new_lr, start_step=to_step)
+        return None
+
+    def _disk_failure(self) -> DiskWriteError | None:
+        """Why the launch that just ended could not go on, when it is the disk: the trainer's own `cannot write`
+        line in trainer.log (this launch's part; torchrun hides the trainer's exit code), or a probe write to the
+        run directory that the disk refuses (full, read-only). None when the disk takes writes."""
+        try:
+            lines = (self.run_dir / "trainer.log").read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        start = max((i for i, ln in enumerate(lines) if ln.startswith("[supervisor") and "] launch " in ln), default=-1)
+        for ln in reversed(lines[start + 1 :]):
+            m = _CANNOT_WRITE.search(ln)
+            if m and m.group(2) in _DISK_STRERROR:
+                return DiskWriteError(m.group(1), OSError(_DISK_STRERROR[m.group(2)], m.group(2)))
+        probe = temp_name(self.run_dir / ".write-probe")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if is_disk_error(e):
+                return DiskWriteError(self.run_dir, e)
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
         return None
 
     def _choose_checkpoint(self, crash_step: int, lr_at_crash: float) -> tuple[guard.RollbackPlan | None, list]:

@@ -18,7 +18,8 @@ Checkpoints (every checkpoint_every steps, and on stop) hold what an exact resum
 optimizer, RNG states, data position, LR state, step and the telemetry bookkeeping of the current
 decision interval, so on CPU a resumed run reproduces the uninterrupted loss curve bit for bit.
 
-Exit codes: 0 finished (or stopped on request / at --stop-at-step), 2 bad config or usage, 1 crash.
+Exit codes: 0 finished (or stopped on request / at --stop-at-step), 2 bad config or usage, 1 crash,
+3 (channel.EXIT_DISK) the disk refused a write (full, read-only): one `cannot write FILE (...)` line on stderr.
 Testing hooks: --inject-nan-at-step N (or LRPILOT_INJECT_NAN_AT_STEP=N) multiplies the loss by NaN in the
 update that completes step N, so the step event with step == N reports loss "nan" (for guard tests);
 --inject-start-delay S waits S seconds before the start event (a slow start: data, process groups).
@@ -46,11 +47,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from lrpilot.argtypes import non_negative_int, positive_float, positive_int
-from lrpilot.channel import ControlReader, LRState, TelemetryWriter, warmup_lr
+from lrpilot.channel import EXIT_DISK, ControlReader, LRState, TelemetryWriter, warmup_lr
 from lrpilot.checkpoint import FORMAT, fingerprint, load_checkpoint, save_checkpoint
 from lrpilot.config import RunConfig
 from lrpilot.data import DataError, build_data, check_vocab, evaluate
-from lrpilot.errors import LrpilotError
+from lrpilot.errors import LrpilotError, disk_error, is_disk_error
 from lrpilot.model import LLaMA
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE = 0, 1, 2
@@ -486,7 +487,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m lrpilot.trainer",
         description="Train RUN/config.json's model, publishing telemetry.jsonl and obeying control.jsonl "
-        "(docs/architecture.md). Exit codes: 0 done or stopped, 2 bad config/usage, 1 crash.",
+        "(docs/architecture.md). Exit codes: 0 done or stopped, 2 bad config/usage, 1 crash, "
+        "3 the disk refused a write (full or read-only).",
     )
     p.add_argument("--run-dir", required=True, help="run directory holding config.json; logs and checkpoints go here")
     p.add_argument("--resume", metavar="CKPT", help="resume exactly from this checkpoint (a checkpoints/step_*.pt)")
@@ -544,10 +546,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             resume = load_checkpoint(args.resume, fingerprint=config_fingerprint(cfg))
         return train(cfg, args, resume)
-    except (LrpilotError, DataError) as e:
-        print(f"lrpilot.trainer: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    except Exception:
+    except Exception as e:
+        if is_disk_error(e):  # a write the disk refused: not a crash, and no LR change can help
+            err = disk_error(Path(args.run_dir) / "trainer.log", e)  # no file name: a print to the log failed
+            with contextlib.suppress(OSError):
+                print(f"lrpilot.trainer: error: {err}", file=sys.stderr, flush=True)
+            return EXIT_DISK
+        if isinstance(e, (LrpilotError, DataError)):
+            print(f"lrpilot.trainer: error: {e}", file=sys.stderr, flush=True)
+            return EXIT_USAGE
         traceback.print_exc()
         return EXIT_CRASH
 

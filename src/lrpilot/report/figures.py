@@ -14,6 +14,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from lrpilot.errors import DiskWriteError, writing
+from lrpilot.logs import write_atomic
 from lrpilot.campaign_logs import (
     BaselineResult,
     RoundSummary,
@@ -61,11 +63,20 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    """fig as PNG at path, atomically (a second report into OUT, or a full disk, never leaves half a PNG);
+    a disk that refuses it raises DiskWriteError."""
+    import io
+
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, buf.getvalue())
     return path
 
 
@@ -686,6 +697,8 @@ def safe_figure(name: str, fn, *args) -> Figure:
     """fn(*args), or a note (with a warning) when it fails on odd data instead of losing the report."""
     try:
         return fn(*args)
+    except DiskWriteError:
+        raise  # the disk, not the data: no later file would be written either
     except Exception as e:  # noqa: BLE001 - a figure is not worth the whole report
         warnings.warn(f"report: figure {name} skipped ({e.__class__.__name__}: {e})", stacklevel=2)
         _plt().close("all")

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrpilot.campaign_logs import BaselineResult, CampaignLogsError, load_baselines, load_campaign
+from lrpilot.errors import writing
+from lrpilot.logs import write_atomic
 from lrpilot.report.figures import Figure, all_figures, fig_side_by_side, safe_figure
 from lrpilot.report.tables import (
     Analysis,
@@ -184,7 +186,8 @@ def build_report(
         )
     a = analyse(logs, extra)
     out = Path(out_dir) if out_dir is not None else campaign_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     d = ReportData(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Analysis)})
     d.campaign_dir, d.out_dir = str(campaign_dir), str(out)
     d.figures = all_figures(a, out)
@@ -210,8 +213,9 @@ def build_report(
         d.tables["side_by_side"] = side_by_side_table(d.side_by_side)
         d.figures.append(safe_figure("side_by_side", fig_side_by_side, d.side_by_side, out))
     d.html_path, d.md_path = out / "report.html", out / "report.md"
-    d.md_path.write_text(render_markdown(d), encoding="utf-8")
-    d.html_path.write_text(render_html(d), encoding="utf-8")
+    # atomic: a full disk or a second report into OUT never leaves half a page
+    write_atomic(d.md_path, render_markdown(d).encode("utf-8"))
+    write_atomic(d.html_path, render_html(d).encode("utf-8"))
     return d
 
 
