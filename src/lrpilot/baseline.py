@@ -6,7 +6,9 @@ A schedule is just another controller, so each baseline run goes through the sam
 and logs as an agent round. Results are written as `OUT/{schedule}_lr{peak}.json` with the published
 study's fields (`final_eval_loss`, `final_eval_ppl`, `final_eval_tokens`, `update_step`, `seed`) plus the
 LR and loss trajectories; each run's own directory is `OUT/runs/{schedule}_lr{peak}/`. Re-running the same
-command skips peaks whose result already exists and resumes an interrupted one.
+command skips peaks whose result already exists and resumes an interrupted one. Each run holds
+`OUT/runs/{schedule}_lr{peak}/run.lock` while it runs: a second process on the same peak and --out is refused
+in one line naming the first; other peaks are independent.
 """
 
 from __future__ import annotations

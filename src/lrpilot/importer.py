@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.campaign_logs import peak_from_filename
-from lrpilot.errors import LrpilotError
-from lrpilot.errors import writing
+from lrpilot.errors import LrpilotError, writing
 from lrpilot.logs import as_float, dumps, iter_jsonl, write_atomic
 
 #: the campaign files an import writes, or finds in a destination that already holds a campaign

@@ -12,7 +12,9 @@ guard.hang_timeout_s (guard.start_timeout_s before its first line) is a crash; t
 process of the launch (its process group, and torchrun's workers, which torch puts in sessions of their
 own), rolls back to the checkpoint the guard chooses (a corrupt one is skipped for the one before) and
 relaunches with the LR at the crash x crash_lr_factor. After guard.max_fast_crash consecutive quick crashes
-the round is given up and recorded as failed.
+the round is given up and recorded as failed. A write the disk refused (the trainer's exit code 3 or its
+`cannot write` line, or a probe write to RUN that fails) is not a crash: the round stops with DiskWriteError,
+no rollback, no LR change. One supervisor at a time runs a run directory (RUN/run.lock, lrpilot.locks).
 
 Records (append-only jsonl through lrpilot.logs.JsonlLog):
 - `logs.decisions`: one line per decision (published fields run_start_iso, step, loss, trend, old_lr,
@@ -58,6 +60,7 @@ from lrpilot.config import RunConfig
 from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
 from lrpilot.errors import DISK_ERRNOS, DiskWriteError, LrpilotError, is_disk_error, writing
 from lrpilot.launcher import kill_launch, start_launch, trainer_command
+from lrpilot.locks import RUN_LOCK, DirLock
 from lrpilot.logs import (
     JsonlLog,
     append_jsonl,
@@ -69,7 +72,6 @@ from lrpilot.logs import (
     temp_name,
     write_json_atomic,
 )
-from lrpilot.locks import RUN_LOCK, DirLock
 
 #: fields of the published decision log, in its order
 DECISION_FIELDS = (

@@ -14,8 +14,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from lrpilot.errors import DiskWriteError, writing
-from lrpilot.logs import write_atomic
 from lrpilot.campaign_logs import (
     BaselineResult,
     RoundSummary,
@@ -24,6 +22,8 @@ from lrpilot.campaign_logs import (
     campaign_total_steps,
     fmt_lr,
 )
+from lrpilot.errors import DiskWriteError, writing
+from lrpilot.logs import write_atomic
 from lrpilot.report.tables import Analysis, SideBySide, SideBySideRow, fmt_ppl
 
 WIDTH_IN, HEIGHT_IN, DPI = 8.4, 4.8, 110  # ~920 x 530 px
