@@ -150,6 +150,20 @@ def test_injected_write_failure_mid_run_stops_in_one_line_and_resumes(tmp_path, 
     _check_resumed(out, before, reference, _lrpilot(*RUN, "--out", str(out)))
 
 
+@pytest.mark.slow
+def test_injected_write_failure_under_torchrun_is_not_a_crash(tmp_path):
+    """torchrun hides the trainer's exit code (it exits 1): the supervisor still finds the trainer's own line."""
+    out = tmp_path / "sweep"
+    run = [*RUN, "--set", "launch.devices=cpu:2", "--out", str(out)]
+    r = _lrpilot(*run, env={logs.INJECT_WRITE_ERROR_ENV: "ENOSPC:1200000"})
+    _one_line_error(r, out / "runs" / "cosine_lr3e-3" / "checkpoints" / "step_000030.pt", ENOSPC_LINE)
+    _check_stopped_cleanly(out)
+    again = _lrpilot(*run)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rec = json.loads((out / "cosine_lr3e-3.json").read_text())
+    assert rec["status"] == "ok" and rec["crash_count"] == 0 and rec["update_step"] == 40
+
+
 def _commands(target: Path, published: Path) -> dict[str, list[str]]:
     smoke = ["--preset", "cpu-smoke", *SMOKE]
     return {
