@@ -3,9 +3,9 @@
     python -m pytest -q tests/test_checkpoint.py
 
 Layout: RUN/checkpoints/step_000300.pt and step_000300.json. The .pt is written to a temporary file of its
-own (removed if the save fails; a disk that refuses it raises DiskWriteError) and renamed into place; the sidecar (sha256, bytes, step, lr, time, fingerprint) is written the same way
-*after* it, so a checkpoint without a valid sidecar is incomplete (a save that died half-way) and is
-never resumed from. Listing reads only sidecars and file sizes, so the supervisor and the guard can list
+own (removed if the save fails; a disk that refuses it raises DiskWriteError) and renamed into place; the
+sidecar (sha256, bytes, step, lr, time, fingerprint) is written the same way *after* it, so a checkpoint
+without a valid sidecar is incomplete (a save that died half-way) and is never resumed from. Listing reads only sidecars and file sizes, so the supervisor and the guard can list
 checkpoints without importing torch; `verify_checkpoint` hashes the file; `load_checkpoint` verifies,
 loads (weights_only) and checks the config fingerprint, raising `CheckpointError` with a one-line
 message that names the file and the problem.
