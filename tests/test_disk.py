@@ -151,6 +151,21 @@ def test_injected_write_failure_mid_run_stops_in_one_line_and_resumes(tmp_path, 
 
 
 @pytest.mark.slow
+def test_injected_write_failure_mid_round_of_a_campaign_is_not_a_crash(tmp_path):
+    d = tmp_path / "camp"
+    cmd = ["campaign", "--preset", "cpu-smoke", *SMOKE, "--rounds", "1", "--controller", "rules", "--dir", str(d)]
+    r = _lrpilot(*cmd, env={logs.INJECT_WRITE_ERROR_ENV: "ENOSPC:1200000"})
+    _one_line_error(r, d / "rounds" / "round_001" / "checkpoints" / "step_000030.pt", ENOSPC_LINE)
+    assert not (d / "rollbacks.jsonl").exists() and not (d / "final_results.jsonl").exists()
+    assert not _temp_files(d)
+    again = _lrpilot(*cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (rec,) = read_jsonl(d / "final_results.jsonl", strict=True)
+    assert rec["status"] == "ok" and rec["crash_count"] == 0 and rec["update_step"] == 40
+    assert not (d / "rollbacks.jsonl").exists()
+
+
+@pytest.mark.slow
 def test_injected_write_failure_under_torchrun_is_not_a_crash(tmp_path):
     """torchrun hides the trainer's exit code (it exits 1): the supervisor still finds the trainer's own line."""
     out = tmp_path / "sweep"
