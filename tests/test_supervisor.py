@@ -157,22 +157,28 @@ def check_decision_log(path: Path, run_dir: Path, cfg, blocking: bool = True) ->
     for r in recs:
         assert set(DECISION_FIELDS) <= r.keys(), sorted(set(DECISION_FIELDS) - r.keys())
         assert r["round"] == 7 and r["controller"] == "test"
-        assert r["kind"] in ("decision", "emergency", "fallback", "superseded")
+        assert r["kind"] in ("decision", "emergency", "fallback", "superseded", "unanswered")
         assert isinstance(r["trend"], str) and r["trend"]
     seqs = [r["seq"] for r in recs if r["seq"] is not None]
     assert len(seqs) == len(set(seqs)), "a decision was logged twice"
-    applied = {e["seq"]: e for e in read_jsonl(run_dir / TELEMETRY_FILE) if e["event"] == "applied"}
+    # a resumed run re-applies logged decisions (commands with replays_seq, at the logged effective step)
+    # and sends again one that was sent but never applied (its record carries the new seq and resent_from_seq)
+    applied: dict[int, list[dict]] = {}
+    for e in read_jsonl(run_dir / TELEMETRY_FILE):
+        if e["event"] == "applied":
+            applied.setdefault(e.get("replays_seq", e["seq"]), []).append(e)
     by_seq = {r["seq"]: r for r in recs}
     assert set(applied) <= set(by_seq), "an applied command has no decision record"
-    for seq, ev in applied.items():
-        assert by_seq[seq]["effective_step"] == ev["step"]
+    for seq, evs in applied.items():
+        assert all(by_seq[seq]["effective_step"] == ev["step"] for ev in evs), (by_seq[seq], evs)
         if blocking:
-            assert ev["step"] == by_seq[seq]["step"]
+            assert all(ev["step"] == by_seq[seq]["step"] for ev in evs)
     for r in recs:
         if r["seq"] is not None and r["seq"] not in applied:
             assert r["effective_step"] is None
-    sent = read_jsonl(run_dir / CONTROL_FILE)
-    assert sorted(c["seq"] for c in sent) == sorted(seqs), "control.jsonl and the decision log disagree"
+    sent = [c for c in read_jsonl(run_dir / CONTROL_FILE) if "replays_seq" not in c]
+    resent = [r["resent_from_seq"] for r in recs if r.get("resent_from_seq") is not None]
+    assert sorted(c["seq"] for c in sent) == sorted(seqs + resent), "control.jsonl and the decision log disagree"
     per_launch: dict[int, list[int]] = {}
     for r in recs:
         per_launch.setdefault(r["launch"], []).append(r["step"])

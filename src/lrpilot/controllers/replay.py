@@ -12,8 +12,9 @@ replayed (the guard applies its own rules again in the replay run). A decision t
 (kind `superseded`: a reply discarded after a rollback or an emergency cut; or `effective_step` written
 as null: the trainer crashed or ended first) replays as "hold the current LR", so the replayed
 trajectory is the one that ran. A record without an `effective_step` key (older logs) is replayed as
-taking effect at its step. If the logged round had rollbacks, a step can have several records (one per
-visit); the visit number is told from the observation's rollbacks (how many rollbacks re-opened this
+taking effect at its step. Records of kind `unanswered` (no reply before the round ended or was
+interrupted) are skipped: the step holds, or a resumed round's later record for it counts. If the logged
+round had rollbacks, a step can have several records (one per visit); the visit number is told from the observation's rollbacks (how many rollbacks re-opened this
 step), so decide() stays a pure function of its input.
 
 `rerun_raw=True` re-feeds the recorded raw LLM replies (`raw_reply`, else `reasoning`) through the LLM
@@ -38,6 +39,9 @@ from lrpilot.logs import as_float, is_positive_finite, read_jsonl
 _NOT_REPLAYED = ("emergency", "rollback")
 #: record kinds whose decision never reached the trainer
 _NOT_APPLIED = ("superseded",)
+#: record kinds that are no answer at all (a question still open when the round ended or was interrupted): a
+#: resumed round may ask the same step again, so they are not a visit of the step either
+_NO_ANSWER = ("unanswered",)
 
 
 class ReplayError(LrpilotError, ValueError):
@@ -79,7 +83,7 @@ class ReplayController(BaseController):
             if not isinstance(rec, dict):
                 raise ReplayError(f"{where}: must be a JSON object")
             kind = str(rec.get("kind", "decision"))
-            if kind in _NOT_REPLAYED:
+            if kind in _NOT_REPLAYED or kind in _NO_ANSWER:
                 continue
             step = _int_field(rec, "step", where)
             if step is None:
