@@ -396,3 +396,30 @@ def _obs() -> Observation:
         loss_history=((1000, 4.5), (1300, 4.05)),
         lr_history=((1000, 3e-4), (1300, 4e-4)),
     )
+
+
+def test_retry_after_above_the_cap_is_capped_with_a_note(scripted, caplog):
+    """Issue 9, item 7: a Retry-After longer than max_backoff_s (seconds, or an HTTP date) is capped, and the
+    warning of the retry and the final error say so."""
+    import email.utils
+
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    srv = scripted(
+        [
+            (429, error_body("rate limited"), {"Retry-After": "120"}),
+            (429, error_body("rate limited"), {"Retry-After": in_a_minute}),
+            (429, error_body("rate limited"), {"Retry-After": "90"}),
+        ]
+    )
+    be = OpenAIBackend(base_url=srv.base_url, model="scripted", retries=2, backoff_s=0.01, max_backoff_s=0.2,
+                       json_mode="json_object")  # fmt: skip
+    with caplog.at_level("WARNING", logger="lrpilot.llm.openai_backend"):
+        r = be.generate(MSGS, SCHEMA)
+    assert len(srv.posts) == 3
+    t = [p["time"] for p in srv.posts]
+    assert t[1] - t[0] < 5 and t[2] - t[1] < 5  # capped, not 120 s / a minute
+    notes = [rec.getMessage() for rec in caplog.records if "retry" in rec.getMessage()]
+    assert len(notes) == 2
+    assert "Retry-After 120s; capped at max_backoff_s=0.2s" in notes[0]
+    assert "capped at max_backoff_s=0.2s" in notes[1]  # the HTTP date, about 60 s ahead
+    assert r.error and "429" in r.error and "Retry-After 90s; capped at max_backoff_s=0.2s" in r.error

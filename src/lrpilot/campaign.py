@@ -191,7 +191,7 @@ def campaign_table(recs: list[dict[str, Any]]) -> str:
     ppls = [_ppl(r) for r in recs if math.isfinite(_ppl(r))]
     if ppls:
         lines.append(
-            f"{len(recs)} rounds: best ppl {min(ppls):.3f}, median {statistics.median(ppls):.3f}, "
+            f"{len(recs)} round{'s' * (len(recs) != 1)}: best ppl {min(ppls):.3f}, median {statistics.median(ppls):.3f}, "
             f"failed {sum(r.get('status') == 'failed' for r in recs)}, "
             f"wall time {sum(as_float(r.get('wall_time_s', 0)) for r in recs) / 60:.1f} min"
         )
