@@ -170,8 +170,18 @@ def test_fewer_rounds_than_the_directory_holds_are_counted_as_asked(tmp_path):
     d.mkdir()
     for r, ppl in ((1, 5.0), (2, 4.0)):  # two rounds already finished (no training needed for --rounds 1)
         (d / "final_results.jsonl").open("a").write(
-            json.dumps({"round": r, "status": "ok", "final_eval_ppl": ppl, "wall_time_s": 1.0, "peak_lr_seen": 3e-3,
-                        "min_lr_seen": 1e-3, "crash_count": 0}) + "\n"  # fmt: skip
+            json.dumps(
+                {
+                    "round": r,
+                    "status": "ok",
+                    "final_eval_ppl": ppl,
+                    "wall_time_s": 1.0,
+                    "peak_lr_seen": 3e-3,
+                    "min_lr_seen": 1e-3,
+                    "crash_count": 0,
+                }
+            )
+            + "\n"  # fmt: skip
         )
     lines: list[str] = []
     recs = run_campaign(_cfg(), d, 1, settings, echo=lines.append)
@@ -355,8 +365,11 @@ def test_killed_non_blocking_campaign_resumes_on_the_logged_branch(tmp_path, mon
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             applied = _wait_for(
-                lambda: [e for e in read_jsonl(run / "telemetry.jsonl")
-                         if e.get("event") == "applied" and e.get("decided_at_step") == 40],  # fmt: skip
+                lambda: [
+                    e
+                    for e in read_jsonl(run / "telemetry.jsonl")
+                    if e.get("event") == "applied" and e.get("decided_at_step") == 40
+                ],  # fmt: skip
                 300,
                 "the step-40 decision applied",
             )

@@ -29,7 +29,11 @@ Records (append-only jsonl through lrpilot.logs.JsonlLog):
   and "[supervisor]" lines in RUN/trainer.log (launch commands, crashes, skipped checkpoints).
 
 A run directory can be resumed (`resume=True`) after the supervisor itself was stopped: the round continues
-from the latest verified checkpoint with the same run_start_iso, and a finished one returns its stored result.
+from the latest verified checkpoint with the same run_start_iso (each checkpoint passed over gets a note), and
+a finished one returns its stored result. The resumed trainer re-applies every logged decision that took
+effect after that checkpoint at its logged effective step (commands with `at_step`), so the run trains the
+branch its logs describe and a replay of the round reproduces its LR at every step (docs/architecture.md).
+A question to a non-blocking controller still open when the round ends is logged as kind "unanswered".
 """
 
 from __future__ import annotations
@@ -455,9 +459,7 @@ class _Round:
         mine = [ln for ln in lines if ln.strip() and not ln.startswith("[supervisor")]
         return mine[-1].strip() if mine else f"see {self.run_dir / 'trainer.log'}"
 
-    def _launch(
-        self, resume: Path | None, lr: float | None, start_step: int = 0, min_seq: int | None = None
-    ) -> None:
+    def _launch(self, resume: Path | None, lr: float | None, start_step: int = 0, min_seq: int | None = None) -> None:
         assert self.writer is not None and self.trainer_log is not None
         extra = list(self.trainer_args)
         if self.session_launches == 0:
