@@ -767,7 +767,7 @@ class _Round:
             if rec is not None:
                 self._resend(rec)
             self._emit({"event": "observe_answered", "source": "supervisor", "step": step,
-                        "resent_seq": rec.get("resent_from_seq") if rec else None})  # fmt: skip
+                        "resent_from_seq": rec.get("seq") if rec else None})  # fmt: skip
             return
         # the published emergency rule comes first and does not ask the controller
         emergency = guard.check_emergency(prev, mean, self.g)
@@ -936,9 +936,11 @@ class _Round:
             return
         while True:  # answers that came in but were not used yet
             try:
-                self._on_reply(self.replies.get_nowait(), stale=f"discarded: {why} before the reply was used")
+                reply = self.replies.get_nowait()
             except queue.Empty:
                 break
+            if any(p is reply[0] for p in self.asked):
+                self._on_reply(reply, stale=f"discarded: {why} before the reply was used")
         for point in self.asked:
             fields: dict[str, Any] = {"skipped_observes": list(point.skipped)} if point.skipped else {}
             waited = time.monotonic() - point.t_asked
