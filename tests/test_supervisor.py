@@ -943,3 +943,30 @@ def test_a_schedule_never_raises_the_lr_more_than_max_ratio_in_one_decision(tmp_
         used = [steps[n] for n in range(r["step"] + 1, r["step"] + cfg.schedule.decision_every + 1) if n in steps]
         assert max(used) <= cfg.guard.max_ratio * r["old_lr"] * (1 + 1e-9), (r["step"], r["old_lr"], max(used))
     assert any("x current" in reason for r in after_cut for reason in r["clamp_reasons"])
+
+
+@pytest.mark.slow
+def test_replay_of_a_non_blocking_round_gives_its_lr_at_every_step(tmp_path):
+    """Issue 9, item 4 (same kind): answers that came after the next decision point (which the live run then
+    skipped) are replayed at their effective steps, not pulled into their own interval."""
+    from lrpilot.controllers.replay import ReplayController
+
+    cfg = smoke("train.total_steps=50")
+    ctrl = GatedController(2e-3, lag=12)  # each answer arrives after the next decision point
+    rec = Recorder()
+    rec.hooks.append(ctrl.on_event)
+    res = run_round(cfg, tmp_path / "live", ctrl, round_logs(tmp_path), on_event=rec)
+    assert res.status == "ok"
+    recs = read_jsonl(tmp_path / "decisions.jsonl")
+    assert any(r["effective_step"] and r["effective_step"] >= r["step"] + cfg.schedule.decision_every for r in recs)
+    replay_logs = RoundLogs(tmp_path / "replay_decisions.jsonl", tmp_path / "replay_rollbacks.jsonl", {"round": 7})
+    res2 = run_round(cfg, tmp_path / "replay", ReplayController.from_log(tmp_path / "decisions.jsonl", round=7),
+                     replay_logs)  # fmt: skip
+    assert res2.status == "ok"
+
+    def lrs(run_dir: Path) -> dict[int, float]:
+        return {e["step"]: e["lr"] for e in read_jsonl(run_dir / TELEMETRY_FILE) if e["event"] == "step"}
+
+    live, replayed = lrs(tmp_path / "live"), lrs(tmp_path / "replay")
+    diff = [n for n in live if replayed.get(n) != pytest.approx(live[n], rel=1e-12)]
+    assert not diff, [(n, live[n], replayed.get(n)) for n in diff[:5]]

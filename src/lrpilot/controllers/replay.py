@@ -5,7 +5,9 @@
 At each decision step the controller answers with the `new_lr` recorded for that step. Where the record
 says the LR took effect later (`effective_step` > `step`: the asynchronous LLM kept training while it
 thought), the decision carries a plan that holds the current LR until `effective_step` and switches
-then, so the replay reproduces the delay. A step without a record holds the current LR.
+then, so the replay reproduces the delay, also past the next decision point (which the logged run skipped
+while the answer was pending: there the same plan is given again). A step without a record holds the
+current LR.
 
 Records of kind `emergency` or `rollback` are the guard's doing, not the controller's; they are not
 replayed (the guard applies its own rules again in the replay run). A decision that never took effect
@@ -152,6 +154,21 @@ class ReplayController(BaseController):
         visit = sum(1 for rb in obs.rollbacks if rb.rolled_back_to_step <= obs.step <= rb.crash_step)
         return recs[min(visit, len(recs) - 1)]
 
+    def _pending(self, obs: Observation) -> dict[str, Any] | None:
+        """The record of an earlier decision point (this visit of it) whose switch is still ahead of obs.step:
+        the logged run skipped this decision point while that answer was pending, so the LR switches at its
+        effective step, not here."""
+        best = None
+        for step, recs in self._by_step.items():
+            if step >= obs.step:
+                continue
+            visit = sum(1 for rb in obs.rollbacks if rb.rolled_back_to_step <= step <= rb.crash_step)
+            rec = recs[min(visit, len(recs) - 1)]
+            eff = rec["effective_step"]
+            if rec["applied"] and eff is not None and eff > obs.step and (best is None or step > best["step"]):
+                best = rec
+        return best
+
     def decide(self, obs: Observation) -> Decision:
         cur = (
             obs.lr
@@ -159,7 +176,7 @@ class ReplayController(BaseController):
             else next((x for x in (obs.init_lr, obs.floor) if is_positive_finite(x)), 1e-4)
         )
         held = cur != obs.lr
-        rec = self._record_for(obs)
+        rec = self._record_for(obs) or self._pending(obs)
         if rec is None:
             return Decision(
                 lr=cur,
@@ -193,16 +210,16 @@ class ReplayController(BaseController):
         plan = None
         eff = rec["effective_step"]
         if eff is not None and eff > obs.step:
-            # hold the old LR through update eff-1, switch at eff; a knot past this interval is pulled in
-            last = obs.step + max(int(obs.decision_every), 1) - 1
-            eff = min(eff, last)
-            if eff > obs.step:
-                plan = (
-                    ((obs.step, cur), (eff - 1, cur), (eff, new_lr))
-                    if eff - 1 > obs.step
-                    else ((obs.step, cur), (eff, new_lr))
-                )
-                meta["effective_step"] = eff
+            # hold the old LR through update eff-1, switch at eff (past this interval too: the next decision
+            # point was skipped in the logged run while this answer was pending, and repeats this plan)
+            if rec["step"] != obs.step:
+                meta["pending_from_step"] = rec["step"]
+            plan = (
+                ((obs.step, cur), (eff - 1, cur), (eff, new_lr))
+                if eff - 1 > obs.step
+                else ((obs.step, cur), (eff, new_lr))
+            )
+            meta["effective_step"] = eff
         return Decision(
             lr=new_lr, reason=reason, raw=rec["raw"] if self._parse is not None else None, plan=plan, meta=meta
         )
