@@ -6,8 +6,8 @@ At each decision step the controller answers with the `new_lr` recorded for that
 says the LR took effect later (`effective_step` > `step`: the asynchronous LLM kept training while it
 thought), the decision carries a plan that holds the current LR until `effective_step` and switches
 then, so the replay reproduces the delay, also past the next decision point (which the logged run skipped
-while the answer was pending: there the same plan is given again). A step without a record holds the
-current LR.
+while the answer was pending): the LR is held until the decision point whose interval holds
+`effective_step`, and that one switches it. A step without a record holds the current LR.
 
 Records of kind `emergency` or `rollback` are the guard's doing, not the controller's; they are not
 replayed (the guard applies its own rules again in the replay run). A decision that never took effect
@@ -210,16 +210,19 @@ class ReplayController(BaseController):
         plan = None
         eff = rec["effective_step"]
         if eff is not None and eff > obs.step:
-            # hold the old LR through update eff-1, switch at eff (past this interval too: the next decision
-            # point was skipped in the logged run while this answer was pending, and repeats this plan)
+            # hold the old LR through update eff-1, switch at eff; an eff past this interval (the logged run
+            # skipped the next decision point while this answer was pending) holds now and switches there
             if rec["step"] != obs.step:
                 meta["pending_from_step"] = rec["step"]
+            meta["effective_step"] = eff
+            if eff >= obs.step + max(int(obs.decision_every), 1):
+                reason = f"replay of step {rec['step']}: {new_lr:.3e} from step {eff}; hold {cur:.3e}"
+                return Decision(lr=cur, reason=reason, meta=meta)
             plan = (
                 ((obs.step, cur), (eff - 1, cur), (eff, new_lr))
                 if eff - 1 > obs.step
                 else ((obs.step, cur), (eff, new_lr))
             )
-            meta["effective_step"] = eff
         return Decision(
             lr=new_lr, reason=reason, raw=rec["raw"] if self._parse is not None else None, plan=plan, meta=meta
         )
