@@ -160,6 +160,34 @@ def test_second_process_is_refused(tmp_path):
         pass
 
 
+def test_fewer_rounds_than_the_directory_holds_are_counted_as_asked(tmp_path):
+    """Issue 9, item 7: `campaign --rounds 1` on a directory with 2 finished rounds prints 1 round, and says
+    that the directory holds more."""
+    d = tmp_path / "camp"
+    settings = CampaignSettings(preset="cpu-smoke", overrides=tuple(SMOKE), controller="rules", memory="none")
+    d.mkdir()
+    for r, ppl in ((1, 5.0), (2, 4.0)):  # two rounds already finished (no training needed for --rounds 1)
+        (d / "final_results.jsonl").open("a").write(
+            json.dumps(
+                {
+                    "round": r,
+                    "status": "ok",
+                    "final_eval_ppl": ppl,
+                    "wall_time_s": 1.0,
+                    "peak_lr_seen": 3e-3,
+                    "min_lr_seen": 1e-3,
+                    "crash_count": 0,
+                }
+            )
+            + "\n"  # fmt: skip
+        )
+    lines: list[str] = []
+    recs = run_campaign(_cfg(), d, 1, settings, echo=lines.append)
+    assert [r["round"] for r in recs] == [1]
+    assert lines[-2].splitlines()[-1].startswith("1 round: best ppl 5.000"), lines
+    assert "already holds 1 more round (2) than --rounds 1; run with --rounds 2" in lines[-1]
+
+
 @pytest.mark.slow
 def test_kill_and_resume(tmp_path):
     d = tmp_path / "camp"

@@ -433,3 +433,16 @@ def test_guard_imports_only_pure_modules():
             names.add(node.module)
     assert names <= {"__future__", "math", "numbers", "collections.abc", "dataclasses", "typing", "lrpilot.config"}
     assert "open(" not in Path(guard_module.__file__).read_text()
+
+
+def test_plan_knots_never_rise_above_max_ratio_of_the_current_lr():
+    """Issue 9, item 7: a schedule's plan after a rollback or a cut is held to max_ratio x current (rising),
+    while it may still fall faster than min_ratio and below the floor (decay to 0)."""
+    cfg = GuardConfig()
+    res = clamp_plan([(100, 3e-3), (110, 2.5e-3), (120, 1e-3), (130, 0.0)], cfg, current=1e-3)
+    assert res.plan == ((100, 2e-3), (110, 2e-3), (120, 1e-3), (130, 0.0))
+    assert any("2.0x current" in r for r in res.reasons) and len(res.reasons) == 2
+    # without `current` only the ceiling applies, as before
+    assert clamp_plan([(100, 3e-3)], cfg).plan == ((100, 3e-3),)
+    # a plain decay from the LR in force is untouched
+    assert clamp_plan([(100, 1e-3), (110, 1e-5)], cfg, current=1e-3).reasons == ()

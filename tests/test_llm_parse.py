@@ -17,7 +17,16 @@ from llm_servers import LlamaServer, llama_cpp_missing
 from lrpilot.config import AgentConfig, GuardConfig
 from lrpilot.controllers.base import DecisionRecord, Observation, RollbackRecord
 from lrpilot.controllers.llm import REPLY_SCHEMA, LLMController, parse_recorded_reply, parse_reply
-from lrpilot.llm.base import AuditedBackend, LLMBackend, LLMError, Reply, get_secret, make_backend, read_dotenv
+from lrpilot.llm.base import (
+    AuditedBackend,
+    LLMBackend,
+    LLMError,
+    Reply,
+    get_secret,
+    make_backend,
+    read_dotenv,
+    split_reasoning,
+)
 from lrpilot.llm.openai_backend import OpenAIBackend
 from lrpilot.logs import read_jsonl
 
@@ -81,6 +90,53 @@ def test_parse_bad(text, fragment):
     lr, _, err = parse_reply(text)
     assert lr is None
     assert err and fragment in err
+
+
+# ------------------------------------------------------------------- reasoning blocks (issue 9, item 3)
+
+
+@pytest.mark.parametrize(
+    ("text", "lr", "thought"),
+    [
+        ('<think>\nthe loss falls; go up\n</think>\n\n{"reason": "up", "lr": 6e-4}', 6e-4, "the loss falls; go up"),
+        # braces and a whole JSON object inside the reasoning are not the answer
+        ('<think>maybe {"lr": 0.05}? no: {"lr": 1e-2} is too high</think>{"reason": "r", "lr": 4e-4}', 4e-4,
+         'maybe {"lr": 0.05}? no: {"lr": 1e-2} is too high'),
+        ('<THINK>a</THINK><thinking>b</thinking>\n```json\n{"lr": 5e-4}\n```', 5e-4, "a\nb"),
+        ('<reasoning type="x">c</reasoning> {"lr": 2e-4}', 2e-4, "c"),
+        # DeepSeek-R1 templates open <think> in the prompt: the reply starts inside it
+        ('the loss is flat, cut it\n</think>\n{"reason": "cut", "lr": 1e-4}', 1e-4, "the loss is flat, cut it"),
+        ('<think></think>{"lr": 3e-4}', 3e-4, ""),
+    ],
+)  # fmt: skip
+def test_reasoning_blocks_are_removed_before_parsing(text, lr, thought):
+    got, _, err = parse_reply(text)
+    assert err is None and got == pytest.approx(lr, rel=1e-12)
+    answer, reasoning = split_reasoning(text)
+    assert reasoning == thought and "think" not in answer.lower() and "reasoning>" not in answer
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('<think>I would say {"lr": 3e-4} but let me check', "only reasoning"),  # cut off while thinking
+        ("<think>\n</think>\n", "empty reply"),
+        ('<think>a</think> I pick {"lr": 3e-4}', "not a JSON object"),  # prose after the block is still prose
+        ('{"lr": 3e-4} <think>after</think>', "invalid JSON"),  # only blocks ahead of the answer are reasoning
+    ],
+)
+def test_reasoning_without_a_valid_answer_is_an_error(text, fragment):
+    lr, _, err = parse_reply(text)
+    assert lr is None and fragment in err
+
+
+def test_split_reasoning_leaves_plain_replies_alone():
+    for text in ('{"lr": 3e-4}', "  plain prose  ", "", '{"reason": "see </think> in here", "lr": 1e-3}'):
+        assert split_reasoning(text) == (text, "")
+    assert parse_reply('{"reason": "a </think> tag in the reason", "lr": 1e-3}')[0] == 1e-3
+    # a recorded reply: a [FINAL_LR] tag inside the reasoning is not the answer
+    assert parse_recorded_reply("<think>[FINAL_LR] 9e-3 [/FINAL_LR]</think>go [FINAL_LR] 2e-4 [/FINAL_LR]")[0] == 2e-4
+    assert parse_recorded_reply("<think>[FINAL_LR] 9e-3 [/FINAL_LR]</think>")[0] is None
 
 
 @given(st.text(max_size=300))

@@ -187,6 +187,7 @@ def test_limit_words_and_clean_reply():
     assert limit_words("a b\nc d", 3) == ("a b\nc", True)
     assert limit_words("  a b  ", 3) == ("a b", False)
     assert clean_reply('"Brief: keep going"') == "keep going"
+    assert clean_reply("<think>what did round 2 do? {x}</think>\nBrief: climb to 3e-3") == "climb to 3e-3"
     assert clean_reply("**Brief:** x y") == "x y"
     assert clean_reply("**Brief**: x y") == "x y"
     assert clean_reply("Briefly, x y") == "Briefly, x y"

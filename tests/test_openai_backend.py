@@ -320,3 +320,106 @@ def test_dashscope_defaults_need_a_key(monkeypatch, tmp_path):
     assert "dashscope.aliyuncs.com/compatible-mode/v1" in be.base_url
     assert be.extra_body == {"enable_thinking": False}
     assert "sk-fallback-key-123" not in json.dumps(be.describe())
+
+
+# ------------------------------------------------------------------- reasoning models (issue 9, item 3)
+
+
+def _reasoning_body(content, reasoning_content=None, finish_reason="stop", field="reasoning_content") -> dict:
+    body = chat_body(content)
+    body["choices"][0]["message"]["content"] = content
+    body["choices"][0]["finish_reason"] = finish_reason
+    if reasoning_content is not None:
+        body["choices"][0]["message"][field] = reasoning_content
+    return body
+
+
+@pytest.mark.parametrize(
+    ("body", "thought"),
+    [
+        # Ollama / llama.cpp serving Qwen3 or DeepSeek-R1: the thinking comes inline, ahead of the JSON
+        (_reasoning_body('<think>\nloss falls {"lr": 9e-3}?\n</think>\n\n{"reason": "up", "lr": 6e-4}'),
+         'loss falls {"lr": 9e-3}?'),
+        # vLLM --reasoning-parser, DeepSeek's API: a separate reasoning_content field
+        (_reasoning_body('{"reason": "up", "lr": 6e-4}', "I think 6e-4."), "I think 6e-4."),
+        # Ollama's and OpenRouter's name for the same field
+        (_reasoning_body('{"reason": "up", "lr": 6e-4}', "R.", field="reasoning"), "R."),
+    ],
+)  # fmt: skip
+def test_reasoning_is_removed_from_the_reply_and_kept_in_the_audit_log(scripted, tmp_path, body, thought):
+    srv = scripted([(200, body, {})])
+    audit = tmp_path / "llm_calls.jsonl"
+    be = AuditedBackend(OpenAIBackend(base_url=srv.base_url, model="scripted", retries=0), "controller", audit)
+    r = be.generate(MSGS, SCHEMA)
+    assert r.error is None and r.parsed == {"reason": "up", "lr": 6e-4}
+    assert r.text == '{"reason": "up", "lr": 6e-4}' and r.reasoning == thought
+    (rec,) = read_jsonl(audit)
+    assert rec["reply"] == r.text and rec["reasoning"] == thought and rec["error"] is None
+    assert "parse_error" not in rec
+    ctl = LLMController(be)
+    d = ctl.decide(_obs())
+    assert not d.fallback and d.lr == 6e-4 and "think" not in (d.raw or "")
+
+
+def test_reasoning_without_an_answer_is_a_failed_call_with_the_reason(scripted, tmp_path):
+    """A reasoning model that spends max_tokens thinking: no answer, and the audit log says so."""
+    srv = scripted(
+        [
+            (200, _reasoning_body("<think>let me weigh {every} option", finish_reason="length"), {}),
+            (200, _reasoning_body("", "still thinking", finish_reason="length"), {}),
+            (200, _reasoning_body("Sure! 3e-4"), {}),
+        ]
+    )
+    audit = tmp_path / "llm_calls.jsonl"
+    be = AuditedBackend(OpenAIBackend(base_url=srv.base_url, model="scripted", retries=0), "controller", audit)
+    for _ in range(2):
+        r = be.generate(MSGS, SCHEMA)
+        assert r.parsed is None and r.text == "" and "only reasoning" in r.error and "max_tokens" in r.error
+    r = be.generate(MSGS, SCHEMA)
+    assert r.error is None and r.parsed is None
+    recs = read_jsonl(audit)
+    assert [x["reasoning"] for x in recs] == ["let me weigh {every} option", "still thinking", None]
+    assert "only reasoning" in recs[0]["error"] and "only reasoning" in recs[1]["error"]
+    # a call that worked but whose answer is not the JSON asked for says why in the audit log too
+    assert recs[2]["error"] is None and "not a JSON object" in recs[2]["parse_error"]
+
+
+def _obs() -> Observation:
+    return Observation(
+        step=1300,
+        total_steps=3000,
+        warmup_steps=1000,
+        decision_every=300,
+        lr=4e-4,
+        init_lr=3e-4,
+        recent_losses=(4.1, 4.0),
+        loss_history=((1000, 4.5), (1300, 4.05)),
+        lr_history=((1000, 3e-4), (1300, 4e-4)),
+    )
+
+
+def test_retry_after_above_the_cap_is_capped_with_a_note(scripted, caplog):
+    """Issue 9, item 7: a Retry-After longer than max_backoff_s (seconds, or an HTTP date) is capped, and the
+    warning of the retry and the final error say so."""
+    import email.utils
+
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    srv = scripted(
+        [
+            (429, error_body("rate limited"), {"Retry-After": "120"}),
+            (429, error_body("rate limited"), {"Retry-After": in_a_minute}),
+            (429, error_body("rate limited"), {"Retry-After": "90"}),
+        ]
+    )
+    be = OpenAIBackend(base_url=srv.base_url, model="scripted", retries=2, backoff_s=0.01, max_backoff_s=0.2,
+                       json_mode="json_object")  # fmt: skip
+    with caplog.at_level("WARNING", logger="lrpilot.llm.openai_backend"):
+        r = be.generate(MSGS, SCHEMA)
+    assert len(srv.posts) == 3
+    t = [p["time"] for p in srv.posts]
+    assert t[1] - t[0] < 5 and t[2] - t[1] < 5  # capped, not 120 s / a minute
+    notes = [rec.getMessage() for rec in caplog.records if "retry" in rec.getMessage()]
+    assert len(notes) == 2
+    assert "Retry-After 120s; capped at max_backoff_s=0.2s" in notes[0]
+    assert "capped at max_backoff_s=0.2s" in notes[1]  # the HTTP date, about 60 s ahead
+    assert r.error and "429" in r.error and "Retry-After 90s; capped at max_backoff_s=0.2s" in r.error

@@ -73,8 +73,15 @@ def test_effective_step_reproduces_the_async_delay():
     assert [plan_lr(d.plan, s) for s in (300, 320, 336, 337, 399)] == [1e-3] * 3 + [2e-3] * 2
     d = c.decide(obs(400, lr=2e-3))
     assert d.plan == ((400, 2e-3), (401, 1e-3)) and plan_lr(d.plan, 400) == 2e-3 and plan_lr(d.plan, 401) == 1e-3
-    d = c.decide(obs(500, lr=1e-3))
-    assert max(s for s, _ in d.plan) == 599 and d.meta["effective_step"] == 599
+    # an answer that came after the next decision points (skipped by the logged run): held, switched at 777
+    for step in (500, 600):
+        d = c.decide(obs(step, lr=1e-3))
+        assert d.lr == 1e-3 and d.plan is None and d.meta["effective_step"] == 777
+    assert d.meta["pending_from_step"] == 500
+    d = c.decide(obs(700, lr=1e-3))
+    assert d.lr == 5e-4 and d.plan == ((700, 1e-3), (776, 1e-3), (777, 5e-4))
+    assert [plan_lr(d.plan, s) for s in (700, 776, 777)] == [1e-3, 1e-3, 5e-4]
+    assert c.decide(obs(800, lr=5e-4)).plan is None  # past it: nothing pending
 
 
 def test_guard_records_are_not_replayed_and_rollback_revisits_pick_the_next_record():

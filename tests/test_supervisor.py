@@ -8,10 +8,12 @@ summary line at the end: faults injected and rounds that survived them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +27,7 @@ import pytest
 
 from lrpilot import guard
 from lrpilot.channel import CONTROL_FILE, TELEMETRY_FILE
-from lrpilot.config import load_config
+from lrpilot.config import apply_overrides, load_config
 from lrpilot.controllers.base import BaseController, Decision, Observation
 from lrpilot.controllers.schedules import ConstantController, CosineController
 from lrpilot.launcher import launch_processes, trainer_command
@@ -157,22 +159,28 @@ def check_decision_log(path: Path, run_dir: Path, cfg, blocking: bool = True) ->
     for r in recs:
         assert set(DECISION_FIELDS) <= r.keys(), sorted(set(DECISION_FIELDS) - r.keys())
         assert r["round"] == 7 and r["controller"] == "test"
-        assert r["kind"] in ("decision", "emergency", "fallback", "superseded")
+        assert r["kind"] in ("decision", "emergency", "fallback", "superseded", "unanswered")
         assert isinstance(r["trend"], str) and r["trend"]
     seqs = [r["seq"] for r in recs if r["seq"] is not None]
     assert len(seqs) == len(set(seqs)), "a decision was logged twice"
-    applied = {e["seq"]: e for e in read_jsonl(run_dir / TELEMETRY_FILE) if e["event"] == "applied"}
+    # a resumed run re-applies logged decisions (commands with replays_seq, at the logged effective step)
+    # and sends again one that was sent but never applied (its record carries the new seq and resent_from_seq)
+    applied: dict[int, list[dict]] = {}
+    for e in read_jsonl(run_dir / TELEMETRY_FILE):
+        if e["event"] == "applied":
+            applied.setdefault(e.get("replays_seq", e["seq"]), []).append(e)
     by_seq = {r["seq"]: r for r in recs}
     assert set(applied) <= set(by_seq), "an applied command has no decision record"
-    for seq, ev in applied.items():
-        assert by_seq[seq]["effective_step"] == ev["step"]
+    for seq, evs in applied.items():
+        assert all(by_seq[seq]["effective_step"] == ev["step"] for ev in evs), (by_seq[seq], evs)
         if blocking:
-            assert ev["step"] == by_seq[seq]["step"]
+            assert all(ev["step"] == by_seq[seq]["step"] for ev in evs)
     for r in recs:
         if r["seq"] is not None and r["seq"] not in applied:
             assert r["effective_step"] is None
-    sent = read_jsonl(run_dir / CONTROL_FILE)
-    assert sorted(c["seq"] for c in sent) == sorted(seqs), "control.jsonl and the decision log disagree"
+    sent = [c for c in read_jsonl(run_dir / CONTROL_FILE) if "replays_seq" not in c]
+    resent = [r["resent_from_seq"] for r in recs if r.get("resent_from_seq") is not None]
+    assert sorted(c["seq"] for c in sent) == sorted(seqs + resent), "control.jsonl and the decision log disagree"
     per_launch: dict[int, list[int]] = {}
     for r in recs:
         per_launch.setdefault(r["launch"], []).append(r["step"])
@@ -737,7 +745,7 @@ SUPERVISOR_SCRIPT = textwrap.dedent("""
     import signal
     import sys
     from pathlib import Path
-    from lrpilot.config import load_config
+    from lrpilot.config import apply_overrides, load_config
     from lrpilot.controllers.schedules import ConstantController
     from lrpilot.supervisor import RoundLogs, run_round
 
@@ -851,3 +859,320 @@ def test_guard_is_the_one_deciding_rollbacks():
         [guard.CheckpointInfo(10), guard.CheckpointInfo(20), guard.CheckpointInfo(30)], 35, 3e-3, g
     )
     assert plan.to_step == 20 and plan.new_lr == pytest.approx(1.5e-3)
+
+
+# ------------------------------------------------------------------------- issue 9, item 7 (smaller ones)
+
+
+@pytest.mark.slow
+def test_a_question_still_open_when_the_round_ends_is_logged_and_counted(tmp_path, monkeypatch):
+    """The LLM agent over a real HTTP server that does not answer before the round ends: the open question
+    is logged (kind "unanswered", with the observes it made skip) and counted in the result."""
+    pytest.importorskip("openai", reason="needs the `openai` extra")
+    from llm_servers import ScriptedServer, chat_body
+
+    from lrpilot.config import AgentConfig
+    from lrpilot.controllers.llm import LLMController
+    from lrpilot.llm.base import make_backend
+
+    release = threading.Event()
+
+    def slow(req):
+        release.wait(timeout=300)  # answers only once the test is over
+        return 200, chat_body('{"reason": "late", "lr": 0.002}'), {}
+
+    server = ScriptedServer(responder=slow)
+    for name in ("DASHSCOPE_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        cfg = smoke("train.total_steps=40")
+        agent = AgentConfig(backend="openai", base_url=server.base_url, model="scripted", retries=0, timeout_s=300)
+        ctrl = LLMController(make_backend(agent, "controller", tmp_path / "llm_calls.jsonl"), guard=cfg.guard)
+        res = run_round(cfg, tmp_path / "run", ctrl, round_logs(tmp_path))
+    finally:
+        release.set()
+        server.stop()
+    _tally(1, res.status == "ok")
+    assert res.status == "ok" and res.update_step == 40
+    recs = check_decision_log(tmp_path / "decisions.jsonl", tmp_path / "run", cfg, blocking=False)
+    (open_q,) = recs
+    assert open_q["kind"] == "unanswered" and open_q["step"] == 10 and open_q["effective_step"] is None
+    assert open_q["new_lr"] == open_q["old_lr"] and "round ended" in open_q["reasoning"]
+    assert open_q["skipped_observes"] == [20, 30] and open_q["unanswered_for_s"] > 0
+    assert res.unanswered_decisions == 1 and res.total_decisions == 0
+
+
+def test_skipped_checkpoints_on_resume_get_a_note(tmp_path):
+    """A run whose supervisor stopped after the end (no result.json): resuming it passes over a truncated
+    checkpoint and one with a bad sidecar, and says so (as it does for a checksum mismatch)."""
+    cfg = smoke()
+    run_dir = tmp_path / "run"
+    run_round(cfg, run_dir, constant(cfg), round_logs(tmp_path))
+    (run_dir / "result.json").unlink()  # as if the supervisor had died before writing it
+    ckpts = run_dir / "checkpoints"
+    data = (ckpts / "step_000050.pt").read_bytes()
+    (ckpts / "step_000050.pt").write_bytes(data[: len(data) // 2])
+    (ckpts / "step_000040.json").write_text("{not json")
+    rec = Recorder()
+    res = run_round(cfg, run_dir, constant(cfg), round_logs(tmp_path), resume=True, on_event=rec)
+    _tally(2, res.status == "ok")
+    assert res.status == "ok" and res.update_step == 60
+    (launch,) = rec.of("launch")
+    assert launch["cmd"][launch["cmd"].index("--resume") + 1].endswith("step_000030.pt")
+    log = (run_dir / "trainer.log").read_text()
+    assert "resume: checkpoint step_000050.pt skipped" in log and "truncated" in log
+    assert "resume: checkpoint step_000040.pt skipped" in log
+    assert [e["step"] for e in rec.of("checkpoint_skipped")] == [50, 40]
+
+
+@pytest.mark.slow
+def test_a_schedule_never_raises_the_lr_more_than_max_ratio_in_one_decision(tmp_path):
+    """After a rollback that cut the LR x0.25, a cosine baseline's plan would jump back to its curve (x4) in
+    one decision; the guard holds plans to max_ratio x the LR in force, as it does every decision's LR."""
+    cfg = smoke("guard.crash_lr_factor=0.25")
+    peak = cfg.schedule.init_lr
+    ctrl = CosineController(peak, cfg.train.total_steps, cfg.schedule.warmup_steps)
+    res = run_round(cfg, tmp_path / "run", ctrl, round_logs(tmp_path),
+                    trainer_args_first_launch=["--inject-nan-at-step", "25"])  # fmt: skip
+    _tally(1, res.status == "ok")
+    assert res.status == "ok" and res.crash_count == 1
+    recs = check_decision_log(tmp_path / "decisions.jsonl", tmp_path / "run", cfg)
+    after_cut = [r for r in recs if r["kind"] == "decision" and r["old_lr"] < 0.5 * peak]
+    assert after_cut, [(r["step"], r["kind"], r["old_lr"]) for r in recs]
+    steps = {e["step"]: e["lr"] for e in read_jsonl(tmp_path / "run" / TELEMETRY_FILE) if e["event"] == "step"}
+    for r in recs:
+        if r["kind"] != "decision":
+            continue
+        used = [steps[n] for n in range(r["step"] + 1, r["step"] + cfg.schedule.decision_every + 1) if n in steps]
+        assert max(used) <= cfg.guard.max_ratio * r["old_lr"] * (1 + 1e-9), (r["step"], r["old_lr"], max(used))
+    assert any("x current" in reason for r in after_cut for reason in r["clamp_reasons"])
+
+
+@pytest.mark.slow
+def test_replay_of_a_non_blocking_round_gives_its_lr_at_every_step(tmp_path):
+    """Issue 9, item 4 (same kind): answers that came after the next decision point (which the live run then
+    skipped) are replayed at their effective steps, not pulled into their own interval."""
+    from lrpilot.controllers.replay import ReplayController
+
+    cfg = smoke("train.total_steps=50")
+    ctrl = GatedController(2e-3, lag=12)  # each answer arrives after the next decision point
+    rec = Recorder()
+    rec.hooks.append(ctrl.on_event)
+    res = run_round(cfg, tmp_path / "live", ctrl, round_logs(tmp_path), on_event=rec)
+    assert res.status == "ok"
+    recs = read_jsonl(tmp_path / "decisions.jsonl")
+    assert any(r["effective_step"] and r["effective_step"] >= r["step"] + cfg.schedule.decision_every for r in recs)
+    replay_logs = RoundLogs(tmp_path / "replay_decisions.jsonl", tmp_path / "replay_rollbacks.jsonl", {"round": 7})
+    res2 = run_round(cfg, tmp_path / "replay", ReplayController.from_log(tmp_path / "decisions.jsonl", round=7),
+                     replay_logs)  # fmt: skip
+    assert res2.status == "ok"
+
+    def lrs(run_dir: Path) -> dict[int, float]:
+        return {e["step"]: e["lr"] for e in read_jsonl(run_dir / TELEMETRY_FILE) if e["event"] == "step"}
+
+    live, replayed = lrs(tmp_path / "live"), lrs(tmp_path / "replay")
+    diff = [n for n in live if replayed.get(n) != pytest.approx(live[n], rel=1e-12)]
+    assert not diff, [(n, live[n], replayed.get(n)) for n in diff[:5]]
+
+
+# ---------------------------------------------------------------- issue 9, items 3 and 4 (whole campaigns)
+
+CAMPAIGN_SMOKE = ["train.total_steps=40", "schedule.warmup_steps=10", "schedule.decision_every=10"]
+
+
+def _wait_for(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)  # polling a condition with a deadline, not synchronising by sleep
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+@pytest.mark.parametrize("server", ["think", "reasoning_content", "thinks_forever"])
+def test_reasoning_model_round_is_parsed_or_flagged(tmp_path, monkeypatch, server):
+    """Issue 9, item 3: a reasoning model behind a real OpenAI-compatible server on 127.0.0.1. Its reasoning
+    is removed before the reply is read and kept in llm_calls.jsonl; a round in which most decisions fell
+    back (here: the model never finishes thinking) is flagged in the terminal, final_results and report."""
+    pytest.importorskip("openai", reason="needs the `openai` extra")
+    from llm_servers import ScriptedServer, chat_body
+
+    from lrpilot.campaign import CampaignSettings, run_campaign
+    from lrpilot.report.report import build_report
+
+    for name in ("DASHSCOPE_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+    def answer(req):
+        body = chat_body('{"reason": "hold", "lr": 0.0015}')
+        msg = body["choices"][0]["message"]
+        if server == "think":
+            msg["content"] = '<think>\nthe loss falls, {"lr": 0.04} would be too much\n</think>\n\n' + msg["content"]
+        elif server == "reasoning_content":
+            msg["reasoning_content"] = "the loss falls; 1.5e-3"
+        else:
+            msg["content"] = "<think>\nhmm, {maybe} 1e-3, or"
+            body["choices"][0]["finish_reason"] = "length"
+        return 200, body, {}
+
+    srv = ScriptedServer(responder=answer)
+    try:
+        agent = [f"agent.base_url={srv.base_url}", "agent.model=scripted", "agent.wait_for_decisions=true",
+                 "agent.retries=0"]  # fmt: skip
+        cfg = apply_overrides(load_config("cpu-smoke", CAMPAIGN_SMOKE), agent)
+        d = tmp_path / "camp"
+        settings = CampaignSettings(preset="cpu-smoke", overrides=(*CAMPAIGN_SMOKE, *agent), controller="llm",
+                                    memory="none", backend="openai", model="scripted")  # fmt: skip
+        lines: list[str] = []
+        run_campaign(cfg, d, 1, settings, echo=lines.append)
+    finally:
+        srv.stop()
+    (final,) = read_jsonl(d / "final_results.jsonl", strict=True)
+    _tally(1, final["status"] == "ok")
+    decisions = read_jsonl(d / "decisions.jsonl", strict=True)
+    calls = read_jsonl(d / "llm_calls.jsonl", strict=True)
+    assert len(decisions) == 3 and len(calls) == 3
+    assert all(c["reasoning"] for c in calls) and not any("<think>" in c["reply"] for c in calls)
+    report = build_report(d, [], d / "report").md_path.read_text()
+    if server == "thinks_forever":
+        assert {x["kind"] for x in decisions} == {"fallback"}
+        assert all("only reasoning" in c["error"] for c in calls)
+        assert final["mostly_fallback"] is True and final["fallback_decisions"] == 3
+        assert "MOSTLY FALLBACK (3 of 3" in lines[0]
+        assert "most decisions fell back" in report and "mostly fallback (3/3" in report
+    else:
+        assert {x["kind"] for x in decisions} == {"decision"} and {x["new_lr"] for x in decisions} == {0.0015}
+        assert all(c["error"] is None for c in calls)
+        assert final["mostly_fallback"] is False and final["fallback_decisions"] == 0
+        assert "FALLBACK" not in lines[0] and "fell back" not in report
+
+
+def _final_branch_lrs(run_dir: Path) -> dict[int, float]:
+    """step -> LR of the update that completed it, on the branch the final model was trained on (a resumed
+    launch re-trains the steps after its checkpoint: the last event of a step is the one that counts)."""
+    lrs: dict[int, float] = {}
+    for ev in read_jsonl(run_dir / "telemetry.jsonl"):
+        if ev.get("event") == "step":
+            lrs[ev["step"]] = ev["lr"]
+    return lrs
+
+
+def _logged_lrs(records: list[dict], steps: list[int], warmup: int, init_lr: float) -> dict[int, float]:
+    """step -> LR that decisions.jsonl says the update completing that step used (after warmup)."""
+    applied = sorted((r["effective_step"], r["seq"] or 0, r["new_lr"]) for r in records
+                     if isinstance(r.get("effective_step"), int))  # fmt: skip
+    out = {}
+    for n in steps:
+        update = n - 1
+        if update < warmup:
+            continue
+        out[n] = next((lr for eff, _, lr in reversed(applied) if eff <= update), init_lr)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+def test_killed_non_blocking_campaign_resumes_on_the_logged_branch(tmp_path, monkeypatch):
+    """Issue 9, item 4: a non-blocking LLM controller (a real HTTP server on 127.0.0.1), decisions and
+    checkpoints every 20 steps. The decision at step 40 takes effect some steps later; the campaign is
+    SIGKILLed after that and resumed from step_000040 (later checkpoints truncated, as if the kill came before
+    them). The resumed round must train the branch decisions.jsonl describes, and a replay of the round must
+    give the same LR at every step."""
+    pytest.importorskip("openai", reason="needs the `openai` extra")
+    from llm_servers import ScriptedServer, chat_body
+
+    for name in ("DASHSCOPE_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    d = tmp_path / "camp"
+    run = d / "rounds" / "round_001"
+    # batch 16: steps slow enough (> 5 ms) that the decision at 40 lands well before the one at 60
+    steps = ["train.total_steps=200", "train.batch_size=16", "schedule.warmup_steps=20",
+             "schedule.decision_every=20", "checkpoint.every=20", "checkpoint.keep=100", "agent.retries=0"]  # fmt: skip
+    first_run = [True]
+
+    def trainer_step() -> int:
+        evs = [e for e in read_jsonl(run / "telemetry.jsonl") if e.get("event") == "step"]
+        return evs[-1]["step"] if evs else 0
+
+    def answer(req):
+        prompt = req["messages"][-1]["content"]
+        m = re.search(r"\nstep (\d+) of \d+ \(", prompt)
+        step = int(m.group(1)) if m else 0
+        if step == 40 and first_run[0]:  # the trainer trains on while this decision is pending
+            deadline = time.monotonic() + 120
+            while trainer_step() < 46 and time.monotonic() < deadline:
+                time.sleep(0.005)  # polling the trainer's progress, not synchronising by sleep
+        lr = 3e-3 * (0.75, 1.0, 1.25)[(step // 20) % 3]
+        return 200, chat_body(json.dumps({"reason": f"step {step}", "lr": lr})), {}
+
+    srv = ScriptedServer(responder=answer)
+    cmd = [sys.executable, "-m", "lrpilot", "campaign", "--preset", "cpu-smoke", "--rounds", "1", "--controller",
+           "llm", "--memory", "none", "--backend", "openai", "--base-url", srv.base_url, "--model", "scripted",
+           "--dir", str(d)]  # fmt: skip
+    for s in steps:
+        cmd += ["--set", s]
+    try:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            applied = _wait_for(
+                lambda: [
+                    e
+                    for e in read_jsonl(run / "telemetry.jsonl")
+                    if e.get("event") == "applied" and e.get("decided_at_step") == 40
+                ],  # fmt: skip
+                300,
+                "the step-40 decision applied",
+            )
+            os.killpg(p.pid, signal.SIGKILL)  # the campaign; the trainer has its own session
+            p.wait(timeout=30)
+            trainer = [e for e in read_jsonl(run / "telemetry.jsonl") if e.get("event") == "start"][-1]["launch"]
+            with contextlib.suppress(OSError):
+                if b"lrpilot.trainer" in Path(f"/proc/{trainer}/cmdline").read_bytes():
+                    os.kill(trainer, signal.SIGKILL)
+            _wait_for(lambda: not Path(f"/proc/{trainer}").exists(), 30, "the trainer gone")
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        first_run[0] = False
+        assert applied[0]["step"] > 46 and not (d / "final_results.jsonl").exists()
+        cut = [c for c in (run / "checkpoints").glob("step_*.pt") if int(c.stem.split("_")[1]) > 40]
+        for ckpt in cut:  # as if the kill had come before them: cut short
+            with open(ckpt, "r+b") as f:
+                f.truncate(ckpt.stat().st_size // 2)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        _tally(1 + len(cut), r.returncode == 0)  # the kill and the cut checkpoints
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    finally:
+        srv.stop()
+
+    starts = [e for e in read_jsonl(run / "telemetry.jsonl") if e.get("event") == "start"]
+    assert starts[-1]["resumed_from"].endswith("step_000040.pt")
+    records = [x for x in read_jsonl(d / "decisions.jsonl", strict=True) if x["round"] == 1]
+    # one record per decision point: the re-trained points were not asked again
+    assert len({x["step"] for x in records}) == len(records), sorted(x["step"] for x in records)
+    d40 = next(x for x in records if x["step"] == 40)
+    assert d40["effective_step"] == applied[0]["step"]
+    trained = _final_branch_lrs(run)
+    assert sorted(trained) == list(range(1, 201))
+    logged = _logged_lrs(records, sorted(trained), warmup=20, init_lr=3e-3)
+    wrong = {n: (trained[n], logged[n]) for n in logged if trained[n] != pytest.approx(logged[n], rel=1e-12)}
+    assert not wrong, f"steps whose trained LR differs from decisions.jsonl: {dict(list(wrong.items())[:5])}"
+    # skipped checkpoints get a note, as checksum mismatches do
+    log = (run / "trainer.log").read_text()
+    assert all(f"resume: checkpoint {c.name} skipped" in log for c in cut), log[-3000:]
+    assert "re-applied at their effective steps" in log
+
+    # replay of the resumed round: the same LR at every step
+    d2 = tmp_path / "replay"
+    rcmd = [sys.executable, "-m", "lrpilot", "campaign", "--preset", "cpu-smoke", "--rounds", "1", "--controller",
+            "replay", "--replay-from", str(d), "--dir", str(d2)]  # fmt: skip
+    for s in steps:
+        rcmd += ["--set", s]
+    r = subprocess.run(rcmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    replayed = _final_branch_lrs(d2 / "rounds" / "round_001")
+    diff = [n for n in trained if replayed.get(n) != pytest.approx(trained[n], rel=1e-12)]
+    assert not diff, f"replay differs at steps {diff[:10]}: {[(trained[n], replayed.get(n)) for n in diff[:3]]}"

@@ -296,6 +296,22 @@ def test_commands_before_launch_and_min_seq(tmp_path, smoke_config):
     assert lrs[1] == pytest.approx(1e-3 / 10) and lrs[10] == pytest.approx(1e-3) and lrs[12] == 1e-3
 
 
+def test_a_command_with_at_step_is_held_until_that_update(tmp_path, smoke_config):
+    """Issue 9, item 4: a resumed run re-applies a logged decision where it took effect before (at_step);
+    a later plain command still wins from its own update on."""
+    cfg = small(smoke_config, "train.total_steps=30", "checkpoint.every=1000")
+    run_dir = make_run(tmp_path, cfg)
+    w = ControlWriter(run_dir)
+    w.send(10, 1e-3, at_step=17, replays_seq=4)  # seq 0
+    w.send(20, 2e-3, at_step=23)  # seq 1
+    proc = run_trainer(run_dir)
+    assert_ok(proc)
+    applied = events(run_dir, "applied")
+    assert [(a["seq"], a["step"], a.get("replays_seq")) for a in applied] == [(0, 17, 4), (1, 23, None)]
+    lrs = step_lrs(run_dir)
+    assert lrs[17] == lrs[11] and lrs[18] == 1e-3 and lrs[23] == 1e-3 and lrs[24] == 2e-3
+
+
 @pytest.mark.slow
 def test_live_command_without_waiting_takes_effect_at_the_recorded_step(tmp_path, smoke_config):
     cfg = small(smoke_config, "train.total_steps=150", "checkpoint.every=1000")

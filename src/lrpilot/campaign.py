@@ -144,8 +144,17 @@ def summary_line(rec: dict[str, Any], best: float) -> str:
     return (
         f"round {rec['round']:>3}  {rec.get('status', 'ok'):<6} peak_lr {f['peak_lr_seen']:.2e}  "
         f"min_lr {f['min_lr_seen']:.2e}  crashes {rec.get('crash_count', 0):>2}  ppl {_ppl(rec):>9.3f}  "
-        f"best so far {best:.3f}  ({f['wall_time_s']:.0f} s)"
+        f"best so far {best:.3f}  ({f['wall_time_s']:.0f} s)" + fallback_note(rec)
     )
+
+
+def fallback_note(rec: dict[str, Any]) -> str:
+    """'  MOSTLY FALLBACK (...)' for a round in which most decisions fell back (final_results
+    `mostly_fallback`), else ''."""
+    if not rec.get("mostly_fallback"):
+        return ""
+    n, k = rec.get("total_decisions", "?"), rec.get("fallback_decisions", "?")
+    return f"  MOSTLY FALLBACK ({k} of {n} decisions kept the LR for want of a valid answer; see llm_calls.jsonl)"
 
 
 def campaign_table(recs: list[dict[str, Any]]) -> str:
@@ -159,7 +168,7 @@ def campaign_table(recs: list[dict[str, Any]]) -> str:
     ppls = [_ppl(r) for r in recs if math.isfinite(_ppl(r))]
     if ppls:
         lines.append(
-            f"{len(recs)} rounds: best ppl {min(ppls):.3f}, median {statistics.median(ppls):.3f}, "
+            f"{len(recs)} round{'s' * (len(recs) != 1)}: best ppl {min(ppls):.3f}, median {statistics.median(ppls):.3f}, "
             f"failed {sum(r.get('status') == 'failed' for r in recs)}, "
             f"wall time {sum(as_float(r.get('wall_time_s', 0)) for r in recs) / 60:.1f} min"
         )
@@ -174,7 +183,8 @@ def run_campaign(
     *,
     echo: Any = print,
 ) -> list[dict[str, Any]]:
-    """Run rounds 1..`rounds` in `directory`, skipping those already finished. Returns all final records."""
+    """Run rounds 1..`rounds` in `directory`, skipping those already finished. Prints and returns the final
+    records of rounds 1..`rounds` (a note says when the directory holds more)."""
     directory = Path(directory)
     if rounds < 1:
         raise ConfigError("--rounds: must be >= 1")
@@ -197,8 +207,15 @@ def run_campaign(
             if math.isfinite(_ppl(rec)):
                 best = min(best, _ppl(rec))
             echo(summary_line(rec, best))
-        recs = [done[r] for r in sorted(done)]
+        recs = [done[r] for r in sorted(done) if r <= rounds]
         echo(campaign_table(recs))
+        more = sorted(r for r in done if r > rounds)
+        if more:
+            echo(
+                f"{directory} already holds {len(more)} more round{'s' * (len(more) > 1)} ({more[0]}"
+                f"{f'-{more[-1]}' if len(more) > 1 else ''}) than --rounds {rounds}; run with --rounds {more[-1]} "
+                "to see them all"
+            )
         return recs
 
 
@@ -278,6 +295,9 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
         "final_eval_ppl": res.final_eval_ppl,
         "final_eval_loss": res.final_eval_loss,
         "total_decisions": res.total_decisions,
+        "unanswered_decisions": res.unanswered_decisions,
+        "fallback_decisions": res.fallback_decisions,
+        "mostly_fallback": res.mostly_fallback,
         "crash_count": res.crash_count,
         "peak_lr_seen": res.peak_lr_seen,
         "min_lr_seen": res.min_lr_seen,

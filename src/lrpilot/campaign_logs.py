@@ -188,6 +188,20 @@ class RoundSummary:
     def band(self) -> str:
         return peak_band(self.peak_lr)
 
+    @property
+    def fallback_counts(self) -> tuple[int, int]:
+        """(answers that fell back, controller answers): decision-log kinds fallback and decision + fallback
+        (published logs have no kind: (0, 0))."""
+        kinds = [d.get("kind") for d in self.decisions]
+        return kinds.count("fallback"), kinds.count("fallback") + kinds.count("decision")
+
+    @property
+    def mostly_fallback(self) -> bool:
+        """More than half of the controller's answers fell back (final_results `mostly_fallback`, or counted
+        from the decisions for logs without it): the round shows the fallback path, not the agent."""
+        fb, n = self.fallback_counts
+        return bool(self.raw.get("mostly_fallback")) or (n > 0 and 2 * fb > n)
+
     def _path(self, include_rollbacks: bool) -> list[tuple[int, float, dict[str, Any] | None]]:
         """(step, lr, decision record or None) of the path the final model was trained on: a decision at
         step s supersedes every earlier point at a step >= s (the run came back there after a rollback); a
@@ -292,6 +306,20 @@ class BaselineResult:
     @property
     def band(self) -> str:
         return peak_band(self.peak_lr)
+
+    @property
+    def fallback_counts(self) -> tuple[int, int]:
+        """(answers that fell back, controller answers): decision-log kinds fallback and decision + fallback
+        (published logs have no kind: (0, 0))."""
+        kinds = [d.get("kind") for d in self.decisions]
+        return kinds.count("fallback"), kinds.count("fallback") + kinds.count("decision")
+
+    @property
+    def mostly_fallback(self) -> bool:
+        """More than half of the controller's answers fell back (final_results `mostly_fallback`, or counted
+        from the decisions for logs without it): the round shows the fallback path, not the agent."""
+        fb, n = self.fallback_counts
+        return bool(self.raw.get("mostly_fallback")) or (n > 0 and 2 * fb > n)
 
 
 @dataclass(frozen=True)

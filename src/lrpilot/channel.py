@@ -222,13 +222,30 @@ class ControlWriter:
         self._next += 1
         return seq
 
-    def send(self, decided_at_step: int, lr: float, plan: Iterable[Sequence[float]] | None = None) -> int:
-        """Ask the trainer to use `lr` (and the optional plan) from its next update on; returns the seq."""
+    def send(
+        self,
+        decided_at_step: int,
+        lr: float,
+        plan: Iterable[Sequence[float]] | None = None,
+        *,
+        at_step: int | None = None,
+        replays_seq: int | None = None,
+    ) -> int:
+        """Ask the trainer to use `lr` (and the optional plan) from its next update on, or, with `at_step`,
+        from update `at_step` on (a resumed run re-applying command `replays_seq` where it was applied before);
+        returns the seq."""
         lr = _positive_lr(lr, "ControlWriter.send")
         knots = _parse_plan(list(plan) if plan is not None else None, "ControlWriter.send")
-        return self._append(
-            {"decided_at_step": int(decided_at_step), "lr": lr, "plan": [list(k) for k in knots] if knots else None}
-        )
+        rec: dict[str, Any] = {
+            "decided_at_step": int(decided_at_step),
+            "lr": lr,
+            "plan": [list(k) for k in knots] if knots else None,
+        }
+        if at_step is not None:
+            rec["at_step"] = int(at_step)
+        if replays_seq is not None:
+            rec["replays_seq"] = int(replays_seq)
+        return self._append(rec)
 
     def stop(self) -> int:
         """Ask the trainer to checkpoint and exit 0; returns the seq."""

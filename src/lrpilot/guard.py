@@ -15,7 +15,8 @@ The rules:
 1. `clamp_lr`: a decision's LR may move at most `max_ratio`x up / `min_ratio`x down from the current LR
    per decision, and never leaves the global [floor, ceiling]. A proposal that is not a positive finite
    number keeps the current LR (the fallback). `clamp_plan`: a schedule's (step, lr) knots are bounded
-   only by [0, ceiling] (see its docstring for why).
+   by [0, min(ceiling, max_ratio x current)]: they never rise faster, but may fall faster than min_ratio
+   and below the floor (decay schedules reach 0; see its docstring for why).
 2. `choose_rollback`: after a crash, resume from the latest healthy checkpoint at least
    `rollback_back_steps` before the crash (else the earliest healthy one) with the LR x `crash_lr_factor`.
 3. `check_loss`: NaN/Inf or a loss above `crash_loss` is a crash. `check_emergency` / `emergency_lr`: the
@@ -147,13 +148,15 @@ class PlanResult(NamedTuple):
         return bool(self.reasons)
 
 
-def clamp_plan(plan: Iterable[Any], cfg: GuardConfig) -> PlanResult:
-    """Bound a schedule's (step, lr) knots to [0, ceiling].
+def clamp_plan(plan: Iterable[Any], cfg: GuardConfig, current: float | None = None) -> PlanResult:
+    """Bound a schedule's (step, lr) knots to [0, min(ceiling, max_ratio x current)].
 
-    Only the ceiling and 0 apply to knots, not the jump limit or the floor: the jump limit bounds the
-    decision's headline LR (clamp the Decision's `lr` with `clamp_lr`), while a schedule's knots move along a
-    curve the controller committed to, and schedules such as linear-decay-to-zero or WSD's decay phase
-    legitimately go below the floor and reach 0 at the end of training.
+    The upper half of the jump limit applies to knots as it does to the headline LR (`clamp_lr`): no decision
+    raises the LR above max_ratio x the LR in force (`current`; None = no jump limit). It matters after a
+    rollback or an emergency cut, when a schedule's curve is far above the guard's LR: the curve then comes
+    back by at most max_ratio per decision. The lower half and the floor do not apply to knots: a schedule's
+    knots move along a curve the controller committed to, and schedules such as linear-decay-to-zero or WSD's
+    decay phase legitimately fall faster than min_ratio, below the floor, and reach 0 at the end of training.
 
     Knots are untrusted (they may come from an LLM reply): a knot that is not a (step, lr) pair, whose step
     is not a non-negative integer or whose lr is not finite is dropped; knots are sorted by step and a
@@ -178,14 +181,22 @@ def clamp_plan(plan: Iterable[Any], cfg: GuardConfig) -> PlanResult:
         reasons.append("plan knots sorted by step")
         kept.sort(key=lambda k: k[0])  # stable: the first of equal steps stays first
 
+    cap = cfg.ceiling
+    if current is not None:
+        cap = min(cap, cfg.max_ratio * _require_lr(current, "clamp_plan current"))
     out: list[tuple[int, float]] = []
     for step, lr in kept:
         if out and out[-1][0] == step:
             reasons.append(f"plan knot at step {step}: repeated step; dropped (lr {_fmt(lr)})")
             continue
-        v = _clip(lr, 0.0, cfg.ceiling)
+        v = _clip(lr, 0.0, cap)
         if v != lr:
-            bound = f"> ceiling {_fmt(cfg.ceiling)}" if lr > cfg.ceiling else "< 0"
+            if lr < 0:
+                bound = "< 0"
+            elif cap < cfg.ceiling:
+                bound = f"> {cfg.max_ratio!r}x current {_fmt(current)}"
+            else:
+                bound = f"> ceiling {_fmt(cfg.ceiling)}"
             reasons.append(f"plan knot at step {step}: {_fmt(lr)} {bound}; clamped to {_fmt(v)}")
         out.append((step, v))
     return PlanResult(plan=tuple(out), reasons=tuple(reasons))

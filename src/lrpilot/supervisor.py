@@ -31,7 +31,11 @@ Records (append-only jsonl through lrpilot.logs.JsonlLog):
   and "[supervisor]" lines in RUN/trainer.log (launch commands, crashes, skipped checkpoints).
 
 A run directory can be resumed (`resume=True`) after the supervisor itself was stopped: the round continues
-from the latest verified checkpoint with the same run_start_iso, and a finished one returns its stored result.
+from the latest verified checkpoint with the same run_start_iso (each checkpoint passed over gets a note), and
+a finished one returns its stored result. The resumed trainer re-applies every logged decision that took
+effect after that checkpoint at its logged effective step (commands with `at_step`), so the run trains the
+branch its logs describe and a replay of the round reproduces its LR at every step (docs/architecture.md).
+A question to a non-blocking controller still open when the round ends is logged as kind "unanswered".
 """
 
 from __future__ import annotations
@@ -149,6 +153,12 @@ class RoundResult:
     lr_trajectory: list[tuple[int, float]]
     loss_trajectory: list[tuple[int, float]]
     failure_reason: str | None = None
+    #: questions to a non-blocking controller still unanswered when the round ended (kind "unanswered")
+    unanswered_decisions: int = 0
+    #: controller answers (kinds decision + fallback) that kept the LR for want of a valid answer
+    fallback_decisions: int = 0
+    #: more than half of the controller's answers fell back: the round shows the fallback path, not the agent
+    mostly_fallback: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,10 +184,18 @@ class RoundResult:
             lr_trajectory=[(int(s), f(v)) for s, v in d.get("lr_trajectory") or []],
             loss_trajectory=[(int(s), f(v)) for s, v in d.get("loss_trajectory") or []],
             failure_reason=d.get("failure_reason"),
+            unanswered_decisions=int(d.get("unanswered_decisions") or 0),
+            fallback_decisions=int(d.get("fallback_decisions") or 0),
+            mostly_fallback=bool(d.get("mostly_fallback", False)),
         )
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def is_mostly_fallback(fallbacks: int, answers: int) -> bool:
+    """More than half of a round's controller answers (kinds decision + fallback) fell back."""
+    return answers > 0 and 2 * fallbacks > answers
 
 
 def _trend(prev: float, cur: float) -> str:
@@ -234,6 +252,7 @@ class _Point:
     launch: int  # the launch it belongs to: its record carries it, and an answer for an older one is stale
     skipped: list[int] = field(default_factory=list)  # later decision points skipped while it was in flight
     superseded_by: int | None = None  # step of an emergency cut made while it was in flight
+    t_asked: float = 0.0  # time.monotonic() when the controller was asked (non-blocking)
 
 
 class _Round:
@@ -291,10 +310,12 @@ class _Round:
         self.decisions: list[dict[str, Any]] = []  # every record (written or pending), in decision order
         self.pending: dict[int, dict[str, Any]] = {}  # seq -> record not yet written (waits for `applied`)
         self.rollbacks: list[RollbackRecord] = []
+        self.rollback_points: list[tuple[int, int]] = []  # (launch that crashed, step rolled back to)
         self.counter = guard.CrashCounter()
         # non-blocking controllers: one decide() in flight at a time, answered through a queue
         self.replies: queue.Queue = queue.Queue()
         self.inflight: _Point | None = None
+        self.asked: list[_Point] = []  # asked and not answered yet (the in-flight one, and any a rollback left)
         self.dlog: JsonlLog | None = None
         self.sent_log: JsonlLog | None = None
         self.writer: ControlWriter | None = None
@@ -302,6 +323,11 @@ class _Round:
         self.backlog: collections.deque = collections.deque()  # events read but not handled yet
         self.draining = False  # handling a dead launch's last lines: record them, decide nothing
         self.trainer_log = None
+        # a resumed run (supervisor restarted): decision points after the checkpoint already answered on the
+        # branch being re-trained -> None (its command is re-sent with at_step) or the record of a decision
+        # sent but never applied (sent again when the trainer gets there, logged when applied)
+        self.answered: dict[int, dict[str, Any] | None] = {}
+        self.unapplied_sent: list[dict[str, Any]] = []  # restored: sent, never applied, not yet logged
 
     # ------------------------------------------------------------------------------ public entry
 
@@ -354,6 +380,7 @@ class _Round:
             with contextlib.suppress(OSError):  # a disk that refuses them: decisions_sent.jsonl has them
                 self._drain_applied()
                 self._flush_pending()
+                self._flush_unanswered("the supervisor was interrupted")
             self.wall_before += time.monotonic() - self.t0
             self.t0 = time.monotonic()
             with contextlib.suppress(OSError):
@@ -447,7 +474,7 @@ class _Round:
         mine = [ln for ln in lines if ln.strip() and not ln.startswith("[supervisor")]
         return mine[-1].strip() if mine else f"see {self.run_dir / 'trainer.log'}"
 
-    def _launch(self, resume: Path | None, lr: float | None, start_step: int = 0) -> None:
+    def _launch(self, resume: Path | None, lr: float | None, start_step: int = 0, min_seq: int | None = None) -> None:
         assert self.writer is not None and self.trainer_log is not None
         extra = list(self.trainer_args)
         if self.session_launches == 0:
@@ -457,7 +484,7 @@ class _Round:
             self.run_dir,
             resume=resume,
             lr=lr,
-            min_seq=self.writer.next_seq,
+            min_seq=self.writer.next_seq if min_seq is None else min_seq,
             wait_for_decisions=self.blocking,
             extra_args=extra,
         )
@@ -495,16 +522,86 @@ class _Round:
         the branch the trainer was on (a later one left by a rolled-back branch is not its past)."""
         head = max(self.losses, default=0)
         for info in reversed(list_checkpoints(self.run_dir)):
-            if not info.complete or info.step > head:
-                continue
-            why = verify_checkpoint(info.path)
+            if info.step > head:
+                why = f"step {info.step} is past step {head}, the last one of the branch being resumed"
+            else:
+                why = info.reason if not info.complete else verify_checkpoint(info.path)
             if why is None:
                 self._truncate_branch(info.step)
-                self._launch(resume=info.path, lr=None, start_step=info.step)
+                self._resume_branch(info.step, resume=info.path)
                 return
-            self._note(f"resume: checkpoint {info.path.name} skipped ({why})")
+            self._skipped_checkpoint(info.step, info.path, why, "resume: ")
         self._truncate_branch(0)
-        self._launch(resume=None, lr=None)
+        self._resume_branch(0, resume=None)
+
+    def _skipped_checkpoint(self, step: int, path: Path, why: str, prefix: str = "") -> None:
+        """A checkpoint passed over (on resume or rollback): a note in trainer.log and a checkpoint_skipped event."""
+        self._note(f"{prefix}checkpoint {path.name} skipped ({why})")
+        self._emit({"event": "checkpoint_skipped", "source": "supervisor", "step": step, "path": str(path),
+                    "reason": why})  # fmt: skip
+
+    def _branch_claims(self, step: int) -> list[dict[str, Any]]:
+        """Decision records of this run that say the trainer used their LR from an update after `step` on the
+        branch being resumed (an emergency cut, a rollback's relaunch and any later rollback of it excluded)."""
+        out = []
+        for rec in self.decisions:
+            eff = rec.get("effective_step")
+            if rec.get("kind") not in ("decision", "fallback", "emergency") or not isinstance(eff, int) or eff <= step:
+                continue
+            launch = rec.get("launch") if isinstance(rec.get("launch"), int) else 0
+            # a rollback after the decision that went back before its effective step abandoned it
+            if any(launch <= rb_launch and to < eff for rb_launch, to in self.rollback_points):
+                continue
+            out.append(rec)
+        return sorted(out, key=lambda r: (r["effective_step"], r.get("seq") or 0))
+
+    def _resume_branch(self, step: int, resume: Path | None) -> None:
+        """Relaunch a run whose supervisor stopped, from the checkpoint at `step` (None: from scratch), so that it
+        trains the branch its logs describe: every logged decision the trainer applied after `step` is sent
+        again with `at_step` = the update that used it (the trainer holds it until then), and its decision
+        point is not asked again; a decision that was sent but never applied is sent again (now, or when the
+        trainer reaches its decision point) and logged once applied."""
+        assert self.writer is not None
+        min_seq = self.writer.next_seq
+        commands = {c.get("seq"): c for c in iter_jsonl(self.run_dir / CONTROL_FILE)}
+        resend: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        for rec in self._branch_claims(step):
+            cmd = commands.get(rec.get("seq"))
+            if cmd is None or not is_positive_finite(cmd.get("lr")):
+                self._note(f"resume: command seq={rec.get('seq')} of the decision at step {rec['step']} not in "
+                           f"{CONTROL_FILE}; not re-applied")  # fmt: skip
+                continue
+            resend.append((rec, cmd))
+            if int(rec["step"]) > step:
+                self.answered[int(rec["step"])] = None
+        now = []
+        for rec in self.unapplied_sent:
+            if int(rec["step"]) > step and int(rec["step"]) not in self.answered:
+                self.answered[int(rec["step"])] = rec
+            else:
+                now.append(rec)
+        self.unapplied_sent = []
+        self._launch(resume=resume, lr=None, start_step=step, min_seq=min_seq)
+        for rec, cmd in resend:
+            self.writer.send(int(cmd["decided_at_step"]), float(cmd["lr"]), cmd.get("plan"),
+                             at_step=int(rec["effective_step"]), replays_seq=int(cmd["seq"]))  # fmt: skip
+        if resend:
+            self._note(f"resume from step {step}: {len(resend)} logged decision(s) re-applied at their effective "
+                       f"steps {', '.join(str(r['effective_step']) for r, _ in resend)}")  # fmt: skip
+        for rec in now:
+            self._resend(rec)
+
+    def _resend(self, rec: dict[str, Any]) -> None:
+        """Send again a decision that was sent but never applied before the supervisor stopped; its record (the
+        original, with the new seq) is logged when the trainer applies it."""
+        assert self.writer is not None and self.sent_log is not None
+        commands = {c.get("seq"): c for c in iter_jsonl(self.run_dir / CONTROL_FILE)}
+        cmd = commands.get(rec.get("seq"), {})
+        rec = {**rec, "resent_from_seq": rec.get("seq"), "seq": self.writer.next_seq, "resent_in_launch": self.launches}
+        self.sent_log.append(rec)
+        self.writer.send(int(rec["step"]), float(rec["new_lr"]), cmd.get("plan"))
+        self.pending[rec["seq"]] = rec
+        self.decisions.append(rec)
 
     # ------------------------------------------------------------------------------- main loop
 
@@ -685,6 +782,13 @@ class _Round:
             t_observed=as_float(ev.get("time")),
             launch=self.launches,
         )
+        if step in self.answered:  # re-trained after a resume: this point was answered on this branch already
+            rec = self.answered.pop(step)
+            if rec is not None:
+                self._resend(rec)
+            self._emit({"event": "observe_answered", "source": "supervisor", "step": step,
+                        "resent_from_seq": rec.get("seq") if rec else None})  # fmt: skip
+            return
         # the published emergency rule comes first and does not ask the controller
         emergency = guard.check_emergency(prev, mean, self.g)
         if emergency is not None:
@@ -707,6 +811,8 @@ class _Round:
                         "pending_step": self.inflight.obs.step})  # fmt: skip
             return
         self.inflight = point
+        point.t_asked = time.monotonic()
+        self.asked.append(point)
         threading.Thread(target=self._decide_async, args=(point,), daemon=True, name=f"lrpilot-decide-{step}").start()
 
     def _decide_async(self, point: _Point) -> None:
@@ -717,16 +823,16 @@ class _Round:
             decision = e
         self.replies.put((point, decision, time.monotonic() - t))
 
-    def _on_reply(self, reply: tuple[_Point, Decision | BaseException, float]) -> None:
-        """A non-blocking controller answered: send it, unless the trainer moved on to another branch or an
-        emergency cut came first (then the answer is only logged, as kind "superseded")."""
+    def _on_reply(self, reply: tuple[_Point, Decision | BaseException, float], stale: str | None = None) -> None:
+        """A non-blocking controller answered: send it, unless the trainer moved on to another branch, an
+        emergency cut came first or the round is over (`stale`; the answer is only logged, as kind "superseded")."""
         point, decision, latency = reply
         if point is self.inflight:
             self.inflight = None
-        stale = None
-        if point.launch != self.launches:
+        self.asked = [p for p in self.asked if p is not point]
+        if stale is None and point.launch != self.launches:
             stale = "discarded: the trainer was rolled back before the reply arrived"
-        elif point.superseded_by is not None:
+        elif stale is None and point.superseded_by is not None:
             stale = f"superseded by the emergency cut at step {point.superseded_by}"
         if stale is None:
             self._apply_decision(point, decision, latency)
@@ -756,7 +862,7 @@ class _Round:
         reasons = list(clamp.reasons)
         plan = None
         if decision.plan is not None:
-            bounded = guard.clamp_plan(decision.plan, self.g)
+            bounded = guard.clamp_plan(decision.plan, self.g, current=lr_now)
             reasons += bounded.reasons
             plan = bounded.plan or None
         fields: dict[str, Any] = {"raw_reply": decision.raw} if decision.raw is not None else {}
@@ -843,6 +949,29 @@ class _Round:
             if ev.get("event") == "applied" and ev.get("launch") == self.launch_pid and isinstance(ev.get("step"), int):
                 self._on_applied(ev["step"], ev)
 
+    def _flush_unanswered(self, why: str) -> None:
+        """Questions to a non-blocking controller still unanswered when the round ends (or is interrupted): one
+        record each, kind "unanswered", LR kept, effective_step null. A reply that comes later is dropped."""
+        if self.dlog is None:
+            return
+        while True:  # answers that came in but were not used yet
+            try:
+                reply = self.replies.get_nowait()
+            except queue.Empty:
+                break
+            if any(p is reply[0] for p in self.asked):
+                self._on_reply(reply, stale=f"discarded: {why} before the reply was used")
+        for point in self.asked:
+            fields: dict[str, Any] = {"skipped_observes": list(point.skipped)} if point.skipped else {}
+            waited = time.monotonic() - point.t_asked
+            rec = self._record(point, point.obs.lr, kind="unanswered",
+                               reasoning=f"no answer from the controller {waited:.1f}s after it was asked: {why}",
+                               unanswered_for_s=round(waited, 3), **fields)  # fmt: skip
+            self._write(rec)
+            self.decisions.append(rec)
+        self.asked = []
+        self.inflight = None
+
     def _flush_pending(self) -> None:
         """Decisions the trainer never applied (crash, end of run, interrupt): written with effective_step null."""
         if self.dlog is None:
@@ -850,6 +979,12 @@ class _Round:
         for seq in sorted(self.pending):
             self._write(self.pending[seq])
         self.pending.clear()
+        for step in sorted(self.answered):  # sent before a resume, never sent again: never applied
+            rec = self.answered[step]
+            if rec is not None:
+                self._write(rec)
+                self.decisions.append(rec)
+        self.answered.clear()
 
     # ------------------------------------------------------------------------------- history
 
@@ -890,18 +1025,25 @@ class _Round:
         # decisions sent but not yet logged when the supervisor died: log them now, applied or not
         logged = {d.get("seq") for d in self.decisions}
         sent = {c.get("seq") for c in iter_jsonl(self.run_dir / CONTROL_FILE)}
-        for rec in iter_jsonl(self.run_dir / SENT_FILE):
+        ahead = list(iter_jsonl(self.run_dir / SENT_FILE))
+        resent = {r.get("resent_from_seq") for r in ahead if r.get("resent_from_seq") is not None}
+        for rec in ahead:
             seq = rec.get("seq")
-            if rec.get("run_start_iso") != self.run_start_iso or seq in logged or seq not in sent:
+            if rec.get("run_start_iso") != self.run_start_iso or seq in logged or seq not in sent or seq in resent:
                 continue
             rec["effective_step"] = applied.get(seq)
+            logged.add(seq)
+            if rec["effective_step"] is None and isinstance(rec.get("step"), int):
+                self.unapplied_sent.append(rec)  # sent again on resume (_resume_branch), logged once applied
+                continue
             self._write(rec)
             self.decisions.append(rec)
-            logged.add(seq)
         for r in iter_jsonl(self.logs.rollbacks):
             if r.get("run_start_iso") != self.run_start_iso:
                 continue
             self.counter = self.counter.record(int(r.get("crash_step") or 0), int(r.get("launch_start_step") or 0))
+            if isinstance(r.get("rolled_back_to_step"), int):
+                self.rollback_points.append((int(r.get("launch") or 0), int(r["rolled_back_to_step"])))
             if isinstance(r.get("rolled_back_to_step"), int):
                 self.rollbacks.append(
                     RollbackRecord(
@@ -973,6 +1115,7 @@ class _Round:
             skipped_checkpoints=skipped,
             rollback_reason=plan.reason if plan is not None else "no usable checkpoint: restart from step 0",
         )
+        self.rollback_points.append((self.launches, to_step))
         self.rollbacks.append(
             RollbackRecord(
                 crash_step=crash_step,
@@ -1031,16 +1174,7 @@ class _Round:
                 return plan, skipped
             bad[info.step] = why
             skipped.append({"step": info.step, "path": str(info.path), "reason": why})
-            self._note(f"checkpoint {info.path.name} skipped: {why}")
-            self._emit(
-                {
-                    "event": "checkpoint_skipped",
-                    "source": "supervisor",
-                    "step": info.step,
-                    "path": str(info.path),
-                    "reason": why,
-                }
-            )
+            self._skipped_checkpoint(info.step, info.path, why)
 
     def _append_rollback(self, rec: dict[str, Any]) -> None:
         rec = {**rec, "timestamp": now_iso(), "launch": self.launches}
@@ -1053,6 +1187,7 @@ class _Round:
 
     def _result(self, status: str, failure: str | None) -> RoundResult:
         self._flush_pending()
+        self._flush_unanswered("the round ended first")
         if status == "ok" and self.done is not None:
             ev = self.done
             loss, ppl = as_float(ev.get("final_eval_loss")), as_float(ev.get("final_eval_ppl"))
@@ -1065,6 +1200,8 @@ class _Round:
             loss, ppl, tokens, step = math.nan, math.nan, 0, self.last_step
         counted = [d for d in self.decisions if d.get("kind") in ("decision", "emergency", "fallback")]
         asked = [d for d in self.decisions if d.get("kind") in ("decision", "fallback", "superseded")]
+        answers = [d for d in counted if d.get("kind") in ("decision", "fallback")]
+        fallbacks = sum(d.get("kind") == "fallback" for d in answers)
         return RoundResult(
             status=status,
             run_start_iso=self.run_start_iso,
@@ -1085,6 +1222,9 @@ class _Round:
             lr_trajectory=_sample(self.lrs),
             loss_trajectory=_sample(self.losses),
             failure_reason=failure,
+            unanswered_decisions=sum(d.get("kind") == "unanswered" for d in self.decisions),
+            fallback_decisions=fallbacks,
+            mostly_fallback=is_mostly_fallback(fallbacks, len(answers)),
         )
 
 

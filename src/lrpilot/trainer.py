@@ -173,9 +173,13 @@ class Steering:
         self.answered_step = -1
         #: seconds spent blocked waiting for decisions, over the whole run (carried in checkpoints)
         self.wait_s = 0.0
+        #: commands with an `at_step` still ahead (a resumed run re-applies its past decisions where they were)
+        self.held: list[dict[str, Any]] = []
 
     def poll(self, step: int) -> None:
-        """Apply every new command; `step` is the next update, the first to use them."""
+        """Apply every new command; `step` is the next update, the first to use them. A command with
+        `at_step` > step is held until update `at_step` (commands that were applied at that update before a
+        resume: the resumed run trains the branch the logs describe)."""
         for cmd in self.reader.poll():
             if cmd.get("stop") is True:
                 self.stop = True
@@ -184,6 +188,17 @@ class Steering:
             if isinstance(decided, int) and not isinstance(decided, bool):
                 # a malformed answer still answers: the trainer keeps its LR rather than block forever
                 self.answered_step = max(self.answered_step, decided)
+            at = cmd.get("at_step")
+            if at is not None and (isinstance(at, bool) or not isinstance(at, int) or at < 0):
+                print(f"lrpilot.trainer: warning: control command seq={cmd['seq']}: at_step {at!r} is not a "
+                      "step; applied now", file=sys.stderr, flush=True)  # fmt: skip
+                cmd = {k: v for k, v in cmd.items() if k != "at_step"}
+            self.held.append(cmd)
+        due = [c for c in self.held if c.get("at_step") is None or c["at_step"] <= step]
+        if not due:
+            return
+        self.held = [c for c in self.held if c.get("at_step") is not None and c["at_step"] > step]
+        for cmd in sorted(due, key=lambda c: c["seq"]):  # the newest command wins
             try:
                 self.lr_state.apply(cmd, step)
             except ValueError as e:
@@ -194,8 +209,9 @@ class Steering:
                 step,
                 seq=cmd["seq"],
                 lr=self.lr_state.lr_for(step),
-                decided_at_step=decided,
+                decided_at_step=cmd.get("decided_at_step"),
                 plan_knots=len(self.lr_state.plan or ()),
+                **({"replays_seq": cmd["replays_seq"]} if "replays_seq" in cmd else {}),
             )
 
     def wait_for_decision(self, step: int) -> None:

@@ -8,7 +8,8 @@ interval, a dense sample of the latest interval, the computed trend, this round'
 effect of the last one), rollbacks and emergency cuts, and the Memory agent's brief. It names no schedule
 family and suggests no value: whatever the agent does must come from the numbers.
 
-The reply is untrusted. `parse_reply` accepts exactly one JSON object with a finite positive `lr`; any
+The reply is untrusted. `parse_reply` accepts exactly one JSON object with a finite positive `lr`, after the
+model's reasoning blocks (`<think>...</think>`) are removed; any
 failure (backend error, timeout, garbage) keeps the current LR with `fallback=True` and the raw reply kept
 for the log. The guard clamps the LR afterwards; this module does not second-guess it. blocking=False:
 training continues while the model thinks.
@@ -23,7 +24,7 @@ from typing import Any
 from lrpilot.campaign_logs import fmt_lr
 from lrpilot.config import GuardConfig
 from lrpilot.controllers.base import BaseController, Decision, Observation
-from lrpilot.llm.base import LLMBackend, parse_json_object
+from lrpilot.llm.base import LLMBackend, parse_json_object, split_reasoning
 
 #: the reason asked for is short: a grammar-constrained small model otherwise rambles to max_tokens (and a
 #: cut-off reply has no lr); endpoints that refuse maxLength make the backend step down to json_object
@@ -66,6 +67,8 @@ def parse_recorded_reply(text: str) -> tuple[float | None, str, str | None]:
     study's free text ending in `[FINAL_LR] x [/FINAL_LR]` (the last tag counts; the text before it is the
     reason). The number gets the same checks. Used by replay (`rerun_raw`), never for a live agent: the
     Controller's own replies must be JSON."""
+    if isinstance(text, str):
+        text = split_reasoning(text)[0]  # a tag inside the model's reasoning is not its answer
     tags = _FINAL_LR.findall(text) if isinstance(text, str) else []
     if not tags:
         return parse_reply(text)

@@ -5,15 +5,18 @@
 At each decision step the controller answers with the `new_lr` recorded for that step. Where the record
 says the LR took effect later (`effective_step` > `step`: the asynchronous LLM kept training while it
 thought), the decision carries a plan that holds the current LR until `effective_step` and switches
-then, so the replay reproduces the delay. A step without a record holds the current LR.
+then, so the replay reproduces the delay, also past the next decision point (which the logged run skipped
+while the answer was pending): the LR is held until the decision point whose interval holds
+`effective_step`, and that one switches it. A step without a record holds the current LR.
 
 Records of kind `emergency` or `rollback` are the guard's doing, not the controller's; they are not
 replayed (the guard applies its own rules again in the replay run). A decision that never took effect
 (kind `superseded`: a reply discarded after a rollback or an emergency cut; or `effective_step` written
 as null: the trainer crashed or ended first) replays as "hold the current LR", so the replayed
 trajectory is the one that ran. A record without an `effective_step` key (older logs) is replayed as
-taking effect at its step. If the logged round had rollbacks, a step can have several records (one per
-visit); the visit number is told from the observation's rollbacks (how many rollbacks re-opened this
+taking effect at its step. Records of kind `unanswered` (no reply before the round ended or was
+interrupted) are skipped: the step holds, or a resumed round's later record for it counts. If the logged
+round had rollbacks, a step can have several records (one per visit); the visit number is told from the observation's rollbacks (how many rollbacks re-opened this
 step), so decide() stays a pure function of its input.
 
 `rerun_raw=True` re-feeds the recorded raw LLM replies (`raw_reply`, else `reasoning`) through the LLM
@@ -38,6 +41,9 @@ from lrpilot.logs import as_float, is_positive_finite, read_jsonl
 _NOT_REPLAYED = ("emergency", "rollback")
 #: record kinds whose decision never reached the trainer
 _NOT_APPLIED = ("superseded",)
+#: record kinds that are no answer at all (a question still open when the round ended or was interrupted): a
+#: resumed round may ask the same step again, so they are not a visit of the step either
+_NO_ANSWER = ("unanswered",)
 
 
 class ReplayError(LrpilotError, ValueError):
@@ -79,7 +85,7 @@ class ReplayController(BaseController):
             if not isinstance(rec, dict):
                 raise ReplayError(f"{where}: must be a JSON object")
             kind = str(rec.get("kind", "decision"))
-            if kind in _NOT_REPLAYED:
+            if kind in _NOT_REPLAYED or kind in _NO_ANSWER:
                 continue
             step = _int_field(rec, "step", where)
             if step is None:
@@ -148,6 +154,21 @@ class ReplayController(BaseController):
         visit = sum(1 for rb in obs.rollbacks if rb.rolled_back_to_step <= obs.step <= rb.crash_step)
         return recs[min(visit, len(recs) - 1)]
 
+    def _pending(self, obs: Observation) -> dict[str, Any] | None:
+        """The record of an earlier decision point (this visit of it) whose switch is still ahead of obs.step:
+        the logged run skipped this decision point while that answer was pending, so the LR switches at its
+        effective step, not here."""
+        best = None
+        for step, recs in self._by_step.items():
+            if step >= obs.step:
+                continue
+            visit = sum(1 for rb in obs.rollbacks if rb.rolled_back_to_step <= step <= rb.crash_step)
+            rec = recs[min(visit, len(recs) - 1)]
+            eff = rec["effective_step"]
+            if rec["applied"] and eff is not None and eff > obs.step and (best is None or step > best["step"]):
+                best = rec
+        return best
+
     def decide(self, obs: Observation) -> Decision:
         cur = (
             obs.lr
@@ -155,7 +176,7 @@ class ReplayController(BaseController):
             else next((x for x in (obs.init_lr, obs.floor) if is_positive_finite(x)), 1e-4)
         )
         held = cur != obs.lr
-        rec = self._record_for(obs)
+        rec = self._record_for(obs) or self._pending(obs)
         if rec is None:
             return Decision(
                 lr=cur,
@@ -189,16 +210,19 @@ class ReplayController(BaseController):
         plan = None
         eff = rec["effective_step"]
         if eff is not None and eff > obs.step:
-            # hold the old LR through update eff-1, switch at eff; a knot past this interval is pulled in
-            last = obs.step + max(int(obs.decision_every), 1) - 1
-            eff = min(eff, last)
-            if eff > obs.step:
-                plan = (
-                    ((obs.step, cur), (eff - 1, cur), (eff, new_lr))
-                    if eff - 1 > obs.step
-                    else ((obs.step, cur), (eff, new_lr))
-                )
-                meta["effective_step"] = eff
+            # hold the old LR through update eff-1, switch at eff; an eff past this interval (the logged run
+            # skipped the next decision point while this answer was pending) holds now and switches there
+            if rec["step"] != obs.step:
+                meta["pending_from_step"] = rec["step"]
+            meta["effective_step"] = eff
+            if eff >= obs.step + max(int(obs.decision_every), 1):
+                reason = f"replay of step {rec['step']}: {new_lr:.3e} from step {eff}; hold {cur:.3e}"
+                return Decision(lr=cur, reason=reason, meta=meta)
+            plan = (
+                ((obs.step, cur), (eff - 1, cur), (eff, new_lr))
+                if eff - 1 > obs.step
+                else ((obs.step, cur), (eff, new_lr))
+            )
         return Decision(
             lr=new_lr, reason=reason, raw=rec["raw"] if self._parse is not None else None, plan=plan, meta=meta
         )

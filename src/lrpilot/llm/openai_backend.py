@@ -7,8 +7,9 @@ Defaults reproduce the published setup: DashScope's compatible-mode endpoint, Qw
 DASHSCOPE_API_KEY (or OPENAI_API_KEY). A local endpoint (127.0.0.1 / localhost, e.g. `python -m
 llama_cpp.server`) works without a key.
 
-Failures: timeouts, connection errors, HTTP 429 and 5xx are retried with exponential backoff; 4xx are not
-(a rejected key stays rejected). JSON output: we ask for OpenAI's `json_schema` response format and, when an
+Failures: timeouts, connection errors, HTTP 429 and 5xx are retried with exponential backoff (at least the
+server's Retry-After, at most max_backoff_s = 30 s; a longer Retry-After is capped, and the warning and the
+final error say so); 4xx are not (a rejected key stays rejected). JSON output: we ask for OpenAI's `json_schema` response format and, when an
 endpoint answers that it does not support it (llama_cpp.server: HTTP 500 naming response_format), fall
 back to `json_object` with the schema (llama.cpp's extension), then plain `json_object`, then no
 response_format at all (the prompt still asks for JSON); the first one that works is remembered.
@@ -16,6 +17,8 @@ response_format at all (the prompt still asks for JSON); the first one that work
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import logging
 import random
 import time
@@ -23,7 +26,16 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lrpilot.config import AgentConfig
-from lrpilot.llm.base import LLMBackend, LLMError, Reply, get_secret, truncation_error, try_parse
+from lrpilot.llm.base import (
+    LLMBackend,
+    LLMError,
+    Reply,
+    answer_only_error,
+    get_secret,
+    split_reasoning,
+    truncation_error,
+    try_parse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +70,28 @@ def _status_message(e: Any) -> str:
     if not msg:
         msg = str(getattr(e, "message", "") or e)
     return " ".join(msg.split())[:300]
+
+
+def _retry_after(e: Any) -> float | None:
+    """Seconds a rate-limited or overloaded server asks us to wait (its Retry-After header, in seconds or an
+    HTTP date, RFC 9110 10.2.3); None if absent or unreadable."""
+    try:
+        value = str(e.response.headers.get("retry-after", "") or "").strip()
+    except AttributeError:
+        return None
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 class OpenAIBackend(LLMBackend):
@@ -140,6 +174,13 @@ class OpenAIBackend(LLMBackend):
             delay = min(self.max_backoff_s, max(delay, retry_after))
         return delay * (1.0 + 0.1 * random.random())  # jitter: retries from parallel rounds do not line up
 
+    def _capped_note(self, retry_after: float | None) -> str:
+        """' (the server asked Retry-After N s; waited at most max_backoff_s)' when the server asked for
+        more than this backend waits, else ''."""
+        if retry_after is None or retry_after <= self.max_backoff_s:
+            return ""
+        return f" (the server asked Retry-After {retry_after:g}s; capped at max_backoff_s={self.max_backoff_s:g}s)"
+
     # ---------------------------------------------------------------------------------- generate
 
     def generate(self, messages: list[dict], schema: dict | None = None) -> Reply:
@@ -186,10 +227,7 @@ class OpenAIBackend(LLMBackend):
                     return self._failed(error, t0)
                 if not (status == 429 or status == 408 or status >= 500):
                     return self._failed(error, t0)
-                try:
-                    retry_after = float(e.response.headers.get("retry-after", ""))
-                except (AttributeError, TypeError, ValueError):
-                    retry_after = None
+                retry_after = _retry_after(e)
             except oa.APITimeoutError:
                 error = f"timeout: no answer from {self.base_url} within {self.timeout_s:g}s"
             except oa.APIConnectionError as e:
@@ -199,9 +237,11 @@ class OpenAIBackend(LLMBackend):
                 return self._failed(f"unexpected {type(e).__name__}: {str(e)[:300]}", t0)
             if attempt >= self.retries:
                 suffix = f" (after {attempt + 1} attempts)" if attempt else ""
-                return self._failed(error + suffix, t0)
+                return self._failed(error + suffix + self._capped_note(retry_after), t0)
             delay = self._backoff(attempt, retry_after)
-            log.warning("%s; retry %d/%d in %.2fs", error, attempt + 1, self.retries, delay)
+            log.warning(
+                "%s; retry %d/%d in %.2fs%s", error, attempt + 1, self.retries, delay, self._capped_note(retry_after)
+            )
             time.sleep(delay)
             attempt += 1
 
@@ -212,7 +252,12 @@ class OpenAIBackend(LLMBackend):
         choices = getattr(resp, "choices", None)
         if not choices:
             return Reply.failed(f"no choices in the response from {self.base_url}", latency, self.model)
-        text = choices[0].message.content or ""
+        message = choices[0].message
+        # reasoning models: `<think>...</think>` ahead of the answer, and/or a separate field (vLLM, DeepSeek,
+        # llama.cpp --reasoning-format: reasoning_content; Ollama, OpenRouter: reasoning); only the answer is read
+        text, think = split_reasoning(getattr(message, "content", None) or "")
+        fields = [getattr(message, k, None) for k in ("reasoning_content", "reasoning")]
+        reasoning = "\n".join(x.strip() for x in [*fields, think] if isinstance(x, str) and x.strip())
         usage: dict[str, int] = {}
         u = getattr(resp, "usage", None)
         if u is not None:
@@ -221,8 +266,10 @@ class OpenAIBackend(LLMBackend):
                 if isinstance(v, int):
                     usage[k] = v
         parsed = try_parse(text) if schema is not None else None
-        error = truncation_error(getattr(choices[0], "finish_reason", None), schema, parsed, self.max_tokens)
-        return Reply(text, parsed, usage, latency, getattr(resp, "model", None) or self.model, error)
+        error = answer_only_error(text, reasoning) or truncation_error(
+            getattr(choices[0], "finish_reason", None), schema, parsed, self.max_tokens
+        )
+        return Reply(text, parsed, usage, latency, getattr(resp, "model", None) or self.model, error, reasoning)
 
     # -------------------------------------------------------------------------------------- ping
 

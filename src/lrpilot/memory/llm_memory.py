@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lrpilot.campaign_logs import CampaignLogs, fmt_lr
-from lrpilot.llm.base import LLMBackend, strip_code_fence
+from lrpilot.llm.base import LLMBackend, split_reasoning, strip_code_fence
 from lrpilot.memory.evidence import Evidence, build_evidence
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,9 @@ def limit_words(text: str, max_words: int) -> tuple[str, bool]:
 
 
 def clean_reply(text: str) -> str:
-    """The brief inside a reply: code fence, surrounding quotes and a leading "Brief:" label removed."""
-    s = strip_code_fence(text or "")
+    """The brief inside a reply: reasoning blocks (`<think>...</think>`), code fence, surrounding quotes and a
+    leading "Brief:" label removed."""
+    s = strip_code_fence(split_reasoning(text or "")[0])
     if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'":
         s = s[1:-1].strip()
     s = re.sub(r"^\**\s*brief\s*(?::\s*\**|\**\s*:)\s*", "", s, flags=re.IGNORECASE)

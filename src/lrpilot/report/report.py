@@ -98,8 +98,16 @@ def _intro(d: ReportData) -> str:
     n_b = len(d.baselines)
     others = d.side_by_side.campaigns[1:] if d.side_by_side is not None else []
     compared = f"Compared side by side with {', '.join(c.path for c in others)}. " if others else ""
+    fb = [str(r.round) for r in d.rounds if r.mostly_fallback]
+    fallback = (
+        f"In round{'s' * (len(fb) > 1)} {', '.join(fb)} most decisions fell back (no valid controller answer, "
+        "LR kept): they show the fallback path, not the agent; see llm_calls.jsonl. "
+        if fb
+        else ""
+    )
     return (
         f"Campaign {d.campaign_dir}: {len(d.rounds)} rounds; {n_b} baseline run{'s' * (n_b != 1)}. {compared}"
+        f"{fallback}"
         f"Generated {_dt.datetime.now().isoformat(timespec='seconds')} by lrpilot report from the logs only."
     )
 

@@ -568,6 +568,9 @@ def rounds_table(a: Analysis) -> Table:
             flags.append("best")
         if r.crash_count:
             flags.append(f"{r.crash_count} rollback{'s' * (r.crash_count > 1)}")
+        if r.mostly_fallback:
+            fb, n = r.fallback_counts
+            flags.append(f"mostly fallback ({fb}/{n} answers invalid: LR kept)")
         rows.append(
             [str(r.round), fmt_ppl(r.final_eval_ppl), fmt_lr(r.peak_lr), r.band, fmt_lr(r.min_lr), ", ".join(flags)]
         )
