@@ -21,7 +21,9 @@ The rules:
 3. `check_loss`: NaN/Inf or a loss above `crash_loss` is a crash. `check_emergency` / `emergency_lr`: the
    published emergency rule cuts the LR x `emergency_factor` on a big loss jump or a high loss, without
    asking the controller.
-4. `is_fast_crash` / `CrashCounter`: after `max_fast_crash` consecutive quick crashes the round is given up.
+4. `is_fast_crash` / `CrashCounter`: after `max_fast_crash` consecutive quick crashes the round is given up;
+   before that, `crash_backoff` makes each consecutive quick crash wait longer (doubling, capped) before the
+   relaunch.
    `is_hung`: no telemetry for `hang_timeout_s` seconds (`start_timeout_s` before a launch's first line)
    means the trainer hangs.
 
@@ -334,6 +336,21 @@ def is_hung(seconds_since_telemetry: float, cfg: GuardConfig, started: bool = Tr
     return seconds_since_telemetry > (cfg.hang_timeout_s if started else cfg.start_timeout_s)
 
 
+def crash_backoff(consecutive_fast: int, cfg: GuardConfig) -> float:
+    """Seconds to wait before the relaunch after the n-th consecutive quick crash:
+    min(crash_backoff_max_s, crash_backoff_s * crash_backoff_factor ** (n - 1)); 0 for n <= 0 (the last crash
+    came after a healthy stretch) or crash_backoff_s = 0. Capped exponential back-off, as the published
+    supervisor did, so a broken node or a full disk is not hammered with relaunches."""
+    if consecutive_fast <= 0 or cfg.crash_backoff_s <= 0:
+        return 0.0
+    wait = cfg.crash_backoff_s
+    for _ in range(consecutive_fast - 1):  # grown step by step, so a huge factor cannot overflow a float
+        if wait >= cfg.crash_backoff_max_s:
+            break
+        wait *= cfg.crash_backoff_factor
+    return float(min(cfg.crash_backoff_max_s, wait))
+
+
 @dataclass(frozen=True)
 class CrashCounter:
     """Immutable record of a round's crashes; gives up after max_fast_crash consecutive quick ones."""
@@ -357,6 +374,11 @@ class CrashCounter:
                 break
             n += 1
         return n
+
+    def backoff_s(self, cfg: GuardConfig) -> float:
+        """Seconds to wait before relaunching after the latest crash: `crash_backoff` of the consecutive
+        quick crashes so far (0 after a slow crash)."""
+        return crash_backoff(self.consecutive_fast(cfg), cfg)
 
     def give_up(self, cfg: GuardConfig) -> bool:
         """True once max_fast_crash consecutive quick crashes happened: stop the round, mark it diverged."""

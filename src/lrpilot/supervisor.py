@@ -11,7 +11,8 @@ alive: a non-zero exit, a NaN/Inf/catastrophic loss or a trainer that writes no 
 guard.hang_timeout_s (guard.start_timeout_s before its first line) is a crash; the supervisor kills every
 process of the launch (its process group, and torchrun's workers, which torch puts in sessions of their
 own), rolls back to the checkpoint the guard chooses (a corrupt one is skipped for the one before) and
-relaunches with the LR at the crash x crash_lr_factor. After guard.max_fast_crash consecutive quick crashes
+relaunches with the LR at the crash x crash_lr_factor, after a back-off that grows with each consecutive quick
+crash (guard.crash_backoff_s). After guard.max_fast_crash consecutive quick crashes
 the round is given up and recorded as failed.
 
 Records (append-only jsonl through lrpilot.logs.JsonlLog):
@@ -22,7 +23,8 @@ Records (append-only jsonl through lrpilot.logs.JsonlLog):
 - `logs.rollbacks`: one line per crash (published fields run_start_iso, crash_step, lr_at_crash,
   rolled_back_to_step, new_lr, crash_reason, crash_count_in_run; plus the checkpoints skipped as corrupt).
   crash_reason: nan_loss / inf_loss / catastrophic_loss (guard.check_loss), hang, exit_code_N,
-  signal_SIGKILL (killed by a signal), exit_without_done. During warmup lr_at_crash is the LR the warmup
+  signal_SIGKILL (killed by a signal), exit_without_done. backoff_s: the seconds waited before the relaunch
+  (guard.crash_backoff_s, doubling per consecutive quick crash, capped). During warmup lr_at_crash is the LR the warmup
   heads for (what --lr sets); the LR of the last update is lr_used_at_crash.
 - RUN/config.json, RUN/round.json (run_start_iso and the round's settings), RUN/result.json (RoundResult),
   RUN/decisions_sent.jsonl (write-ahead copy of each decision record, for a supervisor killed mid-round),
@@ -245,6 +247,7 @@ class _Round:
         trainer_args: Sequence[str],
         trainer_args_first_launch: Sequence[str],
         poll_s: float,
+        wait: Callable[[float], Any] = time.sleep,
     ) -> None:
         self.cfg, self.g = cfg, cfg.guard
         self.run_dir = Path(run_dir)
@@ -254,6 +257,7 @@ class _Round:
         self.trainer_args = list(trainer_args)
         self.first_launch_args = list(trainer_args_first_launch)
         self.poll_s = poll_s
+        self.wait = wait  # the fast-crash back-off's pause (injectable: tests record it instead of sleeping)
         self.blocking = bool(getattr(controller, "blocking", True))
         self.run_start_iso = ""
         self.t0 = time.monotonic()
@@ -387,6 +391,8 @@ class _Round:
                 "memory_brief": self.memory_brief,
                 "launch": {"devices": self.cfg.launch.devices, "nproc": self.cfg.launch.nproc},
                 "guard": dataclasses.asdict(self.g),
+                # where this run's decisions and rollbacks are logged (lrpilot status / progress read them)
+                "logs": {"decisions": str(self.logs.decisions), "rollbacks": str(self.logs.rollbacks)},
                 "launches": self.launches,
                 "resumed": resumed,
                 "wall_time_s": self.wall_before + (time.monotonic() - self.t0),
@@ -943,12 +949,14 @@ class _Round:
         plan, skipped = self._choose_checkpoint(crash_step, lr_at_crash)
         new_lr = plan.new_lr if plan is not None else guard.crash_lr(lr_at_crash, self.g)
         to_step = plan.to_step if plan is not None else 0
+        backoff = self.counter.backoff_s(self.g)
         record(
             to_step,
             new_lr,
             checkpoint=plan.checkpoint.path if plan is not None else None,
             skipped_checkpoints=skipped,
             rollback_reason=plan.reason if plan is not None else "no usable checkpoint: restart from step 0",
+            backoff_s=backoff,
         )
         self.rollbacks.append(
             RollbackRecord(
@@ -960,6 +968,11 @@ class _Round:
             )
         )
         self._truncate_branch(to_step)
+        if backoff > 0:
+            fast = self.counter.consecutive_fast(self.g)
+            self._note(f"back-off: {backoff:g}s before the relaunch ({fast} consecutive quick crashes)")
+            self._emit({"event": "backoff", "source": "supervisor", "seconds": backoff, "consecutive_fast": fast})
+            self.wait(backoff)
         self._launch(resume=Path(plan.checkpoint.path) if plan is not None else None, lr=new_lr, start_step=to_step)
         return None
 
@@ -1051,6 +1064,7 @@ def run_round(
     trainer_args: Sequence[str] = (),
     trainer_args_first_launch: Sequence[str] = (),
     poll_s: float = POLL_S,
+    wait: Callable[[float], Any] = time.sleep,
 ) -> RoundResult:
     """Run one pre-training run under supervision and return how it ended (also in RUN/result.json).
 
@@ -1059,7 +1073,8 @@ def run_round(
     rollback, result). trainer_args are added to every trainer command line, trainer_args_first_launch
     only to the first launch of this call (fault injection in tests, e.g. ["--inject-nan-at-step", "25"]).
     With resume=True an existing run directory is continued (a finished one returns its stored result).
-    SIGTERM / KeyboardInterrupt kill the trainer's process group and propagate.
+    wait(seconds) is the fast-crash back-off's pause before a relaunch (guard.crash_backoff_s; default
+    time.sleep; tests pass a recorder). SIGTERM / KeyboardInterrupt kill the trainer's process group and propagate.
     """
     rnd = _Round(
         cfg,
@@ -1072,6 +1087,7 @@ def run_round(
         trainer_args=trainer_args,
         trainer_args_first_launch=trainer_args_first_launch,
         poll_s=poll_s,
+        wait=wait,
     )
     return rnd.run(resume)
 
