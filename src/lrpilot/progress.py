@@ -276,11 +276,15 @@ class DirWatch:
         self.runs: dict[Path, RunWatch] = {}
 
     def poll(self) -> list[tuple[RunWatch, dict[str, Any]]]:
+        """New notable events of every run; a run that had already ended when it was first seen (a resumed
+        campaign's earlier rounds, a sweep's finished peaks) is listed in statuses() but brings no events."""
         events = []
         for root in self.roots:
             for run_dir in find_runs(root):
                 if run_dir not in self.runs:
-                    self.runs[run_dir] = RunWatch(run_dir)
+                    watch = self.runs[run_dir] = RunWatch(run_dir)
+                    if (run_dir / "result.json").is_file():
+                        watch.poll()  # read its history silently
         for watch in self.runs.values():
             events += [(watch, ev) for ev in watch.poll()]
         return events
@@ -327,7 +331,7 @@ def status_table(statuses: Sequence[RunStatus]) -> str:
 
 class LiveProgress:
     """Shows the runs under `roots` while a command works (a context manager; a daemon thread polls the logs
-    every interval_s seconds). tty=None asks the stream."""
+    every interval_s seconds). stream: default stdout, where the command's own lines go; tty=None asks it."""
 
     def __init__(
         self,
@@ -336,7 +340,7 @@ class LiveProgress:
         interval_s: float = 1.0,
         tty: bool | None = None,
     ) -> None:
-        self.stream = stream if stream is not None else sys.stderr
+        self.stream = stream if stream is not None else sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
         self.watch = DirWatch(roots)
         self.interval_s = interval_s
