@@ -318,6 +318,7 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
         "final_eval_loss": res.final_eval_loss,
         "total_decisions": res.total_decisions,
         "crash_count": res.crash_count,
+        "agent_rollbacks": res.agent_rollbacks,
         "peak_lr_seen": res.peak_lr_seen,
         "min_lr_seen": res.min_lr_seen,
         "warmup_steps": cfg.schedule.warmup_steps,

@@ -232,6 +232,11 @@ class GuardConfig:
     crash_backoff_s: float = 5.0
     crash_backoff_factor: float = 2.0
     crash_backoff_max_s: float = 300.0
+    #: agent-requested rollbacks (the published Controller could ask to return to an earlier checkpoint when
+    #: it judged a phase wasted): at most this many per round (0 = the agent may not ask), never in the last
+    #: agent_rollback_end_fraction of the run
+    agent_rollbacks: int = 2
+    agent_rollback_end_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         _check(0 < self.min_ratio <= 1, "guard.min_ratio", "must be in (0, 1]")
@@ -246,6 +251,8 @@ class GuardConfig:
         _check(self.fast_crash_steps >= 0, "guard.fast_crash_steps", "must be >= 0")
         _check(self.crash_backoff_s >= 0, "guard.crash_backoff_s", "must be >= 0 seconds (0 = no back-off)")
         _check(self.crash_backoff_factor >= 1, "guard.crash_backoff_factor", "must be >= 1")
+        _check(self.agent_rollbacks >= 0, "guard.agent_rollbacks", "must be >= 0 (0 = the agent may not ask)")
+        _check(0 <= self.agent_rollback_end_fraction <= 1, "guard.agent_rollback_end_fraction", "must be in [0, 1]")
         _check(
             self.crash_backoff_max_s >= self.crash_backoff_s,
             "guard.crash_backoff_max_s",

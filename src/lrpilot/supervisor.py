@@ -143,6 +143,8 @@ class RoundResult:
     lr_trajectory: list[tuple[int, float]]
     loss_trajectory: list[tuple[int, float]]
     failure_reason: str | None = None
+    #: rollbacks the controller asked for and the guard granted (decisions of kind agent_rollback)
+    agent_rollbacks: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,6 +170,7 @@ class RoundResult:
             lr_trajectory=[(int(s), f(v)) for s, v in d.get("lr_trajectory") or []],
             loss_trajectory=[(int(s), f(v)) for s, v in d.get("loss_trajectory") or []],
             failure_reason=d.get("failure_reason"),
+            agent_rollbacks=int(d.get("agent_rollbacks") or 0),
         )
 
 
@@ -204,6 +207,14 @@ def _sample(points: dict[int, float], n: int = TRAJECTORY_POINTS) -> list[tuple[
             keep = keep[: n - 1] + [steps[-1]]
         steps = keep
     return [(s, points[s]) for s in steps]
+
+
+class _AgentRollback(Exception):
+    """Internal: the controller asked to roll back and the guard granted it (unwinds to the main loop)."""
+
+    def __init__(self, point: Any, to_step: int, path: Path, new_lr: float, fields: dict[str, Any]) -> None:
+        super().__init__(to_step)
+        self.point, self.to_step, self.path, self.new_lr, self.fields = point, to_step, path, new_lr, fields
 
 
 class _Crash(Exception):
@@ -508,6 +519,9 @@ class _Round:
                 if failure is not None:
                     return self._result("failed", failure)
                 continue
+            except _AgentRollback as req:
+                self._on_agent_rollback(req)
+                continue
             return self._result("ok", None)
 
     def _watch(self) -> None:
@@ -639,9 +653,13 @@ class _Round:
                     reason=str(d.get("reasoning", "")),
                 )
                 for d in self.decisions
-                if d.get("kind") in ("decision", "emergency", "fallback")
+                if d.get("kind") in ("decision", "emergency", "fallback", "agent_rollback")
             ),
             rollbacks=tuple(self.rollbacks),
+            rollback_steps=guard.agent_rollback_steps(
+                step, c.train.total_steps, self._checkpoint_infos(), self._agent_rollbacks_used(), self.g
+            ),
+            agent_rollbacks_left=max(0, self.g.agent_rollbacks - len(self._agent_rollbacks_used())),
             memory_brief=self.memory_brief,
             floor=self.g.floor,
             ceiling=self.g.ceiling,
@@ -748,6 +766,16 @@ class _Round:
         fields: dict[str, Any] = {"raw_reply": decision.raw} if decision.raw is not None else {}
         if decision.meta:
             fields["meta"] = decision.meta
+        if decision.rollback_to_step is not None:
+            to, path, why = self._grant_agent_rollback(point, decision.rollback_to_step)
+            fields["rollback_to_step"] = decision.rollback_to_step
+            if path is not None:
+                raise _AgentRollback(point, to, path, clamp.lr, {
+                    "reasoning": decision.reason, "raw_lr_request": decision.lr, "clamped": bool(reasons),
+                    "clamp_reasons": reasons, "latency_s": latency, "rollback_reason": why, **fields,
+                })  # fmt: skip
+            fields["rollback_refused"] = why
+            reasons.append(why)
         self._send(
             point,
             clamp.lr,
@@ -884,6 +912,11 @@ class _Round:
             self._write(rec)
             self.decisions.append(rec)
             logged.add(seq)
+        for d in self.decisions:  # granted agent rollbacks are decisions, not crashes
+            if d.get("kind") == "agent_rollback" and isinstance(d.get("rollback_to_step"), int):
+                self.rollbacks.append(RollbackRecord(int(d["step"]), as_float(d.get("old_lr")),
+                                                     int(d["rollback_to_step"]), as_float(d.get("new_lr")),
+                                                     "agent_request"))  # fmt: skip
         for r in iter_jsonl(self.logs.rollbacks):
             if r.get("run_start_iso") != self.run_start_iso:
                 continue
@@ -1005,6 +1038,59 @@ class _Round:
                 }
             )
 
+    # ------------------------------------------------------------------------------- agent rollbacks
+
+    def _checkpoint_infos(self) -> list[guard.CheckpointInfo]:
+        """The complete checkpoints on disk as the guard sees them (verified only when one is chosen)."""
+        return [guard.CheckpointInfo(c.step, c.complete, str(c.path)) for c in list_checkpoints(self.run_dir)]
+
+    def _agent_rollbacks_used(self) -> list[int]:
+        """Steps this round's granted agent rollbacks went back to."""
+        return [int(d["rollback_to_step"]) for d in self.decisions if d.get("kind") == "agent_rollback"]
+
+    def _grant_agent_rollback(self, point: _Point, requested: Any) -> tuple[int | None, Path | None, str]:
+        """The guard's verdict on the controller's request, plus the checkpoint's integrity: (step, path,
+        reason) when granted, (None, None, why not) when refused."""
+        infos = self._checkpoint_infos()
+        verdict = guard.check_agent_rollback(
+            requested, point.obs.step, self.cfg.train.total_steps, infos, self._agent_rollbacks_used(), self.g
+        )
+        if not verdict.ok or verdict.to_step is None:
+            return None, None, verdict.reason
+        path = Path(next(c.path for c in infos if c.step == verdict.to_step))
+        why = verify_checkpoint(path)
+        if why is not None:
+            return None, None, f"rollback to step {verdict.to_step} refused: its checkpoint is unusable ({why})"
+        return verdict.to_step, path, verdict.reason
+
+    def _on_agent_rollback(self, req: _AgentRollback) -> None:
+        """Kill the launch, log the decision (kind agent_rollback) and relaunch from the granted checkpoint at
+        the LR the controller set (guard-clamped). Not a crash: the crash counter and rollbacks.jsonl are
+        untouched."""
+        assert self.proc is not None and self.reader is not None
+        kill_launch(self.proc, self.token)
+        self.backlog.extend(self.reader.poll())
+        self.draining = True
+        try:
+            while self.backlog:  # what the launch wrote before it was stopped still counts
+                with contextlib.suppress(_Crash):
+                    self._handle(self.backlog.popleft())
+        finally:
+            self.draining = False
+        self._flush_pending()
+        self.inflight = None
+        point, to = req.point, req.to_step
+        fields = dict(req.fields)
+        reasoning = fields.pop("reasoning", "")
+        rec = self._record(point, req.new_lr, kind="agent_rollback", reasoning=reasoning, effective_step=to, **fields)
+        self._write(rec)
+        self.decisions.append(rec)
+        self._emit({"event": "decision", "source": "supervisor", **rec})
+        self.rollbacks.append(RollbackRecord(point.obs.step, point.obs.lr, to, req.new_lr, "agent_request"))
+        self._note(f"agent rollback at step {point.obs.step} to step {to}, lr {req.new_lr:.6g}")
+        self._truncate_branch(to)
+        self._launch(resume=req.path, lr=req.new_lr, start_step=to)
+
     def _append_rollback(self, rec: dict[str, Any]) -> None:
         rec = {**rec, "timestamp": now_iso(), "launch": self.launches}
         for k, v in self.logs.extra.items():
@@ -1026,8 +1112,10 @@ class _Round:
             tokens, step = int(ev.get("eval_tokens") or 0), self.last_step
         else:
             loss, ppl, tokens, step = math.nan, math.nan, 0, self.last_step
-        counted = [d for d in self.decisions if d.get("kind") in ("decision", "emergency", "fallback")]
-        asked = [d for d in self.decisions if d.get("kind") in ("decision", "fallback", "superseded")]
+        counted = [
+            d for d in self.decisions if d.get("kind") in ("decision", "emergency", "fallback", "agent_rollback")
+        ]
+        asked = [d for d in self.decisions if d.get("kind") in ("decision", "fallback", "superseded", "agent_rollback")]
         return RoundResult(
             status=status,
             run_start_iso=self.run_start_iso,
@@ -1048,6 +1136,7 @@ class _Round:
             lr_trajectory=_sample(self.lrs),
             loss_trajectory=_sample(self.losses),
             failure_reason=failure,
+            agent_rollbacks=len(self._agent_rollbacks_used()),
         )
 
 
