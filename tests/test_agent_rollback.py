@@ -19,6 +19,7 @@ from lrpilot.controllers.base import Decision
 from lrpilot.controllers.llm import parse_rollback
 from lrpilot.guard import CheckpointInfo, agent_rollback_steps, check_agent_rollback
 from lrpilot.logs import read_jsonl
+from lrpilot.progress import RunWatch
 from lrpilot.supervisor import RoundLogs, run_round
 
 CKPTS = [CheckpointInfo(10), CheckpointInfo(20), CheckpointInfo(30, healthy=False), CheckpointInfo(40)]
@@ -131,6 +132,9 @@ def test_llm_asks_for_a_rollback_over_http_the_supervisor_obeys_and_replay_repro
     assert refused["kind"] == "decision" and refused["new_lr"] == pytest.approx(0.0025)
     assert "in the last 0.2 of the run" in refused["rollback_refused"] and refused["clamped"]
     assert json.loads((tmp_path / "run" / "result.json").read_text())["agent_rollbacks"] == 1
+    watch = RunWatch(tmp_path / "run")  # progress / status see it from the logs
+    watch.poll()
+    assert watch.status().rollbacks == 1 and watch.status().state == "finished"
 
     # replay: the same request at the same step, granted again, and the same run
     replay = ReplayController.from_log(tmp_path / "decisions.jsonl", round=7)

@@ -213,6 +213,7 @@ class RunWatch:
                 self.done = True
         for rec in self._sent.poll():
             self.last_decision = rec
+            self.rollbacks += rec.get("kind") == "agent_rollback"  # the agent's own rollbacks count too
             out.append({"kind": "decision", **rec})
         if self._rollbacks is not None:
             for rec in self._rollbacks.poll():

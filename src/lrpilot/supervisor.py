@@ -1083,6 +1083,8 @@ class _Round:
         fields = dict(req.fields)
         reasoning = fields.pop("reasoning", "")
         rec = self._record(point, req.new_lr, kind="agent_rollback", reasoning=reasoning, effective_step=to, **fields)
+        assert self.sent_log is not None
+        self.sent_log.append(rec)  # no command is sent (seq null), but progress/status read decisions from here
         self._write(rec)
         self.decisions.append(rec)
         self._emit({"event": "decision", "source": "supervisor", **rec})
