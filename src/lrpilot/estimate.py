@@ -21,7 +21,7 @@ from lrpilot.config import RunConfig
 STARTUP_S = 5.0
 
 
-def seconds_per_step(cfg: RunConfig, steps: int = 3) -> float:
+def seconds_per_step(cfg: RunConfig, steps: int = 2) -> float:
     """Mean wall seconds of one optimizer update of cfg's model at train.batch_size, measured here over
     `steps` updates after a warm-up one."""
     import torch

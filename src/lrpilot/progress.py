@@ -378,7 +378,7 @@ class LiveProgress:
 
     def _update_bar(self, watch: RunWatch) -> None:
         s = watch.status()
-        if s.state not in ("running", "finishing", "stopped"):
+        if s.state not in ("pending", "running", "finishing", "stopped"):  # pending: shown while it starts
             self._close_bar(watch.run_dir)
             return
         from tqdm import tqdm
@@ -391,11 +391,13 @@ class LiveProgress:
                 file=self.stream,
                 leave=False,
                 dynamic_ncols=True,
-                bar_format="{desc} {bar:16} {n_fmt}/{total_fmt} {postfix}",
+                bar_format="{desc} {bar:16} {n_fmt}/{total_fmt}{postfix}",
             )
             self._bars[watch.run_dir] = bar
         bar.n = s.step
-        tail = f"ETA {fmt_duration(s.eta_s)}" if s.state == "running" else s.state
+        tail = (
+            f"ETA {fmt_duration(s.eta_s)}" if s.state == "running" else "starting" if s.state == "pending" else s.state
+        )
         loss = f"loss {s.loss:.3f}  " if math.isfinite(s.loss) else ""
         lr = f"lr {s.lr:.2e}  " if math.isfinite(s.lr) else ""
         bar.set_postfix_str(f"{loss}{lr}{s.decision_text()}  {tail}", refresh=False)
