@@ -71,6 +71,9 @@ def test_rules_campaign_with_optuna_memory(tmp_path):
     assert [b["round"] for b in briefs] == [1, 2, 3]
     assert any(p.name.startswith("optuna") for p in d.iterdir())
     assert "best so far" in lines[0] and "3 rounds" in lines[-1]
+    # each round's summary line is echoed once (it used to come again in a table at the end)
+    for r in (1, 2, 3):
+        assert sum(f"round {r:>3} " in chunk for ln in lines for chunk in ln.splitlines()) == 1, lines
     # running the same command again is a no-op: nothing counted twice
     run_campaign(_cfg(), d, 3, settings, echo=lines.append)
     assert len(read_jsonl(d / "final_results.jsonl")) == 3

@@ -31,6 +31,7 @@ from lrpilot.guard import (
     choose_rollback,
     clamp_lr,
     clamp_plan,
+    crash_backoff,
     crash_lr,
     emergency_lr,
     is_fast_crash,
@@ -446,3 +447,37 @@ def test_plan_knots_never_rise_above_max_ratio_of_the_current_lr():
     assert clamp_plan([(100, 3e-3)], cfg).plan == ((100, 3e-3),)
     # a plain decay from the LR in force is untouched
     assert clamp_plan([(100, 1e-3), (110, 1e-5)], cfg, current=1e-3).reasons == ()
+
+
+@given(
+    base=st.floats(0, 100),
+    factor=st.floats(1, 1e12),
+    extra=st.floats(0, 1e4),
+    lengths=st.lists(st.integers(0, 2000), max_size=40),
+    fast_steps=st.integers(0, 1000),
+)
+def test_crash_backoff_grows_with_consecutive_quick_crashes_and_is_capped(base, factor, extra, lengths, fast_steps):
+    cfg = GuardConfig(crash_backoff_s=base, crash_backoff_factor=factor, crash_backoff_max_s=base + extra,
+                      fast_crash_steps=fast_steps)  # fmt: skip
+    counter, prev_wait = CrashCounter(), 0.0
+    for n in lengths:
+        counter = counter.record(100 + n, 100)
+        wait, run = counter.backoff_s(cfg), counter.consecutive_fast(cfg)
+        assert wait == crash_backoff(run, cfg)
+        assert 0 <= wait <= cfg.crash_backoff_max_s and math.isfinite(wait)
+        if run == 0 or base == 0:
+            assert wait == 0  # a slow crash (after a healthy stretch) relaunches at once
+        elif run == 1:
+            assert wait == base
+        else:
+            assert wait >= prev_wait  # never shrinks within a run of quick crashes
+            grown = base * factor ** (run - 1) if (run - 1) * math.log10(factor) < 300 else math.inf
+            assert wait == pytest.approx(min(base + extra, grown), rel=1e-9)
+        prev_wait = wait
+
+
+def test_crash_backoff_doubles_then_caps():
+    cfg = GuardConfig(crash_backoff_s=5, crash_backoff_factor=2, crash_backoff_max_s=30)
+    assert [crash_backoff(n, cfg) for n in range(7)] == [0, 5, 10, 20, 30, 30, 30]
+    assert crash_backoff(10**6, cfg) == 30  # no overflow however long the run of crashes
+    assert crash_backoff(3, GuardConfig(crash_backoff_s=0)) == 0

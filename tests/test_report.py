@@ -351,3 +351,48 @@ def test_survival_is_a_loss_ratio_that_means_the_same_at_any_scale(tmp_path):
         1,
     )
     assert (s["3e-2..1e-1"].baseline_runs, s["3e-2..1e-1"].baseline_survived) == (1, 0)
+
+
+def test_figures_scale_to_what_they_draw_and_mark_what_is_off_scale(tmp_path, monkeypatch):
+    """The rounds (4.69-4.75) fill the per-round axis although a round and a cosine run collapsed (9.5, 10.04):
+    the axis stops below both, and each off-scale point is drawn at the top with its value."""
+    from lrpilot.report import figures
+
+    rounds = [(4.702, 3e-3), (4.754, 3e-3), (4.686, 1e-2), (9.5, 2e-2)]
+    camp = _campaign(tmp_path / "camp", "rules", "optuna", rounds)
+    sweep = _cosine_sweep(tmp_path / "sweep", [(1e-3, 4.92), (3e-3, 4.80), (3e-2, 10.04)])
+    drawn: dict[str, object] = {}
+
+    def keep(fig, path):  # written out as usual, and the real figure kept open for inspection
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        drawn[Path(path).stem] = fig
+        return path
+
+    monkeypatch.setattr(figures, "_save", keep)
+    build_report(camp, [sweep], tmp_path / "out")
+    ax = drawn["ppl_per_round"].axes[0]
+    bottom, top = ax.get_ylim()
+    assert bottom < 4.686 and 4.80 < top < 9.5  # the best cosine's line is on the axis, the collapses are not
+    assert (4.754 - 4.686) / (top - bottom) > 0.3  # the rounds are not flattened to the floor
+    texts = [t.get_text() for t in ax.texts]
+    assert any(t.startswith("round 4: ppl 9.5") and "off scale" in t for t in texts), texts
+    assert any(c.get_offsets().tolist() == [[4, top]] for c in ax.collections)  # the ▲ at the top
+    ax = drawn["landscape"].axes[0]
+    bottom, top = ax.get_ylim()
+    assert bottom < 4.686 and 4.92 < top < 9.5
+    texts = [t.get_text() for t in ax.texts]
+    assert any(t.startswith("cosine 3e-2: ppl 10.0") and "off scale" in t for t in texts), texts
+    assert any(t.startswith("round 4: ppl 9.5") and "off scale" in t for t in texts), texts
+
+
+def test_ppl_limits_ignore_outliers_and_keep_a_readable_span():
+    from lrpilot.report.figures import ppl_limits
+
+    lo, hi = ppl_limits([4.70, 4.75, 4.69, 4.80, 10.04, math.nan])
+    assert lo < 4.69 and 4.80 < hi < 10.04
+    lo, hi = ppl_limits([30.4, 31.2, 45.9, 36.2, 33.0, 309.0, 215.1])  # the published study: the collapses are off
+    assert 45.9 < hi < 215.1
+    lo, hi = ppl_limits([5.0, 5.0])  # identical values still get a span
+    assert lo < 5.0 < hi
+    assert all(math.isnan(v) for v in ppl_limits([math.nan]))

@@ -575,6 +575,40 @@ def test_crashing_every_time_fails_cleanly(tmp_path):
 
 
 @pytest.mark.slow
+def test_quick_crashes_back_off_longer_each_time_before_the_relaunch(tmp_path):
+    """Fast-crash back-off: a trainer that crashes right after every (re)start is relaunched only after a
+    wait that doubles per consecutive quick crash and is capped; the wait comes between the crash's record and
+    the next launch, and the rollback record says how long it was. Ordering is checked, nothing sleeps."""
+    cfg = smoke("guard.max_fast_crash=4", "guard.crash_backoff_s=2", "guard.crash_backoff_max_s=5")
+    order: list[tuple] = []
+
+    def on_event(ev: dict) -> None:
+        if ev.get("source") == "supervisor" and ev.get("event") in ("launch", "rollback"):
+            order.append((ev["event"], ev.get("launch_index", ev.get("crash_count_in_run"))))
+
+    res = run_round(
+        cfg,
+        tmp_path / "run",
+        constant(cfg),
+        round_logs(tmp_path),
+        on_event=on_event,
+        trainer_args=["--inject-nan-at-step", "3"],  # every launch crashes 3 steps after its start
+        wait=lambda s: order.append(("wait", s)),
+    )
+    assert res.status == "failed" and res.crash_count == 4
+    assert order == [
+        ("launch", 1), ("rollback", 1), ("wait", 2.0),
+        ("launch", 2), ("rollback", 2), ("wait", 4.0),
+        ("launch", 3), ("rollback", 3), ("wait", 5.0),  # capped at crash_backoff_max_s
+        ("launch", 4), ("rollback", 4),  # given up: no wait, no relaunch
+    ]  # fmt: skip
+    rbs = read_jsonl(tmp_path / "rollbacks.jsonl")
+    assert [r.get("backoff_s") for r in rbs[:3]] == [2.0, 4.0, 5.0] and rbs[3]["gave_up"] is True
+    log = (tmp_path / "run" / "trainer.log").read_text()
+    assert "back-off: 2s before the relaunch (1 consecutive quick crashes)" in log
+
+
+@pytest.mark.slow
 def test_emergency_rule_in_a_real_run(tmp_path):
     # emergency_loss below the byte model's early loss (~5): the first decision points are emergencies
     cfg = smoke("guard.emergency_loss=4.0", "train.total_steps=40")

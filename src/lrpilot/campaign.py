@@ -157,22 +157,32 @@ def fallback_note(rec: dict[str, Any]) -> str:
     return f"  MOSTLY FALLBACK ({k} of {n} decisions kept the LR for want of a valid answer; see llm_calls.jsonl)"
 
 
-def campaign_table(recs: list[dict[str, Any]]) -> str:
-    """The summary line of every round (in order) and a totals line."""
+def totals_line(recs: list[dict[str, Any]]) -> str:
+    """'3 rounds: best ppl ..., median ..., failed ..., wall time ... min' ('' when no round has a ppl)."""
+    ppls = [_ppl(r) for r in recs if math.isfinite(_ppl(r))]
+    if not ppls:
+        return ""
+    return (
+        f"{len(recs)} round{'s' * (len(recs) != 1)}: best ppl {min(ppls):.3f}, median {statistics.median(ppls):.3f}, "
+        f"failed {sum(r.get('status') == 'failed' for r in recs)}, "
+        f"wall time {sum(as_float(r.get('wall_time_s', 0)) for r in recs) / 60:.1f} min"
+    )
+
+
+def round_lines(recs: list[dict[str, Any]]) -> list[str]:
+    """The summary line of every round, in order, with the best ppl so far."""
     lines, best = [], math.inf
     for rec in recs:
         p = _ppl(rec)
         if math.isfinite(p):
             best = min(best, p)
         lines.append(summary_line(rec, best))
-    ppls = [_ppl(r) for r in recs if math.isfinite(_ppl(r))]
-    if ppls:
-        lines.append(
-            f"{len(recs)} round{'s' * (len(recs) != 1)}: best ppl {min(ppls):.3f}, median {statistics.median(ppls):.3f}, "
-            f"failed {sum(r.get('status') == 'failed' for r in recs)}, "
-            f"wall time {sum(as_float(r.get('wall_time_s', 0)) for r in recs) / 60:.1f} min"
-        )
-    return "\n".join(lines)
+    return lines
+
+
+def campaign_table(recs: list[dict[str, Any]]) -> str:
+    """The summary line of every round (in order) and a totals line."""
+    return "\n".join([*round_lines(recs), totals_line(recs)]).rstrip("\n")
 
 
 def run_campaign(
@@ -183,8 +193,11 @@ def run_campaign(
     *,
     echo: Any = print,
 ) -> list[dict[str, Any]]:
-    """Run rounds 1..`rounds` in `directory`, skipping those already finished. Prints and returns the final
-    records of rounds 1..`rounds` (a note says when the directory holds more)."""
+    """Run rounds 1..`rounds` in `directory`, skipping those already finished. Returns the final records of
+    rounds 1..`rounds` (a note says when the directory holds more).
+
+    echo gets each round's summary line once: the rounds finished earlier when the campaign resumes, each new
+    round as it ends, then the totals line."""
     directory = Path(directory)
     if rounds < 1:
         raise ConfigError("--rounds: must be >= 1")
@@ -199,6 +212,8 @@ def run_campaign(
             for r, rec in done.items():
                 mem.record(r, _ppl(rec), rec.get("status") != "ok")
         best = min((_ppl(r) for r in done.values() if math.isfinite(_ppl(r))), default=math.inf)
+        if done:
+            echo("\n".join(round_lines([done[r] for r in sorted(done) if r <= rounds])))  # finished before this run
         for r in range(1, rounds + 1):
             if r in done:
                 continue
@@ -208,7 +223,8 @@ def run_campaign(
                 best = min(best, _ppl(rec))
             echo(summary_line(rec, best))
         recs = [done[r] for r in sorted(done) if r <= rounds]
-        echo(campaign_table(recs))
+        if totals_line(recs):
+            echo(totals_line(recs))  # the round lines were echoed already, each once
         more = sorted(r for r in done if r > rounds)
         if more:
             echo(
@@ -299,6 +315,7 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
         "fallback_decisions": res.fallback_decisions,
         "mostly_fallback": res.mostly_fallback,
         "crash_count": res.crash_count,
+        "agent_rollbacks": res.agent_rollbacks,
         "peak_lr_seen": res.peak_lr_seen,
         "min_lr_seen": res.min_lr_seen,
         "warmup_steps": cfg.schedule.warmup_steps,

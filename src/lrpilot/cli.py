@@ -8,6 +8,7 @@
     lrpilot report runs/llm --compare runs/rules --baselines runs/sweep --out runs/compare
     lrpilot import-logs ../shared/seed-experiments --dir runs/published
     lrpilot demo --dir runs/demo
+    lrpilot status runs/demo --watch
 
 Every command takes `--preset` plus any number of `--set section.key=value` overrides; `lrpilot info` shows
 the resolved config and the keys that exist. Errors in input are one line naming the field and the fix.
@@ -77,10 +78,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     from lrpilot.baseline import run_sweep, sweep_table
+    from lrpilot.progress import LiveProgress
 
     cfg = _config(args)
-    recs = run_sweep(cfg, args.schedule, args.peaks, Path(args.out), jobs=args.jobs, preset=args.preset)
-    print(sweep_table(recs))
+    with LiveProgress([Path(args.out) / "runs"]) as live:
+        recs = run_sweep(cfg, args.schedule, args.peaks, Path(args.out), jobs=args.jobs, preset=args.preset)
+        live.write(sweep_table(recs))
     return 0
 
 
@@ -124,8 +127,33 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         from lrpilot.llm.base import make_backend
 
         make_backend(cfg.agent, "controller", None).ping()  # fail fast on a wrong endpoint, model or key
-    run_campaign(cfg, Path(args.dir), args.rounds, settings)
+    from lrpilot.progress import LiveProgress
+
+    with LiveProgress([Path(args.dir) / "rounds"]) as live:
+        run_campaign(cfg, Path(args.dir), args.rounds, settings, echo=live.write)
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Where every run under DIR stands, from its logs only; --watch redraws every N seconds until Ctrl-C."""
+    import time
+
+    from lrpilot.progress import DirWatch, status_table
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise LrpilotError(f"status {root}: no such directory; give a campaign, sweep (--out) or bench directory")
+    watch = DirWatch([root])
+    while True:
+        watch.poll()
+        table = status_table(watch.statuses())
+        if args.watch is None:
+            print(table)
+            return 0
+        if sys.stdout.isatty():
+            print("\x1b[2J\x1b[H", end="")  # clear the screen, cursor home
+        print(f"{root}  ({time.strftime('%H:%M:%S')}, every {args.watch:g}s, Ctrl-C to stop)\n{table}", flush=True)
+        time.sleep(args.watch)  # the refresh period of a display, not synchronisation
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -144,8 +172,11 @@ def cmd_import_logs(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """A short rules+Optuna campaign and a cosine sweep, side by side on 2 cores, then the report."""
+    import os
+
     from lrpilot.baseline import run_sweep, sweep_table
     from lrpilot.campaign import CampaignSettings, run_campaign
+    from lrpilot.progress import LiveProgress, fmt_duration
 
     cfg = _config(args)
     out = Path(args.dir)
@@ -154,23 +185,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(
         f"demo: {args.rounds} rule-controller rounds with Optuna memory in {out / 'campaign'}, and a cosine "
-        f"sweep over {', '.join(f'{p:g}' for p in args.peaks)} in {out / 'sweep'}, side by side"
+        f"sweep over {', '.join(f'{p:g}' for p in args.peaks)} in {out / 'sweep'}, side by side",
+        flush=True,
     )
-    errors: list[BaseException] = []
-
-    def sweep() -> None:
-        try:
-            recs = run_sweep(cfg, "cosine", args.peaks, out / "sweep", jobs=1, preset=args.preset)
-            print("\ncosine sweep:\n" + sweep_table(recs))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(e)
-
-    t = threading.Thread(target=sweep, name="cosine-sweep")
-    t.start()
     try:
-        run_campaign(cfg, out / "campaign", args.rounds, settings)
-    finally:
-        t.join()
+        from lrpilot.estimate import run_seconds
+
+        per_run = run_seconds(cfg)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        runs = args.rounds + len(args.peaks)
+        wall = per_run * (max(args.rounds, len(args.peaks)) if cores >= 2 else runs)
+        print(
+            f"estimate: about {fmt_duration(wall)} ({runs} runs of {cfg.train.total_steps} steps, ~{fmt_duration(per_run)} "
+            f"each measured here, 2 at a time on {cores} cores; slower if the cores are busy)",
+            flush=True,
+        )
+    except Exception as e:  # noqa: BLE001 - an estimate must never stop the demo
+        print(f"estimate: unavailable ({e.__class__.__name__}: {e})", flush=True)
+    errors: list[BaseException] = []
+    with LiveProgress([out / "campaign" / "rounds", out / "sweep" / "runs"]) as live:
+
+        def sweep() -> None:
+            try:
+                recs = run_sweep(cfg, "cosine", args.peaks, out / "sweep", jobs=1, preset=args.preset)
+                live.write("cosine sweep:\n" + sweep_table(recs))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(e)
+
+        t = threading.Thread(target=sweep, name="cosine-sweep")
+        t.start()
+        try:
+            run_campaign(cfg, out / "campaign", args.rounds, settings, echo=live.write)
+        finally:
+            t.join()
     if errors:
         raise errors[0]
     from lrpilot.report import main_report
@@ -279,6 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="cosine sweep peaks (default 1e-3 3e-3 3e-2: near-best, best, and where cosine collapses on cpu-small)",
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("status", help="where every run of a campaign, sweep or bench stands, from its logs only")
+    p.add_argument("dir", help="a campaign directory, a sweep's --out directory, a bench directory or one run")
+    p.add_argument(
+        "--watch",
+        type=positive_float,
+        nargs="?",
+        const=5.0,
+        default=None,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 5) until Ctrl-C",
+    )
+    p.set_defaults(func=cmd_status)
     return parser
 
 

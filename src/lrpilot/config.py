@@ -225,6 +225,18 @@ class GuardConfig:
     max_fast_crash: int = 20
     #: a crash within this many steps of a (re)start counts as quick
     fast_crash_steps: int = 300
+    #: fast-crash back-off (the published supervisor waited before relaunching after quick crashes, so a
+    #: broken node or a full disk is not hammered): the n-th consecutive quick crash waits
+    #: min(crash_backoff_max_s, crash_backoff_s * crash_backoff_factor ** (n - 1)) seconds before the
+    #: relaunch; a slow crash relaunches at once. 0 disables it.
+    crash_backoff_s: float = 5.0
+    crash_backoff_factor: float = 2.0
+    crash_backoff_max_s: float = 300.0
+    #: agent-requested rollbacks (the published Controller could ask to return to an earlier checkpoint when
+    #: it judged a phase wasted): at most this many per round (0 = the agent may not ask), never in the last
+    #: agent_rollback_end_fraction of the run
+    agent_rollbacks: int = 2
+    agent_rollback_end_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         _check(0 < self.min_ratio <= 1, "guard.min_ratio", "must be in (0, 1]")
@@ -237,6 +249,15 @@ class GuardConfig:
         _check(self.start_timeout_s > 0, "guard.start_timeout_s", "must be > 0")
         _check(self.max_fast_crash >= 1, "guard.max_fast_crash", "must be >= 1")
         _check(self.fast_crash_steps >= 0, "guard.fast_crash_steps", "must be >= 0")
+        _check(self.crash_backoff_s >= 0, "guard.crash_backoff_s", "must be >= 0 seconds (0 = no back-off)")
+        _check(self.crash_backoff_factor >= 1, "guard.crash_backoff_factor", "must be >= 1")
+        _check(self.agent_rollbacks >= 0, "guard.agent_rollbacks", "must be >= 0 (0 = the agent may not ask)")
+        _check(0 <= self.agent_rollback_end_fraction <= 1, "guard.agent_rollback_end_fraction", "must be in [0, 1]")
+        _check(
+            self.crash_backoff_max_s >= self.crash_backoff_s,
+            "guard.crash_backoff_max_s",
+            f"must be >= guard.crash_backoff_s ({self.crash_backoff_s})",
+        )
         _check(self.emergency_jump > 0, "guard.emergency_jump", "must be > 0")
         _check(
             self.crash_loss > self.emergency_loss,
@@ -508,6 +529,8 @@ def preset_cpu_small() -> RunConfig:
             start_timeout_s=600,
             emergency_loss=8.0,
             crash_loss=12.0,
+            crash_backoff_s=1.0,
+            crash_backoff_max_s=30.0,
         ),
     )
 
@@ -537,6 +560,7 @@ def preset_cpu_smoke() -> RunConfig:
             emergency_loss=8.0,
             crash_loss=12.0,
             max_fast_crash=5,
+            crash_backoff_s=0.0,  # tests crash on purpose; a test that checks the back-off sets it
         ),
     )
 

@@ -22,9 +22,14 @@ The rules:
 3. `check_loss`: NaN/Inf or a loss above `crash_loss` is a crash. `check_emergency` / `emergency_lr`: the
    published emergency rule cuts the LR x `emergency_factor` on a big loss jump or a high loss, without
    asking the controller.
-4. `is_fast_crash` / `CrashCounter`: after `max_fast_crash` consecutive quick crashes the round is given up.
+4. `is_fast_crash` / `CrashCounter`: after `max_fast_crash` consecutive quick crashes the round is given up;
+   before that, `crash_backoff` makes each consecutive quick crash wait longer (doubling, capped) before the
+   relaunch.
    `is_hung`: no telemetry for `hang_timeout_s` seconds (`start_timeout_s` before a launch's first line)
    means the trainer hangs.
+5. `check_agent_rollback` / `agent_rollback_steps`: the LLM agent may ask to go back to an earlier healthy
+   checkpoint (at most `agent_rollbacks` per round, not twice to the same step, never in the last
+   `agent_rollback_end_fraction` of the run).
 
 Inputs that come from outside the supervisor (a controller's proposal or plan, losses from telemetry) are
 untrusted: any value, including NaN, a string or None, gives a result and a reason, never an exception.
@@ -345,6 +350,21 @@ def is_hung(seconds_since_telemetry: float, cfg: GuardConfig, started: bool = Tr
     return seconds_since_telemetry > (cfg.hang_timeout_s if started else cfg.start_timeout_s)
 
 
+def crash_backoff(consecutive_fast: int, cfg: GuardConfig) -> float:
+    """Seconds to wait before the relaunch after the n-th consecutive quick crash:
+    min(crash_backoff_max_s, crash_backoff_s * crash_backoff_factor ** (n - 1)); 0 for n <= 0 (the last crash
+    came after a healthy stretch) or crash_backoff_s = 0. Capped exponential back-off, as the published
+    supervisor did, so a broken node or a full disk is not hammered with relaunches."""
+    if consecutive_fast <= 0 or cfg.crash_backoff_s <= 0:
+        return 0.0
+    wait = cfg.crash_backoff_s
+    for _ in range(consecutive_fast - 1):  # grown step by step, so a huge factor cannot overflow a float
+        if wait >= cfg.crash_backoff_max_s:
+            break
+        wait *= cfg.crash_backoff_factor
+    return float(min(cfg.crash_backoff_max_s, wait))
+
+
 @dataclass(frozen=True)
 class CrashCounter:
     """Immutable record of a round's crashes; gives up after max_fast_crash consecutive quick ones."""
@@ -369,6 +389,70 @@ class CrashCounter:
             n += 1
         return n
 
+    def backoff_s(self, cfg: GuardConfig) -> float:
+        """Seconds to wait before relaunching after the latest crash: `crash_backoff` of the consecutive
+        quick crashes so far (0 after a slow crash)."""
+        return crash_backoff(self.consecutive_fast(cfg), cfg)
+
     def give_up(self, cfg: GuardConfig) -> bool:
         """True once max_fast_crash consecutive quick crashes happened: stop the round, mark it diverged."""
         return self.consecutive_fast(cfg) >= cfg.max_fast_crash
+
+
+# ------------------------------------------------------------------------------ 5. agent rollback
+
+
+@dataclass(frozen=True)
+class AgentRollback:
+    """The guard's verdict on an agent's rollback request: ok, the step to go back to, and why (in words)."""
+
+    ok: bool
+    to_step: int | None
+    reason: str
+
+
+def agent_rollback_steps(
+    step: int, total_steps: int, checkpoints: Iterable[CheckpointInfo], used: Sequence[int], cfg: GuardConfig
+) -> tuple[int, ...]:
+    """The checkpoint steps an agent deciding at `step` may ask to roll back to (ascending; empty when it
+    may not ask at all): healthy checkpoints at or before `step`, not already used this round, while fewer
+    than agent_rollbacks were used and `step` is before the last agent_rollback_end_fraction of the run."""
+    if len(used) >= cfg.agent_rollbacks or step >= total_steps * (1 - cfg.agent_rollback_end_fraction):
+        return ()
+    return tuple(sorted({c.step for c in checkpoints if c.healthy and c.step <= step and c.step not in used}))
+
+
+def check_agent_rollback(
+    requested: Any,
+    step: int,
+    total_steps: int,
+    checkpoints: Iterable[CheckpointInfo],
+    used: Sequence[int],
+    cfg: GuardConfig,
+) -> AgentRollback:
+    """Validate an agent's request, made at decision step `step`, to roll back to the checkpoint at step
+    `requested`; `used` are the steps this round's earlier agent rollbacks went back to. Refused (ok=False,
+    with the reason) unless: requested is a non-negative integer step; fewer than agent_rollbacks were used;
+    step is before the last agent_rollback_end_fraction of the run; requested <= step; it was not used
+    before; and a healthy checkpoint exists at exactly that step. The request is untrusted: never raises."""
+    x = _as_number(requested)
+    if x is None or not math.isfinite(x) or not x.is_integer() or x < 0:
+        return AgentRollback(False, None, f"rollback_to_step {requested!r} refused: not a non-negative integer step")
+    to = int(x)
+    no = f"rollback to step {to} refused: "
+    if cfg.agent_rollbacks == 0:
+        return AgentRollback(False, None, no + "agent rollbacks are disabled (guard.agent_rollbacks=0)")
+    if len(used) >= cfg.agent_rollbacks:
+        return AgentRollback(False, None, no + f"already {len(used)} this round (guard.agent_rollbacks)")
+    last = total_steps * (1 - cfg.agent_rollback_end_fraction)
+    if step >= last:
+        return AgentRollback(
+            False, None, no + f"step {step} is in the last {cfg.agent_rollback_end_fraction:g} of the run (>= {last:g})"
+        )
+    if to > step:
+        return AgentRollback(False, None, no + f"it is after the decision step {step}")
+    if to in used:
+        return AgentRollback(False, None, no + "this round already rolled back to it once")
+    if not any(c.healthy and c.step == to for c in checkpoints):
+        return AgentRollback(False, None, no + "no healthy checkpoint at that step")
+    return AgentRollback(True, to, f"agent-requested rollback from step {step} to the checkpoint at step {to}")

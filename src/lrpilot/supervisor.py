@@ -11,7 +11,8 @@ alive: a non-zero exit, a NaN/Inf/catastrophic loss or a trainer that writes no 
 guard.hang_timeout_s (guard.start_timeout_s before its first line) is a crash; the supervisor kills every
 process of the launch (its process group, and torchrun's workers, which torch puts in sessions of their
 own), rolls back to the checkpoint the guard chooses (a corrupt one is skipped for the one before) and
-relaunches with the LR at the crash x crash_lr_factor. After guard.max_fast_crash consecutive quick crashes
+relaunches with the LR at the crash x crash_lr_factor, after a back-off that grows with each consecutive quick
+crash (guard.crash_backoff_s). After guard.max_fast_crash consecutive quick crashes
 the round is given up and recorded as failed. A write the disk refused (the trainer's exit code 3 or its
 `cannot write` line, or a probe write to RUN that fails) is not a crash: the round stops with DiskWriteError,
 no rollback, no LR change. One supervisor at a time runs a run directory (RUN/run.lock, lrpilot.locks).
@@ -24,7 +25,8 @@ Records (append-only jsonl through lrpilot.logs.JsonlLog):
 - `logs.rollbacks`: one line per crash (published fields run_start_iso, crash_step, lr_at_crash,
   rolled_back_to_step, new_lr, crash_reason, crash_count_in_run; plus the checkpoints skipped as corrupt).
   crash_reason: nan_loss / inf_loss / catastrophic_loss (guard.check_loss), hang, exit_code_N,
-  signal_SIGKILL (killed by a signal), exit_without_done. During warmup lr_at_crash is the LR the warmup
+  signal_SIGKILL (killed by a signal), exit_without_done. backoff_s: the seconds waited before the relaunch
+  (guard.crash_backoff_s, doubling per consecutive quick crash, capped). During warmup lr_at_crash is the LR the warmup
   heads for (what --lr sets); the LR of the last update is lr_used_at_crash.
 - RUN/config.json, RUN/round.json (run_start_iso and the round's settings), RUN/result.json (RoundResult),
   RUN/decisions_sent.jsonl (write-ahead copy of each decision record, for a supervisor killed mid-round),
@@ -159,6 +161,8 @@ class RoundResult:
     fallback_decisions: int = 0
     #: more than half of the controller's answers fell back: the round shows the fallback path, not the agent
     mostly_fallback: bool = False
+    #: rollbacks the controller asked for and the guard granted (decisions of kind agent_rollback)
+    agent_rollbacks: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,6 +191,7 @@ class RoundResult:
             unanswered_decisions=int(d.get("unanswered_decisions") or 0),
             fallback_decisions=int(d.get("fallback_decisions") or 0),
             mostly_fallback=bool(d.get("mostly_fallback", False)),
+            agent_rollbacks=int(d.get("agent_rollbacks") or 0),
         )
 
 
@@ -228,6 +233,14 @@ def _sample(points: dict[int, float], n: int = TRAJECTORY_POINTS) -> list[tuple[
             keep = keep[: n - 1] + [steps[-1]]
         steps = keep
     return [(s, points[s]) for s in steps]
+
+
+class _AgentRollback(Exception):
+    """Internal: the controller asked to roll back and the guard granted it (unwinds to the main loop)."""
+
+    def __init__(self, point: Any, to_step: int, path: Path, new_lr: float, fields: dict[str, Any]) -> None:
+        super().__init__(to_step)
+        self.point, self.to_step, self.path, self.new_lr, self.fields = point, to_step, path, new_lr, fields
 
 
 class _Crash(Exception):
@@ -272,6 +285,7 @@ class _Round:
         trainer_args: Sequence[str],
         trainer_args_first_launch: Sequence[str],
         poll_s: float,
+        wait: Callable[[float], Any] = time.sleep,
     ) -> None:
         self.cfg, self.g = cfg, cfg.guard
         self.run_dir = Path(run_dir)
@@ -281,6 +295,7 @@ class _Round:
         self.trainer_args = list(trainer_args)
         self.first_launch_args = list(trainer_args_first_launch)
         self.poll_s = poll_s
+        self.wait = wait  # the fast-crash back-off's pause (injectable: tests record it instead of sleeping)
         self.blocking = bool(getattr(controller, "blocking", True))
         self.run_start_iso = ""
         self.t0 = time.monotonic()
@@ -429,6 +444,8 @@ class _Round:
                 "memory_brief": self.memory_brief,
                 "launch": {"devices": self.cfg.launch.devices, "nproc": self.cfg.launch.nproc},
                 "guard": dataclasses.asdict(self.g),
+                # where this run's decisions and rollbacks are logged (lrpilot status / progress read them)
+                "logs": {"decisions": str(self.logs.decisions), "rollbacks": str(self.logs.rollbacks)},
                 "launches": self.launches,
                 "resumed": resumed,
                 "wall_time_s": self.wall_before + (time.monotonic() - self.t0),
@@ -614,6 +631,9 @@ class _Round:
                 if failure is not None:
                     return self._result("failed", failure)
                 continue
+            except _AgentRollback as req:
+                self._on_agent_rollback(req)
+                continue
             return self._result("ok", None)
 
     def _watch(self) -> None:
@@ -750,9 +770,13 @@ class _Round:
                     reason=str(d.get("reasoning", "")),
                 )
                 for d in self.decisions
-                if d.get("kind") in ("decision", "emergency", "fallback")
+                if d.get("kind") in ("decision", "emergency", "fallback", "agent_rollback")
             ),
             rollbacks=tuple(self.rollbacks),
+            rollback_steps=guard.agent_rollback_steps(
+                step, c.train.total_steps, self._checkpoint_infos(), self._agent_rollbacks_used(), self.g
+            ),
+            agent_rollbacks_left=max(0, self.g.agent_rollbacks - len(self._agent_rollbacks_used())),
             memory_brief=self.memory_brief,
             floor=self.g.floor,
             ceiling=self.g.ceiling,
@@ -868,6 +892,16 @@ class _Round:
         fields: dict[str, Any] = {"raw_reply": decision.raw} if decision.raw is not None else {}
         if decision.meta:
             fields["meta"] = decision.meta
+        if decision.rollback_to_step is not None:
+            to, path, why = self._grant_agent_rollback(point, decision.rollback_to_step)
+            fields["rollback_to_step"] = decision.rollback_to_step
+            if path is not None:
+                raise _AgentRollback(point, to, path, clamp.lr, {
+                    "reasoning": decision.reason, "raw_lr_request": decision.lr, "clamped": bool(reasons),
+                    "clamp_reasons": reasons, "latency_s": latency, "rollback_reason": why, **fields,
+                })  # fmt: skip
+            fields["rollback_refused"] = why
+            reasons.append(why)
         self._send(
             point,
             clamp.lr,
@@ -1038,6 +1072,11 @@ class _Round:
                 continue
             self._write(rec)
             self.decisions.append(rec)
+        for d in self.decisions:  # granted agent rollbacks are decisions, not crashes
+            if d.get("kind") == "agent_rollback" and isinstance(d.get("rollback_to_step"), int):
+                self.rollbacks.append(RollbackRecord(int(d["step"]), as_float(d.get("old_lr")),
+                                                     int(d["rollback_to_step"]), as_float(d.get("new_lr")),
+                                                     "agent_request"))  # fmt: skip
         for r in iter_jsonl(self.logs.rollbacks):
             if r.get("run_start_iso") != self.run_start_iso:
                 continue
@@ -1108,12 +1147,14 @@ class _Round:
         plan, skipped = self._choose_checkpoint(crash_step, lr_at_crash)
         new_lr = plan.new_lr if plan is not None else guard.crash_lr(lr_at_crash, self.g)
         to_step = plan.to_step if plan is not None else 0
+        backoff = self.counter.backoff_s(self.g)
         record(
             to_step,
             new_lr,
             checkpoint=plan.checkpoint.path if plan is not None else None,
             skipped_checkpoints=skipped,
             rollback_reason=plan.reason if plan is not None else "no usable checkpoint: restart from step 0",
+            backoff_s=backoff,
         )
         self.rollback_points.append((self.launches, to_step))
         self.rollbacks.append(
@@ -1126,6 +1167,11 @@ class _Round:
             )
         )
         self._truncate_branch(to_step)
+        if backoff > 0:
+            fast = self.counter.consecutive_fast(self.g)
+            self._note(f"back-off: {backoff:g}s before the relaunch ({fast} consecutive quick crashes)")
+            self._emit({"event": "backoff", "source": "supervisor", "seconds": backoff, "consecutive_fast": fast})
+            self.wait(backoff)
         self._launch(resume=Path(plan.checkpoint.path) if plan is not None else None, lr=new_lr, start_step=to_step)
         return None
 
@@ -1176,6 +1222,61 @@ class _Round:
             skipped.append({"step": info.step, "path": str(info.path), "reason": why})
             self._skipped_checkpoint(info.step, info.path, why)
 
+    # ------------------------------------------------------------------------------- agent rollbacks
+
+    def _checkpoint_infos(self) -> list[guard.CheckpointInfo]:
+        """The complete checkpoints on disk as the guard sees them (verified only when one is chosen)."""
+        return [guard.CheckpointInfo(c.step, c.complete, str(c.path)) for c in list_checkpoints(self.run_dir)]
+
+    def _agent_rollbacks_used(self) -> list[int]:
+        """Steps this round's granted agent rollbacks went back to."""
+        return [int(d["rollback_to_step"]) for d in self.decisions if d.get("kind") == "agent_rollback"]
+
+    def _grant_agent_rollback(self, point: _Point, requested: Any) -> tuple[int | None, Path | None, str]:
+        """The guard's verdict on the controller's request, plus the checkpoint's integrity: (step, path,
+        reason) when granted, (None, None, why not) when refused."""
+        infos = self._checkpoint_infos()
+        verdict = guard.check_agent_rollback(
+            requested, point.obs.step, self.cfg.train.total_steps, infos, self._agent_rollbacks_used(), self.g
+        )
+        if not verdict.ok or verdict.to_step is None:
+            return None, None, verdict.reason
+        path = Path(next(c.path for c in infos if c.step == verdict.to_step))
+        why = verify_checkpoint(path)
+        if why is not None:
+            return None, None, f"rollback to step {verdict.to_step} refused: its checkpoint is unusable ({why})"
+        return verdict.to_step, path, verdict.reason
+
+    def _on_agent_rollback(self, req: _AgentRollback) -> None:
+        """Kill the launch, log the decision (kind agent_rollback) and relaunch from the granted checkpoint at
+        the LR the controller set (guard-clamped). Not a crash: the crash counter and rollbacks.jsonl are
+        untouched."""
+        assert self.proc is not None and self.reader is not None
+        kill_launch(self.proc, self.token)
+        self.backlog.extend(self.reader.poll())
+        self.draining = True
+        try:
+            while self.backlog:  # what the launch wrote before it was stopped still counts
+                with contextlib.suppress(_Crash):
+                    self._handle(self.backlog.popleft())
+        finally:
+            self.draining = False
+        self._flush_pending()
+        self.inflight = None
+        point, to = req.point, req.to_step
+        fields = dict(req.fields)
+        reasoning = fields.pop("reasoning", "")
+        rec = self._record(point, req.new_lr, kind="agent_rollback", reasoning=reasoning, effective_step=to, **fields)
+        assert self.sent_log is not None
+        self.sent_log.append(rec)  # no command is sent (seq null), but progress/status read decisions from here
+        self._write(rec)
+        self.decisions.append(rec)
+        self._emit({"event": "decision", "source": "supervisor", **rec})
+        self.rollbacks.append(RollbackRecord(point.obs.step, point.obs.lr, to, req.new_lr, "agent_request"))
+        self._note(f"agent rollback at step {point.obs.step} to step {to}, lr {req.new_lr:.6g}")
+        self._truncate_branch(to)
+        self._launch(resume=req.path, lr=req.new_lr, start_step=to)
+
     def _append_rollback(self, rec: dict[str, Any]) -> None:
         rec = {**rec, "timestamp": now_iso(), "launch": self.launches}
         for k, v in self.logs.extra.items():
@@ -1198,8 +1299,10 @@ class _Round:
             tokens, step = int(ev.get("eval_tokens") or 0), self.last_step
         else:
             loss, ppl, tokens, step = math.nan, math.nan, 0, self.last_step
-        counted = [d for d in self.decisions if d.get("kind") in ("decision", "emergency", "fallback")]
-        asked = [d for d in self.decisions if d.get("kind") in ("decision", "fallback", "superseded")]
+        counted = [
+            d for d in self.decisions if d.get("kind") in ("decision", "emergency", "fallback", "agent_rollback")
+        ]
+        asked = [d for d in self.decisions if d.get("kind") in ("decision", "fallback", "superseded", "agent_rollback")]
         answers = [d for d in counted if d.get("kind") in ("decision", "fallback")]
         fallbacks = sum(d.get("kind") == "fallback" for d in answers)
         return RoundResult(
@@ -1225,6 +1328,7 @@ class _Round:
             unanswered_decisions=sum(d.get("kind") == "unanswered" for d in self.decisions),
             fallback_decisions=fallbacks,
             mostly_fallback=is_mostly_fallback(fallbacks, len(answers)),
+            agent_rollbacks=len(self._agent_rollbacks_used()),
         )
 
 
@@ -1241,6 +1345,7 @@ def run_round(
     trainer_args: Sequence[str] = (),
     trainer_args_first_launch: Sequence[str] = (),
     poll_s: float = POLL_S,
+    wait: Callable[[float], Any] = time.sleep,
 ) -> RoundResult:
     """Run one pre-training run under supervision and return how it ended (also in RUN/result.json).
 
@@ -1249,7 +1354,8 @@ def run_round(
     rollback, result). trainer_args are added to every trainer command line, trainer_args_first_launch
     only to the first launch of this call (fault injection in tests, e.g. ["--inject-nan-at-step", "25"]).
     With resume=True an existing run directory is continued (a finished one returns its stored result).
-    SIGTERM / KeyboardInterrupt kill the trainer's process group and propagate.
+    wait(seconds) is the fast-crash back-off's pause before a relaunch (guard.crash_backoff_s; default
+    time.sleep; tests pass a recorder). SIGTERM / KeyboardInterrupt kill the trainer's process group and propagate.
     """
     rnd = _Round(
         cfg,
@@ -1262,6 +1368,7 @@ def run_round(
         trainer_args=trainer_args,
         trainer_args_first_launch=trainer_args_first_launch,
         poll_s=poll_s,
+        wait=wait,
     )
     return rnd.run(resume)
 

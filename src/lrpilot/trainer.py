@@ -52,6 +52,7 @@ from lrpilot.checkpoint import FORMAT, fingerprint, load_checkpoint, save_checkp
 from lrpilot.config import RunConfig
 from lrpilot.data import DataError, build_data, check_vocab, evaluate
 from lrpilot.errors import LrpilotError, disk_error, is_disk_error
+from lrpilot.logs import write_atomic
 from lrpilot.model import LLaMA
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE = 0, 1, 2
@@ -120,8 +121,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
+#: RUN/wandb_id: the run's wandb id, so every launch of a run (relaunches after rollbacks, resumes) logs into
+#: one wandb run
+WANDB_ID_FILE = "wandb_id"
+
+
 class MetricLoggers:
-    """Optional wandb / TensorBoard mirrors of the step and eval metrics (train.loggers), rank 0 only."""
+    """Optional wandb / TensorBoard mirrors of the step and eval metrics (train.loggers), rank 0 only.
+
+    One wandb run per run directory, resumed across launches (the id in RUN/wandb_id, resume="allow"); every
+    metric is plotted against `train/step`, the training step, logged as a value (wandb's own step must only
+    grow, so a rolled-back branch logged by `step=` would be dropped; as a value it shows as the branch it is).
+    TensorBoard writes to RUN/tensorboard for every launch, at the training step."""
 
     def __init__(self, names: str, cfg: RunConfig, run_dir: Path) -> None:
         self.wandb: Any = None
@@ -132,12 +143,21 @@ class MetricLoggers:
                 import wandb
             except ImportError:
                 raise TrainerError("train.loggers=wandb needs wandb: pip install 'lrpilot[wandb]'") from None
+            id_file = run_dir / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if id_file.is_file() else ""
+            if not run_id:
+                run_id = os.urandom(6).hex()
+                write_atomic(id_file, run_id.encode())
             self.wandb = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", "lrpilot"),
                 name=f"{cfg.name}-{run_dir.name}",
                 dir=str(run_dir),
                 config=cfg.to_dict(),
+                id=run_id,
+                resume="allow",
             )
+            self.wandb.define_metric("train/step")
+            self.wandb.define_metric("*", step_metric="train/step")
         if "tensorboard" in wanted:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -149,7 +169,7 @@ class MetricLoggers:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log({"train/step": step, **metrics})
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)

@@ -27,7 +27,7 @@ class DecisionRecord:
     loss: float
     #: step at which the trainer first trained with new_lr (None while not yet applied)
     effective_step: int | None = None
-    kind: str = "decision"  # decision | emergency | fallback | rollback
+    kind: str = "decision"  # decision | emergency | fallback | rollback | agent_rollback
     reason: str = ""
 
 
@@ -67,6 +67,11 @@ class Observation:
     min_ratio: float = 0.5
     max_ratio: float = 2.0
     round_index: int = 0
+    #: steps of the healthy checkpoints the controller may ask to roll back to now (Decision.rollback_to_step;
+    #: the guard's rules already applied: empty when it may not ask)
+    rollback_steps: tuple[int, ...] = ()
+    #: agent-requested rollbacks it has left this round
+    agent_rollbacks_left: int = 0
 
     @property
     def progress(self) -> float:
@@ -95,8 +100,15 @@ class Decision:
     fallback: bool = False
     #: anything else worth logging (LLM usage, rule parameters, ...)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: go back to the checkpoint at this step first and continue from there at `lr` (the LLM agent's request
+    #: when it judges a phase wasted; the guard validates it: guard.check_agent_rollback). Rules and schedules
+    #: never set it.
+    rollback_to_step: int | None = None
 
     def __post_init__(self) -> None:
+        r = self.rollback_to_step
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+            raise ValueError(f"Decision.rollback_to_step must be None or a non-negative int step, got {r!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"Decision.lr must be a positive finite number, got {self.lr!r}")
         if self.plan is not None:

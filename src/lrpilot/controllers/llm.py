@@ -13,6 +13,10 @@ model's reasoning blocks (`<think>...</think>`) are removed; any
 failure (backend error, timeout, garbage) keeps the current LR with `fallback=True` and the raw reply kept
 for the log. The guard clamps the LR afterwards; this module does not second-guess it. blocking=False:
 training continues while the model thinks.
+
+When the guard allows it (`Observation.rollback_steps`), the prompt lists the checkpoints the agent may name
+and the reply may carry `"rollback_to_step": <step>` (`parse_rollback`): the supervisor then rolls the run
+back to that checkpoint and continues at the reply's LR, after the guard validated the request.
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ REPLY_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
+#: the same, when the agent may ask to roll back (Observation.rollback_steps not empty)
+REPLY_SCHEMA_WITH_ROLLBACK: dict[str, Any] = {
+    **REPLY_SCHEMA,
+    "properties": {**REPLY_SCHEMA["properties"], "rollback_to_step": {"type": ["integer", "null"]}},
+}
+
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 MAX_REASON_CHARS = 2000
 
@@ -56,6 +66,24 @@ def parse_reply(text: str) -> tuple[float | None, str, str | None]:
         return None, reason, f"no 'lr' field (keys: {sorted(obj)[:5]})"
     lr, err = _check_lr(obj["lr"], "'lr'")
     return lr, reason, err
+
+
+def parse_rollback(text: str) -> tuple[int | None, str | None]:
+    """(rollback_to_step, error) from a reply's optional "rollback_to_step": absent or null -> (None, None);
+    a non-negative integer (a JSON integer, an integral float, or such a numeric string) -> (step, None);
+    anything else -> (None, what was wrong). Whether the step is allowed is the guard's call."""
+    try:
+        obj = parse_json_object(text)
+    except ValueError:
+        return None, None  # parse_reply reports the broken reply
+    v = obj.get("rollback_to_step")
+    if v is None:
+        return None, None
+    if isinstance(v, str) and _NUMBER.fullmatch(v.strip()):
+        v = float(v.strip())
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or v != int(v):
+        return None, f"'rollback_to_step' must be a non-negative integer step, got {str(v)[:40]!r}"
+    return int(v), None
 
 
 #: the published study's replies: free text that ends in "[FINAL_LR] 3.0e-4 [/FINAL_LR]"
@@ -246,6 +274,11 @@ class LLMController(BaseController):
 
         events = []
         for r in obs.rollbacks:
+            if r.crash_reason == "agent_request":
+                events.append(
+                    f"at step {r.crash_step} you rolled back to step {r.rolled_back_to_step}, LR {_lr(r.new_lr)}"
+                )
+                continue
             events.append(
                 f"crash at step {r.crash_step} (LR {_lr(r.lr_at_crash)}, {r.crash_reason}): rolled back to step "
                 f"{r.rolled_back_to_step}, LR set to {_lr(r.new_lr)}"
@@ -256,7 +289,16 @@ class LLMController(BaseController):
                     f"emergency cut at step {d.step}: {_lr(d.old_lr)} -> {_lr(d.new_lr)} (loss {_loss(d.loss)})"
                 )
         out.append("rollbacks and emergency cuts this round: " + ("; ".join(events) if events else "none"))
-        out.append('\nAnswer with the JSON object {"reason": ..., "lr": ...} only.')
+        if obs.rollback_steps:
+            out.append(
+                "you may go back to an earlier checkpoint if you judge the steps since then wasted: add "
+                f'"rollback_to_step": <one of {", ".join(map(str, obs.rollback_steps))}> and the run continues '
+                f"from that step at your lr ({obs.agent_rollbacks_left} such rollbacks left this round)"
+            )
+            out.append('\nAnswer with the JSON object {"reason": ..., "lr": ..., "rollback_to_step": ...} only '
+                       "(rollback_to_step null unless you want to go back).")  # fmt: skip
+        else:
+            out.append('\nAnswer with the JSON object {"reason": ..., "lr": ...} only.')
         return "\n".join(out)
 
     def _table(self, obs: Observation, hist: list[tuple[int, float]]) -> list[str]:
@@ -325,7 +367,7 @@ class LLMController(BaseController):
         except Exception as e:  # odd telemetry must not stop the round
             return Decision(current, reason=f"fallback: prompt not built ({type(e).__name__}: {e})", fallback=True)
         try:
-            reply = self.backend.generate(messages, REPLY_SCHEMA)
+            reply = self.backend.generate(messages, REPLY_SCHEMA_WITH_ROLLBACK if obs.rollback_steps else REPLY_SCHEMA)
         except Exception as e:  # backends should not raise; if one does, it is still just a failed call
             return Decision(
                 current, reason=f"fallback: backend raised {type(e).__name__}: {str(e)[:200]}", fallback=True
@@ -338,4 +380,7 @@ class LLMController(BaseController):
         if lr is None:
             meta["error"] = err
             return Decision(current, reason=f"fallback: {err}", raw=reply.text, fallback=True, meta=meta)
-        return Decision(lr, reason=reason, raw=reply.text, meta=meta)
+        to_step, rb_err = parse_rollback(reply.text)
+        if rb_err:
+            meta["rollback_error"] = rb_err  # the LR stands; the malformed request is only logged
+        return Decision(lr, reason=reason, raw=reply.text, meta=meta, rollback_to_step=to_step)

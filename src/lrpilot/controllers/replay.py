@@ -17,7 +17,9 @@ trajectory is the one that ran. A record without an `effective_step` key (older 
 taking effect at its step. Records of kind `unanswered` (no reply before the round ended or was
 interrupted) are skipped: the step holds, or a resumed round's later record for it counts. If the logged
 round had rollbacks, a step can have several records (one per visit); the visit number is told from the observation's rollbacks (how many rollbacks re-opened this
-step), so decide() stays a pure function of its input.
+step), so decide() stays a pure function of its input. A record of kind `agent_rollback` (the agent asked to
+go back to a checkpoint and the guard granted it) replays as the same request (`rollback_to_step`, at its
+logged LR); the guard validates it again, and the granted rollback counts as a visit like a crash's.
 
 `rerun_raw=True` re-feeds the recorded raw LLM replies (`raw_reply`, else `reasoning`) through the LLM
 controller's parser (`lrpilot.controllers.llm.parse_recorded_reply`: our JSON replies, or the published
@@ -108,6 +110,9 @@ class ReplayController(BaseController):
                     "applied": applied,
                     "raw": raw,
                     "reason": str(rec.get("reasoning", rec.get("reason", "")) or ""),
+                    "rollback_to_step": _int_field(rec, "rollback_to_step", where)
+                    if kind == "agent_rollback"
+                    else None,
                 }
             )
 
@@ -192,6 +197,8 @@ class ReplayController(BaseController):
                 meta={"replayed": True, "applied": False},
             )
         new_lr, reason, meta = rec["new_lr"], f"replay of step {rec['step']}: {rec['reason']}", {"replayed": True}
+        if rec["rollback_to_step"] is not None:  # the logged LR, where the agent's rollback relaunched the run
+            return Decision(lr=new_lr, reason=reason, meta=meta, rollback_to_step=rec["rollback_to_step"])
         if self._parse is not None:
             try:
                 parsed, why, err = self._parse(rec["raw"])

@@ -3,8 +3,9 @@
     python -c "from lrpilot.report import build_report; build_report('runs/published', [], 'runs/report')"
 
 Each function writes one PNG sized for ~800-1000 px wide pages and returns a `Figure` with its caption; a
-figure without data is skipped with a note instead. Perplexity axes are capped (`ppl_cap`) so one
-catastrophic round does not flatten the rest; anything above the cap is drawn at the cap and labelled.
+figure without data is skipped with a note instead. Each perplexity axis is scaled to what its figure draws
+(`ppl_limits`: the values that are not outliers by a median/MAD rule), so one collapsed round or baseline does
+not flatten the rest; anything above the top is drawn there as a triangle and labelled with its value.
 """
 
 from __future__ import annotations
@@ -80,14 +81,31 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def ppl_cap(a: Analysis) -> float:
-    """Upper y limit for perplexity axes: 15% above everything that is not catastrophic (rounds below the
-    outlier threshold, baselines below it, phase means) -- leaving room for labels."""
-    thr = a.outlier_threshold if math.isfinite(a.outlier_threshold) else math.inf
-    vals = [r.final_eval_ppl for r in a.rounds if math.isfinite(r.final_eval_ppl) and r.final_eval_ppl <= thr]
-    vals += [b.final_eval_ppl for b in a.baselines if math.isfinite(b.final_eval_ppl) and b.final_eval_ppl <= thr]
-    vals += [p.mean for p in a.phases if math.isfinite(p.mean)]
-    return 1.15 * max(vals) if vals else math.nan
+#: a value more than this many robust spreads above the median of a figure's values is off its scale
+OUTLIER_SPREADS = 10.0
+#: the robust spread is at least this fraction of the median (rounds that all agree to 0.1% are not a scale)
+MIN_REL_SPREAD = 0.02
+
+
+def ppl_limits(values: list[float], also: list[float] = ()) -> tuple[float, float]:
+    """(bottom, top) of a perplexity axis for the values a figure is about: the values within OUTLIER_SPREADS
+    robust spreads of their median (spread = max(1.4826 x MAD, MIN_REL_SPREAD x median); 1.4826 x MAD estimates
+    a normal sigma, Rousseeuw & Croux 1993) set the range; 10% margin below, 35% above for labels. `also`
+    (e.g. phase means) widen the range when they are within that limit but do not move the median. Values
+    above `top` are off the scale: the caller draws them at the top and labels them. (nan, nan) if no value is
+    finite."""
+    vals = sorted(v for v in values if math.isfinite(v))
+    if not vals:
+        return math.nan, math.nan
+    med = vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+    dev = sorted(abs(v - med) for v in vals)
+    mad = dev[len(dev) // 2] if len(dev) % 2 else (dev[len(dev) // 2 - 1] + dev[len(dev) // 2]) / 2
+    spread = max(1.4826 * mad, MIN_REL_SPREAD * abs(med))
+    limit = med + OUTLIER_SPREADS * spread
+    kept = [v for v in vals if v <= limit] + [v for v in also if math.isfinite(v) and v <= limit]
+    lo, hi = min(kept), max(kept)
+    span = max(hi - lo, MIN_REL_SPREAD * abs(hi))
+    return lo - 0.10 * span, hi + 0.35 * span
 
 
 def _band_colors(bands: list[str]) -> dict[str, tuple]:
@@ -107,7 +125,7 @@ def _cap_note(a: Analysis, cap: float, extra: list[tuple[str, float]] = ()) -> s
     if not over:
         return ""
     items = ", ".join(f"{name} (ppl {fmt_ppl(v)})" for name, v in over)
-    return f" The y-axis is capped at {cap:.0f} so that the rest stays readable; {items} drawn as ▲ at the cap."
+    return f" The y-axis is capped at {cap:.3g} so that the rest stays readable; {items} drawn as ▲ at the cap."
 
 
 # ----------------------------------------------------------------------------------------------- (a)
@@ -127,7 +145,12 @@ def fig_ppl_per_round(a: Analysis, out: Path) -> Figure:
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
-    cap = ppl_cap(a)
+    # the axis is about the rounds and the best baseline's line; a phase mean that a collapsed round pulled far
+    # above them is drawn at the top with its value, like the round itself
+    drawn = [r.final_eval_ppl for r in rounds]
+    drawn += [a.best_baseline.final_eval_ppl] if a.best_baseline is not None else []
+    means = [p.mean for p in a.phases] + [p.mean_without_outliers for p in a.phases if p.outliers]
+    bottom, cap = ppl_limits(drawn, also=means)
     fig, ax = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
     bands = sorted({r.band for r in rounds}, key=band_sort_key)
     colors = _band_colors(bands)
@@ -171,13 +194,17 @@ def fig_ppl_per_round(a: Analysis, out: Path) -> Figure:
             text = f"mean {p.mean:.2f}"
             if p.outliers and math.isfinite(p.mean_without_outliers):
                 text += f"\n{p.mean_without_outliers:.2f} without round {', '.join(map(str, p.outliers))}"
+            off = p.mean > cap  # drawn at the top: its label goes under the bar, at the phase's left end
+            under = off or p.mean > cap - 0.12 * (cap - bottom)  # no room above it for the label
+            if off:
+                text = text.replace("mean", "phase mean (off scale):", 1)
             ax.annotate(
                 text,
-                ((x0 + x1) / 2, min(p.mean, cap)),
-                xytext=(0, 5),
+                (x0 if off else (x0 + x1) / 2, min(p.mean, cap)),
+                xytext=(4 if off else 0, -5 if under else 5),
                 textcoords="offset points",
-                ha="center",
-                va="bottom",
+                ha="left" if off else "center",
+                va="top" if under else "bottom",
                 fontsize=8.5,
                 bbox=_BOX,
                 zorder=2.5,
@@ -200,8 +227,7 @@ def fig_ppl_per_round(a: Analysis, out: Path) -> Figure:
         ax.axhline(
             bb.final_eval_ppl, color="tab:gray", ls="-.", lw=1.2, label=f"best {bb.label}: {bb.final_eval_ppl:.2f}"
         )
-    lo = min([y for y in ys if math.isfinite(y)] + ([a.best_baseline.final_eval_ppl] if a.best_baseline else []))
-    ax.set_ylim(lo * 0.95, cap)
+    ax.set_ylim(bottom, cap)
     ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -330,13 +356,13 @@ def fig_landscape(a: Analysis, out: Path) -> Figure:
     pts = [r for r in a.rounds if math.isfinite(r.peak_lr) and r.peak_lr > 0]
     if not pts and not a.baselines:
         return Figure("landscape", title, "No rounds or baselines: nothing to plot.")
-    if not math.isfinite(ppl_cap(a)):
+    bottom, cap = ppl_limits([r.final_eval_ppl for r in pts] + [b.final_eval_ppl for b in a.baselines])
+    if not math.isfinite(cap):
         return Figure("landscape", title, "No round or baseline finished with a perplexity: nothing to plot.")
     plt = _plt()
     import matplotlib.colors as mcolors
     from matplotlib.ticker import MaxNLocator
 
-    cap = ppl_cap(a)
     fig, ax = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
     peaks = [r.peak_lr for r in pts] + [b.peak_lr for b in a.baselines if math.isfinite(b.peak_lr) and b.peak_lr > 0]
     explored = {r.band for r in pts}
@@ -438,11 +464,7 @@ def fig_landscape(a: Analysis, out: Path) -> Figure:
                 label=f"best round {br.round}: {fmt_ppl(br.final_eval_ppl)}",
             )
     ax.set_xscale("log")
-    lo = min(
-        [r.final_eval_ppl for r in pts if math.isfinite(r.final_eval_ppl)]
-        + [b.final_eval_ppl for b in a.baselines if b.ok]
-    )
-    ax.set_ylim(lo * 0.95, cap)
+    ax.set_ylim(bottom, cap)
     ax.set_xlim(min(peaks) / 1.6, max(peaks) * 1.6)
     edges = [e for _, lo, hi in bands_between(min(peaks) / 1.6, max(peaks) * 1.6) for e in (lo, hi)]
     ax.set_xticks(sorted(set(edges)), [fmt_lr(e) for e in sorted(set(edges))])
@@ -718,4 +740,4 @@ def all_figures(a: Analysis, out: Path) -> list[Figure]:
     ]
 
 
-__all__ = ["Figure", "all_figures", "cosine_curve", "fig_side_by_side", "ppl_cap", "safe_figure"]
+__all__ = ["Figure", "all_figures", "cosine_curve", "fig_side_by_side", "ppl_limits", "safe_figure"]

@@ -247,4 +247,5 @@ def main_report(
             f"best round {best.round} {fmt_ppl(best.final_eval_ppl)} vs best {d.best_baseline.label} "
             f"{fmt_ppl(d.best_baseline.final_eval_ppl)} (ratio {d.ratio_best:.3f})"
         )
+    print(f"open: {Path(d.html_path).resolve().as_uri()}")  # a file:// URL terminals make clickable
     return 0
