@@ -162,12 +162,18 @@ def _ppl(rec: dict[str, Any]) -> float:
     return as_float(rec.get("final_eval_ppl"))
 
 
+def _fmt_ppl(x: float) -> str:
+    """3 decimals; a huge finite ppl (the trainer logs up to ~1e307) in exponent form, not 300 digits."""
+    return f"{x:.3f}" if not math.isfinite(x) or abs(x) < 1e9 else f"{x:.3g}"
+
+
 def summary_line(rec: dict[str, Any], best: float) -> str:
     f = {k: as_float(rec.get(k)) for k in ("peak_lr_seen", "min_lr_seen", "wall_time_s")}
+    ppl = _ppl(rec)
     return (
-        f"round {rec['round']:>3}  {rec.get('status', 'ok'):<6} peak_lr {f['peak_lr_seen']:.2e}  "
-        f"min_lr {f['min_lr_seen']:.2e}  crashes {rec.get('crash_count', 0):>2}  ppl {_ppl(rec):>9.3f}  "
-        f"best so far {best:.3f}  ({f['wall_time_s']:.0f} s)"
+        f"round {rec.get('round')!s:>3}  {rec.get('status', 'ok')!s:<6} peak_lr {f['peak_lr_seen']:.2e}  "
+        f"min_lr {f['min_lr_seen']:.2e}  crashes {rec.get('crash_count', 0)!s:>2}  "
+        f"ppl {_fmt_ppl(ppl):>9}  best so far {_fmt_ppl(best)}  ({f['wall_time_s']:.0f} s)"
     )
 
 
@@ -182,7 +188,7 @@ def campaign_table(recs: list[dict[str, Any]]) -> str:
     ppls = [_ppl(r) for r in recs if math.isfinite(_ppl(r))]
     if ppls:
         lines.append(
-            f"{len(recs)} rounds: best ppl {min(ppls):.3f}, median {statistics.median(ppls):.3f}, "
+            f"{len(recs)} rounds: best ppl {_fmt_ppl(min(ppls))}, median {_fmt_ppl(statistics.median(ppls))}, "
             f"failed {sum(r.get('status') == 'failed' for r in recs)}, "
             f"wall time {sum(as_float(r.get('wall_time_s', 0)) for r in recs) / 60:.1f} min"
         )

@@ -22,6 +22,7 @@ from lrpilot.campaign_logs import (
     campaign_total_steps,
     fmt_lr,
 )
+from lrpilot.logs import as_float
 from lrpilot.report.tables import Analysis, SideBySide, SideBySideRow, fmt_ppl
 
 WIDTH_IN, HEIGHT_IN, DPI = 8.4, 4.8, 110  # ~920 x 530 px
@@ -77,6 +78,11 @@ def ppl_cap(a: Analysis) -> float:
     vals += [b.final_eval_ppl for b in a.baselines if math.isfinite(b.final_eval_ppl) and b.final_eval_ppl <= thr]
     vals += [p.mean for p in a.phases if math.isfinite(p.mean)]
     return 1.15 * max(vals) if vals else math.nan
+
+
+def _plottable_lr(lr: float) -> bool:
+    """An LR a log-scale axis can hold with room around it (a log may hold 0, negatives, 5e-324 or 1.7e308)."""
+    return math.isfinite(lr) and 1e-30 < lr < 1e30
 
 
 def _band_colors(bands: list[str]) -> dict[str, tuple]:
@@ -157,9 +163,9 @@ def fig_ppl_per_round(a: Analysis, out: Path) -> Figure:
         x0, x1 = p.first_round - 0.45, p.last_round + 0.45
         if math.isfinite(p.mean):
             ax.hlines(min(p.mean, cap), x0, x1, color="k", lw=2, zorder=2, label="phase mean" if i == 0 else None)
-            text = f"mean {p.mean:.2f}"
+            text = f"mean {fmt_ppl(p.mean)}"
             if p.outliers and math.isfinite(p.mean_without_outliers):
-                text += f"\n{p.mean_without_outliers:.2f} without round {', '.join(map(str, p.outliers))}"
+                text += f"\n{fmt_ppl(p.mean_without_outliers)} without round {', '.join(map(str, p.outliers))}"
             ax.annotate(
                 text,
                 ((x0 + x1) / 2, min(p.mean, cap)),
@@ -187,7 +193,7 @@ def fig_ppl_per_round(a: Analysis, out: Path) -> Figure:
     if a.best_baseline is not None:
         bb = a.best_baseline
         ax.axhline(
-            bb.final_eval_ppl, color="tab:gray", ls="-.", lw=1.2, label=f"best {bb.label}: {bb.final_eval_ppl:.2f}"
+            bb.final_eval_ppl, color="tab:gray", ls="-.", lw=1.2, label=f"best {bb.label}: {fmt_ppl(bb.final_eval_ppl)}"
         )
     lo = min([y for y in ys if math.isfinite(y)] + ([a.best_baseline.final_eval_ppl] if a.best_baseline else []))
     ax.set_ylim(lo * 0.95, cap)
@@ -316,7 +322,7 @@ def fig_lr_schedules(a: Analysis, out: Path) -> Figure:
 
 def fig_landscape(a: Analysis, out: Path) -> Figure:
     title = "Exploration landscape: final ppl vs peak LR"
-    pts = [r for r in a.rounds if math.isfinite(r.peak_lr) and r.peak_lr > 0]
+    pts = [r for r in a.rounds if _plottable_lr(r.peak_lr)]
     if not pts and not a.baselines:
         return Figure("landscape", title, "No rounds or baselines: nothing to plot.")
     if not math.isfinite(ppl_cap(a)):
@@ -327,7 +333,7 @@ def fig_landscape(a: Analysis, out: Path) -> Figure:
 
     cap = ppl_cap(a)
     fig, ax = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
-    peaks = [r.peak_lr for r in pts] + [b.peak_lr for b in a.baselines if math.isfinite(b.peak_lr) and b.peak_lr > 0]
+    peaks = [r.peak_lr for r in pts] + [b.peak_lr for b in a.baselines if _plottable_lr(b.peak_lr)]
     explored = {r.band for r in pts}
     unexplored = []
     for name, lo, hi in bands_between(min(peaks), max(peaks)):
@@ -357,7 +363,7 @@ def fig_landscape(a: Analysis, out: Path) -> Figure:
 
     by_sched: dict[str, list[BaselineResult]] = {}
     for b in a.baselines:
-        if math.isfinite(b.peak_lr):
+        if _plottable_lr(b.peak_lr):
             by_sched.setdefault(b.schedule, []).append(b)
     for i, (sched, bs) in enumerate(sorted(by_sched.items())):
         bs = sorted(bs, key=lambda b: b.peak_lr)
@@ -494,11 +500,11 @@ def fig_loss_curves(a: Analysis, out: Path) -> Figure:
         )
         drawn += 1
         for rb in r.rollbacks:
-            cs, back = rb.get("crash_step"), rb.get("rolled_back_to_step")
-            if cs is None:
+            cs, back = as_float(rb.get("crash_step")), as_float(rb.get("rolled_back_to_step"))
+            if not math.isfinite(cs):
                 continue
             ax.axvline(
-                float(cs),
+                cs,
                 color=color,
                 alpha=0.5,
                 lw=1,
@@ -506,11 +512,11 @@ def fig_loss_curves(a: Analysis, out: Path) -> Figure:
                 label="rollback: crash step (dashed), arrow to the restored step" if not rb_labelled else None,
             )
             rb_labelled = True
-            if back is not None:
+            if math.isfinite(back):
                 ax.annotate(
                     "",
-                    xy=(float(back), 0.97),
-                    xytext=(float(cs), 0.97),
+                    xy=(back, 0.97),
+                    xytext=(cs, 0.97),
                     xycoords=("data", "axes fraction"),
                     arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.7, "lw": 1},
                 )
