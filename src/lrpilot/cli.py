@@ -120,10 +120,13 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     args.overrides = list(args.overrides) + _agent_overrides(args)
     cfg = _config(args)
     settings = _campaign_settings(args, cfg)
-    if settings.controller == "llm":
-        from lrpilot.llm.base import make_backend
+    roles = [
+        r for r, used in (("controller", settings.controller == "llm"), ("memory", settings.memory == "llm")) if used
+    ]
+    if roles:
+        from lrpilot.llm.base import ping_backends
 
-        make_backend(cfg.agent, "controller", None).ping()  # fail fast on a wrong endpoint, model or key
+        ping_backends(cfg.agent, roles)  # fail fast on a wrong endpoint, model or key, for every model it will use
     run_campaign(cfg, Path(args.dir), args.rounds, settings)
     return 0
 

@@ -270,6 +270,31 @@ def model_for_role(agent: Any, role: str) -> str:
     return (agent.memory_model or agent.model) if role == "memory" else agent.model
 
 
+def model_field(agent: Any, role: str) -> str:
+    """The setting that names `role`'s model, for messages that tell the user what to fix."""
+    if role == "memory" and agent.memory_model:
+        return "agent.memory_model (--memory-model)"
+    if role == "memory":
+        return "agent.model (--model; the Memory agent uses it while agent.memory_model is empty)"
+    return "agent.model (--model)"
+
+
+def ping_backends(agent: Any, roles: list[str]) -> None:
+    """Ping every backend a campaign will use, once per distinct (backend, endpoint, model): the Controller's
+    and the Memory agent's model may differ. Raises LLMError naming the role and the field to fix."""
+    seen: set[tuple[str, str, str]] = set()
+    for role in roles:
+        key = (agent.backend, agent.base_url, model_for_role(agent, role))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            make_backend(agent, role, None).ping()
+        except LLMError as e:
+            who = "Controller" if role == "controller" else "Memory agent"
+            raise LLMError(f"{who}: {e}") from e
+
+
 def make_backend(agent: Any, role: str, audit_path: str | Path | None = None) -> LLMBackend:
     """The backend that AgentConfig `agent` describes for `role` ("controller" | "memory"), wrapped so that
     each call is appended to `audit_path` (llm_calls.jsonl) when given."""
@@ -286,6 +311,7 @@ def make_backend(agent: Any, role: str, audit_path: str | Path | None = None) ->
             retries=agent.retries,
             temperature=agent.temperature,
             max_tokens=max_tokens,
+            model_field=model_field(agent, role),
         )
     elif agent.backend == "local":
         from lrpilot.llm.local_backend import LocalBackend
