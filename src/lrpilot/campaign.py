@@ -65,6 +65,8 @@ class CampaignSettings:
             raise ConfigError("--memory optuna tunes the rule controller: use it with --controller rules")
         if self.memory == "llm" and self.controller != "llm":
             raise ConfigError("--memory llm writes briefs for the LLM controller: use it with --controller llm")
+        if not (isinstance(self.optuna_seed, int) and 0 <= self.optuna_seed < 2**32):
+            raise ConfigError(f"--optuna-seed {self.optuna_seed!r}: must be an integer in 0 .. 2**32-1 (numpy's seeds)")
         if self.controller == "replay" and not self.replay_from:
             raise ConfigError("--controller replay needs --replay-from DIR (a campaign directory to re-play)")
         if self.rule_params:
