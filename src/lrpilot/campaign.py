@@ -233,7 +233,9 @@ def run_campaign(
         return recs
 
 
-def _make_controller(cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int, params: Any):
+def _make_controller(
+    cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int, params: Any, run_start_iso: str = ""
+):
     if settings.controller == "rules":
         from lrpilot.controllers.rules import RuleController
 
@@ -245,7 +247,7 @@ def _make_controller(cfg: RunConfig, directory: Path, settings: CampaignSettings
     from lrpilot.controllers.llm import LLMController
     from lrpilot.llm.base import make_backend
 
-    backend = make_backend(cfg.agent, "controller", directory / "llm_calls.jsonl")
+    backend = make_backend(cfg.agent, "controller", directory / "llm_calls.jsonl", _call_fields(r, run_start_iso))
     return LLMController(backend, guard=cfg.guard, blocking=cfg.agent.wait_for_decisions)
 
 
@@ -259,8 +261,28 @@ def _optuna(cfg: RunConfig, directory: Path, settings: CampaignSettings):
     return OptunaMemory(directory, seed=settings.optuna_seed, search_space=space, defaults=settings.rules_for(init_lr))
 
 
+def _call_fields(r: int, run_start_iso: str) -> dict[str, Any]:
+    """What each llm_calls.jsonl line of round r carries to join its round (as decisions and rollbacks do)."""
+    return {"round": r, "run_start_iso": run_start_iso}
+
+
+def _run_start_iso(run_dir: Path) -> str:
+    """The run_start_iso of a round already started (its round.json), else a new one for a fresh round."""
+    try:
+        iso = json.loads((run_dir / "round.json").read_text()).get("run_start_iso")
+    except (OSError, ValueError, AttributeError):
+        iso = None  # absent, or unreadable: the supervisor decides (and says so) when it opens the run
+    return iso if isinstance(iso, str) and iso else now_iso()
+
+
 def _memory_brief(
-    cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int, mem: Any, prior: dict[str, Any] | None
+    cfg: RunConfig,
+    directory: Path,
+    settings: CampaignSettings,
+    r: int,
+    mem: Any,
+    prior: dict[str, Any] | None,
+    run_start_iso: str = "",
 ) -> tuple[str, Any, dict]:
     """(brief text, rule params or None, record for briefs.jsonl). mem: the Optuna memory (--memory optuna);
     prior: the brief already written for this round, if the round is being resumed."""
@@ -275,9 +297,10 @@ def _memory_brief(
         from lrpilot.llm.base import make_backend
         from lrpilot.memory.llm_memory import LLMMemory
 
-        backend = make_backend(cfg.agent, "memory", directory / "llm_calls.jsonl")
+        backend = make_backend(cfg.agent, "memory", directory / "llm_calls.jsonl", _call_fields(r, run_start_iso))
         brief = LLMMemory(backend, cfg.agent).brief(load_campaign(directory), r)
-        return brief.text, None, {"fallback": brief.fallback, "words": brief.words}
+        marks = {"truncated": bool(brief.truncated_by), "truncated_by": brief.truncated_by}
+        return brief.text, None, {"fallback": brief.fallback, "words": brief.words, **marks}
     return "", None, {}
 
 
@@ -288,7 +311,8 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
     resume = run_dir.exists()
     t0 = time.time()
     prior = _brief_for(directory, r)
-    brief, params, extra = _memory_brief(cfg, directory, settings, r, mem, prior)
+    iso = _run_start_iso(run_dir)
+    brief, params, extra = _memory_brief(cfg, directory, settings, r, mem, prior, iso)
     if prior is None:
         append_jsonl(
             directory / "briefs.jsonl",
@@ -296,13 +320,13 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
         )
     if params is None and settings.controller == "rules":
         params = settings.rules_for(cfg.schedule.init_lr)  # recorded with the round, as Optuna's are
-    controller = _make_controller(cfg, directory, settings, r, params)
+    controller = _make_controller(cfg, directory, settings, r, params, iso)
     logs = RoundLogs(
         decisions=directory / "decisions.jsonl",
         rollbacks=directory / "rollbacks.jsonl",
         extra={"round": r, "controller": settings.controller},
     )
-    res = run_round(cfg, run_dir, controller, logs, memory_brief=brief, round_index=r, resume=resume)
+    res = run_round(cfg, run_dir, controller, logs, memory_brief=brief, round_index=r, resume=resume, run_start_iso=iso)
     rec: dict[str, Any] = {
         "timestamp": now_iso(),
         "run_start_iso": res.run_start_iso,

@@ -44,6 +44,8 @@ class Reply:
     latency_s: float = 0.0
     model: str = ""
     error: str | None = None
+    #: why generation stopped as the endpoint said it ("stop", "length" = cut at max_tokens, ...); None if unknown
+    finish_reason: str | None = None
 
     @classmethod
     def failed(cls, error: str, latency_s: float, model: str) -> Reply:
@@ -238,6 +240,7 @@ class AuditedBackend(LLMBackend):
             "usage": reply.usage,
             "latency_s": round(reply.latency_s, 4),
             "error": reply.error,
+            "finish_reason": reply.finish_reason,
         }
         try:
             self._append(record)
@@ -295,9 +298,10 @@ def ping_backends(agent: Any, roles: list[str]) -> None:
             raise LLMError(f"{who}: {e}") from e
 
 
-def make_backend(agent: Any, role: str, audit_path: str | Path | None = None) -> LLMBackend:
+def make_backend(agent: Any, role: str, audit_path: str | Path | None = None, extra: dict | None = None) -> LLMBackend:
     """The backend that AgentConfig `agent` describes for `role` ("controller" | "memory"), wrapped so that
-    each call is appended to `audit_path` (llm_calls.jsonl) when given."""
+    each call is appended to `audit_path` (llm_calls.jsonl) when given, with the fields of `extra` (a
+    campaign passes `round` and `run_start_iso`, so calls join their round like every other log)."""
     model = model_for_role(agent, role)
     max_tokens = agent.memory_max_tokens if role == "memory" else agent.max_tokens
     if agent.backend == "openai":
@@ -327,4 +331,4 @@ def make_backend(agent: Any, role: str, audit_path: str | Path | None = None) ->
         raise LLMError(f"agent.backend: unknown backend {agent.backend!r}; use openai or local")
     if audit_path is None:
         return backend
-    return AuditedBackend(backend, role, audit_path)
+    return AuditedBackend(backend, role, audit_path, extra)

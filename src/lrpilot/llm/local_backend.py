@@ -185,4 +185,4 @@ class LocalBackend(LLMBackend):
         parsed = try_parse(text) if schema is not None and error is None else None
         if error is None:
             error = truncation_error(finish, schema, parsed, self.max_tokens)
-        return Reply(text, parsed, usage, time.monotonic() - t0, self.model, error)
+        return Reply(text, parsed, usage, time.monotonic() - t0, self.model, error, finish)

@@ -224,8 +224,10 @@ class OpenAIBackend(LLMBackend):
                 if isinstance(v, int):
                     usage[k] = v
         parsed = try_parse(text) if schema is not None else None
-        error = truncation_error(getattr(choices[0], "finish_reason", None), schema, parsed, self.max_tokens)
-        return Reply(text, parsed, usage, latency, getattr(resp, "model", None) or self.model, error)
+        finish = getattr(choices[0], "finish_reason", None)
+        error = truncation_error(finish, schema, parsed, self.max_tokens)
+        model = getattr(resp, "model", None) or self.model
+        return Reply(text, parsed, usage, latency, model, error, finish if isinstance(finish, str) else None)
 
     # -------------------------------------------------------------------------------------- ping
 
