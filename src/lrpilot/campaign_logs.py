@@ -483,6 +483,11 @@ def load_campaign(path: str | Path) -> CampaignLogs:
     by line order where it is missing. A missing directory, or the published study's layout (which needs
     `lrpilot import-logs` first), raises CampaignLogsError; an empty campaign gives no rounds."""
     d = Path(path)
+    if d.is_file():
+        raise CampaignLogsError(
+            f"campaign {d}: is a file, not a directory; pass the --dir of a campaign "
+            "(a baseline result json goes to --baselines)"
+        )
     if not d.is_dir():
         raise CampaignLogsError(f"campaign {d}: no such directory; pass the --dir of a campaign")
     if not (d / "final_results.jsonl").exists() and any(d.glob("final_results_log_*.jsonl")):

@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lrpilot.logs import setup_cli_logging
+
+    setup_cli_logging()  # warnings (a corrupt log line, ...) as one `lrpilot: warning: ...` line each
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
