@@ -353,14 +353,6 @@ class RunConfig:
             "data.seq_len",
             f"must be <= model.max_sequence_length ({self.model.max_sequence_length})",
         )
-        every, back = self.checkpoint_every, self.guard.rollback_back_steps
-        need = -(-back // every) + 2  # docs/architecture.md: keep >= rollback_back_steps / checkpoint_every + 2
-        _check(
-            self.checkpoint.keep >= need,
-            "checkpoint.keep",
-            f"must be >= guard.rollback_back_steps / checkpoint every ({back} / {every}, rounded up) + 2 = {need}, "
-            "so that pruning keeps a checkpoint old enough to roll back to; raise it or checkpoint more often",
-        )
 
     @property
     def checkpoint_every(self) -> int:
