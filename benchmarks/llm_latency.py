@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from lrpilot.argtypes import positive_int
 from lrpilot.config import GuardConfig
 from lrpilot.controllers.base import DecisionRecord, Observation
 from lrpilot.controllers.llm import LLMController
@@ -115,9 +116,11 @@ def summary(rows: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=5)
-    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--prompts", type=positive_int, default=5, help="prompts per mode (1..10)")
+    ap.add_argument("--max-tokens", type=positive_int, default=512, help="reply budget")
     args = ap.parse_args()
+    if args.prompts > 10:
+        ap.error("--prompts: at most 10 (the observation steps of round 28)")
     steps = (1300, 3100, 5500, 7600, 9400, 2200, 4300, 6700, 8500, 9700)[: args.prompts]
     obs = round28_observations(steps)
     backend = LocalBackend(n_threads=1, max_tokens=args.max_tokens, timeout_s=300)

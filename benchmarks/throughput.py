@@ -38,6 +38,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from lrpilot.argtypes import non_negative_int, positive_int  # noqa: E402
 from lrpilot.config import load_config  # noqa: E402
 from lrpilot.data import build_data, check_vocab  # noqa: E402
 from lrpilot.model import LLaMA, hf_config, hf_state_dict  # noqa: E402
@@ -99,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="cpu-small")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per timed block")
-    ap.add_argument("--reps", type=int, default=5, help="timed blocks per variant (interleaved A B C D ...)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (the first one compiles)")
-    ap.add_argument("--micro-batch", type=int, default=0, help="sequences per forward for all (0 = whole batch)")
+    ap.add_argument("--steps", type=positive_int, default=8, help="optimizer steps per timed block")
+    ap.add_argument("--reps", type=positive_int, default=5, help="timed blocks per variant (interleaved A B C D ...)")
+    ap.add_argument("--warmup", type=positive_int, default=2, help="untimed steps per variant (the first one compiles)")
+    ap.add_argument(
+        "--micro-batch", type=non_negative_int, default=0, help="sequences per forward for all (0 = whole batch)"
+    )
     ap.add_argument("--no-compile", action="store_true", help="eager variants only (no C++ compiler needed)")
     ap.add_argument(
         "--check", action="store_true", help=f"exit 1 when a like-for-like ratio (eager, compiled) is below {GOAL}"

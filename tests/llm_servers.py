@@ -150,7 +150,10 @@ class ScriptedServer:
         script: list[tuple[int, Any, dict]] | None = None,
         models: tuple[str, ...] = ("scripted",),
         responder: Any = None,
+        api_prefix: str | None = None,
     ) -> None:
+        #: when set (e.g. "/v1"), every path outside it answers 404, as llama_cpp.server and vLLM do
+        self.api_prefix = api_prefix
         self.script = list(script or [(200, chat_body('{"reason": "ok", "lr": 0.001}'), {})])
         self.models = models
         self.responder = responder
@@ -174,8 +177,16 @@ class ScriptedServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _outside_api(self) -> bool:
+                if outer.api_prefix and not self.path.startswith(outer.api_prefix + "/"):
+                    self._send(404, {"detail": "Not Found"}, {})
+                    return True
+                return False
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 outer._record(self, None)
+                if self._outside_api():
+                    return
                 if self.path.rstrip("/").endswith("/models"):
                     self._send(
                         200, {"object": "list", "data": [{"id": m, "object": "model"} for m in outer.models]}, {}
@@ -191,6 +202,8 @@ class ScriptedServer:
                 except ValueError:
                     req = None
                 idx = outer._record(self, req)
+                if self._outside_api():
+                    return
                 if outer.responder is not None:
                     status, body, headers = outer.responder(req)
                 else:
@@ -199,7 +212,8 @@ class ScriptedServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.root_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{self.root_url}/v1"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
 

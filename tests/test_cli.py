@@ -69,9 +69,27 @@ def test_demo_end_to_end(tmp_path):
 
 
 def test_trainer_config_error_is_not_retried(tmp_path):
-    # a data path that does not exist is the user's error: one line, no rollbacks at half the LR
+    # a data path that does not exist is the user's error: one line, no rollbacks at half the LR; since issue 16
+    # the CLI finds it before launching anything (no run directory at all)
     r = _lrpilot("train", "--preset", "cpu-smoke", "--set", "data.source=files", "--set", "data.path=/nonexistent",
                  "--dir", str(tmp_path / "bad"))  # fmt: skip
     assert r.returncode == 2
-    assert "trainer refused to start" in r.stderr and "data.path" in r.stderr and r.stderr.count("\n") == 1
+    assert "data.path" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_trainer_refusal_through_the_supervisor_is_one_line_and_not_retried(tmp_path, smoke_config):
+    # the library path (no CLI pre-check): the trainer refuses at launch, the supervisor says so once
+    import dataclasses
+
+    from lrpilot.baseline import run_one
+    from lrpilot.errors import LrpilotError
+
+    cfg = dataclasses.replace(
+        smoke_config, data=dataclasses.replace(smoke_config.data, source="files", path="/nonexistent")
+    )
+    with pytest.raises(LrpilotError) as e:
+        run_one(cfg, "cosine", 3e-3, tmp_path / "bad")
+    assert "trainer refused to start" in str(e.value) and "data.path" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "bad" / "runs" / "cosine_lr3e-3" / "rollbacks.jsonl").exists()

@@ -100,9 +100,10 @@ def run_sweep(
     cfg: RunConfig, schedule: str, peaks: list[float], out_dir: Path, jobs: int = 1, preset: str = ""
 ) -> list[dict[str, Any]]:
     """Run a sweep over peaks; `jobs` runs execute at once (each trainer uses train.num_threads)."""
-    from lrpilot.controllers.schedules import make_schedule
+    from lrpilot.controllers.schedules import baseline_config
 
-    make_schedule(schedule, peaks[0], cfg)  # fail fast on an unknown schedule name
+    for p in peaks:  # every peak and the schedule name checked before the first run starts
+        baseline_config(cfg, schedule, p)
     out_dir = Path(out_dir)
     with writing(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)

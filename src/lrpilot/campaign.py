@@ -64,6 +64,8 @@ class CampaignSettings:
             raise ConfigError("--memory optuna tunes the rule controller: use it with --controller rules")
         if self.memory == "llm" and self.controller != "llm":
             raise ConfigError("--memory llm writes briefs for the LLM controller: use it with --controller llm")
+        if not (isinstance(self.optuna_seed, int) and 0 <= self.optuna_seed < 2**32):
+            raise ConfigError(f"--optuna-seed {self.optuna_seed!r}: must be an integer in 0 .. 2**32-1 (numpy's seeds)")
         if self.controller == "replay" and not self.replay_from:
             raise ConfigError("--controller replay needs --replay-from DIR (a campaign directory to re-play)")
         if self.rule_params:
@@ -139,12 +141,18 @@ def _ppl(rec: dict[str, Any]) -> float:
     return as_float(rec.get("final_eval_ppl"))
 
 
+def _fmt_ppl(x: float) -> str:
+    """3 decimals; a huge finite ppl (the trainer logs up to ~1e307) in exponent form, not 300 digits."""
+    return f"{x:.3f}" if not math.isfinite(x) or abs(x) < 1e9 else f"{x:.3g}"
+
+
 def summary_line(rec: dict[str, Any], best: float) -> str:
     f = {k: as_float(rec.get(k)) for k in ("peak_lr_seen", "min_lr_seen", "wall_time_s")}
+    ppl = _ppl(rec)
     return (
-        f"round {rec['round']:>3}  {rec.get('status', 'ok'):<6} peak_lr {f['peak_lr_seen']:.2e}  "
-        f"min_lr {f['min_lr_seen']:.2e}  crashes {rec.get('crash_count', 0):>2}  ppl {_ppl(rec):>9.3f}  "
-        f"best so far {best:.3f}  ({f['wall_time_s']:.0f} s)" + fallback_note(rec)
+        f"round {rec.get('round')!s:>3}  {rec.get('status', 'ok')!s:<6} peak_lr {f['peak_lr_seen']:.2e}  "
+        f"min_lr {f['min_lr_seen']:.2e}  crashes {rec.get('crash_count', 0)!s:>2}  "
+        f"ppl {_fmt_ppl(ppl):>9}  best so far {_fmt_ppl(best)}  ({f['wall_time_s']:.0f} s)" + fallback_note(rec)
     )
 
 
@@ -163,7 +171,8 @@ def totals_line(recs: list[dict[str, Any]]) -> str:
     if not ppls:
         return ""
     return (
-        f"{len(recs)} round{'s' * (len(recs) != 1)}: best ppl {min(ppls):.3f}, median {statistics.median(ppls):.3f}, "
+        f"{len(recs)} round{'s' * (len(recs) != 1)}: best ppl {_fmt_ppl(min(ppls))}, "
+        f"median {_fmt_ppl(statistics.median(ppls))}, "
         f"failed {sum(r.get('status') == 'failed' for r in recs)}, "
         f"wall time {sum(as_float(r.get('wall_time_s', 0)) for r in recs) / 60:.1f} min"
     )
@@ -235,7 +244,9 @@ def run_campaign(
         return recs
 
 
-def _make_controller(cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int, params: Any):
+def _make_controller(
+    cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int, params: Any, run_start_iso: str = ""
+):
     if settings.controller == "rules":
         from lrpilot.controllers.rules import RuleController
 
@@ -247,7 +258,7 @@ def _make_controller(cfg: RunConfig, directory: Path, settings: CampaignSettings
     from lrpilot.controllers.llm import LLMController
     from lrpilot.llm.base import make_backend
 
-    backend = make_backend(cfg.agent, "controller", directory / "llm_calls.jsonl")
+    backend = make_backend(cfg.agent, "controller", directory / "llm_calls.jsonl", _call_fields(r, run_start_iso))
     return LLMController(backend, guard=cfg.guard, blocking=cfg.agent.wait_for_decisions)
 
 
@@ -261,8 +272,28 @@ def _optuna(cfg: RunConfig, directory: Path, settings: CampaignSettings):
     return OptunaMemory(directory, seed=settings.optuna_seed, search_space=space, defaults=settings.rules_for(init_lr))
 
 
+def _call_fields(r: int, run_start_iso: str) -> dict[str, Any]:
+    """What each llm_calls.jsonl line of round r carries to join its round (as decisions and rollbacks do)."""
+    return {"round": r, "run_start_iso": run_start_iso}
+
+
+def _run_start_iso(run_dir: Path) -> str:
+    """The run_start_iso of a round already started (its round.json), else a new one for a fresh round."""
+    try:
+        iso = json.loads((run_dir / "round.json").read_text()).get("run_start_iso")
+    except (OSError, ValueError, AttributeError):
+        iso = None  # absent, or unreadable: the supervisor decides (and says so) when it opens the run
+    return iso if isinstance(iso, str) and iso else now_iso()
+
+
 def _memory_brief(
-    cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int, mem: Any, prior: dict[str, Any] | None
+    cfg: RunConfig,
+    directory: Path,
+    settings: CampaignSettings,
+    r: int,
+    mem: Any,
+    prior: dict[str, Any] | None,
+    run_start_iso: str = "",
 ) -> tuple[str, Any, dict]:
     """(brief text, rule params or None, record for briefs.jsonl). mem: the Optuna memory (--memory optuna);
     prior: the brief already written for this round, if the round is being resumed."""
@@ -277,9 +308,10 @@ def _memory_brief(
         from lrpilot.llm.base import make_backend
         from lrpilot.memory.llm_memory import LLMMemory
 
-        backend = make_backend(cfg.agent, "memory", directory / "llm_calls.jsonl")
+        backend = make_backend(cfg.agent, "memory", directory / "llm_calls.jsonl", _call_fields(r, run_start_iso))
         brief = LLMMemory(backend, cfg.agent).brief(load_campaign(directory), r)
-        return brief.text, None, {"fallback": brief.fallback, "words": brief.words}
+        marks = {"truncated": bool(brief.truncated_by), "truncated_by": brief.truncated_by}
+        return brief.text, None, {"fallback": brief.fallback, "words": brief.words, **marks}
     return "", None, {}
 
 
@@ -290,7 +322,8 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
     resume = run_dir.exists()
     t0 = time.time()
     prior = _brief_for(directory, r)
-    brief, params, extra = _memory_brief(cfg, directory, settings, r, mem, prior)
+    iso = _run_start_iso(run_dir)
+    brief, params, extra = _memory_brief(cfg, directory, settings, r, mem, prior, iso)
     if prior is None:
         append_jsonl(
             directory / "briefs.jsonl",
@@ -298,13 +331,13 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
         )
     if params is None and settings.controller == "rules":
         params = settings.rules_for(cfg.schedule.init_lr)  # recorded with the round, as Optuna's are
-    controller = _make_controller(cfg, directory, settings, r, params)
+    controller = _make_controller(cfg, directory, settings, r, params, iso)
     logs = RoundLogs(
         decisions=directory / "decisions.jsonl",
         rollbacks=directory / "rollbacks.jsonl",
         extra={"round": r, "controller": settings.controller},
     )
-    res = run_round(cfg, run_dir, controller, logs, memory_brief=brief, round_index=r, resume=resume)
+    res = run_round(cfg, run_dir, controller, logs, memory_brief=brief, round_index=r, resume=resume, run_start_iso=iso)
     rec: dict[str, Any] = {
         "timestamp": now_iso(),
         "run_start_iso": res.run_start_iso,

@@ -40,6 +40,9 @@ def fmt_lr(lr: float, digits: int = 2) -> str:
     "n/a"."""
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         return "n/a"
+    if not _SAFE_POW[0] <= lr <= _SAFE_POW[1]:  # 10**exp would underflow to 0 or overflow: let format round it
+        mant_s, exp_s = f"{lr:.{digits}e}".split("e")
+        return f"{float(mant_s):g}e{int(exp_s)}"
     exp = math.floor(math.log10(lr))
     mant = round(lr / 10**exp, digits)
     if mant >= 10:  # rounding carried over (9.996 -> 10.0)
@@ -52,6 +55,8 @@ def fmt_lr(lr: float, digits: int = 2) -> str:
 #: band edges inside one decade: [1, 3) and [3, 10), i.e. half-decade bands on a log grid
 BAND_EDGES = (1.0, 3.0)
 _EPS = 1e-9  # relative slack so that 1e-3 and 3e-3 (not exactly representable) land on their own edge
+#: LRs whose decade 10.0**exp is a normal float (outside, 10.0**exp underflows to 0 or overflows)
+_SAFE_POW = (1e-300, 1e300)
 
 
 def peak_band_range(lr: float) -> tuple[float, float]:
@@ -60,6 +65,15 @@ def peak_band_range(lr: float) -> tuple[float, float]:
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"peak LR must be a positive number, got {lr!r}")
     exp = math.floor(math.log10(lr) + _EPS)
+    if not _SAFE_POW[0] <= lr <= _SAFE_POW[1]:  # subnormal or near the float maximum: no 10.0**exp arithmetic
+        mant_s, exp_s = f"{lr:.17e}".split("e")
+        mant, exp = float(mant_s), int(exp_s)
+        if mant >= 10 * (1 - _EPS):
+            mant, exp = mant / 10, exp + 1
+        edge = lambda m, e: float(f"{m:g}e{e}")  # noqa: E731 - 1e309 -> inf, 1e-330 -> 0.0, never an error
+        if mant >= BAND_EDGES[1] * (1 - _EPS):
+            return edge(BAND_EDGES[1], exp), edge(BAND_EDGES[0], exp + 1)
+        return edge(BAND_EDGES[0], exp), edge(BAND_EDGES[1], exp)
     mant = lr / 10.0**exp
     if mant >= BAND_EDGES[1] * (1 - _EPS):
         return BAND_EDGES[1] * 10.0**exp, BAND_EDGES[0] * 10.0 ** (exp + 1)
@@ -497,6 +511,11 @@ def load_campaign(path: str | Path) -> CampaignLogs:
     by line order where it is missing. A missing directory, or the published study's layout (which needs
     `lrpilot import-logs` first), raises CampaignLogsError; an empty campaign gives no rounds."""
     d = Path(path)
+    if d.is_file():
+        raise CampaignLogsError(
+            f"campaign {d}: is a file, not a directory; pass the --dir of a campaign "
+            "(a baseline result json goes to --baselines)"
+        )
     if not d.is_dir():
         raise CampaignLogsError(f"campaign {d}: no such directory; pass the --dir of a campaign")
     if not (d / "final_results.jsonl").exists() and any(d.glob("final_results_log_*.jsonl")):
@@ -600,7 +619,12 @@ def campaign_total_steps(rounds: Sequence[RoundSummary]) -> int | None:
 
 
 def _mean(xs: Sequence[float]) -> float:
-    return statistics.fmean(xs) if xs else math.nan
+    if not xs:
+        return math.nan
+    try:
+        return statistics.fmean(xs)
+    except OverflowError:  # the sum of finite values near the float maximum (ppl 1.7e308 twice) overflows
+        return math.fsum(x / len(xs) for x in xs)
 
 
 def _median(xs: Sequence[float]) -> float:

@@ -17,11 +17,12 @@ the resolved config and the keys that exist. Errors in input are one line naming
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import threading
 from pathlib import Path
 
-from lrpilot.argtypes import positive_float, rule_param
+from lrpilot.argtypes import non_negative_int, positive_float, positive_int, rule_param
 from lrpilot.campaign import CONTROLLERS, MEMORIES
 from lrpilot.config import PRESETS, RunConfig, load_config
 from lrpilot.controllers.schedules import SCHEDULES
@@ -66,10 +67,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked_config(args: argparse.Namespace) -> RunConfig:
+    """The config, with everything the trainer would refuse at launch checked now (nothing written yet)."""
+    from lrpilot.preflight import check_run
+
+    cfg = _config(args)
+    check_run(cfg)
+    return cfg
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lrpilot.baseline import run_one, sweep_table
 
-    cfg = _config(args)
+    cfg = _checked_config(args)
     peak = args.peak if args.peak is not None else cfg.schedule.init_lr
     rec = run_one(cfg, args.schedule, peak, Path(args.dir), preset=args.preset)
     print(sweep_table([rec]))
@@ -80,7 +90,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from lrpilot.baseline import run_sweep, sweep_table
     from lrpilot.progress import LiveProgress
 
-    cfg = _config(args)
+    cfg = _checked_config(args)
     with LiveProgress([Path(args.out) / "runs"]) as live:
         recs = run_sweep(cfg, args.schedule, args.peaks, Path(args.out), jobs=args.jobs, preset=args.preset)
         live.write(sweep_table(recs))
@@ -119,14 +129,19 @@ def _agent_overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_campaign(args: argparse.Namespace) -> int:
     from lrpilot.campaign import run_campaign
+    from lrpilot.preflight import check_campaign
 
     args.overrides = list(args.overrides) + _agent_overrides(args)
     cfg = _config(args)
     settings = _campaign_settings(args, cfg)
-    if settings.controller == "llm":
-        from lrpilot.llm.base import make_backend
+    check_campaign(cfg, args.rounds, settings)
+    roles = [
+        r for r, used in (("controller", settings.controller == "llm"), ("memory", settings.memory == "llm")) if used
+    ]
+    if roles:
+        from lrpilot.llm.base import ping_backends
 
-        make_backend(cfg.agent, "controller", None).ping()  # fail fast on a wrong endpoint, model or key
+        ping_backends(cfg.agent, roles)  # fail fast on a wrong endpoint, model or key, for every model it will use
     from lrpilot.progress import LiveProgress
 
     with LiveProgress([Path(args.dir) / "rounds"]) as live:
@@ -176,6 +191,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from lrpilot.baseline import run_sweep, sweep_table
     from lrpilot.campaign import CampaignSettings, run_campaign
+    from lrpilot.controllers.schedules import baseline_config
+    from lrpilot.preflight import check_campaign
     from lrpilot.progress import LiveProgress, fmt_duration
 
     cfg = _config(args)
@@ -183,6 +200,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = CampaignSettings(
         preset=args.preset, overrides=tuple(args.overrides), controller="rules", memory="optuna"
     )
+    # everything both halves will need, checked before either starts (the sweep runs in a thread beside it)
+    check_campaign(cfg, args.rounds, settings)
+    for p in args.peaks:
+        baseline_config(cfg, "cosine", p)
     print(
         f"demo: {args.rounds} rule-controller rounds with Optuna memory in {out / 'campaign'}, and a cosine "
         f"sweep over {', '.join(f'{p:g}' for p in args.peaks)} in {out / 'sweep'}, side by side",
@@ -225,8 +246,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main_report(out / "campaign", [out / "sweep"], out / "report")
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$|^-(?:inf|nan)$", re.IGNORECASE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (`lrpilot baseline: error: argument --peaks: ...`), no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lrpilot",
         description="LLM agents discover learning-rate schedules for LM pre-training; plain code keeps the run alive.",
     )
@@ -253,13 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--peaks", type=positive_float, nargs="+", required=True, help="peak LRs, e.g. 1e-3 3e-3 1e-2")
     p.add_argument("--out", required=True, help="output directory; re-running skips finished peaks")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (each uses train.num_threads threads)")
+    p.add_argument(
+        "--jobs", type=positive_int, default=1, help="runs at once, >= 1 (each uses train.num_threads threads)"
+    )
     p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("campaign", help="run N rounds in DIR, each steered by a controller with memory")
     _add_config_args(p)
     p.add_argument("--dir", required=True, help="campaign directory; run the same command again to resume")
-    p.add_argument("--rounds", type=int, required=True, help="total rounds (finished ones are skipped)")
+    p.add_argument("--rounds", type=positive_int, required=True, help="total rounds, >= 1 (finished ones are skipped)")
     p.add_argument(
         "--controller",
         choices=CONTROLLERS,
@@ -283,7 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="Controller model name (default qwen3.6-plus-2026-04-02)")
     p.add_argument("--memory-model", default=None, help="Memory agent model (default: same as --model)")
     p.add_argument("--replay-from", default=None, help="for --controller replay: the campaign directory to re-play")
-    p.add_argument("--optuna-seed", type=int, default=0, help="seed of the Optuna TPE sampler (--memory optuna)")
+    p.add_argument(
+        "--optuna-seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the Optuna TPE sampler (--memory optuna), 0 .. 2**32-1",
+    )
     p.add_argument(
         "--rule",
         action="append",
@@ -317,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded default end to end: campaign + cosine sweep + report")
     _add_config_args(p, default="cpu-small")
     p.add_argument("--dir", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--rounds", type=int, default=3, help="campaign rounds (default 3)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="campaign rounds, >= 1 (default 3)")
     p.add_argument(
         "--peaks",
         type=positive_float,
@@ -339,10 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="redraw every SECONDS (default 5) until Ctrl-C",
     )
     p.set_defaults(func=cmd_status)
+    for each in (parser, *sub.choices.values()):
+        # "-1e-3" is a (negative) number, not an option, so --peaks -1e-3 reaches positive_float and is refused
+        # as non-positive (argparse's own pattern misses exponents, and there are no numeric options)
+        each._negative_number_matcher = _NEGATIVE_NUMBER
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lrpilot.logs import setup_cli_logging
+
+    setup_cli_logging()  # warnings (a corrupt log line, ...) as one `lrpilot: warning: ...` line each
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -266,6 +266,12 @@ class GuardConfig:
         )
 
 
+#: smallest agent.max_tokens: the Controller's reply is {"reason": "...", "lr": 3e-4} (REPLY_SCHEMA in
+#: lrpilot.controllers.llm, reason <= 300 characters); 64 tokens hold the object with a one-sentence reason
+#: (~4 characters of English per token), fewer cut the reply before its lr
+MIN_REPLY_TOKENS = 64
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """LLM agents. Defaults reproduce the published setup (DashScope, Qwen)."""
@@ -300,6 +306,20 @@ class AgentConfig:
         _check(self.retries >= 0, "agent.retries", "must be >= 0")
         _check(self.max_cross_run_history >= 1, "agent.max_cross_run_history", "must be >= 1")
         _check(self.brief_words >= 10, "agent.brief_words", "must be >= 10")
+        _check(
+            self.max_tokens >= MIN_REPLY_TOKENS,
+            "agent.max_tokens",
+            f"must be >= {MIN_REPLY_TOKENS}: the Controller answers a JSON object with a reason and the lr, and a "
+            "smaller budget cuts it before the lr",
+        )
+        _check(
+            self.memory_max_tokens >= self.brief_words,
+            "agent.memory_max_tokens",
+            f"must be >= agent.brief_words ({self.brief_words}): a word is at least one token, so a smaller budget "
+            "cuts every full-length brief",
+        )
+        _check(self.temperature >= 0, "agent.temperature", "must be >= 0")
+        _check(self.local_threads >= 1, "agent.local_threads", "must be >= 1")
 
 
 @dataclass(frozen=True)

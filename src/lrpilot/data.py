@@ -25,6 +25,7 @@ be requested in order.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import glob
 import gzip
@@ -75,6 +76,9 @@ class Tokenizer:
     ident: str = ""
     vocab_size: int = 0
     sep: np.ndarray = np.zeros(0, dtype=np.int64)
+    #: True when encode() takes a file's raw bytes (.txt files are then read undecoded); otherwise text must
+    #: be UTF-8 and a file that is not is refused (iter_documents)
+    reads_bytes: bool = False
 
     def encode(self, text: str) -> np.ndarray:
         raise NotImplementedError
@@ -87,16 +91,20 @@ class Tokenizer:
 
 
 class ByteTokenizer(Tokenizer):
-    """Raw UTF-8 bytes: vocab 256, needs nothing; documents are separated by a blank line."""
+    """Raw bytes: vocab 256, needs nothing; documents are separated by a blank line. Text is encoded as UTF-8;
+    .txt files are read as the bytes on disk, whatever their encoding (Latin-1, binary), so the model sees
+    exactly the file."""
 
     name = ident = "byte"
     vocab_size = 256
+    reads_bytes = True
 
     def __init__(self) -> None:
         self.sep = self.encode("\n\n")
 
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    def encode(self, text: str | bytes) -> np.ndarray:
+        raw = text if isinstance(text, bytes) else text.encode("utf-8")
+        return np.frombuffer(raw, dtype=np.uint8)
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
@@ -266,21 +274,46 @@ def resolve_files(path: str) -> list[Path]:
     raise DataError(f"data.path={path!r}: no such file or directory; expected {EXPECTED}")
 
 
-def _strip_gutenberg(text: str) -> str:
-    """Drop a Project Gutenberg licence header/footer when present (the embedded plays carry none)."""
-    start = text.find("*** START OF")
+def _strip_gutenberg(text: Any) -> Any:
+    """Drop a Project Gutenberg licence header/footer when present (the embedded plays carry none); str or bytes."""
+    start_m, end_m, nl = (
+        ("*** START OF", "*** END OF", "\n") if isinstance(text, str) else (b"*** START OF", b"*** END OF", b"\n")
+    )
+    start = text.find(start_m)
     if start >= 0:
-        text = text[text.find("\n", start) + 1 :]
-    end = text.find("*** END OF")
+        text = text[text.find(nl, start) + 1 :]
+    end = text.find(end_m)
     return text[:end] if end >= 0 else text
 
 
-TEXT_PIECE = 4 << 20  # characters per tokenizer call for big .txt files
+def _not_utf8(where: str, data: bytes, offset: int, e: UnicodeDecodeError, gz: bool) -> DataError:
+    """The one-line refusal of bytes that are not UTF-8: the file, the first bad byte and its offset."""
+    bad = data[e.start : e.start + 1].hex() or "end of file"
+    at = f"byte offset {offset}" + (" of the decompressed data" if gz else "")
+    return DataError(
+        f"{where} is not UTF-8 text: byte 0x{bad} at {at} cannot be decoded ({e.reason}); convert the file to "
+        "UTF-8 (e.g. iconv -f latin1 -t utf-8), or use data.tokenizer=byte, which reads a .txt file's raw bytes"
+    )
 
 
-def iter_documents(file: Path, data_path: str, strip_gutenberg: bool = False) -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) pieces of one file. A .txt file is one document (read in pieces); each json
-    line is one document. Bad content raises a DataError naming data.path and the file."""
+def _decode_utf8(data: bytes, base: int, where: str, gz: bool) -> str:
+    """data decoded as strict UTF-8; base = offset of data[0] in the file (for the error message)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(where, data, base + e.start, e, gz) from None
+
+
+TEXT_PIECE = 4 << 20  # bytes per tokenizer call for big .txt files
+
+
+def iter_documents(
+    file: Path, data_path: str, strip_gutenberg: bool = False, raw: bool = False
+) -> Iterator[tuple[str | bytes, bool]]:
+    """(text, ends_document) pieces of one file. A .txt file is one document (read in pieces): with raw (the
+    byte tokenizer) its pieces are the bytes on disk, else strict UTF-8 text. Each json line is one document
+    (JSON is UTF-8 text whatever the tokenizer). Bad content, including bytes that are not UTF-8 where text is
+    needed, raises a DataError naming data.path, the file and the first bad byte offset."""
     lower = file.name.lower()
     gz = lower.endswith(".gz")
     where = f"data.path={data_path!r}: {file}"
@@ -289,11 +322,20 @@ def iter_documents(file: Path, data_path: str, strip_gutenberg: bool = False) ->
     opener: Callable[..., Any] = gzip.open if gz else open
     n = 0
     try:
-        with opener(file, "rt", encoding="utf-8", errors="replace") as f:
+        with opener(file, "rb") as f:
             if lower.removesuffix(".gz").endswith(".txt"):
-                first = True
-                while piece := f.read(TEXT_PIECE):
-                    more = len(piece) == TEXT_PIECE
+                first, offset = True, 0
+                decoder = None if raw else codecs.getincrementaldecoder("utf-8")("strict")
+                while chunk := f.read(TEXT_PIECE):
+                    more = len(chunk) == TEXT_PIECE
+                    piece: str | bytes = chunk
+                    if decoder is not None:
+                        pending = decoder.getstate()[0]  # an incomplete character carried from the last chunk
+                        try:
+                            piece = decoder.decode(chunk, final=not more)
+                        except UnicodeDecodeError as e:
+                            raise _not_utf8(where, pending + chunk, offset - len(pending) + e.start, e, gz) from None
+                    offset += len(chunk)
                     if strip_gutenberg and first and not more:  # the whole file is in memory: strip it
                         piece = _strip_gutenberg(piece)
                     n += len(piece.strip()) > 0
@@ -301,11 +343,12 @@ def iter_documents(file: Path, data_path: str, strip_gutenberg: bool = False) ->
                     yield piece, not more
             else:
                 head = f.read(4096)
-                if head.lstrip().startswith("["):  # a .json holding one array of objects
-                    records: Iterable[tuple[int, Any]] = _json_array(head + f.read(), where)
+                if head.lstrip().startswith(b"["):  # a .json holding one array of objects
+                    records: Iterable[tuple[int, Any]] = _json_array(_decode_utf8(head + f.read(), 0, where, gz), where)
                 else:  # one object per line (jsonl, and C4's .json.gz shards)
-                    lines = itertools.chain((head + f.readline()).splitlines(), f)
-                    records = ((num, _json_line(line, num, where)) for num, line in enumerate(lines, 1) if line.strip())
+                    records = _json_records(
+                        itertools.chain((head + f.readline()).splitlines(keepends=True), f), where, gz
+                    )
                 for num, rec in records:
                     text = rec.get("text") if isinstance(rec, dict) else None
                     if not isinstance(text, str):
@@ -313,6 +356,13 @@ def iter_documents(file: Path, data_path: str, strip_gutenberg: bool = False) ->
                             f'{where} record {num} has no "text" field; json files need one object per line '
                             'with a "text" string (the C4 format)'
                         )
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError as e:  # a lone surrogate escape such as "\\ud800": no text, no bytes
+                        raise DataError(
+                            f'{where} record {num}: the "text" field holds an unpaired surrogate '
+                            f"(\\u{ord(text[e.start]):04x} at character {e.start}), which is not text; fix or drop the record"
+                        ) from None
                     n += len(text.strip()) > 0
                     if text:
                         yield text, True
@@ -320,6 +370,16 @@ def iter_documents(file: Path, data_path: str, strip_gutenberg: bool = False) ->
         raise DataError(f"{where} is not a valid gzip file ({_one_line(e)}); re-download or remove it") from e
     if n == 0:
         raise DataError(f"{where} has no text; remove it or point data.path at files with text")
+
+
+def _json_records(lines: Iterable[bytes], where: str, gz: bool) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) of the non-blank lines; a line that is not UTF-8 is refused with its offset."""
+    offset = 0
+    for num, raw_line in enumerate(lines, 1):
+        line = _decode_utf8(raw_line, offset, where, gz)
+        offset += len(raw_line)
+        if line.strip():
+            yield num, _json_line(line, num, where)
 
 
 def _json_line(line: str, lineno: int, where: str) -> Any:
@@ -355,7 +415,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def cache_key(files: list[Path], tok: Tokenizer, strip_gutenberg: bool) -> str:
     """Hash of what the cached tokens depend on: the files (path, size, mtime) and the tokenizer."""
     meta = {
-        "format": 1,
+        "format": 2,  # 2: .txt read as raw bytes by the byte tokenizer (1 replaced bytes that were not UTF-8)
         "tokenizer": tok.ident,
         "strip_gutenberg": strip_gutenberg,
         "files": [[str(f.resolve()), (st := f.stat()).st_size, st.st_mtime_ns] for f in files],
@@ -403,7 +463,7 @@ def _tokenize_to(path: Path, files: list[Path], tok: Tokenizer, dtype: np.dtype,
         with open(tmp, "wb") as out:
             for file in files:
                 batch: list[tuple[str, bool]] = []
-                for piece in iter_documents(file, data_path, strip):
+                for piece in iter_documents(file, data_path, strip, raw=tok.reads_bytes):
                     batch.append(piece)
                     if len(batch) == 256:
                         _write_batch(out, batch, tok, dtype, sep)
@@ -416,7 +476,7 @@ def _tokenize_to(path: Path, files: list[Path], tok: Tokenizer, dtype: np.dtype,
         tmp.unlink(missing_ok=True)
 
 
-def _write_batch(out: Any, batch: list[tuple[str, bool]], tok: Tokenizer, dtype: np.dtype, sep: bytes) -> None:
+def _write_batch(out: Any, batch: list[tuple[Any, bool]], tok: Tokenizer, dtype: np.dtype, sep: bytes) -> None:
     for ids, (_, end) in zip(tok.encode_batch([text for text, _ in batch]), batch, strict=True):
         out.write(np.asarray(ids).astype(dtype).tobytes())
         if end:

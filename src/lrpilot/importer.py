@@ -89,12 +89,46 @@ def _with(rec: dict[str, Any], first: dict[str, Any] | None = None, last: dict[s
     return out
 
 
+#: fields every record of a published log holds (one of a tuple's names is enough); a file named like the
+#: published layout whose records lack them is some other JSON and is refused rather than imported as failed rounds
+REQUIRED = {
+    "final_results": ("run_start_iso", ("final_eval_ppl", "final_eval_loss")),
+    "decisions": ("run_start_iso", "step", "new_lr"),
+    "rollbacks": ("run_start_iso", "crash_step"),
+    "baseline": (("final_eval_ppl", "final_eval_loss"),),
+}
+
+
+def _check_fields(rec: dict[str, Any], kind: str, where: str) -> None:
+    for need in REQUIRED[kind]:
+        names = need if isinstance(need, tuple) else (need,)
+        if not any(n in rec for n in names):
+            raise LogImportError(
+                f"import-logs: {where} has no {' or '.join(names)} field, so it is not the published study's "
+                f"{kind.replace('_', ' ')} log; check the source directory (nothing imported)"
+            )
+
+
+def _read_log(path: Path, kind: str) -> list[dict[str, Any]]:
+    """Every record of one published log, each checked for the published fields; a corrupt line is refused."""
+    out = []
+    try:
+        for n, rec in enumerate(iter_jsonl(path, strict=True), 1):
+            _check_fields(rec, kind, f"{path} record {n}")
+            out.append(rec)
+    except ValueError as e:  # iter_jsonl names the file and line
+        raise LogImportError(f"import-logs: {e}; fix or remove the line (nothing imported)") from None
+    if kind == "final_results" and not out:
+        raise LogImportError(f"import-logs: {path} holds no results; nothing to import")
+    return out
+
+
 def _build(src: Path, tag: str | None) -> tuple[dict[str, bytes], ImportSummary, dict[str, Any]]:
     """Every file the import writes (relative path -> bytes), its summary and its provenance record."""
     tag, files = _published_files(src, tag)
-    finals = list(iter_jsonl(files["final_results"]))
-    decisions = list(iter_jsonl(files["decisions"]))
-    rollbacks = list(iter_jsonl(files["rollbacks"])) if files["rollbacks"] else []
+    finals = _read_log(files["final_results"], "final_results")
+    decisions = _read_log(files["decisions"], "decisions")
+    rollbacks = _read_log(files["rollbacks"], "rollbacks") if files["rollbacks"] else []
     rounds, by_iso = [], {}
     for n, rec in enumerate(finals, 1):
         status = "ok" if math.isfinite(as_float(rec.get("final_eval_ppl"))) else "failed"
@@ -131,6 +165,7 @@ def _build(src: Path, tag: str | None) -> tuple[dict[str, bytes], ImportSummary,
             ) from e
         if not isinstance(rec, dict):
             raise LogImportError(f"import-logs: baseline {p}: not a JSON object; fix or remove it")
+        _check_fields(rec, "baseline", f"baseline {p}")
         peak = as_float(rec.get("peak_lr"))
         if not math.isfinite(peak):
             peak = peak_from_filename(p.name)

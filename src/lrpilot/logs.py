@@ -12,6 +12,7 @@ import contextlib
 import datetime as _dt
 import errno
 import json
+import logging
 import math
 import os
 import threading
@@ -50,6 +51,54 @@ def charge_write(nbytes: int, path: str | Path) -> None:
         _inject_left[1] = left - nbytes
         if left - nbytes < 0:
             raise DiskWriteError(path, OSError(code, os.strerror(code)))
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (tests swap it), one line per record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import sys
+
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.level = record.levelname.lower()
+        return super().format(record)
+
+
+def _format_warning(message: Any, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+    """lrpilot's own warnings are messages for a user (they name the file and the fix): one line, no source
+    location and no echo of the source line; anyone else's keep Python's format."""
+    if os.path.abspath(filename).startswith(_PACKAGE_DIR) or category is UserWarning:
+        return " ".join(str(message).split())
+    return _default_formatwarning(message, category, filename, lineno, line)
+
+
+_default_formatwarning = warnings.formatwarning
+
+
+def setup_cli_logging(prog: str = "lrpilot") -> None:
+    """Log records and warnings go to stderr as one line each, `lrpilot: warning: ...` (the CLI and the trainer
+    call this once at start). Warnings are routed through logging (`logging.captureWarnings`)."""
+    handler = _StderrHandler()
+    handler.setFormatter(_LevelFormatter(f"{prog}: %(level)s: %(message)s"))
+    root = logging.getLogger()
+    if not any(getattr(h, "_lrpilot", False) for h in root.handlers):
+        handler._lrpilot = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    if root.level > logging.WARNING or root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)
+    warnings.formatwarning = _format_warning  # type: ignore[assignment]
+    logging.captureWarnings(True)
 
 
 def now_iso() -> str:

@@ -298,6 +298,7 @@ class _Round:
         self.wait = wait  # the fast-crash back-off's pause (injectable: tests record it instead of sleeping)
         self.blocking = bool(getattr(controller, "blocking", True))
         self.run_start_iso = ""
+        self.new_run_start_iso = ""  # the identity a fresh run takes (default: now); a resumed run keeps its own
         self.t0 = time.monotonic()
         self.wall_before = 0.0
         # launch
@@ -372,7 +373,7 @@ class _Round:
             self.launches = int(prior.get("launches", 0))
             self.wall_before = float(prior.get("wall_time_s", 0.0))
         else:
-            self.run_start_iso = now_iso()
+            self.run_start_iso = self.new_run_start_iso or now_iso()
         self._save_round_file(resumed=prior is not None)
 
         old_handler = self._install_sigterm()
@@ -1346,6 +1347,7 @@ def run_round(
     trainer_args_first_launch: Sequence[str] = (),
     poll_s: float = POLL_S,
     wait: Callable[[float], Any] = time.sleep,
+    run_start_iso: str = "",
 ) -> RoundResult:
     """Run one pre-training run under supervision and return how it ended (also in RUN/result.json).
 
@@ -1355,7 +1357,9 @@ def run_round(
     only to the first launch of this call (fault injection in tests, e.g. ["--inject-nan-at-step", "25"]).
     With resume=True an existing run directory is continued (a finished one returns its stored result).
     wait(seconds) is the fast-crash back-off's pause before a relaunch (guard.crash_backoff_s; default
-    time.sleep; tests pass a recorder). SIGTERM / KeyboardInterrupt kill the trainer's process group and propagate.
+    time.sleep; tests pass a recorder).     run_start_iso: the identity of a fresh run (default now_iso()), so that a campaign can stamp the LLM calls
+    made before the run starts (the Memory agent's) with it; a resumed run keeps the one in its round.json.
+    SIGTERM / KeyboardInterrupt kill the trainer's process group and propagate.
     """
     rnd = _Round(
         cfg,
@@ -1370,6 +1374,7 @@ def run_round(
         poll_s=poll_s,
         wait=wait,
     )
+    rnd.new_run_start_iso = run_start_iso
     return rnd.run(resume)
 
 

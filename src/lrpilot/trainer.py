@@ -93,6 +93,13 @@ def batch_geometry(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
+def _ddp_params() -> set[str]:
+    """DistributedDataParallel's keyword arguments in the installed torch."""
+    import inspect
+
+    return set(inspect.signature(DDP.__init__).parameters)
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG the run touches, in types torch.load(weights_only=True) accepts."""
     kind, key, pos, has_gauss, cached = np.random.get_state()
@@ -317,8 +324,11 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
         lr_state.override(args.lr)
     model: torch.nn.Module = torch.compile(raw_model) if cfg.train.compile else raw_model
     if ddp:
-        # the only buffers (RoPE tables) are constants: no need to broadcast them every forward
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)
+        # the only buffers (RoPE tables) are constants: no need to broadcast them every forward. torch >= 2.13
+        # deprecates broadcast_buffers (a FutureWarning from every rank into trainer.log) for forward_sync_buffers,
+        # which still syncs them once at init: harmless, they are equal on every rank
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_params() else "broadcast_buffers"
+        model = DDP(model, device_ids=[local_rank] if use_cuda else None, **{no_sync: False})
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     # ---- rank 0: telemetry, control channel, progress bar
@@ -573,6 +583,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lrpilot.logs import setup_cli_logging
+
+    setup_cli_logging("lrpilot.trainer")  # warnings as one line each in trainer.log
     args = parse_args(argv)
     try:
         config_path = Path(args.run_dir) / "config.json"

@@ -50,6 +50,8 @@ class Reply:
     #: the model's reasoning, removed from `text` before anything read it: `<think>...</think>` blocks ahead
     #: of the answer and a separate `reasoning_content` field; kept for the audit log only
     reasoning: str = ""
+    #: why generation stopped as the endpoint said it ("stop", "length" = cut at max_tokens, ...); None if unknown
+    finish_reason: str | None = None
 
     @classmethod
     def failed(cls, error: str, latency_s: float, model: str) -> Reply:
@@ -293,6 +295,7 @@ class AuditedBackend(LLMBackend):
             "latency_s": round(reply.latency_s, 4),
             "error": reply.error,
             "reasoning": reply.reasoning or None,
+            "finish_reason": reply.finish_reason,
         }
         if schema is not None and reply.parsed is None and reply.error is None:
             try:  # the call worked but its answer is not the JSON asked for: say why here too
@@ -330,9 +333,35 @@ def model_for_role(agent: Any, role: str) -> str:
     return (agent.memory_model or agent.model) if role == "memory" else agent.model
 
 
-def make_backend(agent: Any, role: str, audit_path: str | Path | None = None) -> LLMBackend:
+def model_field(agent: Any, role: str) -> str:
+    """The setting that names `role`'s model, for messages that tell the user what to fix."""
+    if role == "memory" and agent.memory_model:
+        return "agent.memory_model (--memory-model)"
+    if role == "memory":
+        return "agent.model (--model; the Memory agent uses it while agent.memory_model is empty)"
+    return "agent.model (--model)"
+
+
+def ping_backends(agent: Any, roles: list[str]) -> None:
+    """Ping every backend a campaign will use, once per distinct (backend, endpoint, model): the Controller's
+    and the Memory agent's model may differ. Raises LLMError naming the role and the field to fix."""
+    seen: set[tuple[str, str, str]] = set()
+    for role in roles:
+        key = (agent.backend, agent.base_url, model_for_role(agent, role))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            make_backend(agent, role, None).ping()
+        except LLMError as e:
+            who = "Controller" if role == "controller" else "Memory agent"
+            raise LLMError(f"{who}: {e}") from e
+
+
+def make_backend(agent: Any, role: str, audit_path: str | Path | None = None, extra: dict | None = None) -> LLMBackend:
     """The backend that AgentConfig `agent` describes for `role` ("controller" | "memory"), wrapped so that
-    each call is appended to `audit_path` (llm_calls.jsonl) when given."""
+    each call is appended to `audit_path` (llm_calls.jsonl) when given, with the fields of `extra` (a
+    campaign passes `round` and `run_start_iso`, so calls join their round like every other log)."""
     model = model_for_role(agent, role)
     max_tokens = agent.memory_max_tokens if role == "memory" else agent.max_tokens
     if agent.backend == "openai":
@@ -346,6 +375,7 @@ def make_backend(agent: Any, role: str, audit_path: str | Path | None = None) ->
             retries=agent.retries,
             temperature=agent.temperature,
             max_tokens=max_tokens,
+            model_field=model_field(agent, role),
         )
     elif agent.backend == "local":
         from lrpilot.llm.local_backend import LocalBackend
@@ -361,4 +391,4 @@ def make_backend(agent: Any, role: str, audit_path: str | Path | None = None) ->
         raise LLMError(f"agent.backend: unknown backend {agent.backend!r}; use openai or local")
     if audit_path is None:
         return backend
-    return AuditedBackend(backend, role, audit_path)
+    return AuditedBackend(backend, role, audit_path, extra)

@@ -193,4 +193,6 @@ class LocalBackend(LLMBackend):
         parsed = try_parse(text) if schema is not None and error is None else None
         if error is None:
             error = answer_only_error(text, reasoning) or truncation_error(finish, schema, parsed, self.max_tokens)
-        return Reply(text, parsed, usage, time.monotonic() - t0, self.model, error, reasoning)
+        return Reply(
+            text, parsed, usage, time.monotonic() - t0, self.model, error, reasoning=reasoning, finish_reason=finish
+        )

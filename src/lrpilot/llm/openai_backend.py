@@ -111,8 +111,11 @@ class OpenAIBackend(LLMBackend):
         max_backoff_s: float = 30.0,
         json_mode: str | None = None,
         extra_body: dict | None = None,
+        model_field: str = "agent.model",
     ) -> None:
         openai = _import_openai()
+        #: the setting that names this backend's model, for ping's messages (agent.memory_model for the Memory agent)
+        self.model_field = model_field
         self._openai = openai
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -266,10 +269,13 @@ class OpenAIBackend(LLMBackend):
                 if isinstance(v, int):
                     usage[k] = v
         parsed = try_parse(text) if schema is not None else None
-        error = answer_only_error(text, reasoning) or truncation_error(
-            getattr(choices[0], "finish_reason", None), schema, parsed, self.max_tokens
-        )
-        return Reply(text, parsed, usage, latency, getattr(resp, "model", None) or self.model, error, reasoning)
+        finish = getattr(choices[0], "finish_reason", None)
+        error = answer_only_error(text, reasoning) or truncation_error(finish, schema, parsed, self.max_tokens)
+        model = getattr(resp, "model", None) or self.model
+        return Reply(
+            text, parsed, usage, latency, model, error,
+            reasoning=reasoning, finish_reason=finish if isinstance(finish, str) else None,
+        )  # fmt: skip
 
     # -------------------------------------------------------------------------------------- ping
 
@@ -300,7 +306,8 @@ class OpenAIBackend(LLMBackend):
             if e.status_code in (401, 403):
                 raise self._key_rejected(e.status_code) from e
             if e.status_code in (404, 405, 501):
-                return self._ping_by_chat()  # no /models route: try a 1-token completion instead
+                # no /models route: try a 1-token completion instead
+                return self._ping_by_chat(models_status=e.status_code)
             raise LLMError(
                 f"endpoint {self.base_url} answered HTTP {e.status_code} to /models: {_status_message(e)}"
             ) from e
@@ -311,7 +318,7 @@ class OpenAIBackend(LLMBackend):
             ) from e
         if ids and self.model not in ids:
             shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
-            unknown = f"model {self.model!r} unknown at {self.base_url}; it serves: {shown}; fix agent.model"
+            unknown = f"model {self.model!r} unknown at {self.base_url}; it serves: {shown}; fix {self.model_field}"
             if is_local_url(self.base_url):
                 # a local server's list is complete, and llama_cpp.server would silently answer with its own model
                 raise LLMError(unknown)
@@ -322,7 +329,22 @@ class OpenAIBackend(LLMBackend):
                 raise LLMError(f"{unknown} ({e})") from e
             log.warning("%s: model %r is not in /models but answers; going on", self.base_url, self.model)
 
-    def _ping_by_chat(self) -> None:
+    def _no_api_here(self, models_status: int) -> LLMError:
+        """Both /models and /chat/completions are missing: the URL, not the model, is wrong."""
+        path = urlparse(self.base_url).path.rstrip("/")
+        hint = (
+            f"should agent.base_url end in /v1 (e.g. {self.base_url}/v1)?"
+            if not path.endswith("/v1")
+            else "check agent.base_url (the path before /chat/completions)"
+        )
+        return LLMError(
+            f"endpoint {self.base_url} has no OpenAI-compatible API: {self.base_url}/models answered HTTP "
+            f"{models_status} and {self.base_url}/chat/completions HTTP 404; {hint}"
+        )
+
+    def _ping_by_chat(self, models_status: int | None = None) -> None:
+        """A 1-token completion. models_status: the HTTP status /models answered when it had no list (then a
+        404 here too that does not name the model means the URL is wrong, not the model)."""
         oa = self._openai
         client = self._client.with_options(timeout=min(self.timeout_s, 30.0), max_retries=0)
         try:
@@ -331,8 +353,12 @@ class OpenAIBackend(LLMBackend):
             msg = _status_message(e)
             if e.status_code in (401, 403):
                 raise self._key_rejected(e.status_code) from e
+            if e.status_code == 404 and models_status is not None and self.model not in msg:
+                raise self._no_api_here(models_status) from e
             if e.status_code == 404 or "model" in msg.lower():
-                raise LLMError(f"model {self.model!r} unknown at {self.base_url} ({msg}); fix agent.model") from e
+                raise LLMError(
+                    f"model {self.model!r} unknown at {self.base_url} ({msg}); fix {self.model_field}"
+                ) from e
             raise LLMError(f"endpoint {self.base_url} answered HTTP {e.status_code}: {msg}") from e
         except oa.APIConnectionError as e:
             raise LLMError(f"endpoint unreachable: {self.base_url}; start the server or fix agent.base_url") from e

@@ -40,7 +40,10 @@ DIVERGED_FACTOR = 3.0
 
 
 def _ppl(x: float) -> str:
-    return f"{x:.2f}" if math.isfinite(x) else "n/a"
+    """2 decimals; a huge finite ppl (the trainer logs up to ~1e307) in exponent form, not 300 digits."""
+    if not math.isfinite(x):
+        return "n/a"
+    return f"{x:.2f}" if abs(x) < 1e9 else f"{x:.3g}"
 
 
 def failed(r: RoundSummary, median_ppl: float) -> bool:
@@ -159,7 +162,7 @@ def plateau_rule(
     ppls = [r.final_eval_ppl for r in win]
     ratio = max(peaks) / min(peaks)
     med = statistics.median(ppls)
-    dev = max(abs(p / med - 1) for p in ppls)
+    dev = max(abs(p / med - 1) for p in ppls) if med > 0 else math.inf  # ppl <= 0 is garbage: no plateau
     span = f"rounds {ids[0]}-{ids[-1]}"
     fired = ratio <= max_peak_ratio * (1 + 1e-9) and dev <= ppl_tol + 1e-12
     if not fired:
@@ -167,7 +170,7 @@ def plateau_rule(
         if ratio > max_peak_ratio * (1 + 1e-9):
             why.append(f"peak LRs span {ratio:.2f}x (> {max_peak_ratio:g}x)")
         if dev > ppl_tol + 1e-12:
-            why.append(f"ppl varies up to {100 * dev:.1f}% from the median {med:.2f} (> {100 * ppl_tol:g}%)")
+            why.append(f"ppl varies up to {100 * dev:.1f}% from the median {_ppl(med)} (> {100 * ppl_tol:g}%)")
         return PlateauResult(False, ids, ratio, med, dev, sentence=f"No plateau over {span}: {'; '.join(why)}.")
     center = math.exp(sum(math.log(p) for p in peaks) / len(peaks))
     lo, hi = sensible
@@ -181,7 +184,7 @@ def plateau_rule(
     where = " or ".join(_where(c) for c in cands) or "none inside the sensible range"
     sentence = (
         f"Plateau over {span}: peak LRs {fmt_lr(min(peaks))}..{fmt_lr(max(peaks))} (within {max_peak_ratio:g}x), "
-        f"ppl {min(ppls):.2f}..{max(ppls):.2f} (within {100 * ppl_tol:g}% of {med:.2f}). More rounds there teach "
+        f"ppl {_ppl(min(ppls))}..{_ppl(max(ppls))} (within {100 * ppl_tol:g}% of {_ppl(med)}). More rounds there teach "
         f"little: explore a peak LR an order of magnitude away, {where}."
     )
     return PlateauResult(True, ids, ratio, med, dev, cands, sentence)

@@ -37,7 +37,15 @@ class Brief:
     words: int
     raw: str | None
     fallback: bool
+    #: cut to brief_words words here
     truncated: bool = False
+    #: the reply was cut by the endpoint at agent.memory_max_tokens (finish_reason "length")
+    cut_at_max_tokens: bool = False
+
+    @property
+    def truncated_by(self) -> list[str]:
+        """What cut the brief: "max_tokens" (the endpoint), "brief_words" (here); empty when nothing did."""
+        return ["max_tokens"] * self.cut_at_max_tokens + ["brief_words"] * self.truncated
 
 
 def count_words(text: str) -> int:
@@ -114,10 +122,12 @@ class LLMMemory:
         ev = build_evidence(rounds, self.max_history)
         error: str | None = None
         raw: str | None = None
+        cut_at_max = False
         try:
             reply = self.backend.generate(self.build_prompt(ev, round_index))
             raw = reply.text
             error = reply.error
+            cut_at_max = reply.finish_reason == "length"
         except Exception as e:  # a backend should not raise; the round still gets a brief
             error = f"{type(e).__name__}: {e}"
         text = clean_reply(raw or "") if error is None else ""
@@ -137,4 +147,6 @@ class LLMMemory:
                 count_words(raw or ""),
                 self.max_words,
             )
-        return Brief(text, count_words(text), raw, fallback=False, truncated=cut)
+        if cut_at_max:
+            log.warning("memory brief for round %d: the reply was cut at agent.memory_max_tokens", round_index)
+        return Brief(text, count_words(text), raw, fallback=False, truncated=cut, cut_at_max_tokens=cut_at_max)

@@ -24,7 +24,7 @@ from lrpilot.campaign_logs import (
     fmt_lr,
 )
 from lrpilot.errors import DiskWriteError, writing
-from lrpilot.logs import write_atomic
+from lrpilot.logs import as_float, write_atomic
 from lrpilot.report.tables import Analysis, SideBySide, SideBySideRow, fmt_ppl
 
 WIDTH_IN, HEIGHT_IN, DPI = 8.4, 4.8, 110  # ~920 x 530 px
@@ -106,6 +106,11 @@ def ppl_limits(values: list[float], also: list[float] = ()) -> tuple[float, floa
     lo, hi = min(kept), max(kept)
     span = max(hi - lo, MIN_REL_SPREAD * abs(hi))
     return lo - 0.10 * span, hi + 0.35 * span
+
+
+def _plottable_lr(lr: float) -> bool:
+    """An LR a log-scale axis can hold with room around it (a log may hold 0, negatives, 5e-324 or 1.7e308)."""
+    return math.isfinite(lr) and 1e-30 < lr < 1e30
 
 
 def _band_colors(bands: list[str]) -> dict[str, tuple]:
@@ -191,9 +196,9 @@ def fig_ppl_per_round(a: Analysis, out: Path) -> Figure:
         x0, x1 = p.first_round - 0.45, p.last_round + 0.45
         if math.isfinite(p.mean):
             ax.hlines(min(p.mean, cap), x0, x1, color="k", lw=2, zorder=2, label="phase mean" if i == 0 else None)
-            text = f"mean {p.mean:.2f}"
+            text = f"mean {fmt_ppl(p.mean)}"
             if p.outliers and math.isfinite(p.mean_without_outliers):
-                text += f"\n{p.mean_without_outliers:.2f} without round {', '.join(map(str, p.outliers))}"
+                text += f"\n{fmt_ppl(p.mean_without_outliers)} without round {', '.join(map(str, p.outliers))}"
             off = p.mean > cap  # drawn at the top: its label goes under the bar, at the phase's left end
             under = off or p.mean > cap - 0.12 * (cap - bottom)  # no room above it for the label
             if off:
@@ -225,7 +230,7 @@ def fig_ppl_per_round(a: Analysis, out: Path) -> Figure:
     if a.best_baseline is not None:
         bb = a.best_baseline
         ax.axhline(
-            bb.final_eval_ppl, color="tab:gray", ls="-.", lw=1.2, label=f"best {bb.label}: {bb.final_eval_ppl:.2f}"
+            bb.final_eval_ppl, color="tab:gray", ls="-.", lw=1.2, label=f"best {bb.label}: {fmt_ppl(bb.final_eval_ppl)}"
         )
     ax.set_ylim(bottom, cap)
     ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
@@ -353,7 +358,7 @@ def fig_lr_schedules(a: Analysis, out: Path) -> Figure:
 
 def fig_landscape(a: Analysis, out: Path) -> Figure:
     title = "Exploration landscape: final ppl vs peak LR"
-    pts = [r for r in a.rounds if math.isfinite(r.peak_lr) and r.peak_lr > 0]
+    pts = [r for r in a.rounds if _plottable_lr(r.peak_lr)]
     if not pts and not a.baselines:
         return Figure("landscape", title, "No rounds or baselines: nothing to plot.")
     bottom, cap = ppl_limits([r.final_eval_ppl for r in pts] + [b.final_eval_ppl for b in a.baselines])
@@ -364,7 +369,7 @@ def fig_landscape(a: Analysis, out: Path) -> Figure:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
-    peaks = [r.peak_lr for r in pts] + [b.peak_lr for b in a.baselines if math.isfinite(b.peak_lr) and b.peak_lr > 0]
+    peaks = [r.peak_lr for r in pts] + [b.peak_lr for b in a.baselines if _plottable_lr(b.peak_lr)]
     explored = {r.band for r in pts}
     unexplored = []
     for name, lo, hi in bands_between(min(peaks), max(peaks)):
@@ -394,7 +399,7 @@ def fig_landscape(a: Analysis, out: Path) -> Figure:
 
     by_sched: dict[str, list[BaselineResult]] = {}
     for b in a.baselines:
-        if math.isfinite(b.peak_lr):
+        if _plottable_lr(b.peak_lr):
             by_sched.setdefault(b.schedule, []).append(b)
     for i, (sched, bs) in enumerate(sorted(by_sched.items())):
         bs = sorted(bs, key=lambda b: b.peak_lr)
@@ -527,11 +532,11 @@ def fig_loss_curves(a: Analysis, out: Path) -> Figure:
         )
         drawn += 1
         for rb in r.rollbacks:
-            cs, back = rb.get("crash_step"), rb.get("rolled_back_to_step")
-            if cs is None:
+            cs, back = as_float(rb.get("crash_step")), as_float(rb.get("rolled_back_to_step"))
+            if not math.isfinite(cs):
                 continue
             ax.axvline(
-                float(cs),
+                cs,
                 color=color,
                 alpha=0.5,
                 lw=1,
@@ -539,11 +544,11 @@ def fig_loss_curves(a: Analysis, out: Path) -> Figure:
                 label="rollback: crash step (dashed), arrow to the restored step" if not rb_labelled else None,
             )
             rb_labelled = True
-            if back is not None:
+            if math.isfinite(back):
                 ax.annotate(
                     "",
-                    xy=(float(back), 0.97),
-                    xytext=(float(cs), 0.97),
+                    xy=(back, 0.97),
+                    xytext=(cs, 0.97),
                     xycoords=("data", "axes fraction"),
                     arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.7, "lw": 1},
                 )

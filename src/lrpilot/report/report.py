@@ -189,6 +189,12 @@ def build_report(
     others = [load_campaign(Path(c)) for c in compare_dirs]
     extra: list[BaselineResult] = load_baselines(list(baseline_dirs)) if baseline_dirs else []
     if not logs.rounds and not logs.baselines and not extra and not any(o.rounds for o in others):
+        sweep = load_baselines(campaign_dir)  # its top-level *.json: a baseline sweep's --out?
+        if sweep:
+            raise CampaignLogsError(
+                f"report: {campaign_dir} is a baseline sweep ({len(sweep)} result jsons), not a campaign; "
+                f"pass it with --baselines {campaign_dir} next to a campaign directory"
+            )
         raise CampaignLogsError(
             f"report: {campaign_dir} has no finished rounds and no baselines; nothing to report yet"
         )

@@ -42,8 +42,25 @@ SURVIVAL_LOSS_FACTOR = 1.3
 TIE_REL = 1e-3
 
 
+def survival_threshold(best_ppl: float) -> float:
+    """best_ppl ** SURVIVAL_LOSS_FACTOR, computed in the loss domain (exp(factor * ln ppl)) so that a huge finite
+    best ppl (the trainer logs up to ~1e307) gives inf instead of an OverflowError; NaN unless best_ppl > 1."""
+    if not best_ppl > 1:
+        return math.nan
+    loss = SURVIVAL_LOSS_FACTOR * math.log(best_ppl)
+    return math.exp(loss) if loss < 709.0 else math.inf
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN where b is 0 (a log holding ppl 0 is garbage, not a crash)."""
+    return a / b if b != 0 else math.nan
+
+
 def fmt_ppl(x: float | None) -> str:
-    return "—" if x is None or not math.isfinite(x) else f"{x:.2f}"
+    """2 decimals; a huge finite ppl (the trainer logs up to ~1e307) in exponent form, not 300 digits."""
+    if x is None or not math.isfinite(x):
+        return "—"
+    return f"{x:.2f}" if abs(x) < 1e9 else f"{x:.3g}"
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -249,7 +266,7 @@ def analyse(logs: CampaignLogs, extra_baselines: Sequence[BaselineResult] = ()) 
     h2h.sort(key=lambda h: (band_sort_key(h.band), h.baseline.peak_lr if h.baseline else 0.0))
 
     best_ppl = min([x.final_eval_ppl for x in rounds if x.ok] + [b.final_eval_ppl for b in ok_base], default=math.nan)
-    thr = best_ppl**SURVIVAL_LOSS_FACTOR if best_ppl > 1 else math.nan
+    thr = survival_threshold(best_ppl)
     bands = sorted({r.band for r in rounds} | {b.band for b in baselines}, key=band_sort_key)
     survival = []
     for band in bands:
@@ -283,7 +300,7 @@ def analyse(logs: CampaignLogs, extra_baselines: Sequence[BaselineResult] = ()) 
         head_to_head=h2h,
         survival=survival,
         survival_threshold=thr,
-        ratio_best=best.final_eval_ppl / best_b.final_eval_ppl if best and best_b else math.nan,
+        ratio_best=_ratio(best.final_eval_ppl, best_b.final_eval_ppl) if best and best_b else math.nan,
         campaign_steps=sum(s for s in steps if s is not None) if rounds and None not in steps else None,
         campaign_steps_estimated=any(r.total_steps is None for r in rounds),
         campaign_wall_s=sum(w for w in wall if w is not None) if rounds and None not in wall else None,
@@ -621,7 +638,7 @@ def head_to_head_table(a: Analysis) -> Table:
     rows = []
     for h in a.head_to_head:
         b, r = h.baseline, h.agent
-        ratio = r.final_eval_ppl / b.final_eval_ppl if b and r and b.ok and r.ok else math.nan
+        ratio = _ratio(r.final_eval_ppl, b.final_eval_ppl) if b and r and b.ok and r.ok else math.nan
         rows.append(
             [
                 h.band,

@@ -1,0 +1,85 @@
+"""Checks that run before any training starts, so a bad setting fails in one line with nothing written.
+
+    python -c "from lrpilot.config import load_config; from lrpilot.preflight import check_run; \
+check_run(load_config('cpu-smoke', ['data.source=files', 'data.path=/nonexistent']))"
+
+`RunConfig.__post_init__` checks each field and the cross-field rules of the config alone. What depends on
+the machine or the files -- the batch split over `launch.devices`, the data files, the tokenizer's vocabulary
+against the model, the optional loggers, a CUDA device -- the trainer would otherwise find out only once it
+has been launched (after run directories were created, or, in `lrpilot demo`, after the cosine sweep started
+beside the campaign). Every command that trains calls `check_run` first; campaigns also call
+`check_campaign`. Checks that need the network (a hub tokenizer, streaming C4) are left to the trainer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from lrpilot.config import ConfigError, RunConfig
+
+
+def check_run(cfg: RunConfig) -> None:
+    """Raise a one-line LrpilotError (ConfigError, DataError, TrainerError) for a setting the trainer would
+    refuse at launch, or that the docs require of a run: checkpoint.keep for the rollback distance, batch
+    geometry for launch.devices, data.path, data.tokenizer vs model.vocab_size,
+    train.loggers extras, train.device=cuda without CUDA. Reads file names, never file contents."""
+    from lrpilot.data import c4_local_files, check_vocab, embedded_files, get_tokenizer, resolve_files
+    from lrpilot.trainer import batch_geometry
+
+    batch_geometry(cfg, cfg.launch.nproc)
+    every, back = cfg.checkpoint_every, cfg.guard.rollback_back_steps
+    need = -(-back // every) + 2  # docs/architecture.md: keep >= rollback_back_steps / checkpoint_every + 2
+    if cfg.checkpoint.keep < need:
+        raise ConfigError(
+            f"checkpoint.keep: must be >= guard.rollback_back_steps / checkpoint every ({back} / {every}, rounded "
+            f"up) + 2 = {need}, so that pruning keeps `keep` checkpoints and one old enough to roll back to; "
+            "raise it or checkpoint more often"
+        )
+    d = cfg.data
+    if d.source == "files":
+        resolve_files(d.path)
+    elif d.source == "embedded":
+        embedded_files(d.path)
+    else:
+        c4_local_files(d.path)  # local shards: train and validation present (a hub name is checked at launch)
+    tok = d.tokenizer
+    local_tok = tok in ("byte", "gpt2") or Path(tok).expanduser().exists() or tok.endswith(".json")
+    if local_tok:  # a hub tokenizer would need the network: the trainer checks it
+        check_vocab(get_tokenizer(tok).vocab_size, cfg.model.vocab_size)
+    extras = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard")}
+    for name in (x.strip() for x in cfg.train.loggers.split(",") if x.strip()):
+        module, extra = extras[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"train.loggers={name} needs {module}: pip install 'lrpilot[{extra}]'")
+    if cfg.train.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+
+
+def check_campaign(cfg: RunConfig, rounds: int, settings: object) -> None:
+    """check_run plus what a campaign adds: rounds >= 1, the rule parameters, and for --controller replay a
+    --replay-from log that holds every round asked for."""
+    from lrpilot.campaign import CampaignSettings
+
+    assert isinstance(settings, CampaignSettings)
+    if rounds < 1:
+        raise ConfigError(f"--rounds: must be >= 1, got {rounds}")
+    check_run(cfg)
+    if settings.controller == "rules":
+        settings.rules_for(cfg.schedule.init_lr)
+    if settings.controller == "replay":
+        from lrpilot.logs import read_jsonl
+
+        log = Path(settings.replay_from) / "decisions.jsonl"
+        if not log.is_file():
+            raise ConfigError(f"--replay-from {settings.replay_from}: no decisions.jsonl there; give a campaign --dir")
+        have = {r.get("round") for r in read_jsonl(log)}
+        missing = [r for r in range(1, rounds + 1) if r not in have]
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+            raise ConfigError(
+                f"--rounds {rounds}: {log} has no decisions for round(s) {shown}; lower --rounds or re-play another campaign"
+            )
