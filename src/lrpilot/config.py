@@ -21,6 +21,13 @@ from typing import Any
 from lrpilot.errors import LrpilotError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+#: train.optimizer choices: torch's AdamW, schedule-free AdamW (Defazio et al. 2024, the `schedulefree`
+#: package) and Prodigy (Mishchenko & Defazio 2024, the `prodigyopt` package); the last two need
+#: `pip install 'lrpilot[optim]'`
+OPTIMIZERS = ("adamw", "schedulefree_adamw", "prodigy")
+#: optimizers whose LR may only go down once warmup is over: schedule-free's average weights steps by the
+#: running maximum LR (weight_lr_power=2), so raising the LR later would re-weight the whole average
+LOWER_ONLY_OPTIMIZERS = ("schedulefree_adamw",)
 
 
 class ConfigError(LrpilotError, ValueError):
@@ -117,6 +124,9 @@ class TrainConfig:
     """Optimisation. AdamW with the reference's weight decay 0.01 and grad clip 1.0."""
 
     total_steps: int = 10000
+    #: adamw, schedulefree_adamw or prodigy (OPTIMIZERS); with prodigy the LR is a multiplier of Prodigy's
+    #: own step-size estimate (1.0 is its default: set schedule.init_lr=1 and guard.ceiling >= 1)
+    optimizer: str = "adamw"
     #: global batch in sequences per optimizer step (split over ranks and micro-batches)
     batch_size: int = 512
     #: sequences per forward pass per rank; 0 = batch_size / world_size (no accumulation)
@@ -141,6 +151,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.total_steps >= 1, "train.total_steps", "must be >= 1")
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0 (0 = no accumulation)")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
@@ -333,6 +344,11 @@ class RunConfig:
             "data.seq_len",
             f"must be <= model.max_sequence_length ({self.model.max_sequence_length})",
         )
+
+    @property
+    def lr_may_only_fall(self) -> bool:
+        """True when the guard lets decisions only lower the LR (train.optimizer in LOWER_ONLY_OPTIMIZERS)."""
+        return self.train.optimizer in LOWER_ONLY_OPTIMIZERS
 
     @property
     def checkpoint_every(self) -> int:

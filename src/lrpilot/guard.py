@@ -15,7 +15,8 @@ The rules:
 1. `clamp_lr`: a decision's LR may move at most `max_ratio`x up / `min_ratio`x down from the current LR
    per decision, and never leaves the global [floor, ceiling]. A proposal that is not a positive finite
    number keeps the current LR (the fallback). `clamp_plan`: a schedule's (step, lr) knots are bounded
-   only by [0, ceiling] (see its docstring for why).
+   only by [0, ceiling] (see its docstring for why). With `lower_only` (train.optimizer=schedulefree_adamw)
+   a decision may not raise the LR above the current one, and a plan's knots never rise (`lower_only`).
 2. `choose_rollback`: after a crash, resume from the latest healthy checkpoint at least
    `rollback_back_steps` before the crash (else the earliest healthy one) with the LR x `crash_lr_factor`.
 3. `check_loss`: NaN/Inf or a loss above `crash_loss` is a crash. `check_emergency` / `emergency_lr`: the
@@ -90,7 +91,7 @@ class ClampResult:
     fallback: bool = False
 
 
-def clamp_lr(proposed: Any, current: float, cfg: GuardConfig) -> ClampResult:
+def clamp_lr(proposed: Any, current: float, cfg: GuardConfig, lower_only: bool = False) -> ClampResult:
     """Bound a decision's headline LR: first to [min_ratio x current, max_ratio x current] (the jump limit),
     then to the global [floor, ceiling]. The global bounds win where the two do not overlap, so the result
     is always in [floor, ceiling]. Clamping a clamped value changes nothing.
@@ -98,7 +99,20 @@ def clamp_lr(proposed: Any, current: float, cfg: GuardConfig) -> ClampResult:
     A proposal that is not a positive finite number (NaN, Inf, 0, negative, not a number) keeps the
     current LR (itself put into [floor, ceiling]) with fallback=True and a reason saying why.
     `current` is the LR in force now; ValueError if it is not a positive finite number.
+
+    lower_only: the LR may only go down (schedule-free AdamW, whose averaging follows the running maximum LR;
+    the published study's rule): a result above the current LR becomes the current LR, with a reason.
     """
+    res = _clamp_lr(proposed, current, cfg)
+    cur = float(current)
+    if lower_only and res.lr > cur:
+        held = _clip(cur, cfg.floor, cfg.ceiling)
+        why = f"lower-only (schedule-free optimizer): {_fmt(res.lr)} > current {_fmt(cur)}; kept {_fmt(held)}"
+        return ClampResult(lr=held, clamped=True, reasons=(*res.reasons, why), fallback=res.fallback)
+    return res
+
+
+def _clamp_lr(proposed: Any, current: float, cfg: GuardConfig) -> ClampResult:
     cur = _require_lr(current, "clamp_lr current")
     p = _as_number(proposed)
     if p is None or not math.isfinite(p) or p <= 0:
@@ -147,8 +161,9 @@ class PlanResult(NamedTuple):
         return bool(self.reasons)
 
 
-def clamp_plan(plan: Iterable[Any], cfg: GuardConfig) -> PlanResult:
-    """Bound a schedule's (step, lr) knots to [0, ceiling].
+def clamp_plan(plan: Iterable[Any], cfg: GuardConfig, lower_only: float | None = None) -> PlanResult:
+    """Bound a schedule's (step, lr) knots to [0, ceiling]; with `lower_only` = the current LR, also to the
+    lowest LR so far (the current one, then every earlier knot), so the plan never raises the LR.
 
     Only the ceiling and 0 apply to knots, not the jump limit or the floor: the jump limit bounds the
     decision's headline LR (clamp the Decision's `lr` with `clamp_lr`), while a schedule's knots move along a
@@ -179,6 +194,7 @@ def clamp_plan(plan: Iterable[Any], cfg: GuardConfig) -> PlanResult:
         kept.sort(key=lambda k: k[0])  # stable: the first of equal steps stays first
 
     out: list[tuple[int, float]] = []
+    low = _require_lr(lower_only, "clamp_plan lower_only") if lower_only is not None else math.inf
     for step, lr in kept:
         if out and out[-1][0] == step:
             reasons.append(f"plan knot at step {step}: repeated step; dropped (lr {_fmt(lr)})")
@@ -187,6 +203,10 @@ def clamp_plan(plan: Iterable[Any], cfg: GuardConfig) -> PlanResult:
         if v != lr:
             bound = f"> ceiling {_fmt(cfg.ceiling)}" if lr > cfg.ceiling else "< 0"
             reasons.append(f"plan knot at step {step}: {_fmt(lr)} {bound}; clamped to {_fmt(v)}")
+        if v > low:
+            reasons.append(f"plan knot at step {step}: lower-only, {_fmt(v)} > {_fmt(low)}; lowered to {_fmt(low)}")
+            v = low
+        low = min(low, v)
         out.append((step, v))
     return PlanResult(plan=tuple(out), reasons=tuple(reasons))
 

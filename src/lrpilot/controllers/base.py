@@ -67,6 +67,8 @@ class Observation:
     min_ratio: float = 0.5
     max_ratio: float = 2.0
     round_index: int = 0
+    #: the guard only lets the LR go down (schedule-free optimizer; lrpilot.guard.clamp_lr lower_only)
+    lower_only: bool = False
 
     @property
     def progress(self) -> float:
