@@ -203,10 +203,11 @@ def clamp_plan(plan: Iterable[Any], cfg: GuardConfig, lower_only: float | None =
         if v != lr:
             bound = f"> ceiling {_fmt(cfg.ceiling)}" if lr > cfg.ceiling else "< 0"
             reasons.append(f"plan knot at step {step}: {_fmt(lr)} {bound}; clamped to {_fmt(v)}")
-        if v > low:
-            reasons.append(f"plan knot at step {step}: lower-only, {_fmt(v)} > {_fmt(low)}; lowered to {_fmt(low)}")
-            v = low
-        low = min(low, v)
+        if lower_only is not None:
+            if v > low:
+                reasons.append(f"plan knot at step {step}: lower-only, {_fmt(v)} > {_fmt(low)}; lowered to {_fmt(low)}")
+                v = low
+            low = v
         out.append((step, v))
     return PlanResult(plan=tuple(out), reasons=tuple(reasons))
 
