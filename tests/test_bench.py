@@ -1,6 +1,6 @@
 """`lrpilot bench`: the statistics by known answers, method parsing, settings checks, and a cpu-smoke bench end to end.
 
-    python -m pytest -q tests/test_bench.py            (add -m "not slow" for the quick ones)
+python -m pytest -q tests/test_bench.py            (add -m "not slow" for the quick ones)
 """
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ def test_survival_at_the_peak_where_cosine_collapses():
     results = {
         "cosine": [SeedResult(1, [_run("a", 4.1, 3e-3), _run("b", 9.0, 1e-2), _run("c", 20.0, 3e-2)])],
         "wsd": [SeedResult(1, [_run("a", 4.0, 3e-3), _run("b", 5.0, 1e-2)])],
-        "rules+optuna:3": [SeedResult(1, [_run("r1", 4.2, seen=3e-3), _run("r2", 5.5, seen=1.2e-2),
-                                          _run("r3", 7.0, seen=2e-2)])],  # fmt: skip
+        "rules+optuna:3": [
+            SeedResult(1, [_run("r1", 4.2, seen=3e-3), _run("r2", 5.5, seen=1.2e-2), _run("r3", 7.0, seen=2e-2)])
+        ],  # fmt: skip
         "schedulefree": [SeedResult(1, [_run("x", 4.5)])],
     }
     s = survival(results, None, 1.3)

@@ -152,7 +152,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from lrpilot.report import main_report
 
     return main_report(
-        Path(args.dir), [Path(b) for b in args.baselines], Path(args.out), [Path(c) for c in args.compare]
+        Path(args.dir),
+        [Path(b) for b in args.baselines],
+        Path(args.out),
+        [Path(c) for c in args.compare],
+        [Path(b) for b in args.bench],
     )
 
 
@@ -301,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DIR",
         help="other campaign directories to put side by side with DIR (table + best-so-far figure)",
+    )
+    p.add_argument(
+        "--bench", nargs="+", default=[], metavar="DIR", help="`lrpilot bench` directories to link (bench.md)"
     )
     p.add_argument("--out", required=True, help="output directory for report.html, report.md and PNGs")
     p.set_defaults(func=cmd_report)
