@@ -222,3 +222,42 @@ def test_cpu_smoke_bench_end_to_end(tmp_path):
     changed = _cli(*[a if a != "3e-2" else "1e-2" for a in args])
     assert changed.returncode == 2
     assert changed.stderr.strip().count("\n") == 0 and "different peaks" in changed.stderr
+
+
+def test_results_cover_every_seed_on_disk_and_every_command(tmp_path):
+    """One long method on 1 seed next to 3 seeds of a sweep: a second command on the same OUT with --seeds 1
+    summarises the sweep's 3 seeds and the campaign's 1, pairs them on the seed they share, and bench.md
+    lists both commands."""
+    from lrpilot.bench import bench_commands, collect, parse_method, render_markdown, summarise
+    from lrpilot.config import load_config
+
+    out = tmp_path / "b"
+    for seed, ppls in ((42, (5.0, 4.8)), (43, (5.1, 4.9)), (44, (5.2, 4.7))):
+        d = out / "runs" / "cosine" / f"seed{seed}"
+        d.mkdir(parents=True)
+        for peak, ppl in zip(("1e-3", "3e-3"), ppls, strict=True):
+            rec = {"final_eval_ppl": ppl, "final_eval_loss": math.log(ppl), "seed": seed, "status": "ok"}
+            (d / f"cosine_lr{peak}.json").write_text(json.dumps(rec))
+    d = out / "runs" / "rules_optuna_2" / "seed42"
+    d.mkdir(parents=True)
+    rounds = [{"round": r, "final_eval_ppl": p, "seed": 42, "status": "ok", "peak_lr_seen": 3e-3} for r, p in
+              ((1, 4.9), (2, 4.75))]  # fmt: skip
+    (d / "final_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    first = _settings(peaks=(1e-3, 3e-3), seeds=3, methods=("cosine",), overrides=(), command="lrpilot bench A")
+    check_settings(out, first)
+    second = _settings(peaks=(1e-3, 3e-3), seeds=1, methods=("cosine", "rules+optuna:2"), overrides=(),
+                       command="lrpilot bench B")  # fmt: skip
+    check_settings(out, second)
+    check_settings(out, second)  # the same command again is not listed twice
+    assert bench_commands(out) == ["lrpilot bench A", "lrpilot bench B"]
+    base = load_config("cpu-smoke")
+    methods = [parse_method(m) for m in second.methods]
+    s = summarise(collect(base, second, methods, out), second, base, bench_commands(out))
+    assert s["seeds"] == [42, 43, 44]
+    assert s["methods"]["cosine"]["scores"] == {"42": 4.8, "43": 4.9, "44": 4.7}
+    assert s["methods"]["rules+optuna:2"]["scores"] == {"42": 4.75} and s["methods"]["rules+optuna:2"]["n"] == 1
+    p = s["paired"]["rules+optuna:2"]
+    assert p["seeds"] == [42] and p["mean"] == pytest.approx(-0.05) and p["win_rate"] == 1.0
+    assert s["within_1pct"]["rules+optuna:2"]["per_seed"] == {"42": 120}  # round 1: 4.9 > 4.8 x 1.01
+    md = render_markdown(s)
+    assert "    lrpilot bench A\n    lrpilot bench B" in md

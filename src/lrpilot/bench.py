@@ -205,9 +205,22 @@ def check_settings(out: Path, settings: BenchSettings) -> None:
                     f"{out} holds a bench with different {key} ({theirs.get(key)!r}, now {mine[key]!r}, {flag}); "
                     "run the original command again to resume it, or use another --out"
                 )
+        stored = json.loads(path.read_text())
+        commands = list(stored.get("commands", []))
+        if settings.command and (not commands or commands[-1] != settings.command):
+            write_json_atomic(path, {**stored, "commands": [*commands, settings.command]})
         return
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"identity": mine, "created": now_iso(), "command": settings.command})
+    commands = [settings.command] if settings.command else []
+    write_json_atomic(path, {"identity": mine, "created": now_iso(), "commands": commands})
+
+
+def bench_commands(out: Path) -> list[str]:
+    """Every distinct command line that ran in OUT, oldest first (from bench_settings.json)."""
+    try:
+        return list(json.loads((out / SETTINGS_FILE).read_text()).get("commands", []))
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def seed_list(cfg: RunConfig, n: int) -> list[int]:
@@ -338,7 +351,7 @@ def run_bench(settings: BenchSettings, out: str | Path, *, echo: Any = print, pi
                 continue
             best = min((as_float(r.get("final_eval_ppl")) for r in recs), default=math.nan)
             say(f"bench: {t.label} done (ppl {best:.3f})")
-    summary = summarise(collect(base, settings, methods, out), settings, base)
+    summary = summarise(collect(base, settings, methods, out), settings, base, bench_commands(out))
     write_results(summary, out)
     echo("\n".join(method_table(summary)))
     if errors:
@@ -380,7 +393,10 @@ def collect(base: RunConfig, settings: BenchSettings, methods: list[Method], out
     results: dict[str, list[SeedResult]] = {}
     for m in methods:
         rows = []
-        for seed in seed_list(base, settings.seeds):
+        # the seeds asked for now and any this method ran in an earlier command on OUT (e.g. one long
+        # rules+optuna:K seed next to three seeds of everything else)
+        on_disk = {int(p.name[4:]) for p in (out / "runs" / m.slug).glob("seed*") if p.name[4:].isdigit()}
+        for seed in sorted(set(seed_list(base, settings.seeds)) | on_disk):
             d = out / "runs" / m.slug / f"seed{seed}"
             sr = SeedResult(seed)
             if m.kind in ("sweep", "single"):
@@ -449,7 +465,9 @@ def steps_to_within(curve: list[tuple[int, float]], target: float, within: float
     return None
 
 
-def summarise(results: dict[str, list[SeedResult]], settings: BenchSettings, base: RunConfig) -> dict[str, Any]:
+def summarise(
+    results: dict[str, list[SeedResult]], settings: BenchSettings, base: RunConfig, commands: list[str] | None = None
+) -> dict[str, Any]:
     """Everything bench.json holds: per-method statistics, the paired comparison, steps to within 1%, survival."""
     from lrpilot.report.tables import SURVIVAL_LOSS_FACTOR
 
@@ -490,10 +508,11 @@ def summarise(results: dict[str, list[SeedResult]], settings: BenchSettings, bas
     return {
         "created": now_iso(),
         "command": settings.command,
+        "commands": commands if commands is not None else [c for c in [settings.command] if c],
         "preset": settings.preset,
         "overrides": list(settings.overrides),
         "peaks": list(settings.peaks),
-        "seeds": seed_list(base, settings.seeds),
+        "seeds": sorted({r.seed for rows in results.values() for r in rows} | set(seed_list(base, settings.seeds))),
         "total_steps": total,
         "confidence": CONFIDENCE,
         "methods": methods,
@@ -579,7 +598,9 @@ def render_markdown(s: dict[str, Any]) -> str:
     lines = [
         "# lrpilot bench",
         "",
-        f"Command: `{s['command']}`" if s["command"] else "",
+        "Commands that ran in this directory (oldest first; a re-run skips finished runs):",
+        "",
+        *[f"    {c}" for c in s.get("commands", [])],
         "",
         f"Preset `{s['preset']}`{' with ' + ', '.join(s['overrides']) if s['overrides'] else ''}; seeds "
         f"{', '.join(map(str, s['seeds']))}; every run {s['total_steps']} training steps; sweep peaks "
@@ -669,7 +690,7 @@ def write_figures(s: dict[str, Any], out: Path) -> list[Path]:
         ax.scatter([i + 0.15] * len(pts), pts, s=12, color="grey", zorder=3)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel(f"final eval ppl (mean, {int(100 * s['confidence'])}% interval; dots = seeds)")
-    ax.set_title(f"{s['preset']}: {len(s['seeds'])} seed(s), {s['total_steps']} steps per run")
+    ax.set_title(f"{s['preset']}: seeds {', '.join(map(str, s['seeds']))}; {s['total_steps']} steps per run")
     fig.tight_layout()
     paths.append(out / "bench_ppl.png")
     fig.savefig(paths[-1], dpi=110)
