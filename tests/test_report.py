@@ -396,3 +396,25 @@ def test_ppl_limits_ignore_outliers_and_keep_a_readable_span():
     lo, hi = ppl_limits([5.0, 5.0])  # identical values still get a span
     assert lo < 5.0 < hi
     assert all(math.isnan(v) for v in ppl_limits([math.nan]))
+
+
+def test_report_links_a_bench(published, tmp_path, capsys):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench.json").write_text(
+        json.dumps(
+            {
+                "seeds": [42, 43],
+                "reference": "cosine",
+                "methods": {"cosine": {"mean": 4.81}, "rules": {"mean": 4.72}, "llm": {"mean": None}},
+            }
+        )
+    )
+    d = build_report(published / "campaign", [], tmp_path / "out", bench_dirs=[bench])
+    md, page = d.md_path.read_text(), d.html_path.read_text()
+    assert "Bench: [../bench/bench.md](../bench/bench.md)" in md
+    assert "best mean ppl 4.720 (rules); best fixed schedule cosine 4.810" in md
+    assert "href='../bench/bench.md'" in page
+    assert main_report(published / "campaign", [], tmp_path / "o2", bench_dirs=[tmp_path / "nobench"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no readable bench.json" in err

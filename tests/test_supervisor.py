@@ -1210,3 +1210,28 @@ def test_killed_non_blocking_campaign_resumes_on_the_logged_branch(tmp_path, mon
     replayed = _final_branch_lrs(d2 / "rounds" / "round_001")
     diff = [n for n in trained if replayed.get(n) != pytest.approx(trained[n], rel=1e-12)]
     assert not diff, f"replay differs at steps {diff[:10]}: {[(trained[n], replayed.get(n)) for n in diff[:3]]}"
+
+
+def test_schedule_free_round_never_raises_the_lr(tmp_path):
+    """train.optimizer=schedulefree_adamw: the supervisor applies the guard's lower-only rule to every decision
+    (a higher request keeps the current LR, with the reason logged) and tells the controller (obs.lower_only)."""
+    ctrl = _Scripted([6e-3, 1e-3, 2e-3])
+    rnd = _synthetic_round(tmp_path, ctrl, "train.optimizer=schedulefree_adamw")
+    _interval(rnd, 10, 3.0, 3e-3)
+    _interval(rnd, 20, 2.9, 3e-3)
+    _interval(rnd, 30, 2.8, 1e-3)
+    for seq in range(3):
+        rnd._handle({"event": "applied", "step": 10 * (seq + 1), "time": time.time(), "launch": 1, "seq": seq})
+    recs = read_jsonl(tmp_path / "decisions.jsonl", strict=True)
+    assert [r["new_lr"] for r in recs] == pytest.approx([3e-3, 1.5e-3, 1e-3])  # 1e-3 is 0.5x-clamped first
+    assert recs[0]["clamped"] and "lower-only" in recs[0]["clamp_reasons"][-1]
+    assert not any("lower-only" in r for r in recs[1]["clamp_reasons"])
+    assert "lower-only" in recs[2]["clamp_reasons"][-1]
+    assert all(o.lower_only for o in ctrl.observations)
+    (tmp_path / "b").mkdir()
+    plain = _Scripted([6e-3])
+    rnd2 = _synthetic_round(tmp_path / "b", plain)
+    _interval(rnd2, 10, 3.0, 3e-3)
+    rnd2._handle({"event": "applied", "step": 10, "time": time.time(), "launch": 1, "seq": 0})
+    assert read_jsonl(tmp_path / "b" / "decisions.jsonl")[0]["new_lr"] == pytest.approx(6e-3)
+    assert not plain.observations[0].lower_only

@@ -478,3 +478,49 @@ if __name__ == "__main__":
         write_golden()
     else:
         print(__doc__)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["schedulefree_adamw", "prodigy"])
+def test_resume_reproduces_the_uninterrupted_run_exactly_with_each_optimizer(tmp_path, smoke_config, optimizer):
+    """As for AdamW above: stop at 15, resume, every loss and the final eval bitwise equal. Evaluations at 10
+    and 20 (eval.every) and checkpoints switch schedule-free to its average and back."""
+    pytest.importorskip("schedulefree" if optimizer == "schedulefree_adamw" else "prodigyopt")
+    cfg = small(smoke_config, "train.total_steps=30", f"train.optimizer={optimizer}", "eval.every=10")
+    a = make_run(tmp_path, cfg, "a")
+    assert_ok(FixedController(a, decision_lr, decision_plan).run(trainer_cmd(a, "--wait-for-decisions")))
+    b = make_run(tmp_path, cfg, "b")
+    ctl = FixedController(b, decision_lr, decision_plan)
+    assert_ok(ctl.run(trainer_cmd(b, "--wait-for-decisions", "--stop-at-step", "15")))
+    ckpt = b / "checkpoints" / "step_000015.pt"
+    assert_ok(ctl.run(trainer_cmd(b, "--wait-for-decisions", "--resume", str(ckpt))))
+
+    la, lb = step_losses(a), step_losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 31))
+    assert [la[s] for s in la] == [lb[s] for s in la]
+    evals_a = {e["step"]: e["eval_loss"] for e in events(a, "eval")}
+    assert sorted(evals_a) == [10, 20, 30]
+    assert evals_a == {e["step"]: e["eval_loss"] for e in events(b, "eval")}
+    assert events(a, "done")[-1]["final_eval_loss"] == events(b, "done")[-1]["final_eval_loss"]
+
+
+@pytest.mark.slow
+def test_schedule_free_evaluates_its_average_and_evaluating_leaves_the_trajectory_alone(tmp_path, smoke_config):
+    """Schedule-free: a run that evaluates every 5 steps trains exactly as one that never does (the training
+    point is restored bit for bit), and its checkpoint holds the average x (the model) apart from y."""
+    pytest.importorskip("schedulefree")
+    import torch
+
+    cfg = small(smoke_config, "train.total_steps=20", "train.optimizer=schedulefree_adamw")
+    a = make_run(tmp_path, cfg, "a")
+    assert_ok(run_trainer(a))
+    b = make_run(tmp_path, apply_overrides(cfg, ["eval.every=5"]), "b")
+    assert_ok(run_trainer(b))
+    assert len(events(b, "eval")) == 4 and not events(a, "eval")[:-1]
+    assert step_losses(a) == step_losses(b)
+    state = torch.load(b / "checkpoints" / "step_000010.pt", weights_only=True)
+    x = dict(state["model"])
+    y = state["train_params"]
+    assert state["optimizer"]["param_groups"][0]["train_mode"] is True
+    first = next(iter(x))
+    assert not torch.equal(x[first], y[0])  # x (the average) and y (the gradient point) differ

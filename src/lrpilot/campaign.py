@@ -354,7 +354,7 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
         "warmup_steps": cfg.schedule.warmup_steps,
         "decision_every": cfg.schedule.decision_every,
         "init_lr": cfg.schedule.init_lr,
-        "optimizer": "adamw",
+        "optimizer": cfg.train.optimizer,
         "round": r,
         "status": res.status,
         "failure_reason": res.failure_reason,

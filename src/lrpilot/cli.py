@@ -4,6 +4,7 @@
     lrpilot train --preset cpu-smoke --dir runs/one --schedule cosine --peak 3e-3
     lrpilot baseline --preset cpu-small --schedule cosine --peaks 1e-3 3e-3 1e-2 --out runs/sweep
     lrpilot campaign --preset cpu-small --rounds 8 --controller rules --memory optuna --dir runs/rules
+    lrpilot bench --preset cpu-small --methods cosine wsd rules --seeds 3 --peaks 1e-3 3e-3 1e-2 --out runs/bench
     lrpilot report runs/rules --baselines runs/sweep --out runs/report
     lrpilot report runs/llm --compare runs/rules --baselines runs/sweep --out runs/compare
     lrpilot import-logs ../shared/seed-experiments --dir runs/published
@@ -171,11 +172,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         time.sleep(args.watch)  # the refresh period of a display, not synchronisation
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from lrpilot.bench import BenchSettings, main_bench
+
+    overrides = list(args.overrides) + _agent_overrides(args)
+    settings = BenchSettings(
+        preset=args.preset,
+        overrides=tuple(overrides),
+        peaks=tuple(args.peaks),
+        methods=tuple(args.methods),
+        seeds=args.seeds,
+        jobs=args.jobs,
+        optuna_seed=args.optuna_seed,
+        command=shlex.join(["lrpilot", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "",
+    )
+    return main_bench(settings, Path(args.out))
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from lrpilot.report import main_report
 
     return main_report(
-        Path(args.dir), [Path(b) for b in args.baselines], Path(args.out), [Path(c) for c in args.compare]
+        Path(args.dir),
+        [Path(b) for b in args.baselines],
+        Path(args.out),
+        [Path(c) for c in args.compare],
+        [Path(b) for b in args.bench],
     )
 
 
@@ -334,6 +358,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_campaign)
 
+    p = sub.add_parser(
+        "bench", help="methods x seeds at one step budget: fixed-schedule sweeps, LR-free optimizers, campaigns"
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        required=True,
+        metavar="M",
+        help="cosine, wsd, d2z, constant (sweeps over --peaks), schedulefree[:LR], prodigy[:LR] (one run at "
+        "defaults), rules (1 round, defaults, no memory), rules+optuna:K, llm, llm+memory:K, replay:DIR",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method: train.seed, train.seed+1, ... (default 3)")
+    p.add_argument("--peaks", type=positive_float, nargs="*", default=[], help="sweep peak LRs, e.g. 1e-3 3e-3 1e-2")
+    p.add_argument("--out", required=True, help="bench directory; run the same command again to resume")
+    p.add_argument("--jobs", type=int, default=1, help="trainers at once (each uses train.num_threads threads)")
+    p.add_argument("--backend", choices=("openai", "local"), default=None, help="LLM backend (llm methods)")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (llm methods)")
+    p.add_argument("--model", default=None, help="Controller model name (llm methods)")
+    p.add_argument("--memory-model", default=None, help="Memory agent model (llm+memory)")
+    p.add_argument("--optuna-seed", type=int, default=0, help="seed of the Optuna TPE sampler (rules+optuna)")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("report", help="tables and figures from a campaign's logs (never imports torch)")
     p.add_argument("dir", help="campaign directory")
     p.add_argument("--baselines", nargs="*", default=[], help="directories of baseline result jsons")
@@ -343,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DIR",
         help="other campaign directories to put side by side with DIR (table + best-so-far figure)",
+    )
+    p.add_argument(
+        "--bench", nargs="+", default=[], metavar="DIR", help="`lrpilot bench` directories to link (bench.md)"
     )
     p.add_argument("--out", required=True, help="output directory for report.html, report.md and PNGs")
     p.set_defaults(func=cmd_report)

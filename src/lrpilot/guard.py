@@ -17,6 +17,8 @@ The rules:
    number keeps the current LR (the fallback). `clamp_plan`: a schedule's (step, lr) knots are bounded
    by [0, min(ceiling, max_ratio x current)]: they never rise faster, but may fall faster than min_ratio
    and below the floor (decay schedules reach 0; see its docstring for why).
+   With `lower_only` (train.optimizer=schedulefree_adamw) a decision may not raise the LR above the current
+   one, and a plan's knots never rise (`lower_only`).
 2. `choose_rollback`: after a crash, resume from the latest healthy checkpoint at least
    `rollback_back_steps` before the crash (else the earliest healthy one) with the LR x `crash_lr_factor`.
 3. `check_loss`: NaN/Inf or a loss above `crash_loss` is a crash. `check_emergency` / `emergency_lr`: the
@@ -96,7 +98,7 @@ class ClampResult:
     fallback: bool = False
 
 
-def clamp_lr(proposed: Any, current: float, cfg: GuardConfig) -> ClampResult:
+def clamp_lr(proposed: Any, current: float, cfg: GuardConfig, lower_only: bool = False) -> ClampResult:
     """Bound a decision's headline LR: first to [min_ratio x current, max_ratio x current] (the jump limit),
     then to the global [floor, ceiling]. The global bounds win where the two do not overlap, so the result
     is always in [floor, ceiling]. Clamping a clamped value changes nothing.
@@ -104,7 +106,20 @@ def clamp_lr(proposed: Any, current: float, cfg: GuardConfig) -> ClampResult:
     A proposal that is not a positive finite number (NaN, Inf, 0, negative, not a number) keeps the
     current LR (itself put into [floor, ceiling]) with fallback=True and a reason saying why.
     `current` is the LR in force now; ValueError if it is not a positive finite number.
+
+    lower_only: the LR may only go down (schedule-free AdamW, whose averaging follows the running maximum LR;
+    the published study's rule): a result above the current LR becomes the current LR, with a reason.
     """
+    res = _clamp_lr(proposed, current, cfg)
+    cur = float(current)
+    if lower_only and res.lr > cur:
+        held = _clip(cur, cfg.floor, cfg.ceiling)
+        why = f"lower-only (schedule-free optimizer): {_fmt(res.lr)} > current {_fmt(cur)}; kept {_fmt(held)}"
+        return ClampResult(lr=held, clamped=True, reasons=(*res.reasons, why), fallback=res.fallback)
+    return res
+
+
+def _clamp_lr(proposed: Any, current: float, cfg: GuardConfig) -> ClampResult:
     cur = _require_lr(current, "clamp_lr current")
     p = _as_number(proposed)
     if p is None or not math.isfinite(p) or p <= 0:
@@ -153,8 +168,12 @@ class PlanResult(NamedTuple):
         return bool(self.reasons)
 
 
-def clamp_plan(plan: Iterable[Any], cfg: GuardConfig, current: float | None = None) -> PlanResult:
-    """Bound a schedule's (step, lr) knots to [0, min(ceiling, max_ratio x current)].
+def clamp_plan(
+    plan: Iterable[Any], cfg: GuardConfig, current: float | None = None, lower_only: float | None = None
+) -> PlanResult:
+    """Bound a schedule's (step, lr) knots to [0, min(ceiling, max_ratio x current)]; with `lower_only` = the
+    current LR, also to the lowest LR so far (the current one, then every earlier knot), so the plan never
+    raises the LR.
 
     The upper half of the jump limit applies to knots as it does to the headline LR (`clamp_lr`): no decision
     raises the LR above max_ratio x the LR in force (`current`; None = no jump limit). It matters after a
@@ -190,6 +209,7 @@ def clamp_plan(plan: Iterable[Any], cfg: GuardConfig, current: float | None = No
     if current is not None:
         cap = min(cap, cfg.max_ratio * _require_lr(current, "clamp_plan current"))
     out: list[tuple[int, float]] = []
+    low = _require_lr(lower_only, "clamp_plan lower_only") if lower_only is not None else math.inf
     for step, lr in kept:
         if out and out[-1][0] == step:
             reasons.append(f"plan knot at step {step}: repeated step; dropped (lr {_fmt(lr)})")
@@ -203,6 +223,11 @@ def clamp_plan(plan: Iterable[Any], cfg: GuardConfig, current: float | None = No
             else:
                 bound = f"> ceiling {_fmt(cfg.ceiling)}"
             reasons.append(f"plan knot at step {step}: {_fmt(lr)} {bound}; clamped to {_fmt(v)}")
+        if lower_only is not None:
+            if v > low:
+                reasons.append(f"plan knot at step {step}: lower-only, {_fmt(v)} > {_fmt(low)}; lowered to {_fmt(low)}")
+                v = low
+            low = v
         out.append((step, v))
     return PlanResult(plan=tuple(out), reasons=tuple(reasons))
 

@@ -784,6 +784,7 @@ class _Round:
             min_ratio=self.g.min_ratio,
             max_ratio=self.g.max_ratio,
             round_index=self.round_index,
+            lower_only=self.cfg.lr_may_only_fall,
         )
 
     def _track_observe(self, step: int, ev: dict[str, Any]) -> tuple[list[float], float, float]:
@@ -883,11 +884,12 @@ class _Round:
             self._send(point, guard.clamp_lr(lr_now, lr_now, self.g).lr, None, kind="fallback",
                        reasoning=f"{why}; kept the current LR", latency_s=latency)  # fmt: skip
             return
-        clamp = guard.clamp_lr(decision.lr, lr_now, self.g)
+        lower_only = self.cfg.lr_may_only_fall
+        clamp = guard.clamp_lr(decision.lr, lr_now, self.g, lower_only=lower_only)
         reasons = list(clamp.reasons)
         plan = None
         if decision.plan is not None:
-            bounded = guard.clamp_plan(decision.plan, self.g, current=lr_now)
+            bounded = guard.clamp_plan(decision.plan, self.g, current=lr_now, lower_only=lr_now if lower_only else None)
             reasons += bounded.reasons
             plan = bounded.plan or None
         fields: dict[str, Any] = {"raw_reply": decision.raw} if decision.raw is not None else {}

@@ -11,8 +11,12 @@ while t < warmup_steps, then whatever the last control command set (an LR or a p
 broadcast to every rank and takes effect at the next update, recorded by an `applied` event. The
 trainer knows nothing about LLMs or the guard: it only trains, reports and obeys.
 
-Optimizer: AdamW with weight decay on *all* parameters (norm gains included), as the GaLore reference's
-`torch.optim.AdamW(model.parameters(), weight_decay=0.01)` does, and grad clipping (train.grad_clip).
+Optimizer (train.optimizer): AdamW with weight decay on *all* parameters (norm gains included), as the GaLore
+reference's `torch.optim.AdamW(model.parameters(), weight_decay=0.01)` does, and grad clipping
+(train.grad_clip); or schedule-free AdamW / Prodigy with the same betas, eps and weight decay (`make_optimizer`).
+Schedule-free trains at one point (y) and evaluates at another (its average x): every evaluation and
+checkpoint switches it to eval mode (x) and afterwards restores y bit for bit, so evaluating never changes
+the trajectory; checkpoints hold x as the model (what to evaluate or deploy) and y as `train_params`.
 
 Checkpoints (every checkpoint_every steps, and on stop) hold what an exact resume needs: model,
 optimizer, RNG states, data position, LR state, step and the telemetry bookkeeping of the current
@@ -251,6 +255,76 @@ class Steering:
         self.wait_s += time.perf_counter() - t0
 
 
+def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer train.optimizer names, with the run's betas, eps and weight decay. Its LR is set before
+    every update by the trainer (warmup, then the controller), so the constructor's lr is only a placeholder.
+
+    - adamw: torch.optim.AdamW (decoupled weight decay on every parameter, as GaLore's reference).
+    - schedulefree_adamw: schedulefree.AdamWScheduleFree (Defazio et al. 2024) with warmup_steps=0 (the
+      trainer warms up) and its defaults otherwise (r=0, weight_lr_power=2); weight decay is applied at y.
+    - prodigy: prodigyopt.Prodigy (Mishchenko & Defazio 2024), decoupled weight decay; safeguard_warmup=True
+      when schedule.warmup_steps > 0, as its README advises for a run with warmup; the LR is a multiplier
+      of its own estimate (1.0 by default).
+    Raises TrainerError naming the extra when the package is missing.
+    """
+    t = cfg.train
+    betas = (t.beta1, t.beta2)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.schedule.init_lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay)
+    if t.optimizer == "schedulefree_adamw":
+        try:
+            from schedulefree import AdamWScheduleFree
+        except ImportError:
+            raise TrainerError(
+                "train.optimizer=schedulefree_adamw needs schedulefree: pip install 'lrpilot[optim]'"
+            ) from None
+        opt = AdamWScheduleFree(
+            params, lr=cfg.schedule.init_lr, betas=betas, eps=t.eps, weight_decay=t.weight_decay, warmup_steps=0
+        )
+        opt.train()
+        return opt
+    if t.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise TrainerError("train.optimizer=prodigy needs prodigyopt: pip install 'lrpilot[optim]'") from None
+        return Prodigy(
+            params,
+            lr=cfg.schedule.init_lr,
+            betas=betas,
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            safeguard_warmup=cfg.schedule.warmup_steps > 0,
+        )
+    raise TrainerError(f"train.optimizer={t.optimizer!r}: unknown (config validation should have caught it)")
+
+
+def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    """True for an optimizer with separate train and eval points (schedulefree's .train()/.eval())."""
+    return bool(optimizer.param_groups) and "train_mode" in optimizer.param_groups[0] and hasattr(optimizer, "eval")
+
+
+@contextlib.contextmanager
+def eval_point(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]):
+    """Inside: the parameters hold the point to evaluate (schedule-free: its average x, via optimizer.eval()).
+    Yields the training point's tensors (schedule-free: copies of y; otherwise None). On exit the training
+    point is restored bit for bit (not by optimizer.train(), whose lerp does not invert eval()'s exactly), so
+    an evaluation or checkpoint never changes the run's trajectory."""
+    if not is_schedule_free(optimizer):
+        yield None
+        return
+    saved = [p.detach().clone() for p in params]
+    optimizer.eval()
+    try:
+        yield saved
+    finally:
+        with torch.no_grad():
+            for p, y in zip(params, saved, strict=True):
+                p.copy_(y)
+        for group in optimizer.param_groups:
+            group["train_mode"] = True
+
+
 def update_lr(step: int, cfg: RunConfig, lr_state: LRState) -> float:
     """The LR of update number `step`: warmup to the LR in force, then the LR state (docs/architecture.md)."""
     lr = lr_state.lr_for(step)
@@ -302,19 +376,20 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
     data = build_data(cfg.data, cfg.train.seed, rank=rank, world_size=world_size)
     check_vocab(data.vocab_size, cfg.model.vocab_size)
     raw_model = LLaMA(cfg.model).to(device)
-    optimizer = torch.optim.AdamW(
-        raw_model.parameters(),
-        lr=cfg.schedule.init_lr,
-        betas=(cfg.train.beta1, cfg.train.beta2),
-        eps=cfg.train.eps,
-        weight_decay=cfg.train.weight_decay,
-    )
+    params = list(raw_model.parameters())
+    optimizer = make_optimizer(cfg, params)
     lr_state = LRState(cfg.schedule.init_lr)
     interval: dict[str, Any] = {"losses": [], "tokens": 0, "seconds": 0.0, "grad_norm": math.nan}
     wait_s = 0.0
     if resume:
         raw_model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        if is_schedule_free(optimizer):  # the model holds x; training continues from y, exactly
+            with torch.no_grad():
+                for p, y in zip(params, resume["train_params"], strict=True):
+                    p.copy_(y.to(p.device))
+            for group in optimizer.param_groups:
+                group["train_mode"] = True
         data.load_state_dict(resume["data"])
         lr_state.load_state_dict(resume["lr_state"])
         set_rng_state(resume["rng"])
@@ -402,7 +477,10 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
 
     def evaluate_now(step: int) -> dict[str, float]:
         # the unwrapped module: DDP's forward would wait for the other ranks
-        result = evaluate(raw_model, data, cfg.eval.tokens, cfg.eval.batch_size, device, autocast_dtype=autocast_dtype)
+        with eval_point(optimizer, params):
+            result = evaluate(
+                raw_model, data, cfg.eval.tokens, cfg.eval.batch_size, device, autocast_dtype=autocast_dtype
+            )
         telemetry.emit("eval", step, **result)
         loggers.log(step, {f"eval/{k}": v for k, v in result.items()})
         return result
@@ -416,24 +494,28 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
             data_state = {"ranks": every_rank}
         if not master:
             return
-        state = {
-            "format": FORMAT,
-            "fingerprint": config_fingerprint(cfg),
-            "step": step,
-            "lr": lr,
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": rng_state(),
-            "data": data_state,
-            "lr_state": lr_state.state_dict(),
-            "interval": dict(interval),
-            "wait_s": steering.wait_s,
-            "world_size": world_size,
-            "config": cfg.to_dict(),
-        }
-        path = save_checkpoint(
-            run_dir, step, state, keep=cfg.checkpoint.keep, retain_back_steps=cfg.guard.rollback_back_steps
-        )
+        optimizer_state = optimizer.state_dict()  # in train mode, as a resume continues
+        with eval_point(optimizer, params) as train_params:
+            state = {
+                "format": FORMAT,
+                "fingerprint": config_fingerprint(cfg),
+                "step": step,
+                "lr": lr,
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer_state,
+                "rng": rng_state(),
+                "data": data_state,
+                "lr_state": lr_state.state_dict(),
+                "interval": dict(interval),
+                "wait_s": steering.wait_s,
+                "world_size": world_size,
+                "config": cfg.to_dict(),
+            }
+            if train_params is not None:
+                state["train_params"] = train_params
+            path = save_checkpoint(
+                run_dir, step, state, keep=cfg.checkpoint.keep, retain_back_steps=cfg.guard.rollback_back_steps
+            )
         telemetry.emit("checkpoint", step, path=str(path), lr=lr)
 
     # ---- the training loop: `step` = updates done; each pass makes update number `step`

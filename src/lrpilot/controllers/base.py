@@ -72,6 +72,8 @@ class Observation:
     rollback_steps: tuple[int, ...] = ()
     #: agent-requested rollbacks it has left this round
     agent_rollbacks_left: int = 0
+    #: the guard only lets the LR go down (schedule-free optimizer; lrpilot.guard.clamp_lr lower_only)
+    lower_only: bool = False
 
     @property
     def progress(self) -> float:

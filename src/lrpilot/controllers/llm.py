@@ -214,6 +214,11 @@ class LLMController(BaseController):
             f"Your LR is clamped to [{lo_ratio:g} x, {hi_ratio:g} x] the current LR and to "
             f"[{_lr(floor)}, {_lr(ceiling)}]."
         )
+        if obs.lower_only:
+            out.append(
+                "The optimizer is schedule-free AdamW, whose weight averaging follows the largest LR so far: "
+                "you may only keep or lower the LR; a higher LR is replaced by the current one."
+            )
         if g is not None:
             out.append(
                 f"Emergency cut (LR x {g.emergency_factor:g}) if the loss rises by more than {g.emergency_jump:g} "
@@ -239,6 +244,7 @@ class LLMController(BaseController):
         lr = obs.lr
         if math.isfinite(lr) and lr > 0:
             lo, hi = max(floor, lo_ratio * lr), min(ceiling, hi_ratio * lr)
+            hi = min(hi, lr) if obs.lower_only else hi
             out.append(f"current LR: {_lr(lr)} (you may set {_lr(lo)} .. {_lr(hi)})")
         else:
             out.append(f"current LR: {_lr(lr)}")

@@ -17,7 +17,9 @@ import base64
 import dataclasses
 import datetime as _dt
 import html
+import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +57,8 @@ class ReportData(Analysis):
     md_path: Path | None = None
     #: the campaigns and baseline sweeps side by side (None unless build_report got compare_dirs)
     side_by_side: SideBySide | None = None
+    #: (link to bench.md relative to out_dir, one-line headline) per `lrpilot bench` directory given
+    benches: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def phase_means(self) -> list[float]:
@@ -112,6 +116,26 @@ def _intro(d: ReportData) -> str:
     )
 
 
+def bench_link(bench_dir: Path, out_dir: Path) -> tuple[str, str]:
+    """(bench.md relative to out_dir, a headline from bench.json) for `lrpilot report --bench DIR`.
+    Raises CampaignLogsError (one line) when DIR holds no readable bench.json."""
+    path = Path(bench_dir) / "bench.json"
+    try:
+        s = json.loads(path.read_text())
+        methods = s["methods"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CampaignLogsError(
+            f"report --bench {bench_dir}: no readable bench.json; run `lrpilot bench --out {bench_dir}` first"
+        ) from None
+    ranked = sorted((m["mean"], k) for k, m in methods.items() if isinstance(m.get("mean"), (int, float)))
+    head = f"{len(methods)} methods over seeds {', '.join(map(str, s.get('seeds', [])))}"
+    if ranked:
+        head += f"; best mean ppl {ranked[0][0]:.3f} ({ranked[0][1]})"
+    if s.get("reference") in methods and isinstance(methods[s["reference"]].get("mean"), (int, float)):
+        head += f"; best fixed schedule {s['reference']} {methods[s['reference']]['mean']:.3f}"
+    return os.path.relpath(Path(bench_dir) / "bench.md", out_dir), head
+
+
 def render_html(d: ReportData) -> str:
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>lrpilot report</title>",
@@ -119,6 +143,8 @@ def render_html(d: ReportData) -> str:
         "<h1>lrpilot campaign report</h1>",
         f"<p>{html.escape(_intro(d))}</p>",
     ]
+    for link, head in d.benches:
+        parts.append(f"<p>Bench: <a href='{html.escape(link)}'>{html.escape(link)}</a> ({html.escape(head)})</p>")
     for title, items in _sections(d):
         parts.append(f"<h2>{html.escape(title)}</h2>")
         for it in items:
@@ -142,6 +168,7 @@ def render_html(d: ReportData) -> str:
 
 def render_markdown(d: ReportData) -> str:
     parts = ["# lrpilot campaign report", "", _intro(d), ""]
+    parts += [f"Bench: [{link}]({link}) ({head})\n" for link, head in d.benches]
     for title, items in _sections(d):
         parts += [f"## {title}", ""]
         for it in items:
@@ -178,11 +205,13 @@ def build_report(
     baseline_dirs: Sequence[str | Path] = (),
     out_dir: str | Path | None = None,
     compare_dirs: Sequence[str | Path] = (),
+    bench_dirs: Sequence[str | Path] = (),
 ) -> ReportData:
     """Read the campaign (and extra baseline folders), compute every number, and write OUT/report.html,
     OUT/report.md and the PNGs (OUT defaults to CAMPAIGN/report). With compare_dirs (other campaign
     directories) the report gets a "Side by side" section: one row per campaign (this one first) and per
-    baseline schedule, and the best-so-far figure. Raises CampaignLogsError for unreadable input, or when there
+    baseline schedule, and the best-so-far figure. bench_dirs (`lrpilot bench` outputs) are linked with a
+    headline each. Raises CampaignLogsError for unreadable input, or when there
     is nothing to report."""
     campaign_dir = Path(campaign_dir)
     logs = load_campaign(campaign_dir)
@@ -226,6 +255,7 @@ def build_report(
         d.side_by_side = side_by_side(list(zip(names, [logs, *others], strict=True)), baselines)
         d.tables["side_by_side"] = side_by_side_table(d.side_by_side)
         d.figures.append(safe_figure("side_by_side", fig_side_by_side, d.side_by_side, out))
+    d.benches = [bench_link(Path(b), out) for b in bench_dirs]
     d.html_path, d.md_path = out / "report.html", out / "report.md"
     # atomic: a full disk or a second report into OUT never leaves half a page
     write_atomic(d.md_path, render_markdown(d).encode("utf-8"))
@@ -238,11 +268,12 @@ def main_report(
     baseline_dirs: Sequence[str | Path] = (),
     out_dir: str | Path | None = None,
     compare_dirs: Sequence[str | Path] = (),
+    bench_dirs: Sequence[str | Path] = (),
 ) -> int:
     """`lrpilot report DIR [--baselines DIR ...] [--compare DIR2 ...] --out OUT`: build the report, print the
     key tables; 0 on success, 2 with a one-line error for unreadable input."""
     try:
-        d = build_report(campaign_dir, baseline_dirs, out_dir, compare_dirs)
+        d = build_report(campaign_dir, baseline_dirs, out_dir, compare_dirs, bench_dirs)
     except CampaignLogsError as e:
         print(f"lrpilot report: error: {e}", file=sys.stderr)
         return 2
