@@ -466,7 +466,6 @@ class _Round:
         self.stepped, self.phase = False, None
         self.token = f"{os.getpid()}-{self.launches}-{time.time_ns()}"
         self.launch_start_step = start_step
-        self.launch_resumed = resume is not None
         self.last_step = start_step
         self.done = None
         self._note(f"launch {self.launches}: {' '.join(cmd)}")
