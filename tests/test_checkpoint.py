@@ -5,6 +5,9 @@ python -m pytest -q tests/test_checkpoint.py
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 
@@ -136,3 +139,43 @@ def test_presets_keep_enough_checkpoints_for_a_rollback(preset):
     every = cfg.checkpoint_every
     needed = -(-cfg.guard.rollback_back_steps // every) + 2
     assert cfg.checkpoint.keep >= needed, f"{preset}: checkpoint.keep {cfg.checkpoint.keep} < {needed}"
+
+
+def _write_unchecked(tmp_path, step: int, state: dict):
+    """A checkpoint as an older lrpilot wrote it: no finiteness check, sidecar without `finite`."""
+    p = save_checkpoint(tmp_path, step, _state(step))
+    torch.save(state, p)
+    meta = json.loads(sidecar_path(p).read_text())
+    meta.pop("finite", None)
+    meta.update(sha256=hashlib.sha256(p.read_bytes()).hexdigest(), bytes=p.stat().st_size)
+    sidecar_path(p).write_text(json.dumps(meta))
+    return p
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+def test_non_finite_state_is_never_written_nor_loaded(tmp_path, where):
+    """Issue 9.1: a state with a NaN/Inf in the weights or the optimizer moments is no checkpoint."""
+    bad = _state(10)
+    if where == "model":
+        bad["model"]["w"][3] = float("nan")
+    else:
+        bad["optimizer"] = {"state": {0: {"exp_avg_sq": torch.tensor([1.0, float("inf")])}}, "param_groups": []}
+    with pytest.raises(CheckpointError, match=f"step 10 not written: non-finite values in {where}"):
+        save_checkpoint(tmp_path, 10, bad)
+    assert list_checkpoints(tmp_path) == [] and not list((tmp_path / "checkpoints").glob("*"))
+    good = save_checkpoint(tmp_path, 20, _state(20))
+    assert json.loads(sidecar_path(good).read_text())["finite"] is True
+    # written by an older version: the hash matches, but loading refuses it
+    old = _write_unchecked(tmp_path, 30, bad)
+    assert verify_checkpoint(old) is None
+    with pytest.raises(CheckpointError, match="step_000030.pt: non-finite values in"):
+        load_checkpoint(old, fingerprint="abc")
+
+
+def test_sidecar_saying_non_finite_makes_the_checkpoint_unusable(tmp_path):
+    p = save_checkpoint(tmp_path, 10, _state(10))
+    meta = json.loads(sidecar_path(p).read_text())
+    sidecar_path(p).write_text(json.dumps({**meta, "finite": False}))
+    [info] = list_checkpoints(tmp_path)
+    assert not info.complete and "non-finite" in info.reason
+    assert "non-finite" in verify_checkpoint(p)

@@ -93,3 +93,105 @@ def test_trainer_refusal_through_the_supervisor_is_one_line_and_not_retried(tmp_
         run_one(cfg, "cosine", 3e-3, tmp_path / "bad")
     assert "trainer refused to start" in str(e.value) and "data.path" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "bad" / "runs" / "cosine_lr3e-3" / "rollbacks.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------ issue 9
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith("lrpilot: error: ") and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--schedule", "constant", "--peak", "0.2"],
+        ["train", "--set", "schedule.init_lr=0.2"],
+        ["baseline", "--peaks", "1e-3", "0.2"],
+        ["campaign", "--rounds", "1", "--controller", "rules", "--set", "schedule.init_lr=0.2"],
+    ],
+    ids=["train-peak", "train-init-lr", "baseline", "campaign"],
+)
+def test_an_lr_above_the_guard_ceiling_is_refused_before_anything_runs(tmp_path, args):
+    """Issue 9.5: the warmup used to train at 0.2 unguarded (ceiling 0.05) and the result recorded it wrongly."""
+    cmd, *rest = args
+    where = "--out" if cmd == "baseline" else "--dir"
+    r = _lrpilot(cmd, "--preset", "cpu-smoke", *rest, where, str(tmp_path / "d"))
+    _one_line_error(r, "0.2", "guard.ceiling (0.05)")
+    assert not (tmp_path / "d" / "runs").exists() and not (tmp_path / "d" / "rounds").exists()
+
+
+@pytest.mark.slow
+def test_nan_env_with_checkpoint_every_5_never_rolls_back_to_the_nan_step(tmp_path):
+    """Issue 9.1: `LRPILOT_INJECT_NAN_AT_STEP=5 lrpilot train --preset cpu-smoke --set checkpoint.every=5`:
+    every launch NaNs at step 5, so the round fails cleanly after max_fast_crash quick crashes, but no
+    rollback ever lands on step 5 (whose state is the NaN'd one) and no checkpoint at or after 5 exists."""
+    import os
+
+    env = {**os.environ, "LRPILOT_INJECT_NAN_AT_STEP": "5"}
+    d = tmp_path / "d"
+    r = subprocess.run([sys.executable, "-m", "lrpilot", "train", "--preset", "cpu-smoke", "--set",
+                        "checkpoint.every=5", "--dir", str(d)], capture_output=True, text=True, timeout=600,
+                       env=env)  # fmt: skip
+    assert r.returncode == 1, r.stderr[-2000:]
+    run_dir = d / "runs" / "cosine_lr3e-3"
+    rbs = [json.loads(x) for x in (run_dir / "rollbacks.jsonl").read_text().splitlines()]
+    assert [rb["crash_step"] for rb in rbs] == [5] * 5
+    assert [rb["rolled_back_to_step"] for rb in rbs] == [0, 0, 0, 0, None]
+    assert not list((run_dir / "checkpoints").glob("step_*.pt"))
+    assert json.loads((d / "cosine_lr3e-3.json").read_text())["diverged"] is True
+
+
+def _wait_for_step(telemetry, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll the telemetry file until a step event >= `step` (a condition with a deadline)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if telemetry.exists():
+            for line in telemetry.read_text().splitlines():
+                if '"event":"step"' in line and json.loads(line)["step"] >= step:
+                    return
+        assert proc.poll() is None, "lrpilot train ended before the step"
+        assert time.monotonic() < deadline, f"no step {step} in {telemetry}"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_rerunning_a_directory_with_other_settings_is_refused_not_crashed(tmp_path):
+    """Issue 9.6: `lrpilot train --preset cpu-smoke --dir D` killed at step ~35, re-run with
+    --set model.hidden_size=64. It used to overwrite config.json, count the trainer's fingerprint refusal
+    (exit 2) as five crashes with halved LRs and store the run as diverged; re-running the original command
+    then printed that stored result. Now: one line naming the field, nothing written, and the original
+    command resumes the run."""
+    import signal
+
+    d = tmp_path / "d"
+    run_dir = d / "runs" / "cosine_lr3e-3"
+    base = [sys.executable, "-m", "lrpilot", "train", "--preset", "cpu-smoke", "--dir", str(d)]
+    proc = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_step(run_dir / "telemetry.jsonl", 35, proc)
+        proc.send_signal(signal.SIGTERM)  # the supervisor kills its trainer and exits
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    config_before = (run_dir / "config.json").read_text()
+    r = _lrpilot("train", "--preset", "cpu-smoke", "--set", "model.hidden_size=64", "--dir", str(d))
+    _one_line_error(r, "model.hidden_size", "model.hidden_size=32", "64")
+    assert (run_dir / "config.json").read_text() == config_before
+    assert not (run_dir / "rollbacks.jsonl").exists() and not (d / "cosine_lr3e-3.json").exists()
+    # the original command resumes it and finishes without a crash
+    r = _lrpilot("train", "--preset", "cpu-smoke", "--dir", str(d))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((d / "cosine_lr3e-3.json").read_text())
+    assert rec["status"] == "ok" and rec["crash_count"] == 0 and math.isfinite(rec["final_eval_ppl"])
+    # a finished directory too: other settings are refused, not answered with the stored result
+    r = _lrpilot("train", "--preset", "cpu-smoke", "--set", "train.seed=1", "--dir", str(d))
+    _one_line_error(r, "train.seed")
+    r = _lrpilot("baseline", "--preset", "cpu-smoke", "--set", "train.seed=1", "--peaks", "3e-3", "--out", str(d))
+    _one_line_error(r, "train.seed")

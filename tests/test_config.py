@@ -103,3 +103,46 @@ def test_cli_info_prints_parameter_count():
     assert r.returncode == 0, r.stderr
     assert '"hidden_size": 512' in r.stdout
     assert "parameters: 58,0" in r.stdout  # HF LlamaForCausalLM with llama_60m.json: 58,073,600
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["schedule.init_lr=0.2"], "above guard.ceiling (0.05)"),
+        (["schedule.init_lr=1e-7"], "below guard.floor (1e-06)"),
+        (["schedule.init_lr=3e-3", "guard.ceiling=1e-3"], "above guard.ceiling (0.001)"),
+    ],
+)
+def test_init_lr_outside_the_guard_bounds_is_refused(overrides, fragment):
+    """Issue 9.5: the warmup trains at init_lr before the guard sees a decision."""
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(load_config("cpu-smoke"), overrides)
+    assert str(e.value).startswith("schedule.init_lr:") and fragment in str(e.value) and "\n" not in str(e.value)
+    # raising the bound first is the fix, in either order
+    cfg = apply_overrides(load_config("cpu-smoke"), ["schedule.init_lr=0.2", "guard.ceiling=0.3"])
+    assert cfg.schedule.init_lr == 0.2
+
+
+def test_check_same_config_names_the_field(tmp_path):
+    """Issue 9.6: a run directory is only reused with the settings it was made with."""
+    from lrpilot.config import check_same_config, config_differences
+
+    cfg = load_config("cpu-smoke")
+    path = tmp_path / "config.json"
+    check_same_config(path, cfg)  # nothing stored yet
+    cfg.save(path)
+    check_same_config(path, cfg)
+    check_same_config(path, apply_overrides(cfg, ["train.progress=true", "guard.hang_timeout_s=5"]))  # how, not what
+    with pytest.raises(ConfigError) as e:
+        check_same_config(path, apply_overrides(cfg, ["model.hidden_size=64"]))
+    msg = str(e.value)
+    assert msg.startswith("model.hidden_size:") and "model.hidden_size=32" in msg and "64" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"schedule.init_lr: .*\(and 1 more: train.seed\)"):
+        check_same_config(path, apply_overrides(cfg, ["schedule.init_lr=1e-3", "train.seed=1"]))
+    # a field the stored file lacks (written before it existed) is not compared
+    d = json.loads(path.read_text())
+    del d["guard"]["max_fast_crash"]
+    assert config_differences(d, cfg) == []
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="unreadable"):
+        check_same_config(path, cfg)

@@ -519,3 +519,28 @@ def test_schedule_free_config_turns_the_rule_on():
     assert not load_config("cpu-smoke").lr_may_only_fall
     with pytest.raises(ConfigError, match="train.optimizer"):
         load_config("cpu-smoke", ["train.optimizer=sgd"])
+
+
+# --------------------------------------------------------------------- 2b. poisoned checkpoints (issue 9.1)
+
+
+@given(ckpts=checkpoint_lists, crash_step=st.integers(0, 6000), bad_from=st.integers(0, 6000), lr=lrs)
+def test_rollback_never_picks_a_checkpoint_at_or_after_the_first_bad_loss(ckpts, crash_step, bad_from, lr):
+    plan = choose_rollback(ckpts, crash_step, lr, DEFAULT, bad_from=bad_from)
+    usable = [c.step for c in ckpts if c.healthy and c.step <= crash_step and c.step < bad_from]
+    assert (plan is None) == (not usable)
+    if plan is not None:
+        assert plan.to_step < bad_from and plan.to_step in usable
+
+
+def test_first_bad_loss_step_and_the_issue_example():
+    from lrpilot.guard import first_bad_loss_step
+
+    assert first_bad_loss_step([], DEFAULT) is None
+    assert first_bad_loss_step([(1, 5.0), (2, 4.9)], DEFAULT) is None
+    assert first_bad_loss_step([(7, math.nan), (5, math.inf), (6, 4.0)], DEFAULT) == 5
+    assert first_bad_loss_step([(3, 4.0), (4, DEFAULT.crash_loss + 1), (5, "nan")], DEFAULT) == 4
+    # cpu-smoke with checkpoint.every=5, NaN at step 5, step_000005.pt written before the kill: restart from 0
+    ckpts = [CheckpointInfo(5)]
+    assert choose_rollback(ckpts, 5, 3e-3, DEFAULT).to_step == 5  # what the guard did without knowing
+    assert choose_rollback(ckpts, 5, 3e-3, DEFAULT, bad_from=5) is None

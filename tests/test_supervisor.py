@@ -9,6 +9,7 @@ summary line at the end: faults injected and rounds that survived them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -507,6 +508,119 @@ def test_a_slow_start_is_not_a_hang_but_a_launch_that_never_starts_is(tmp_path):
     assert rb["crash_reason"] == "hang" and rb["crash_step"] == 0 and "start_timeout_s=20" in rb["crash_detail"]
     first, _ = rec.of("launch")
     assert_gone(first)
+
+
+def wait_for(cond, what: str, timeout: float = 120.0) -> None:
+    """Poll `cond()` until it is true (a condition with a deadline, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_after_a_nan_is_never_the_rollback_target(tmp_path):
+    """Issue 9.1: cpu-smoke, checkpoint.every=5, NaN at step 5 on the first launch only. The trainer used to
+    write step_000005.pt (all-NaN weights) a few ms after the NaN step event; when that beat the kill, the
+    guard rolled back to it and every relaunch NaN'd until the round failed. Here the supervisor is held at
+    the NaN step until the trainer has passed its step-5 checkpoint, so the race always goes that way."""
+    cfg = smoke("checkpoint.every=5")
+    run_dir = tmp_path / "run"
+    rec = Recorder()
+
+    def hold_at_nan(ev: dict) -> None:
+        if ev.get("event") == "step" and ev["step"] == 5 and ev.get("loss") == "nan":
+            wait_for(
+                lambda: any(e["event"] == "step" and e["step"] >= 6 for e in read_jsonl(run_dir / TELEMETRY_FILE)),
+                "the trainer to pass its step-5 checkpoint",
+            )
+
+    rec.hooks.append(hold_at_nan)
+    res = run_round(cfg, run_dir, constant(cfg), round_logs(tmp_path), on_event=rec,
+                    trainer_args_first_launch=["--inject-nan-at-step", "5"])  # fmt: skip
+    _tally(1, res.status == "ok")
+    assert res.status == "ok" and res.crash_count == 1 and res.update_step == cfg.train.total_steps
+    (rb,) = read_jsonl(tmp_path / "rollbacks.jsonl")
+    assert rb["crash_reason"] == "nan_loss" and rb["crash_step"] == 5 and rb["rolled_back_to_step"] == 0
+    first = launches(run_dir)[0]
+    assert not [e for e in first if e["event"] == "checkpoint" and e["step"] >= 5]  # nothing written after the NaN
+    refused = [e for e in first if e["event"] == "checkpoint_refused"]
+    assert refused and refused[0]["step"] == 5 and "not finite" in refused[0]["reason"]
+    assert "checkpoint at step 5 not written" in (run_dir / "trainer.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_non_finite_checkpoint_from_an_older_version_is_refused_on_resume_not_trained_on(tmp_path):
+    """Issue 9.1 (on load) and 9.6 (exit 2 is no crash): a run directory holding a NaN checkpoint whose
+    sidecar vouches for it (as an older lrpilot wrote them). Resuming it, the trainer refuses the checkpoint
+    (exit 2) and the supervisor stops with that one line: no rollback, no halved LR, no stored result."""
+    import torch
+
+    cfg = smoke()
+    run_dir = tmp_path / "run"
+    rec = Recorder()
+
+    def interrupt(ev):
+        if ev.get("event") == "step" and ev["step"] == 33:
+            raise KeyboardInterrupt
+
+    rec.hooks.append(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_round(cfg, run_dir, constant(cfg), round_logs(tmp_path), on_event=rec)
+    ckpt = run_dir / "checkpoints" / "step_000030.pt"
+    state = torch.load(ckpt, weights_only=True)
+    next(iter(state["model"].values())).fill_(float("nan"))
+    torch.save(state, ckpt)
+    side = ckpt.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    meta.pop("finite", None)
+    meta.update(sha256=hashlib.sha256(ckpt.read_bytes()).hexdigest(), bytes=ckpt.stat().st_size)
+    side.write_text(json.dumps(meta))
+    from lrpilot.supervisor import SupervisorError
+
+    with pytest.raises(SupervisorError, match=r"trainer refused to start: .*step_000030.pt: non-finite values"):
+        run_round(cfg, run_dir, constant(cfg), round_logs(tmp_path), resume=True)
+    _tally(1, True)
+    assert not (tmp_path / "rollbacks.jsonl").exists() and not (run_dir / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_slow_first_steps_and_a_slow_eval_are_not_hangs_but_a_stopped_trainer_is(tmp_path):
+    """Issue 9.2: the first update of every launch (compiling) and the evaluation are silent for longer than
+    hang_timeout_s; neither is a hang. The one crash is the SIGKILL that forces the relaunch."""
+    cfg = smoke("guard.hang_timeout_s=4", "guard.start_timeout_s=120")
+    rec = Recorder()
+    killer = KillAt(rec, [25])
+    res = run_round(cfg, tmp_path / "run", constant(cfg), round_logs(tmp_path), on_event=rec,
+                    trainer_args=["--inject-first-step-delay", "8", "--inject-eval-delay", "8"])  # fmt: skip
+    _tally(3, res.status == "ok" and res.crash_count == 1)  # two slow first steps, one slow eval, (one kill)
+    assert killer.done == [25]
+    assert res.status == "ok" and res.update_step == cfg.train.total_steps and res.crash_count == 1
+    (rb,) = read_jsonl(tmp_path / "rollbacks.jsonl")
+    assert rb["crash_reason"] == "signal_SIGKILL"
+    evs = launches(tmp_path / "run")
+    assert len(evs) == 2 and [e["phase"] for e in evs[-1] if e["event"] == "phase"][-1] == "eval"
+    # the same silence after the first step, in a phase the trainer did not announce, is a hang
+    cfg = smoke("guard.hang_timeout_s=4", "guard.start_timeout_s=120", "train.total_steps=30")
+    rec = Recorder()
+    stopper = KillAt(rec, [15], sig=signal.SIGSTOP)
+    res = run_round(cfg, tmp_path / "b" / "run", constant(cfg), round_logs(tmp_path / "b"), on_event=rec)
+    _tally(1, res.status == "ok")
+    assert stopper.done == [15] and res.status == "ok"
+    (rb,) = read_jsonl(tmp_path / "b" / "rollbacks.jsonl")
+    assert rb["crash_reason"] == "hang" and "hang_timeout_s=4" in rb["crash_detail"]
+
+
+@pytest.mark.slow
+def test_peak_lr_seen_includes_the_warmup(tmp_path):
+    """Issue 9.5: a controller that halves the LR at its first decision; the warmup trained at init_lr."""
+    cfg = smoke("train.total_steps=30")
+    half = cfg.schedule.init_lr / 2
+    res = run_round(cfg, tmp_path / "run", ConstantController(half, 30, cfg.schedule.warmup_steps),
+                    round_logs(tmp_path))  # fmt: skip
+    assert res.status == "ok"
+    assert res.peak_lr_seen == pytest.approx(cfg.schedule.init_lr) and res.min_lr_seen == pytest.approx(half)
+    assert max(lr for _, lr in res.lr_trajectory) == pytest.approx(res.peak_lr_seen)
 
 
 @pytest.mark.slow

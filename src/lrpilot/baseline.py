@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.campaign_logs import fmt_lr
-from lrpilot.config import RunConfig
+from lrpilot.config import RunConfig, check_same_config
 from lrpilot.errors import writing
 from lrpilot.locks import DirLock
 from lrpilot.logs import write_json_atomic
@@ -39,12 +39,18 @@ def result_path(out_dir: Path, schedule: str, peak: float) -> Path:
 
 
 def run_one(cfg: RunConfig, schedule: str, peak: float, out_dir: Path, preset: str = "") -> dict[str, Any]:
-    """Run (or resume, or skip if done) one baseline run and write its result json. The run holds
-    OUT/runs/NAME/run.lock (lrpilot.locks.DirLock): a second process on the same run is refused with
-    DirInUseError naming the holder; runs of other peaks are independent."""
+    """Run (or resume, or skip if done) one baseline run and write its result json. A peak outside the guard's
+    [floor, ceiling], or a directory whose run was made with other settings, is refused (ConfigError)
+    before anything is written or a stored result is returned. The run holds OUT/runs/NAME/run.lock
+    (lrpilot.locks.DirLock): a second process on the same run is refused with DirInUseError naming the
+    holder; runs of other peaks are independent."""
+    from lrpilot.controllers.schedules import baseline_config
+
     out_dir = Path(out_dir)
     path = result_path(out_dir, schedule, peak)
+    bcfg = baseline_config(cfg, schedule, peak)
     run_dir = out_dir / "runs" / path.stem
+    check_same_config(run_dir / "config.json", bcfg)
     if path.exists():
         try:
             return json.loads(path.read_text())
@@ -81,6 +87,8 @@ def _run_locked(cfg: RunConfig, schedule: str, peak: float, path: Path, run_dir:
         "seed": bcfg.train.seed,
         "schedule": schedule,
         "peak_lr": peak,
+        "peak_lr_seen": res.peak_lr_seen,
+        "min_lr_seen": res.min_lr_seen,
         "preset": preset or cfg.name,
         "status": res.status,
         "diverged": res.status != "ok" or not math.isfinite(res.final_eval_ppl),
@@ -100,9 +108,10 @@ def run_sweep(
     cfg: RunConfig, schedule: str, peaks: list[float], out_dir: Path, jobs: int = 1, preset: str = ""
 ) -> list[dict[str, Any]]:
     """Run a sweep over peaks; `jobs` runs execute at once (each trainer uses train.num_threads)."""
-    from lrpilot.controllers.schedules import baseline_config
+    from lrpilot.controllers.schedules import baseline_config, make_schedule
 
-    for p in peaks:  # every peak and the schedule name checked before the first run starts
+    make_schedule(schedule, peaks[0], cfg)  # fail fast on an unknown schedule name
+    for p in peaks:  # and on a peak the guard would not allow, before any run starts
         baseline_config(cfg, schedule, p)
     out_dir = Path(out_dir)
     with writing(out_dir):

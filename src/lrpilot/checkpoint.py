@@ -10,6 +10,12 @@ checkpoints without importing torch; `verify_checkpoint` hashes the file; `load_
 loads (weights_only) and checks the config fingerprint, raising `CheckpointError` with a one-line
 message that names the file and the problem.
 
+A checkpoint is only worth resuming from if its state is finite: `save_checkpoint` refuses a state whose
+weights or optimizer moments hold a NaN/Inf (CheckpointError, nothing written), the sidecar records
+`"finite": true`, a sidecar saying `"finite": false` makes the checkpoint unusable for listing and
+verification, and `load_checkpoint` refuses a loaded state with non-finite tensors (a file written by an
+older version or by hand). So no rollback or resume can land on a poisoned state.
+
 Pruning keeps the newest `keep` complete checkpoints and, with `retain_back_steps` (the trainer passes
 guard.rollback_back_steps), also every one newer than newest - retain_back_steps and the newest one at or
 before it, so a rollback that far back always finds a target when one ever existed. Presets set
@@ -68,6 +74,36 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def nonfinite_tensors(state: Any, prefix: str = "", limit: int = 3) -> list[str]:
+    """Names (dotted paths) of up to `limit` floating-point tensors in `state` (nested dicts/lists, e.g. a
+    model or optimizer state dict) holding a NaN or Inf; [] when every tensor is finite. RNG states are
+    skipped (byte tensors)."""
+    import torch
+
+    found: list[str] = []
+
+    def walk(obj: Any, path: str) -> None:
+        if len(found) >= limit:
+            return
+        if isinstance(obj, torch.Tensor):
+            if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
+                found.append(path or "<tensor>")
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}.{i}" if path else str(i))
+
+    walk(state, prefix)
+    return found
+
+
+def _trainable_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a checkpoint state that must be finite: weights and optimizer state."""
+    return {k: state[k] for k in ("model", "optimizer") if k in state}
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -99,6 +135,8 @@ def _read_sidecar(pt: Path) -> tuple[dict[str, Any] | None, str]:
         return None, f"sidecar {side.name} is unreadable ({e.__class__.__name__})"
     if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
         return None, f"sidecar {side.name} lacks bytes/sha256"
+    if meta.get("finite") is False:
+        return None, f"sidecar {side.name} says the state holds non-finite values (NaN/Inf)"
     return meta, ""
 
 
@@ -107,9 +145,16 @@ def save_checkpoint(
 ) -> Path:
     """Write `state` as RUN/checkpoints/step_{step:06d}.pt (+ sidecar), then prune to `keep` (None: no pruning).
 
-    `state["lr"]` and `state["fingerprint"]`, if present, are copied into the sidecar."""
+    `state["lr"]` and `state["fingerprint"]`, if present, are copied into the sidecar. Raises CheckpointError
+    (and writes nothing) if the weights or optimizer state (`state["model"]`, `state["optimizer"]`) hold a
+    NaN or Inf: such a state is never a healthy rollback target."""
     import torch
 
+    bad = nonfinite_tensors(_trainable_state(state))
+    if bad:
+        raise CheckpointError(
+            f"checkpoint step {int(step)} not written: non-finite values in {', '.join(bad)} (the run diverged)"
+        )
     pt = checkpoint_path(run_dir, step)
     side = sidecar_path(pt)
     tmp = temp_name(pt)
@@ -137,6 +182,7 @@ def save_checkpoint(
                 "bytes": tmp.stat().st_size,
                 "time": time.time(),
                 "fingerprint": state.get("fingerprint"),
+                "finite": True,
             }
             os.replace(tmp, pt)
     finally:
@@ -257,7 +303,8 @@ def verify_checkpoint(path: str | Path) -> str | None:
 
 def load_checkpoint(path: str | Path, fingerprint: str | None = None, map_location: Any = "cpu") -> dict[str, Any]:
     """Verify and load a checkpoint's state dict. With `fingerprint`, a checkpoint written for another
-    model/data config is refused. Raises CheckpointError (one line: file and problem)."""
+    model/data config is refused; so is one whose weights or optimizer state hold a NaN/Inf. Raises
+    CheckpointError (one line: file and problem)."""
     pt = Path(path)
     if pt.suffix == ".json":
         pt = pt.with_suffix(".pt")
@@ -279,5 +326,11 @@ def load_checkpoint(path: str | Path, fingerprint: str | None = None, map_locati
         raise CheckpointError(
             f"checkpoint {pt}: written for a different model/data config (fingerprint {state.get('fingerprint')} "
             f"!= {fingerprint}); resume with the run's own config.json"
+        )
+    bad = nonfinite_tensors(_trainable_state(state))
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {pt}: non-finite values in {', '.join(bad)} (written after the run diverged); "
+            "resume from an earlier checkpoint"
         )
     return state

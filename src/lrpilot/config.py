@@ -392,6 +392,19 @@ class RunConfig:
             "data.seq_len",
             f"must be <= model.max_sequence_length ({self.model.max_sequence_length})",
         )
+        # the warmup trains at init_lr before the guard sees any decision, so it must be an LR the guard allows
+        lr, g = self.schedule.init_lr, self.guard
+        _check(
+            lr <= g.ceiling,
+            "schedule.init_lr",
+            f"{lr:g} is above guard.ceiling ({g.ceiling:g}) and the warmup would train at it unguarded; "
+            f"use an LR <= {g.ceiling:g} or raise guard.ceiling",
+        )
+        _check(
+            lr >= g.floor,
+            "schedule.init_lr",
+            f"{lr:g} is below guard.floor ({g.floor:g}); use an LR >= {g.floor:g} or lower guard.floor",
+        )
 
     @property
     def lr_may_only_fall(self) -> bool:
@@ -440,6 +453,56 @@ class RunConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config: {p} is not valid JSON ({e}); regenerate it with lrpilot") from e
         return cls.from_dict(d)
+
+
+#: fields that may differ when a run directory is resumed: where caches live and how a run is shown or
+#: watched, never what it trains (lrpilot.config.check_same_config)
+RESUMABLE_FIELDS = frozenset(
+    {"data.cache_dir", "train.progress", "train.loggers", "guard.hang_timeout_s", "guard.start_timeout_s"}
+)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(field, stored value, value now) for every `section.key` in which `cfg` differs from a stored
+    config.json's dict, leaving out RESUMABLE_FIELDS; sorted by field. Only fields both have are compared
+    (a file written by another lrpilot version may lack new fields or hold removed ones)."""
+    mine, theirs = _flatten(json.loads(json.dumps(cfg.to_dict()))), _flatten(json.loads(json.dumps(stored)))
+    return [
+        (k, theirs[k], mine[k])
+        for k in sorted(set(mine) & set(theirs))
+        if k not in RESUMABLE_FIELDS and theirs[k] != mine[k]
+    ]
+
+
+def check_same_config(path: str | Path, cfg: RunConfig) -> None:
+    """Refuse to reuse a run directory whose stored config.json (at `path`, if it exists) says other settings
+    than `cfg`. Raises ConfigError, one line naming the first differing field, its two values and the fix."""
+    p = Path(path)
+    if not p.exists():
+        return
+    try:
+        stored = json.loads(p.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"{p}: unreadable ({e.__class__.__name__}); delete {p.parent} to start that run again"
+        ) from None
+    diff = config_differences(stored if isinstance(stored, dict) else {}, cfg)
+    if diff:
+        field_name, theirs, mine = diff[0]
+        more = f" (and {len(diff) - 1} more: {', '.join(d[0] for d in diff[1:4])})" if len(diff) > 1 else ""
+        raise ConfigError(
+            f"{field_name}: {p.parent} was run with {field_name}={theirs!r}, this command asks for {mine!r}{more}; "
+            "run the original command again to resume it, or use a new directory"
+        )
 
 
 def _section_types() -> dict[str, type]:

@@ -21,14 +21,16 @@ The rules:
    one, and a plan's knots never rise (`lower_only`).
 2. `choose_rollback`: after a crash, resume from the latest healthy checkpoint at least
    `rollback_back_steps` before the crash (else the earliest healthy one) with the LR x `crash_lr_factor`.
+   A checkpoint at or after the branch's first bad loss (`first_bad_loss_step`) is never healthy: it holds
+   the state that update produced.
 3. `check_loss`: NaN/Inf or a loss above `crash_loss` is a crash. `check_emergency` / `emergency_lr`: the
    published emergency rule cuts the LR x `emergency_factor` on a big loss jump or a high loss, without
    asking the controller.
 4. `is_fast_crash` / `CrashCounter`: after `max_fast_crash` consecutive quick crashes the round is given up;
    before that, `crash_backoff` makes each consecutive quick crash wait longer (doubling, capped) before the
    relaunch.
-   `is_hung`: no telemetry for `hang_timeout_s` seconds (`start_timeout_s` before a launch's first line)
-   means the trainer hangs.
+   `is_hung`: no telemetry for `hang_timeout_s` seconds means the trainer hangs; `start_timeout_s` applies
+   instead until a launch's first step and during a slow phase the trainer announced (eval, checkpoint).
 5. `check_agent_rollback` / `agent_rollback_steps`: the LLM agent may ask to go back to an earlier healthy
    checkpoint (at most `agent_rollbacks` per round, not twice to the same step, never in the last
    `agent_rollback_end_fraction` of the run).
@@ -262,19 +264,34 @@ def crash_lr(lr_at_crash: float, cfg: GuardConfig) -> float:
     return _clip(lr * cfg.crash_lr_factor, cfg.floor, cfg.ceiling)
 
 
+def first_bad_loss_step(losses: Iterable[tuple[int, Any]], cfg: GuardConfig) -> int | None:
+    """The first step whose loss `check_loss` rejects (NaN, Inf, above crash_loss), or None. `losses` are
+    (step, loss) pairs of the branch the trainer is on; a checkpoint at or after that step holds the state
+    the bad update produced (NaN weights or optimizer moments) and is no rollback target."""
+    bad = [int(s) for s, loss in losses if not check_loss(loss, cfg).ok]
+    return min(bad) if bad else None
+
+
 def choose_rollback(
-    checkpoints: Iterable[CheckpointInfo], crash_step: int, lr_at_crash: float, cfg: GuardConfig
+    checkpoints: Iterable[CheckpointInfo],
+    crash_step: int,
+    lr_at_crash: float,
+    cfg: GuardConfig,
+    bad_from: int | None = None,
 ) -> RollbackPlan | None:
     """Pick the checkpoint to resume from after a crash at `crash_step` (updates done when it was seen).
 
     The latest healthy checkpoint with step <= crash_step - rollback_back_steps, so the run restarts well
-    before whatever led to the crash; if there is none, the earliest healthy one. Unhealthy checkpoints and
-    checkpoints after the crash step are never chosen (the order of `checkpoints` does not matter).
+    before whatever led to the crash; if there is none, the earliest healthy one. Unhealthy checkpoints,
+    checkpoints after the crash step and, with `bad_from` (the first bad loss of the branch, see
+    `first_bad_loss_step`), checkpoints at or after it are never chosen (the order of `checkpoints` does
+    not matter).
     new_lr = crash_lr(lr_at_crash). Returns None when no checkpoint is usable: the round then restarts from
     scratch (step 0), with `crash_lr(lr_at_crash, cfg)` if it wants the halved LR.
     """
     new_lr = crash_lr(lr_at_crash, cfg)
-    usable = sorted((c for c in checkpoints if c.healthy and c.step <= crash_step), key=lambda c: c.step)
+    last_ok = crash_step if bad_from is None else min(crash_step, int(bad_from) - 1)
+    usable = sorted((c for c in checkpoints if c.healthy and c.step <= last_ok), key=lambda c: c.step)
     if not usable:
         return None
     target = crash_step - cfg.rollback_back_steps
@@ -370,8 +387,10 @@ def is_fast_crash(steps_since_start: int, cfg: GuardConfig) -> bool:
 
 
 def is_hung(seconds_since_telemetry: float, cfg: GuardConfig, started: bool = True) -> bool:
-    """No telemetry line for more than hang_timeout_s seconds (start_timeout_s before the launch's first
-    line, which may wait for imports, data and process groups): the trainer hangs (kill it, a crash)."""
+    """No telemetry line for more than hang_timeout_s seconds: the trainer hangs (kill it, a crash). With
+    started=False the limit is start_timeout_s: the caller passes it before a launch's first step (imports,
+    data, process groups, loading a checkpoint, compiling the first step) and during a slow phase the
+    trainer announced (an evaluation, a checkpoint save)."""
     return seconds_since_telemetry > (cfg.hang_timeout_s if started else cfg.start_timeout_s)
 
 

@@ -8,14 +8,17 @@ the controller at every decision point (inline with the trainer waiting for a bl
 worker thread while the trainer trains on for a non-blocking one such as the LLM agent), passes each answer
 through the SafetyGuard (lrpilot.guard) and sends it to the trainer (RUN/control.jsonl). It keeps the run
 alive: a non-zero exit, a NaN/Inf/catastrophic loss or a trainer that writes no telemetry for
-guard.hang_timeout_s (guard.start_timeout_s before its first line) is a crash; the supervisor kills every
-process of the launch (its process group, and torchrun's workers, which torch puts in sessions of their
-own), rolls back to the checkpoint the guard chooses (a corrupt one is skipped for the one before) and
-relaunches with the LR at the crash x crash_lr_factor, after a back-off that grows with each consecutive quick
-crash (guard.crash_backoff_s). After guard.max_fast_crash consecutive quick crashes
-the round is given up and recorded as failed. A write the disk refused (the trainer's exit code 3 or its
-`cannot write` line, or a probe write to RUN that fails) is not a crash: the round stops with DiskWriteError,
-no rollback, no LR change. One supervisor at a time runs a run directory (RUN/run.lock, lrpilot.locks).
+guard.hang_timeout_s (guard.start_timeout_s before its first step and during a `phase` it announced: eval,
+checkpoint) is a crash; the supervisor kills every process of the launch (its process group, and
+torchrun's workers, which torch puts in sessions of their own), rolls back to the checkpoint the guard
+chooses (a corrupt one is skipped for the one before; one at or after the branch's first bad loss is never
+chosen) and relaunches with the LR at the crash x crash_lr_factor. After guard.max_fast_crash consecutive
+quick crashes (each relaunch after a back-off that grows with every consecutive quick crash,
+guard.crash_backoff_s) the round is given up and recorded as failed. Exit code 2 is the trainer refusing its config,
+data, flags or checkpoint: a usage error, never a crash (SupervisorError; nothing is rolled back or stored).
+A write the disk refused (the trainer's exit code 3 or its `cannot write` line, or a probe write to RUN that
+fails) is not a crash either: the round stops with DiskWriteError, no rollback, no LR change. One supervisor
+at a time runs a run directory (RUN/run.lock, lrpilot.locks).
 
 Records (append-only jsonl through lrpilot.logs.JsonlLog):
 - `logs.decisions`: one line per decision (published fields run_start_iso, step, loss, trend, old_lr,
@@ -38,6 +41,9 @@ a finished one returns its stored result. The resumed trainer re-applies every l
 effect after that checkpoint at its logged effective step (commands with `at_step`), so the run trains the
 branch its logs describe and a replay of the round reproduces its LR at every step (docs/architecture.md).
 A question to a non-blocking controller still open when the round ends is logged as kind "unanswered".
+from the latest verified checkpoint with the same run_start_iso, and a finished one returns its stored result.
+A run directory whose config.json differs from the config given (other than lrpilot.config.RESUMABLE_FIELDS)
+is refused before anything is written (SupervisorError naming the field).
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ from typing import Any
 from lrpilot import guard
 from lrpilot.channel import CONTROL_FILE, EXIT_DISK, TELEMETRY_FILE, ControlWriter, TelemetryReader
 from lrpilot.checkpoint import list_checkpoints, verify_checkpoint
-from lrpilot.config import RunConfig
+from lrpilot.config import ConfigError, RunConfig, check_same_config
 from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
 from lrpilot.errors import DISK_ERRNOS, DiskWriteError, LrpilotError, is_disk_error, writing
 from lrpilot.launcher import kill_launch, start_launch, trainer_command
@@ -116,8 +122,8 @@ TRAJECTORY_POINTS = 500
 
 
 class SupervisorError(LrpilotError):
-    """The round cannot be run as asked (a used run directory without resume=True, or a trainer that
-    rejects its config or data before training: exit code 2 on a fresh start is not retried)."""
+    """The round cannot be run as asked (a used run directory without resume=True or with other settings, or
+    a trainer that rejects its config, data, flags or checkpoint: exit code 2 is never retried)."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,9 @@ class RoundResult:
     update_step: int
     crash_count: int
     total_decisions: int
+    #: the highest LR any update used, warmup included
     peak_lr_seen: float
+    #: the lowest LR an update after the warmup used
     min_lr_seen: float
     wall_time_s: float
     #: seconds the trainer blocked waiting for decisions
@@ -307,6 +315,8 @@ class _Round:
         self.session_launches = 0
         self.token = ""  # LRPILOT_LAUNCH of the live launch
         self.launch_pid: int | None = None  # rank-0 trainer pid, from its start event
+        self.stepped = False  # the live launch reported its first step (until then start_timeout_s applies)
+        self.phase: str | None = None  # a slow phase the trainer announced, until its next line
         self.dead_pids: set[int] = set()  # rank-0 pids of launches already ended
         self.launch_start_step = 0
         self.last_step = 0
@@ -355,6 +365,10 @@ class _Round:
     def _run(self, resume: bool) -> RoundResult:
         result_file = self.run_dir / "result.json"
         round_file = self.run_dir / "round.json"
+        try:  # before anything is returned or written: a directory run with other settings is not this run
+            check_same_config(self.run_dir / "config.json", self.cfg)
+        except ConfigError as e:
+            raise SupervisorError(str(e)) from None
         if resume and result_file.exists():
             try:
                 return RoundResult.from_dict(json.loads(result_file.read_text()))
@@ -511,9 +525,9 @@ class _Round:
         if self.launch_pid is not None:
             self.dead_pids.add(self.launch_pid)
         self.launch_pid = None
+        self.stepped, self.phase = False, None
         self.token = f"{os.getpid()}-{self.launches}-{time.time_ns()}"
         self.launch_start_step = start_step
-        self.launch_resumed = resume is not None
         self.last_step = start_step
         self.done = None
         self._note(f"launch {self.launches}: {' '.join(cmd)}")
@@ -539,9 +553,12 @@ class _Round:
         """Continue a run whose supervisor stopped: the latest complete, verified checkpoint (its own LR) on
         the branch the trainer was on (a later one left by a rolled-back branch is not its past)."""
         head = max(self.losses, default=0)
+        bad_from = guard.first_bad_loss_step(self.losses.items(), self.g)
         for info in reversed(list_checkpoints(self.run_dir)):
             if info.step > head:
                 why = f"step {info.step} is past step {head}, the last one of the branch being resumed"
+            elif bad_from is not None and info.step >= bad_from:
+                why = f"step {info.step} is at or after the branch's first non-finite or catastrophic loss (step {bad_from})"
             else:
                 why = info.reason if not info.complete else verify_checkpoint(info.path)
             if why is None:
@@ -661,19 +678,27 @@ class _Round:
                         f"the trainer could not write in {self.run_dir} (exit code {EXIT_DISK}; see trainer.log); "
                         "free space and run the same command again"
                     )
-                if rc == 2 and not self.launch_resumed and self.last_step == 0:
-                    # the trainer rejected its config, data or flags: retrying at half the LR cannot help
+                if rc == 2:
+                    # the trainer rejected its config, data, flags or checkpoint (a usage error): retrying at
+                    # half the LR cannot help, and counting it as a crash would store a diverged run
+                    self._note(f"trainer exited 2 (usage error): {self._trainer_error()}")
                     raise SupervisorError(f"trainer refused to start: {self._trainer_error()}")
                 raise _Crash(f"exit_code_{rc}", f"trainer exited with code {rc}")
-            started = self.launch_pid is not None
+            # until the launch's first step (compiling it may take long) and in an announced slow phase
+            # (eval, checkpoint) only start_timeout_s means a hang
+            started = self.launch_pid is not None and self.stepped and self.phase is None
             if guard.is_hung(time.monotonic() - self.last_seen, self.g, started=started):
                 if self.done is not None:  # finished, but stuck tearing down (e.g. a collective)
                     self._note("trainer silent after its done event; killed, the run is complete")
                     kill_launch(self.proc, self.token)
                     return
                 limit = f"hang_timeout_s={self.g.hang_timeout_s:g}"
-                if not started:
+                if self.launch_pid is None:
                     limit = f"no start event yet; start_timeout_s={self.g.start_timeout_s:g}"
+                elif not self.stepped:
+                    limit = f"no first step yet; start_timeout_s={self.g.start_timeout_s:g}"
+                elif self.phase is not None:
+                    limit = f"in phase {self.phase}; start_timeout_s={self.g.start_timeout_s:g}"
                 raise _Crash(HANG, f"no telemetry for {time.monotonic() - self.last_seen:.1f}s ({limit})")
             try:  # the wait between polls doubles as the wait for a non-blocking controller's reply
                 reply = self.replies.get(timeout=self.poll_s)
@@ -699,6 +724,7 @@ class _Round:
         elif self.launch_pid is None or launch != self.launch_pid:
             return  # a line from a launch that is already dead (or from before this launch's start)
         self.last_seen = time.monotonic()
+        self.phase = str(ev.get("phase")) if kind == "phase" else None
         self._emit(ev)
         step = ev.get("step")
         step = int(step) if isinstance(step, int) and not isinstance(step, bool) else self.last_step
@@ -708,9 +734,12 @@ class _Round:
             if is_positive_finite(ev.get("lr")):
                 self.current_lr = self._in_force(float(ev["lr"]), update=step)
         elif kind == "step":
+            self.stepped = True
             self._on_step(step, ev)
         elif kind == "observe":
             self._on_observe(step, ev)
+        elif kind == "checkpoint_refused":
+            self._note(f"trainer: checkpoint at step {step} {ev.get('reason', 'refused')}")
         elif kind == "applied":
             self._on_applied(step, ev)
         elif kind == "eval":
@@ -731,8 +760,9 @@ class _Round:
         self.losses[step] = loss
         if is_positive_finite(lr):
             self.lrs[step] = lr
+            self.peak_lr = max(self.peak_lr, lr)  # warmup included: the LRs actually trained at
             if step > self.cfg.schedule.warmup_steps:  # update number step-1 is past the warmup
-                self.peak_lr, self.min_lr = max(self.peak_lr, lr), min(self.min_lr, lr)
+                self.min_lr = min(self.min_lr, lr)
         return loss, lr
 
     def _on_step(self, step: int, ev: dict[str, Any]) -> None:
@@ -1212,9 +1242,11 @@ class _Round:
         infos = {c.step: c for c in list_checkpoints(self.run_dir)}
         bad: dict[int, str] = {}
         skipped: list[dict[str, Any]] = []
+        # a checkpoint written at or after the branch's first bad loss holds what that update did to the weights
+        bad_from = guard.first_bad_loss_step(self.losses.items(), self.g)
         while True:
             cands = [guard.CheckpointInfo(step=s, healthy=s not in bad, path=str(c.path)) for s, c in infos.items()]
-            plan = guard.choose_rollback(cands, crash_step, lr_at_crash, self.g)
+            plan = guard.choose_rollback(cands, crash_step, lr_at_crash, self.g, bad_from=bad_from)
             if plan is None:
                 return None, skipped
             info = infos[plan.to_step]

@@ -26,7 +26,17 @@ Exit codes: 0 finished (or stopped on request / at --stop-at-step), 2 bad config
 3 (channel.EXIT_DISK) the disk refused a write (full, read-only): one `cannot write FILE (...)` line on stderr.
 Testing hooks: --inject-nan-at-step N (or LRPILOT_INJECT_NAN_AT_STEP=N) multiplies the loss by NaN in the
 update that completes step N, so the step event with step == N reports loss "nan" (for guard tests);
---inject-start-delay S waits S seconds before the start event (a slow start: data, process groups).
+--inject-start-delay S waits S seconds before the start event (a slow start: data, process groups);
+--inject-first-step-delay S makes the first update of every launch S seconds slower (as torch.compile
+is) and --inject-eval-delay S makes every evaluation S seconds slower (a big eval set).
+
+Silent phases: the first update of a launch may take long (compile); the supervisor allows it
+guard.start_timeout_s. Before each other long silent phase (an evaluation, a checkpoint save) rank 0
+emits a `phase` event naming it, and the supervisor allows start_timeout_s until the next line.
+
+A checkpoint is never written once this launch has seen a non-finite loss, nor when the weights or the
+optimizer moments hold a NaN/Inf: such a state is no rollback target. The trainer emits
+`checkpoint_refused` (with the reason) instead and trains on; the supervisor decides what happens.
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ from tqdm import tqdm
 
 from lrpilot.argtypes import non_negative_int, positive_float, positive_int
 from lrpilot.channel import EXIT_DISK, ControlReader, LRState, TelemetryWriter, warmup_lr
-from lrpilot.checkpoint import FORMAT, fingerprint, load_checkpoint, save_checkpoint
+from lrpilot.checkpoint import FORMAT, CheckpointError, fingerprint, load_checkpoint, save_checkpoint
 from lrpilot.config import RunConfig
 from lrpilot.data import DataError, build_data, check_vocab, evaluate
 from lrpilot.errors import LrpilotError, disk_error, is_disk_error
@@ -361,6 +371,8 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
     if args.stop_at_step is not None and args.stop_at_step <= start_step:
         raise TrainerError(f"--stop-at-step {args.stop_at_step} must be after the start step {start_step}")
     inject_nan_at = args.inject_nan_at_step
+    #: the first step of this launch whose loss was not finite: no checkpoint from then on
+    nonfinite_since: int | None = None
     loggers = MetricLoggers(cfg.train.loggers, cfg, run_dir) if master else None  # fails early on a missing extra
 
     if ddp:
@@ -476,6 +488,9 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
         return lr, stop
 
     def evaluate_now(step: int) -> dict[str, float]:
+        telemetry.emit("phase", step, phase="eval")  # a long silent phase: not a hang
+        if args.inject_eval_delay:
+            time.sleep(args.inject_eval_delay)  # fault injection (a slow eval), not synchronisation
         # the unwrapped module: DDP's forward would wait for the other ranks
         with eval_point(optimizer, params):
             result = evaluate(
@@ -494,6 +509,12 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
             data_state = {"ranks": every_rank}
         if not master:
             return
+        if nonfinite_since is not None:
+            why = f"not written: the loss at step {nonfinite_since} was not finite (the state is poisoned)"
+            telemetry.emit("checkpoint_refused", step, reason=why)
+            print(f"lrpilot.trainer: warning: checkpoint at step {step} {why}", file=sys.stderr, flush=True)
+            return
+        telemetry.emit("phase", step, phase="checkpoint")  # a long silent phase: not a hang
         optimizer_state = optimizer.state_dict()  # in train mode, as a resume continues
         with eval_point(optimizer, params) as train_params:
             state = {
@@ -513,9 +534,14 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
             }
             if train_params is not None:
                 state["train_params"] = train_params
-            path = save_checkpoint(
-                run_dir, step, state, keep=cfg.checkpoint.keep, retain_back_steps=cfg.guard.rollback_back_steps
-            )
+            try:
+                path = save_checkpoint(
+                    run_dir, step, state, keep=cfg.checkpoint.keep, retain_back_steps=cfg.guard.rollback_back_steps
+                )
+            except CheckpointError as e:  # non-finite weights or optimizer moments: nothing was written
+                telemetry.emit("checkpoint_refused", step, reason=str(e))
+                print(f"lrpilot.trainer: warning: {e}", file=sys.stderr, flush=True)
+                return
         telemetry.emit("checkpoint", step, path=str(path), lr=lr)
 
     # ---- the training loop: `step` = updates done; each pass makes update number `step`
@@ -524,7 +550,11 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
         observe(0)  # warmup_steps == 0: the controller sets the very first LR
     lr, stop = control(step, wait=args.wait_for_decisions and step == 0 and is_decision_point(0, cfg))
     raw_model.train()
+    first_update = True
     while step < total and not stop:
+        if first_update and args.inject_first_step_delay and master:
+            time.sleep(args.inject_first_step_delay)  # fault injection (a compiling first step), not synchronisation
+        first_update = False
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
@@ -553,6 +583,8 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
         dt = time.perf_counter() - t0
         step += 1
         at_decision = is_decision_point(step, cfg)
+        if nonfinite_since is None and not math.isfinite(loss_f):
+            nonfinite_since = step
 
         if master:
             tokens_per_s = tokens_per_update / dt
@@ -653,6 +685,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=positive_float,
         metavar="S",
         help="TESTING HOOK: wait S seconds before the start event, as a slow data or process-group set-up would",
+    )
+    p.add_argument(
+        "--inject-first-step-delay",
+        type=positive_float,
+        metavar="S",
+        help="TESTING HOOK: make the first update of this launch S seconds slower, as torch.compile would",
+    )
+    p.add_argument(
+        "--inject-eval-delay",
+        type=positive_float,
+        metavar="S",
+        help="TESTING HOOK: make every evaluation S seconds slower, as a big eval set would",
     )
     args = p.parse_args(argv)
     env_nan = os.environ.get("LRPILOT_INJECT_NAN_AT_STEP", "").strip()

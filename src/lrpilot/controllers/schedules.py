@@ -199,6 +199,22 @@ def make_schedule(name: str, peak: float, cfg: RunConfig) -> BaseController:
 
 
 def baseline_config(cfg: RunConfig, schedule: str, peak: float) -> RunConfig:
-    """`cfg` with schedule.init_lr = peak, so the trainer's warmup ends where the `schedule` starts."""
+    """`cfg` with schedule.init_lr = peak, so the trainer's warmup ends where the `schedule` starts.
+
+    The warmup trains at up to `peak` before the guard sees a decision, so a peak outside the guard's
+    [floor, ceiling] is refused (ConfigError naming guard.ceiling / guard.floor), never clamped silently."""
     make_schedule(schedule, peak, cfg)  # validates the name and the peak with the usual one-line errors
+    g = cfg.guard
+    _check(
+        peak <= g.ceiling,
+        "peak",
+        f"{peak:g} is above guard.ceiling ({g.ceiling:g}), so the warmup would train at it unguarded and the "
+        f"guard would cut it at the first decision; use a peak <= {g.ceiling:g} or raise guard.ceiling "
+        f"(--set guard.ceiling={peak:g})",
+    )
+    _check(
+        peak >= g.floor,
+        "peak",
+        f"{peak:g} is below guard.floor ({g.floor:g}); use a peak >= {g.floor:g} or lower guard.floor",
+    )
     return replace(cfg, schedule=replace(cfg.schedule, init_lr=float(peak)))
