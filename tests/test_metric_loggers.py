@@ -71,9 +71,11 @@ def test_wandb_and_tensorboard_keep_one_run_across_a_rollback(tmp_path, monkeypa
                 row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
                 if "train/loss" in row:
                     steps.append(row["train/step"])
-        assert ids == {run_id}  # one wandb run, resumed
+        # one wandb run, resumed; the killed first launch may have had nothing flushed yet (a loaded machine)
+        assert ids == {run_id} or (d == launches[0] and not ids), ids
         branches.append(steps)
     first, second = branches
+    assert second, "the relaunch logged nothing"
     # each launch logged the steps it trained, at the training step: from 1 until the NaN (what wandb had
     # written when the supervisor killed the launch's process group), then to+1..60 after the rollback
     assert first == list(range(1, len(first) + 1)) and len(first) <= 40, first
