@@ -167,7 +167,7 @@ def test_ray_parallel_campaign_gives_distinct_rounds_with_strict_logs(ray_cluste
     assert sorted(t.user_attrs["round_index"] for t in trials) == [1, 2, 3, 4]
     assert all(t.state.name == "COMPLETE" for t in trials)
     briefs = {b["round"]: b["brief"] for b in read_jsonl(d / "briefs.jsonl")}
-    assert "1 running" in briefs[2]  # round 2 was asked while round 1 ran
+    assert "2 running" in briefs[2]  # round 2 was asked while round 1 ran (and counts its own trial)
 
 
 @pytest.mark.slow
