@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -216,3 +218,68 @@ def test_ray_worker_killed_mid_round_resumes_the_round(ray_cluster, tmp_path):
     rj = json.loads((run1 / "round.json").read_text())
     assert rj["resumed"] is True and rj["launches"] >= 2, rj
     assert finals[0]["update_step"] == 40
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_cli_on_a_ray_start_head_cluster_ctrl_c_then_resume(tmp_path):
+    """`ray start --head` on 127.0.0.1, then `lrpilot campaign --engine ray --ray-address HOST:PORT --parallel 2`:
+    Ctrl-C while two rounds run exits 130 and leaves no trainer behind; the same command resumes both rounds
+    and finishes 3 distinct rounds with strict logs."""
+    pytest.importorskip("ray")
+    ray_bin = Path(sys.executable).with_name("ray")
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="lrpray", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
+    log = (tmp_path / "head.log").open("wb")
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard", "false",
+         "--node-ip-address", "127.0.0.1", "--port", str(port), "--temp-dir", str(ray_tmp)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    # `ray start --block` prints its --block notice once the head node is up
+    _wait_for(lambda: head.poll() is not None or b"--block" in (tmp_path / "head.log").read_bytes(), 120, "head")
+    assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+    d = tmp_path / "camp"
+    cmd = [sys.executable, "-m", "lrpilot", "campaign", "--preset", "cpu-smoke", "--rounds", "3", "--dir", str(d),
+           "--controller", "rules", "--memory", "optuna", "--parallel", "2", "--engine", "ray",
+           "--ray-address", f"127.0.0.1:{port}", *[a for o in SMOKE for a in ("--set", o)]]  # fmt: skip
+    try:
+        drv = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        try:
+            for r in (1, 2):
+                ckpt = d / f"rounds/round_{r:03d}/checkpoints/step_000010.pt"
+                _wait_for(lambda c=ckpt: drv.poll() is not None or c.exists(), 300, f"round {r}'s checkpoint")
+                assert drv.poll() is None, drv.stderr.read()[-2000:]
+            finished = {f["round"] for f in read_jsonl(d / "final_results.jsonl")}
+            drv.send_signal(signal.SIGINT)
+            assert drv.wait(120) == 130, drv.stderr.read()[-2000:]
+        finally:
+            drv.kill()
+        for r in (1, 2):
+            _wait_for(lambda r=r: not _launches(d / f"rounds/round_{r:03d}"), 60, f"round {r}'s trainer to die")
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    _check_logs(d, 3)
+    killed = [r for r in (1, 2) if r not in finished]
+    assert killed
+    for r in killed:
+        assert json.loads((d / f"rounds/round_{r:03d}/round.json").read_text())["resumed"] is True
