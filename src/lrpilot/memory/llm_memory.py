@@ -151,7 +151,8 @@ class LLMMemory:
             log.warning(
                 "memory brief for round %d: LLM failed (%s); using the evidence-table brief", round_index, error[:200]
             )
-            fb = fallback_brief(ev, self.max_words) + _running_note(running)
+            note = _running_note(running)
+            fb = fallback_brief(ev, max(1, self.max_words - count_words(note))) + note
             return Brief(fb, count_words(fb), raw, fallback=True)
         text, cut = limit_words(text, self.max_words)
         if cut:
