@@ -283,3 +283,28 @@ def test_cli_on_a_ray_start_head_cluster_ctrl_c_then_resume(tmp_path):
     assert killed
     for r in killed:
         assert json.loads((d / f"rounds/round_{r:03d}/round.json").read_text())["resumed"] is True
+
+
+def _append_lines(path: str, who: int, n: int, size: int) -> None:
+    from lrpilot.logs import JsonlLog
+
+    with JsonlLog(path, fsync=False) as log:
+        for i in range(n):
+            log.append({"who": who, "i": i, "pad": "x" * size})
+
+
+def test_jsonl_appends_from_several_processes_never_interleave(tmp_path):
+    """The shared campaign logs are appended to by several round processes at once: O_APPEND and one write per
+    line keep every line whole (lines of 9 kB, over two pages each, from 4 processes)."""
+    import multiprocessing
+
+    path = tmp_path / "shared.jsonl"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_lines, args=(str(path), w, 200, 9000)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    recs = read_jsonl(path, strict=True)
+    assert sorted((r["who"], r["i"]) for r in recs) == [(w, i) for w in range(4) for i in range(200)]
