@@ -308,3 +308,17 @@ def test_jsonl_appends_from_several_processes_never_interleave(tmp_path):
         assert p.exitcode == 0
     recs = read_jsonl(path, strict=True)
     assert sorted((r["who"], r["i"]) for r in recs) == [(w, i) for w in range(4) for i in range(200)]
+
+
+def test_a_retried_round_task_past_its_commit_point_writes_no_second_line(tmp_path):
+    """A Ray task whose worker died after the round's final_results line is retried: it returns that line and
+    neither trains again nor appends a second one."""
+    from lrpilot.campaign import execute_round
+    from lrpilot.logs import append_jsonl
+
+    d = tmp_path / "camp"
+    settings = CampaignSettings(preset="cpu-smoke", overrides=tuple(SMOKE), controller="rules", memory="none")
+    append_jsonl(d / "final_results.jsonl", {"round": 1, "final_eval_ppl": 26.7, "status": "ok"})
+    rec = execute_round(_cfg(), d, 1, settings, "", None, "2026-01-01T00:00:00", time.time())
+    assert rec["final_eval_ppl"] == 26.7
+    assert len(read_jsonl(d / "final_results.jsonl", strict=True)) == 1 and not (d / "rounds").exists()

@@ -375,10 +375,14 @@ def execute_round(
 ) -> dict[str, Any]:
     """Round r itself, wherever the engine runs it (this process, a child, a Ray task): the round supervisor
     on DIR/rounds/round_NNN (resumed from its checkpoint when the directory exists: a retried or re-run
-    round), then its line in DIR/final_results.jsonl, the round's commit point. Returns that record.
+    round), then its line in DIR/final_results.jsonl, the round's commit point. Returns that record; a round
+    already committed (a Ray task retried after its worker died past the commit point) returns its line as is.
     t0: when the round was prepared (time.time(), for round_wall_time_s)."""
     from lrpilot.supervisor import RoundLogs, run_round
 
+    committed = _completed_rounds(directory).get(r)
+    if committed is not None:  # a retried task whose worker died after the commit point: never a second line
+        return committed
     run_dir = directory / "rounds" / f"round_{r:03d}"
     resume = run_dir.exists()
     controller = _make_controller(cfg, directory, settings, r, params, iso)
