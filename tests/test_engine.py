@@ -108,6 +108,18 @@ def test_engine_ray_without_ray_names_the_extra(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_ray_address_where_nothing_listens_is_one_line_not_minutes(tmp_path):
+    """Ray waits minutes for a cluster that is not there; lrpilot says so in one line within seconds."""
+    pytest.importorskip("ray")
+    port = _free_port()  # closed again: nothing listens on it
+    cmd = [sys.executable, "-m", "lrpilot", "campaign", "--preset", "cpu-smoke", "--rounds", "1", "--dir",
+           str(tmp_path / "c"), "--engine", "ray", "--ray-address", f"127.0.0.1:{port}"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"--ray-address 127.0.0.1:{port}: nothing answers there" in r.stderr
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.slow
 def test_local_parallel_driver_killed_then_rerun_resumes_exactly(tmp_path):
     """--parallel 2 on the local engine; the driver is SIGKILLed while both rounds run: their processes and

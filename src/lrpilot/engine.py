@@ -243,6 +243,8 @@ class RayEngine(Engine):
         self._refs: dict[Any, Future] = {}
         self._lock = threading.Lock()
         self._owns = False
+        if address:
+            _check_reachable(address)
         if not self.ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
             if address:
@@ -301,6 +303,24 @@ class RayEngine(Engine):
             with contextlib.suppress(Exception):
                 self.ray.shutdown()
             self._owns = False
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) address must accept a TCP connection within timeout_s, or ConfigError
+    in one line: Ray itself waits minutes for a cluster that is not there. 'auto' and other forms are left to Ray."""
+    import socket
+
+    hostport = address.split("://", 1)[1] if address.startswith("ray://") else address
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(
+            f"--ray-address {address}: nothing answers there ({e.strerror or e}); start the cluster "
+            "(ray start --head) or give its address (ray status prints it)"
+        ) from None
 
 
 def _unwrap(ray: Any, e: BaseException) -> BaseException:
