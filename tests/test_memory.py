@@ -208,3 +208,18 @@ def test_local_llm_brief(logs, tmp_path):
     rec = read_jsonl(tmp_path / "llm_calls.jsonl")
     assert len(rec) == 1 and rec[0]["role"] == "memory" and rec[0]["usage"]["prompt_tokens"] > 300
     assert rec[0]["error"] is None, rec[0]["error"]  # the prompt fits SmolLM2's 2048-token context
+
+
+def test_brief_with_rounds_still_running_names_them_and_uses_only_finished_ones(logs, tmp_path):
+    """campaign --parallel: the brief for round 41 while rounds 39 and 40 still run is written from rounds
+    1-38 (39 and 40 are not in its evidence) and says which rounds are still running, in the prompt, in the
+    LLM's brief's stead when the LLM fails, within the word limit."""
+    be = Scripted("A brief with enough words to count.")
+    LLMMemory(be, AgentConfig()).brief(logs, 41, running=(40, 39))
+    user = be.calls[0][1]["content"]
+    assert "Rounds finished: 38." in user and "Still running, results not in yet: rounds 39, 40." in user
+    assert "round 39" not in user.split("Still running")[0]  # its result is not in the evidence
+    fb = LLMMemory(Scripted(error="down"), AgentConfig(brief_words=30)).brief(logs, 41, running=(39, 40))
+    assert fb.fallback and fb.text.endswith("Still running, results not in yet: rounds 39, 40.") and fb.words <= 30
+    first = LLMMemory(be, AgentConfig()).brief(load_campaign(tmp_path), 2, running=(1,))
+    assert first.text.startswith(EMPTY_BRIEF) and "round 1." in first.text

@@ -105,9 +105,17 @@ def _run_locked(cfg: RunConfig, schedule: str, peak: float, path: Path, run_dir:
 
 
 def run_sweep(
-    cfg: RunConfig, schedule: str, peaks: list[float], out_dir: Path, jobs: int = 1, preset: str = ""
+    cfg: RunConfig,
+    schedule: str,
+    peaks: list[float],
+    out_dir: Path,
+    jobs: int = 1,
+    preset: str = "",
+    engine: Any = None,
 ) -> list[dict[str, Any]]:
-    """Run a sweep over peaks; `jobs` runs execute at once (each trainer uses train.num_threads)."""
+    """Run a sweep over peaks; `jobs` runs execute at once (each trainer uses train.num_threads). engine
+    (lrpilot.engine, e.g. RayEngine): each peak a task there, engine.slots at once, instead of this process's
+    threads; results in the order of `peaks`."""
     from lrpilot.controllers.schedules import baseline_config, make_schedule
 
     make_schedule(schedule, peaks[0], cfg)  # fail fast on an unknown schedule name
@@ -116,10 +124,22 @@ def run_sweep(
     out_dir = Path(out_dir)
     with writing(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
+    if engine is not None:
+        from lrpilot.engine import run_each
+
+        by_peak = {
+            p: fut.result() for p, fut in run_each(engine, _run_peak, list(peaks), cfg, schedule, out_dir, preset)
+        }
+        return [by_peak[p] for p in peaks]
     if jobs <= 1:
         return [run_one(cfg, schedule, p, out_dir, preset) for p in peaks]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(lambda p: run_one(cfg, schedule, p, out_dir, preset), peaks))
+
+
+def _run_peak(peak: float, cfg: RunConfig, schedule: str, out_dir: Path, preset: str) -> dict[str, Any]:
+    """run_one with the peak first (lrpilot.engine.run_each's calling convention)."""
+    return run_one(cfg, schedule, peak, out_dir, preset)
 
 
 def sweep_table(records: list[dict[str, Any]]) -> str:

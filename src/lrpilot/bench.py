@@ -28,6 +28,7 @@ below SURVIVAL_LOSS_FACTOR x the seed's best loss).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -314,8 +315,11 @@ def _run_task(task: Task, settings: BenchSettings, echo: Any) -> list[dict[str, 
     return run_campaign(task.cfg, task.directory, m.rounds, _campaign_settings(task, settings), echo=lambda _: None)
 
 
-def run_bench(settings: BenchSettings, out: str | Path, *, echo: Any = print, ping_llm: bool = True) -> dict[str, Any]:
+def run_bench(
+    settings: BenchSettings, out: str | Path, *, echo: Any = print, ping_llm: bool = True, engine: Any = None
+) -> dict[str, Any]:
     """Validate everything, then run every task (J at once), then summarise into OUT. Returns bench.json's dict.
+    engine (lrpilot.engine, e.g. RayEngine): each task a call there, engine.slots at once, instead of J threads.
 
     Raises BenchError / ConfigError (one line) before any training for bad methods, peaks, seeds, config
     overrides, a replay directory without rounds, a changed setting on a reused OUT, or an LLM endpoint that
@@ -339,10 +343,17 @@ def run_bench(settings: BenchSettings, out: str | Path, *, echo: Any = print, pi
     say(f"bench: {len(tasks)} tasks ({', '.join(settings.methods)}; seeds {seed_list(base, settings.seeds)}) in {out}")
     errors: list[tuple[Task, BaseException]] = []
     tasks.sort(key=lambda t: -t.cost)  # long campaigns first, so J workers finish together
-    with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
+    stack = contextlib.ExitStack()
+    if engine is not None:  # each task a call on the engine (a Ray task), engine.slots at once
+        from lrpilot.engine import run_each
+
+        finished = run_each(engine, _run_task, tasks, settings, None)
+    else:
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=settings.jobs))
         futures = {pool.submit(_run_task, t, settings, say): t for t in tasks}
-        for f in as_completed(futures):
-            t = futures[f]
+        finished = ((futures[f], f) for f in as_completed(futures))
+    with stack:
+        for t, f in finished:
             try:
                 recs = f.result()
             except Exception as e:  # noqa: BLE001 - the other runs go on; raised below
@@ -735,9 +746,9 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def main_bench(settings: BenchSettings, out: Path) -> int:
+def main_bench(settings: BenchSettings, out: Path, engine: Any = None) -> int:
     """`lrpilot bench`: 0 when every run finished; errors propagate as LrpilotError (one line, exit 2)."""
-    run_bench(settings, out, echo=lambda t: print(t, flush=True))
+    run_bench(settings, out, echo=lambda t: print(t, flush=True), engine=engine)
     print(f"bench: results in {out / 'bench.md'}", file=sys.stderr)
     return 0
 

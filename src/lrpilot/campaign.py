@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.config import ConfigError, RunConfig
+from lrpilot.engine import Engine, LocalEngine, wait_first
 from lrpilot.errors import LrpilotError
 from lrpilot.locks import DirLock
 from lrpilot.logs import append_jsonl, as_float, now_iso, read_jsonl, write_atomic
@@ -201,9 +202,15 @@ def run_campaign(
     settings: CampaignSettings,
     *,
     echo: Any = print,
+    engine: Engine | None = None,
 ) -> list[dict[str, Any]]:
     """Run rounds 1..`rounds` in `directory`, skipping those already finished. Returns the final records of
     rounds 1..`rounds` (a note says when the directory holds more).
+
+    engine (lrpilot.engine): where rounds run; None or LocalEngine(1) runs them one after another in this
+    process. With engine.slots = K > 1 up to K rounds run at once, a new one started as a slot frees up
+    (`_run_rounds_on`); this process keeps campaign.lock and writes the briefs, each task its round's
+    directory, log lines and final_results line.
 
     echo gets each round's summary line once: the rounds finished earlier when the campaign resumes, each new
     round as it ends, then the totals line."""
@@ -215,7 +222,8 @@ def run_campaign(
     with CampaignLock(directory):
         _check_settings(directory, settings)
         done = _completed_rounds(directory)
-        mem = _optuna(cfg, directory, settings) if settings.memory == "optuna" else None
+        parallel = engine is not None and engine.slots > 1
+        mem = _optuna(cfg, directory, settings, parallel) if settings.memory == "optuna" else None
         if mem is not None:
             # the campaign may have died between a round's result line and telling Optuna: tell it now
             for r, rec in done.items():
@@ -223,14 +231,16 @@ def run_campaign(
         best = min((_ppl(r) for r in done.values() if math.isfinite(_ppl(r))), default=math.inf)
         if done:
             echo("\n".join(round_lines([done[r] for r in sorted(done) if r <= rounds])))  # finished before this run
-        for r in range(1, rounds + 1):
-            if r in done:
-                continue
-            rec = _run_one_round(cfg, directory, r, settings, mem)
-            done[r] = rec
-            if math.isfinite(_ppl(rec)):
-                best = min(best, _ppl(rec))
-            echo(summary_line(rec, best))
+        todo = [r for r in range(1, rounds + 1) if r not in done]
+        if engine is None or engine.slots == 1 and isinstance(engine, LocalEngine):
+            for r in todo:  # one round after another, in this process: lrpilot's behaviour before engines
+                rec = _run_one_round(cfg, directory, r, settings, mem)
+                done[r] = rec
+                if math.isfinite(_ppl(rec)):
+                    best = min(best, _ppl(rec))
+                echo(summary_line(rec, best))
+        else:
+            best = _run_rounds_on(engine, cfg, directory, settings, mem, todo, done, best, echo)
         recs = [done[r] for r in sorted(done) if r <= rounds]
         if totals_line(recs):
             echo(totals_line(recs))  # the round lines were echoed already, each once
@@ -262,14 +272,21 @@ def _make_controller(
     return LLMController(backend, guard=cfg.guard, blocking=cfg.agent.wait_for_decisions)
 
 
-def _optuna(cfg: RunConfig, directory: Path, settings: CampaignSettings):
-    """The campaign's Optuna study over the rule controller's parameters, scaled to the preset's init_lr."""
+def _optuna(cfg: RunConfig, directory: Path, settings: CampaignSettings, parallel: bool = False):
+    """The campaign's Optuna study over the rule controller's parameters, scaled to the preset's init_lr;
+    parallel: rounds are proposed while others still run (TPE's constant liar counts them as pending)."""
     from lrpilot.controllers.rules import RuleParams
     from lrpilot.memory.optuna_memory import OptunaMemory
 
     init_lr = cfg.schedule.init_lr
     space = {k: r for k, r in RuleParams.search_space(init_lr).items() if k not in settings.rule_params}
-    return OptunaMemory(directory, seed=settings.optuna_seed, search_space=space, defaults=settings.rules_for(init_lr))
+    return OptunaMemory(
+        directory,
+        seed=settings.optuna_seed,
+        search_space=space,
+        defaults=settings.rules_for(init_lr),
+        constant_liar=parallel,
+    )
 
 
 def _call_fields(r: int, run_start_iso: str) -> dict[str, Any]:
@@ -294,9 +311,11 @@ def _memory_brief(
     mem: Any,
     prior: dict[str, Any] | None,
     run_start_iso: str = "",
+    running: tuple[int, ...] = (),
 ) -> tuple[str, Any, dict]:
     """(brief text, rule params or None, record for briefs.jsonl). mem: the Optuna memory (--memory optuna);
-    prior: the brief already written for this round, if the round is being resumed."""
+    prior: the brief already written for this round, if the round is being resumed; running: rounds started
+    and not finished yet (--parallel), which the LLM brief names."""
     if mem is not None:
         params = mem.propose(r)
         text = mem.brief()
@@ -309,21 +328,31 @@ def _memory_brief(
         from lrpilot.memory.llm_memory import LLMMemory
 
         backend = make_backend(cfg.agent, "memory", directory / "llm_calls.jsonl", _call_fields(r, run_start_iso))
-        brief = LLMMemory(backend, cfg.agent).brief(load_campaign(directory), r)
+        brief = LLMMemory(backend, cfg.agent).brief(load_campaign(directory), r, running=running)
         marks = {"truncated": bool(brief.truncated_by), "truncated_by": brief.truncated_by}
-        return brief.text, None, {"fallback": brief.fallback, "words": brief.words, **marks}
+        extra = {"running": list(running)} if running else {}
+        return brief.text, None, {"fallback": brief.fallback, "words": brief.words, **marks, **extra}
     return "", None, {}
 
 
 def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSettings, mem: Any) -> dict[str, Any]:
-    from lrpilot.supervisor import RoundLogs, run_round
-
-    run_dir = directory / "rounds" / f"round_{r:03d}"
-    resume = run_dir.exists()
     t0 = time.time()
+    brief, params, iso = _prepare_round(cfg, directory, r, settings, mem)
+    rec = execute_round(cfg, directory, r, settings, brief, params, iso, t0)
+    if mem is not None:
+        mem.record(r, rec["final_eval_ppl"], rec["status"] != "ok")
+    return rec
+
+
+def _prepare_round(
+    cfg: RunConfig, directory: Path, r: int, settings: CampaignSettings, mem: Any, running: tuple[int, ...] = ()
+) -> tuple[str, Any, str]:
+    """The driver's part of round r: its brief (written to briefs.jsonl once) and rule parameters, and its
+    run_start_iso. Returns (brief, params or None, run_start_iso)."""
+    run_dir = directory / "rounds" / f"round_{r:03d}"
     prior = _brief_for(directory, r)
     iso = _run_start_iso(run_dir)
-    brief, params, extra = _memory_brief(cfg, directory, settings, r, mem, prior, iso)
+    brief, params, extra = _memory_brief(cfg, directory, settings, r, mem, prior, iso, running)
     if prior is None:
         append_jsonl(
             directory / "briefs.jsonl",
@@ -331,6 +360,31 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
         )
     if params is None and settings.controller == "rules":
         params = settings.rules_for(cfg.schedule.init_lr)  # recorded with the round, as Optuna's are
+    return brief, params, iso
+
+
+def execute_round(
+    cfg: RunConfig,
+    directory: Path,
+    r: int,
+    settings: CampaignSettings,
+    brief: str,
+    params: Any,
+    iso: str,
+    t0: float,
+) -> dict[str, Any]:
+    """Round r itself, wherever the engine runs it (this process, a child, a Ray task): the round supervisor
+    on DIR/rounds/round_NNN (resumed from its checkpoint when the directory exists: a retried or re-run
+    round), then its line in DIR/final_results.jsonl, the round's commit point. Returns that record; a round
+    already committed (a Ray task retried after its worker died past the commit point) returns its line as is.
+    t0: when the round was prepared (time.time(), for round_wall_time_s)."""
+    from lrpilot.supervisor import RoundLogs, run_round
+
+    committed = _completed_rounds(directory).get(r)
+    if committed is not None:  # a retried task whose worker died after the commit point: never a second line
+        return committed
+    run_dir = directory / "rounds" / f"round_{r:03d}"
+    resume = run_dir.exists()
     controller = _make_controller(cfg, directory, settings, r, params, iso)
     logs = RoundLogs(
         decisions=directory / "decisions.jsonl",
@@ -385,9 +439,56 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
     if params is not None:
         rec["rule_params"] = dataclasses.asdict(params)
     append_jsonl(directory / "final_results.jsonl", rec)
-    if mem is not None:
-        mem.record(r, res.final_eval_ppl, res.status != "ok")
     return rec
+
+
+def _run_rounds_on(
+    engine: Engine,
+    cfg: RunConfig,
+    directory: Path,
+    settings: CampaignSettings,
+    mem: Any,
+    todo: list[int],
+    done: dict[int, dict[str, Any]],
+    best: float,
+    echo: Any,
+) -> float:
+    """Rounds `todo` on `engine`, up to engine.slots at once, each started (brief written, Optuna asked) as a
+    slot frees up. A finished round is told to Optuna and echoed as it ends (so lines come in finishing order).
+    A round that raises stops new rounds from starting; the running ones finish, then its error is raised.
+    Anything else that stops the driver (Ctrl-C, SIGTERM as SystemExit) cancels the running rounds (their
+    trainers are killed) and propagates; the same command resumes them from their checkpoints. Returns the
+    best ppl so far."""
+    todo = list(todo)
+    running: dict[Any, int] = {}
+    error: BaseException | None = None
+    try:
+        while (todo and error is None) or running:
+            while todo and error is None and len(running) < engine.slots:
+                r = todo.pop(0)
+                t0 = time.time()
+                brief, params, iso = _prepare_round(cfg, directory, r, settings, mem, tuple(sorted(running.values())))
+                running[engine.submit(execute_round, cfg, directory, r, settings, brief, params, iso, t0)] = r
+            for fut in sorted(wait_first(running), key=lambda f: running[f]):
+                r = running.pop(fut)
+                try:
+                    rec = fut.result()
+                except Exception as e:  # noqa: BLE001 - the running rounds finish first
+                    error = error or e
+                    echo(f"round {r:>3}  failed to run: {type(e).__name__}: {e}")
+                    continue
+                done[r] = rec
+                if mem is not None:
+                    mem.record(r, _ppl(rec), rec.get("status") != "ok")
+                if math.isfinite(_ppl(rec)):
+                    best = min(best, _ppl(rec))
+                echo(summary_line(rec, best))
+    except BaseException:
+        engine.cancel_all()
+        raise
+    if error is not None:
+        raise error
+    return best
 
 
 def _mean(xs: list[float]) -> float | None:

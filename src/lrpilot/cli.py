@@ -18,6 +18,7 @@ the resolved config and the keys that exist. Errors in input are one line naming
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 import threading
@@ -44,6 +45,39 @@ def _add_config_args(p: argparse.ArgumentParser, default: str = "cpu-small") -> 
         metavar="SECTION.KEY=VALUE",
         help="override one config field, e.g. --set train.total_steps=500 (repeatable; see `lrpilot info`)",
     )
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """--engine, --ray-address, --resources (lrpilot.engine)."""
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="where runs execute: local (this machine, the default) or ray (each run a Ray task; pip install "
+        "'lrpilot[ray]')",
+    )
+    p.add_argument(
+        "--ray-address",
+        default="",
+        help="with --engine ray: join this running cluster ('auto', host:port or ray://host:10001); default: "
+        "start Ray on this machine",
+    )
+    p.add_argument(
+        "--resources",
+        default="num_cpus=1",
+        help="with --engine ray: what each run asks for, e.g. num_cpus=4,num_gpus=1 (default num_cpus=1)",
+    )
+
+
+def _engine(args: argparse.Namespace, slots: int):
+    """The engine that --engine / --ray-address / --resources ask for, with `slots` runs at once; None for the
+    default local engine without parallelism (the code paths lrpilot always had)."""
+    from lrpilot.engine import Resources, make_engine
+
+    resources = Resources.parse(args.resources)
+    if args.engine == "local" and not args.ray_address and slots == 1:
+        return None
+    return make_engine(args.engine, slots, address=args.ray_address, resources=resources)
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -92,8 +126,13 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from lrpilot.progress import LiveProgress
 
     cfg = _checked_config(args)
-    with LiveProgress([Path(args.out) / "runs"]) as live:
-        recs = run_sweep(cfg, args.schedule, args.peaks, Path(args.out), jobs=args.jobs, preset=args.preset)
+    engine = _engine(args, args.jobs if args.engine == "ray" else 1)  # local: --jobs threads, as always
+    with contextlib.ExitStack() as stack, LiveProgress([Path(args.out) / "runs"]) as live:
+        if engine is not None:
+            stack.enter_context(engine)
+        recs = run_sweep(
+            cfg, args.schedule, args.peaks, Path(args.out), jobs=args.jobs, preset=args.preset, engine=engine
+        )
         live.write(sweep_table(recs))
     return 0
 
@@ -136,6 +175,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     cfg = _config(args)
     settings = _campaign_settings(args, cfg)
     check_campaign(cfg, args.rounds, settings)
+    engine = _engine(args, args.parallel)  # a bad --resources or a missing Ray fails here, before any LLM ping
     roles = [
         r for r, used in (("controller", settings.controller == "llm"), ("memory", settings.memory == "llm")) if used
     ]
@@ -145,8 +185,10 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         ping_backends(cfg.agent, roles)  # fail fast on a wrong endpoint, model or key, for every model it will use
     from lrpilot.progress import LiveProgress
 
-    with LiveProgress([Path(args.dir) / "rounds"]) as live:
-        run_campaign(cfg, Path(args.dir), args.rounds, settings, echo=live.write)
+    with contextlib.ExitStack() as stack, LiveProgress([Path(args.dir) / "rounds"]) as live:
+        if engine is not None:
+            stack.enter_context(engine)
+        run_campaign(cfg, Path(args.dir), args.rounds, settings, echo=live.write, engine=engine)
     return 0
 
 
@@ -188,7 +230,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         optuna_seed=args.optuna_seed,
         command=shlex.join(["lrpilot", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "",
     )
-    return main_bench(settings, Path(args.out))
+    engine = _engine(args, args.jobs if args.engine == "ray" else 1)  # local: --jobs threads, as always
+    if engine is None:
+        return main_bench(settings, Path(args.out))
+    with engine:
+        return main_bench(settings, Path(args.out), engine=engine)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -311,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jobs", type=positive_int, default=1, help="runs at once, >= 1 (each uses train.num_threads threads)"
     )
+    _add_engine_args(p)
     p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("campaign", help="run N rounds in DIR, each steered by a controller with memory")
@@ -356,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--controller rules; with --memory optuna it is left out of the search). Names: ceiling, climb_factor, "
         "fast_threshold, plateau_threshold, cut_factor, decay_start, final_ratio, noise_threshold, crash_margin",
     )
+    p.add_argument(
+        "--parallel",
+        type=positive_int,
+        default=1,
+        help="rounds at once, >= 1 (default 1: one after another); each new round starts as one finishes",
+    )
+    _add_engine_args(p)
     p.set_defaults(func=cmd_campaign)
 
     p = sub.add_parser(
@@ -379,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="Controller model name (llm methods)")
     p.add_argument("--memory-model", default=None, help="Memory agent model (llm+memory)")
     p.add_argument("--optuna-seed", type=int, default=0, help="seed of the Optuna TPE sampler (rules+optuna)")
+    _add_engine_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="tables and figures from a campaign's logs (never imports torch)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,13 @@ def fallback_brief(ev: Evidence, max_words: int) -> str:
     return limit_words(" ".join(parts), max_words)[0]
 
 
+def _running_note(running: Sequence[int]) -> str:
+    """' Still running, results not in yet: rounds 3, 4.' ('' when none runs)."""
+    if not running:
+        return ""
+    return f" Still running, results not in yet: round{'s' * (len(running) > 1)} {', '.join(map(str, running))}."
+
+
 class LLMMemory:
     """Writes the brief for a round from the campaign's own logs; never leaves a round without one."""
 
@@ -102,7 +110,7 @@ class LLMMemory:
         self.max_words = int(getattr(agent_cfg, "brief_words", 150))
         self.max_history = int(getattr(agent_cfg, "max_cross_run_history", 10))
 
-    def build_prompt(self, ev: Evidence, round_index: int) -> list[dict]:
+    def build_prompt(self, ev: Evidence, round_index: int, running: Sequence[int] = ()) -> list[dict]:
         system = (
             "You are the Memory agent of a campaign of language-model pre-training runs. In each run a "
             "Controller agent sets the learning rate every few hundred steps from the run's telemetry. Before "
@@ -112,19 +120,25 @@ class LLMMemory:
             "Use only the campaign's results below. One failed round does not prove a whole band is bad. "
             "Write plain text, no preamble."
         )
-        user = ev.render() + f"\n\nWrite the brief for round {round_index} (at most {self.max_words} words)."
+        user = ev.render() + ("\n\n" + _running_note(running).strip() if running else "")
+        user += f"\n\nWrite the brief for round {round_index} (at most {self.max_words} words)."
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
-    def brief(self, logs: CampaignLogs, round_index: int) -> Brief:
-        rounds = [r for r in logs.rounds if round_index <= 0 or r.round < round_index]
+    def brief(self, logs: CampaignLogs, round_index: int, running: Sequence[int] = ()) -> Brief:
+        """The brief for round `round_index` from the rounds finished so far (earlier round numbers).
+        running: rounds started but not finished (`campaign --parallel`): the brief says so, since their
+        results are not in it yet."""
+        running = sorted(int(r) for r in running)
+        rounds = [r for r in logs.rounds if (round_index <= 0 or r.round < round_index) and r.round not in running]
         if not rounds:
-            return Brief(EMPTY_BRIEF, count_words(EMPTY_BRIEF), None, fallback=False)
+            text = EMPTY_BRIEF + _running_note(running)
+            return Brief(text, count_words(text), None, fallback=False)
         ev = build_evidence(rounds, self.max_history)
         error: str | None = None
         raw: str | None = None
         cut_at_max = False
         try:
-            reply = self.backend.generate(self.build_prompt(ev, round_index))
+            reply = self.backend.generate(self.build_prompt(ev, round_index, running))
             raw = reply.text
             error = reply.error
             cut_at_max = reply.finish_reason == "length"
@@ -137,7 +151,8 @@ class LLMMemory:
             log.warning(
                 "memory brief for round %d: LLM failed (%s); using the evidence-table brief", round_index, error[:200]
             )
-            fb = fallback_brief(ev, self.max_words)
+            note = _running_note(running)
+            fb = fallback_brief(ev, max(1, self.max_words - count_words(note))) + note
             return Brief(fb, count_words(fb), raw, fallback=True)
         text, cut = limit_words(text, self.max_words)
         if cut:

@@ -14,6 +14,10 @@ Choices worth knowing:
     (a campaign killed between propose and record) returns the same parameters.
   * the sampler is re-seeded per round (seed, round_index), so proposals do not depend on how many
     processes the campaign took.
+  * parallel rounds (`campaign --parallel K`): rounds are proposed while others still run; with
+    constant_liar=True TPE counts those running trials as if they had the worst value so far, so K rounds asked
+    at once do not all get the same proposal (Optuna's documented mode for parallel workers; off for a
+    sequential campaign, whose proposals stay those of earlier lrpilot versions).
   * a failed or diverged round (or one without a finite ppl) is told as ppl = FAILED_PPL (1e9) with the
     user attr failed=True, not as Optuna's FAIL state: TPE ignores FAIL trials and would propose the
     crashing region again, while a (rank-based) worst value steers it away. The brief's "best" skips them.
@@ -54,17 +58,24 @@ class OptunaMemory:
         search_space: dict[str, ParamRange] | None = None,
         defaults: RuleParams | None = None,
         n_startup_trials: int = 5,
+        constant_liar: bool = False,
     ) -> None:
         self.dir = Path(campaign_dir)
         self.seed = int(seed)
         self.search_space = dict(search_space if search_space is not None else RuleParams.search_space())
         self.defaults = defaults if defaults is not None else RuleParams()
         self.n_startup_trials = int(n_startup_trials)
+        self.constant_liar = bool(constant_liar)
         self._check_space()
         self.dir.mkdir(parents=True, exist_ok=True)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "Trial n finished" lines in the campaign output
+        # the journal file backend takes a lock per write (its default JournalFileSymlinkLock, an atomic symlink
+        # that works on NFS too), so several processes may propose and record on one study
+        path = str(self.dir / JOURNAL_FILE)
         self.storage = optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(self.dir / JOURNAL_FILE))
+            optuna.storages.journal.JournalFileBackend(
+                path, lock_obj=optuna.storages.journal.JournalFileSymlinkLock(path)
+            )
         )
 
     def _check_space(self) -> None:
@@ -94,6 +105,7 @@ class OptunaMemory:
                 seed=(self.seed * 1_000_003 + round_index) % 2**32,
                 n_startup_trials=self.n_startup_trials,
                 multivariate=True,
+                constant_liar=self.constant_liar,
             )
         return optuna.create_study(
             study_name=STUDY_NAME, storage=self.storage, sampler=sampler, direction="minimize", load_if_exists=True
