@@ -169,8 +169,29 @@ def _realized_events(decisions: Sequence[dict[str, Any]], rollbacks: Sequence[di
     return [(kind, rec) for kind, _, rec in events]
 
 
+class _FallbackCounts:
+    """How many of a run's controller answers fell back (shared by a round and a baseline run)."""
+
+    decisions: list[dict[str, Any]]
+    raw: dict[str, Any]
+
+    @property
+    def fallback_counts(self) -> tuple[int, int]:
+        """(answers that fell back, controller answers): decision-log kinds fallback and decision + fallback
+        (published logs have no kind: (0, 0))."""
+        kinds = [d.get("kind") for d in self.decisions]
+        return kinds.count("fallback"), kinds.count("fallback") + kinds.count("decision")
+
+    @property
+    def mostly_fallback(self) -> bool:
+        """More than half of the controller's answers fell back (final_results `mostly_fallback`, or counted
+        from the decisions for logs without it): the round shows the fallback path, not the agent."""
+        fb, n = self.fallback_counts
+        return bool(self.raw.get("mostly_fallback")) or (n > 0 and 2 * fb > n)
+
+
 @dataclass(frozen=True)
-class RoundSummary:
+class RoundSummary(_FallbackCounts):
     """One finished round of a campaign: its final result joined with its decisions and rollbacks."""
 
     round: int
@@ -201,20 +222,6 @@ class RoundSummary:
     @property
     def band(self) -> str:
         return peak_band(self.peak_lr)
-
-    @property
-    def fallback_counts(self) -> tuple[int, int]:
-        """(answers that fell back, controller answers): decision-log kinds fallback and decision + fallback
-        (published logs have no kind: (0, 0))."""
-        kinds = [d.get("kind") for d in self.decisions]
-        return kinds.count("fallback"), kinds.count("fallback") + kinds.count("decision")
-
-    @property
-    def mostly_fallback(self) -> bool:
-        """More than half of the controller's answers fell back (final_results `mostly_fallback`, or counted
-        from the decisions for logs without it): the round shows the fallback path, not the agent."""
-        fb, n = self.fallback_counts
-        return bool(self.raw.get("mostly_fallback")) or (n > 0 and 2 * fb > n)
 
     def _path(self, include_rollbacks: bool) -> list[tuple[int, float, dict[str, Any] | None]]:
         """(step, lr, decision record or None) of the path the final model was trained on: a decision at
@@ -292,7 +299,7 @@ class RoundSummary:
 
 
 @dataclass(frozen=True)
-class BaselineResult:
+class BaselineResult(_FallbackCounts):
     """One baseline run's result json (a fixed schedule at one peak LR)."""
 
     schedule: str
@@ -320,20 +327,6 @@ class BaselineResult:
     @property
     def band(self) -> str:
         return peak_band(self.peak_lr)
-
-    @property
-    def fallback_counts(self) -> tuple[int, int]:
-        """(answers that fell back, controller answers): decision-log kinds fallback and decision + fallback
-        (published logs have no kind: (0, 0))."""
-        kinds = [d.get("kind") for d in self.decisions]
-        return kinds.count("fallback"), kinds.count("fallback") + kinds.count("decision")
-
-    @property
-    def mostly_fallback(self) -> bool:
-        """More than half of the controller's answers fell back (final_results `mostly_fallback`, or counted
-        from the decisions for logs without it): the round shows the fallback path, not the agent."""
-        fb, n = self.fallback_counts
-        return bool(self.raw.get("mostly_fallback")) or (n > 0 and 2 * fb > n)
 
 
 @dataclass(frozen=True)
