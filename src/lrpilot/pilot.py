@@ -66,10 +66,18 @@ from lrpilot.channel import LRState, warmup_lr
 from lrpilot.config import GuardConfig
 from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
 from lrpilot.errors import LrpilotError
-from lrpilot.logs import JsonlLog, append_jsonl, as_float, finite_mean, iter_jsonl, now_iso, write_atomic, write_json_atomic
+from lrpilot.logs import (
+    JsonlLog,
+    append_jsonl,
+    as_float,
+    finite_mean,
+    iter_jsonl,
+    now_iso,
+    write_atomic,
+    write_json_atomic,
+)
+from lrpilot.schedule_export import SCHEDULE_FORMAT
 
-#: format name of `lrpilot export-schedule` files (Pilot(controller="replay:plan.json"))
-SCHEDULE_FORMAT = "lrpilot-schedule"
 #: the environment variable `Pilot.from_env()` reads: a JSON object of Pilot keyword arguments (or @FILE)
 ENV_SETTINGS = "LRPILOT_PILOT"
 #: RUN/result.json and final_results.jsonl keep at most this many (step, value) points per trajectory
@@ -196,7 +204,9 @@ def make_controller(
 
         agent = agent if agent is not None else AgentConfig()
         audit = run_dir / "llm_calls.jsonl" if run_dir is not None else None
-        return LLMController(make_backend(agent, "controller", audit), guard=guard_cfg, blocking=agent.wait_for_decisions)
+        return LLMController(
+            make_backend(agent, "controller", audit), guard=guard_cfg, blocking=agent.wait_for_decisions
+        )
     raise PilotError(
         f"controller {spec!r}: unknown; choose rules, cosine, d2z, wsd, constant, llm, replay:PLAN.json "
         "or pass a BaseController"
@@ -338,12 +348,16 @@ class Pilot:
         (model, extra_state, ...) are added. Raises PilotError when the variable is missing or not JSON."""
         raw = os.environ.get(ENV_SETTINGS)
         if not raw:
-            raise PilotError(f"Pilot.from_env: ${ENV_SETTINGS} is not set; run the script under `lrpilot campaign --script`")
+            raise PilotError(
+                f"Pilot.from_env: ${ENV_SETTINGS} is not set; run the script under `lrpilot campaign --script`"
+            )
         try:
             text = Path(raw[1:]).read_text(encoding="utf-8") if raw.startswith("@") else raw
             settings = json.loads(text)
         except (OSError, ValueError) as e:
-            raise PilotError(f"Pilot.from_env: ${ENV_SETTINGS} is not a JSON object ({e.__class__.__name__}: {e})") from e
+            raise PilotError(
+                f"Pilot.from_env: ${ENV_SETTINGS} is not a JSON object ({e.__class__.__name__}: {e})"
+            ) from e
         if not isinstance(settings, dict):
             raise PilotError(f"Pilot.from_env: ${ENV_SETTINGS} must hold a JSON object of Pilot arguments")
         if isinstance(settings.get("guard"), dict):
@@ -400,13 +414,19 @@ class Pilot:
         return self.lr_state.lr_for(self.step_count)
 
     def is_decision_point(self, step: int) -> bool:
-        return step >= self.warmup_steps and step < self.total_steps and (step - self.warmup_steps) % self.decision_every == 0
+        return (
+            step >= self.warmup_steps
+            and step < self.total_steps
+            and (step - self.warmup_steps) % self.decision_every == 0
+        )
 
     # ------------------------------------------------------------------------------------------ logs
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self._tel is not None:
-            self._tel.append({"event": event, "step": self.step_count, "time": time.time(), "launch": os.getpid(), **fields})
+            self._tel.append(
+                {"event": event, "step": self.step_count, "time": time.time(), "launch": os.getpid(), **fields}
+            )
 
     # ------------------------------------------------------------------------------------------ step
 
@@ -805,7 +825,9 @@ class Pilot:
         Decisions the run directory logged after the saved step (a run killed after its checkpoint) are applied
         again at their logged steps, not asked again. Raises PilotError for a state of another format."""
         if not isinstance(state, dict) or state.get("format") != 1:
-            raise PilotError("load_state_dict: not a Pilot state_dict (format 1); pass what Pilot.state_dict() returned")
+            raise PilotError(
+                "load_state_dict: not a Pilot state_dict (format 1); pass what Pilot.state_dict() returned"
+            )
         self._load_own_state(state)
         self.run_start_iso = str(state["run_start_iso"])
         self.rollbacks = [RollbackRecord(**r) for r in state["rollbacks"]]
