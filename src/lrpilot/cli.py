@@ -406,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for report.html, report.md and PNGs")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export-schedule", help="a round's LR decisions as plan.json, for Pilot(controller='replay:plan.json')")
+    p = sub.add_parser(
+        "export-schedule", help="a round's LR decisions as plan.json, for Pilot(controller='replay:plan.json')"
+    )
     p.add_argument("dir", help="a campaign directory or a Pilot's run directory")
     p.add_argument("--round", type=positive_int, default=None, help="the round to export (default: the only one)")
     p.add_argument("--out", required=True, help="the plan file to write (json)")
