@@ -30,15 +30,19 @@ class PilotScheduler(LRScheduler):
         if not isinstance(pilot, Pilot):
             raise PilotError(f"PilotScheduler: needs a lrpilot.Pilot, got {type(pilot).__name__}")
         self.pilot = pilot
-        self._reported: tuple[Any, Any] | None = None
+        self._losses: list[float] = []
+        self._grad_norm: Any = None
         self._ready = False
         self.last_info: StepInfo | None = None
         super().__init__(pilot.optimizer, last_epoch)
         self._ready = True
 
     def report(self, loss: float | torch.Tensor, grad_norm: float | torch.Tensor | None = None) -> None:
-        """The loss (and grad norm) of the update just done, for the next step() without arguments."""
-        self._reported = (loss, grad_norm)
+        """The loss of a micro-batch of the update under way (and its grad norm); the next step() without a loss
+        gives the pilot the mean of the losses reported since the previous step (gradient accumulation)."""
+        self._losses.append(float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss))
+        if grad_norm is not None:
+            self._grad_norm = grad_norm
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         return [float(g["lr"]) for g in self.optimizer.param_groups]
@@ -46,10 +50,11 @@ class PilotScheduler(LRScheduler):
     def step(self, loss: float | torch.Tensor | None = None, grad_norm: float | torch.Tensor | None = None) -> None:  # type: ignore[override]
         if self._ready:  # LRScheduler.__init__'s initial step reports nothing
             if loss is None:
-                if self._reported is None:
+                if not self._losses:
                     raise PilotError("PilotScheduler.step: no loss; call step(loss) or report(loss) first")
-                loss, grad_norm = self._reported
-            self._reported = None
+                loss = sum(self._losses) / len(self._losses)
+                grad_norm = self._grad_norm if grad_norm is None else grad_norm
+            self._losses, self._grad_norm = [], None
             self.last_info = self.pilot.step(loss, grad_norm)
         super().step()
         if self.last_info is not None and self.last_info.rolled_back:
