@@ -30,14 +30,18 @@ from lrpilot.model import LLaMA  # noqa: E402
 
 
 class Lit(L.LightningModule):
-    def __init__(self, cb: LRPilotCallback, lr: float, nan_at: int | None) -> None:
+    def __init__(self, cb: LRPilotCallback, lr: float, nan_at: int | None, ds: Windows, bs: int, accum: int) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.model = LLaMA(load_config("cpu-smoke").model)
         self.cb, self.lr, self.nan_at, self.injected = cb, lr, nan_at, False
+        self.ds, self.bs, self.accum = ds, bs, accum
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        ids = batch["input_ids"]
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        # nanoGPT's get_batch: the batch is a function of (update, micro-batch), so a resume mid-epoch (Lightning
+        # restarts a plain DataLoader's epoch) trains on the same batches; the loader only paces the loop
+        k = (self.global_step * self.accum + batch_idx % self.accum) * self.bs
+        ids = torch.stack([self.ds[i]["input_ids"] for i in range(k, k + self.bs)])
         _, loss = self.model(ids[:, :-1], ids[:, 1:])
         if self.nan_at is not None and self.global_step + 1 == self.nan_at and not self.injected:
             loss, self.injected = loss * math.nan, True
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         decision_every=args.decision_every, run_dir=run_dir,
     )  # fmt: skip
     ds = Windows(args.steps * args.batch_size * args.grad_accum)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False)
+    loader = torch.utils.data.DataLoader(range(args.steps * args.grad_accum), batch_size=1)
     callbacks: list = [cb]
     if args.pause_at_step is not None:
 
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "ckpt", filename="{step}", every_n_train_steps=args.checkpoint_every,
                                          save_top_k=-1))  # fmt: skip
-    module = Lit(cb, args.lr, args.inject_nan_at_step)
+    module = Lit(cb, args.lr, args.inject_nan_at_step, ds, args.batch_size, args.grad_accum)
     trainer = L.Trainer(
         max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=bool(args.checkpoint_every), callbacks=callbacks,

@@ -24,12 +24,15 @@ from lrpilot.pilot import Pilot, PilotError, StepInfo
 
 class PilotScheduler(LRScheduler):
     """An LRScheduler around `pilot` (its optimizer is the pilot's). step(loss, grad_norm) = pilot.step();
-    a step() without a loss uses the one given to report() since the last step (PilotError if none)."""
+    a step() without a loss uses the mean of those given to report() since the last step (PilotError if none).
+    With drive=False step() leaves the pilot alone (its owner calls pilot.step()) and only follows its LRs."""
 
-    def __init__(self, pilot: Pilot, last_epoch: int = -1) -> None:
+    def __init__(self, pilot: Pilot, last_epoch: int = -1, drive: bool = True) -> None:
         if not isinstance(pilot, Pilot):
             raise PilotError(f"PilotScheduler: needs a lrpilot.Pilot, got {type(pilot).__name__}")
         self.pilot = pilot
+        #: False: someone else calls pilot.step() (the Lightning callback); step() only keeps LRScheduler's books
+        self.drive = bool(drive)
         self._losses: list[float] = []
         self._grad_norm: Any = None
         self._ready = False
@@ -48,7 +51,7 @@ class PilotScheduler(LRScheduler):
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
     def step(self, loss: float | torch.Tensor | None = None, grad_norm: float | torch.Tensor | None = None) -> None:  # type: ignore[override]
-        if self._ready:  # LRScheduler.__init__'s initial step reports nothing
+        if self._ready and self.drive:  # LRScheduler.__init__'s initial step reports nothing
             if loss is None:
                 if not self._losses:
                     raise PilotError("PilotScheduler.step: no loss; call step(loss) or report(loss) first")

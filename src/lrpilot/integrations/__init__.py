@@ -25,6 +25,9 @@ class _PilotCallbackCore:
         self.pilot: Pilot | None = None
         self.scheduler: PilotScheduler | None = None
 
+    #: whether the scheduler's step() steps the pilot (HF) or the callback does (Lightning)
+    scheduler_drives = True
+
     def scheduler_for(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None) -> PilotScheduler:
         """The PilotScheduler for `optimizer` (a Pilot with this callback's settings; `model` is restored on a
         rollback). Give it to the framework as its LR scheduler."""
@@ -32,7 +35,7 @@ class _PilotCallbackCore:
         if model is not None:
             kwargs.setdefault("model", model)
         self.pilot = Pilot(optimizer, **kwargs)
-        self.scheduler = PilotScheduler(self.pilot)
+        self.scheduler = PilotScheduler(self.pilot, drive=self.scheduler_drives)
         return self.scheduler
 
     def _report(self, loss: Any) -> None:
