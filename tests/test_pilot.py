@@ -259,3 +259,18 @@ def test_sigkill_and_resume_gives_the_uninterrupted_lrs_and_losses(tmp_path):
     da, db = read_jsonl(full / "decisions.jsonl"), read_jsonl(run / "decisions.jsonl")
     assert [(d["step"], d["new_lr"]) for d in db] == [(d["step"], d["new_lr"]) for d in da]
     assert p.stdout.strip().splitlines()[-1] == r.stdout.strip().splitlines()[-1]
+
+
+def test_from_env_reads_the_settings_and_names_the_variable(smoke_config, tmp_path, monkeypatch):
+    _, _, opt = _setup(smoke_config)
+    monkeypatch.setenv("LRPILOT_PILOT", '{"controller": "cosine", "total_steps": 20, "warmup_steps": 2, '
+                       f'"decision_every": 4, "run_dir": "{tmp_path}", "guard": {{"crash_loss": 60.0}}}}')  # fmt: skip
+    pilot = Pilot.from_env(opt)
+    assert pilot.controller_name == "cosine" and pilot.total_steps == 20 and pilot.g.crash_loss == 60.0
+    assert (tmp_path / "round.json").is_file()
+    monkeypatch.setenv("LRPILOT_PILOT", "{not json")
+    with pytest.raises(PilotError, match=r"\$LRPILOT_PILOT is not a JSON object"):
+        Pilot.from_env(opt)
+    monkeypatch.delenv("LRPILOT_PILOT")
+    with pytest.raises(PilotError, match="LRPILOT_PILOT is not set"):
+        Pilot.from_env(opt)
