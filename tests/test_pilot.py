@@ -274,3 +274,41 @@ def test_from_env_reads_the_settings_and_names_the_variable(smoke_config, tmp_pa
     monkeypatch.delenv("LRPILOT_PILOT")
     with pytest.raises(PilotError, match="LRPILOT_PILOT is not set"):
         Pilot.from_env(opt)
+
+
+def test_a_non_blocking_controller_never_holds_the_loop_and_takes_effect_when_it_answers(smoke_config, tmp_path):
+    """The LLM path: decide() runs in a worker thread; the loop goes on; the answer applies at the first update
+    after it arrives (effective_step > step), a decision point reached meanwhile is skipped."""
+    import threading
+
+    from lrpilot.controllers.base import BaseController, Decision
+
+    release, asked = threading.Event(), threading.Event()
+
+    class Slow(BaseController):
+        name, blocking = "slow", False
+
+        def decide(self, obs):
+            asked.set()
+            assert release.wait(30)
+            return Decision(lr=obs.lr * 0.5, reason="halve")
+
+    _, _, opt = _setup(smoke_config)
+    pilot = Pilot(opt, controller=Slow(), total_steps=30, warmup_steps=2, decision_every=4, run_dir=tmp_path)
+    for _ in range(2):
+        pilot.step(3.0)
+    assert asked.wait(30)  # asked at step 2, in the background
+    lr_before = pilot.lr
+    for _ in range(5):  # steps 3..7 go on at the old LR (step 6's decision point is skipped: one question at a time)
+        pilot.step(3.0)
+        assert pilot.lr == lr_before
+    release.set()
+    deadline = time.monotonic() + 30
+    while pilot._replies.empty():  # the worker's answer is queued (a condition with a deadline, not a sleep)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    pilot.step(3.0)  # step 8: the answer applies to update 8
+    pilot.finish(1.0)
+    d = read_jsonl(tmp_path / "decisions.jsonl")[0]
+    assert d["step"] == 2 and d["effective_step"] == 8 and d["skipped_observes"] == [6]
+    assert d["new_lr"] == pytest.approx(lr_before * 0.5) and pilot.lr == pytest.approx(lr_before * 0.5)
