@@ -192,6 +192,7 @@ def test_bad_settings_name_the_argument(smoke_config):
         Pilot(opt, total_steps=10, controller="replay:/nonexistent/plan.json")
 
 
+@pytest.mark.slow
 def test_example_nan_gives_one_rollback_a_finite_loss_and_a_report(tmp_path):
     run = tmp_path / "nan"
     p = _run_example("--steps", "60", "--dir", str(run), "--inject-nan-at-step", "35", "--skip-batches", "2")
