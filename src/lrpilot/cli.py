@@ -8,6 +8,7 @@
     lrpilot report runs/rules --baselines runs/sweep --out runs/report
     lrpilot report runs/llm --compare runs/rules --baselines runs/sweep --out runs/compare
     lrpilot import-logs ../shared/seed-experiments --dir runs/published
+    lrpilot export-schedule runs/rules --round 3 --out plan.json
     lrpilot demo --dir runs/demo
     lrpilot status runs/demo --watch
 
@@ -237,6 +238,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return main_bench(settings, Path(args.out), engine=engine)
 
 
+def cmd_export_schedule(args: argparse.Namespace) -> int:
+    from lrpilot.schedule_export import export_schedule
+
+    plan = export_schedule(args.dir, args.round, args.out)
+    print(f"wrote {args.out}: round {plan['round']}, {len(plan['decisions'])} decisions")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from lrpilot.report import main_report
 
@@ -451,6 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output directory for report.html, report.md and PNGs")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "export-schedule", help="a round's LR decisions as plan.json, for Pilot(controller='replay:plan.json')"
+    )
+    p.add_argument("dir", help="a campaign directory or a Pilot's run directory")
+    p.add_argument("--round", type=positive_int, default=None, help="the round to export (default: the only one)")
+    p.add_argument("--out", required=True, help="the plan file to write (json)")
+    p.set_defaults(func=cmd_export_schedule)
 
     p = sub.add_parser("import-logs", help="turn the published study's log files into a campaign directory")
     p.add_argument("src", help="directory with final_results_log_*.jsonl, decisions_log_*, rollback_log_*")

@@ -1,0 +1,62 @@
+"""Shared by the examples: lrpilot's cpu-smoke data as (input_ids, labels) windows, and the common flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from lrpilot.config import load_config
+from lrpilot.data import build_data
+
+
+def common_args(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--steps", type=int, default=60, help="optimizer updates")
+    p.add_argument("--dir", required=True, help="run directory (the pilot's logs, the framework's checkpoints)")
+    p.add_argument("--controller", default="rules", help="rules | cosine | d2z | wsd | constant | llm | replay:PLAN")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak LR (the warmup's target)")
+    p.add_argument("--warmup", type=int, default=10, help="warmup updates")
+    p.add_argument("--decision-every", type=int, default=10, help="updates between decisions")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="the framework's checkpoint every N steps (0: off)")
+    p.add_argument("--resume", default=None, help="the framework's checkpoint to resume from")
+    p.add_argument("--inject-nan-at-step", type=int, default=None, help="testing: NaN loss at this step (once)")
+    p.add_argument("--pause-at-step", type=int, default=None, help="testing: write DIR/paused and block there")
+    return p
+
+
+def pause_here(run_dir: Path) -> None:
+    """Testing hook: write RUN/paused (our pid) and wait until killed (the test sends SIGKILL)."""
+    (run_dir / "paused").write_text(str(os.getpid()))
+    while True:
+        signal.pause()
+
+
+class Windows(torch.utils.data.Dataset):
+    """Byte windows of the embedded Shakespeare (cpu-smoke's data): item i is a pure function of i."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        cfg = load_config("cpu-smoke")
+        self.data = build_data(cfg.data, seed)
+        self.n = n
+        self.seq_len = cfg.data.seq_len
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.data.train_batch(i, 0, 1)
+        ids = torch.cat([x[0], y[0, -1:]])
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    def eval_items(self, tokens: int = 4096) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for x, y in self.data.eval_batches(tokens, 1):
+            ids = torch.cat([x[0], y[0, -1:]])
+            out.append({"input_ids": ids, "labels": ids.clone()})
+        return out

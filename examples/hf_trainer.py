@@ -1,0 +1,78 @@
+"""The Hugging Face Trainer steered by lrpilot: a tiny LlamaForCausalLM built from a config (no download).
+
+    python examples/hf_trainer.py --steps 60 --dir runs/hf
+    python examples/hf_trainer.py --steps 60 --dir runs/hf_nan --inject-nan-at-step 30
+    python examples/hf_trainer.py --steps 60 --dir runs/hf --checkpoint-every 20 --resume runs/hf/hf/checkpoint-20
+    lrpilot report runs/hf --out runs/hf/report
+
+The last line printed is `final: step S eval_loss L lr X rollbacks R`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Windows, common_args, pause_here  # noqa: E402
+
+from lrpilot.integrations.transformers import LRPilotCallback  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = common_args(__doc__).parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    run_dir = Path(args.dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    )  # fmt: skip
+    ds = Windows(args.steps * args.batch_size * args.grad_accum)
+    cb = LRPilotCallback(
+        controller=args.controller, total_steps=args.steps, warmup_steps=args.warmup, init_lr=args.lr,
+        decision_every=args.decision_every, run_dir=run_dir,
+    )  # fmt: skip
+    injected = {"armed": False, "done": False}
+    if args.inject_nan_at_step is not None:  # before the pilot's hook, so the pilot sees the NaN loss
+
+        def inject(module, inputs, output):
+            if module.training and injected["armed"] and not injected["done"]:
+                output["loss"] = output["loss"] * math.nan
+                injected["done"] = True
+            return output
+
+        model.register_forward_hook(inject)
+
+    class Arm(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            injected["armed"] = state.global_step + 1 == args.inject_nan_at_step
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == args.pause_at_step:
+                pause_here(run_dir)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    sched = cb.scheduler_for(opt, model)
+    targs = TrainingArguments(
+        output_dir=str(run_dir / "hf"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, max_grad_norm=1.0, logging_steps=10, report_to=[],
+        save_strategy="steps" if args.checkpoint_every else "no", save_steps=args.checkpoint_every or 500,
+        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0, data_seed=0,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=targs, train_dataset=ds, optimizers=(opt, sched), callbacks=[cb, Arm()])
+    trainer.train(resume_from_checkpoint=args.resume)
+    ev = trainer.evaluate(ds.eval_items())
+    res = cb.finish(final_eval_loss=ev["eval_loss"])
+    print(f"final: step {cb.pilot.step_count} eval_loss {ev['eval_loss']:.4f} lr {cb.pilot.lr:.3e} "
+          f"rollbacks {res['crash_count']}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

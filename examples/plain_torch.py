@@ -1,0 +1,158 @@
+"""A nanoGPT-style plain PyTorch loop steered by lrpilot.Pilot (cpu-smoke-sized: seconds on a CPU).
+
+    python examples/plain_torch.py --steps 60 --dir runs/plain
+    python examples/plain_torch.py --steps 60 --dir runs/plain_nan --inject-nan-at-step 30
+    python examples/plain_torch.py --steps 60 --dir runs/plain_cos --controller cosine
+    python examples/plain_torch.py --steps 60 --dir runs/replay --controller replay:plan.json
+    lrpilot report runs/plain --out runs/plain/report
+
+The model is lrpilot's LLaMA (lrpilot.model) on the embedded Shakespeare bytes; the optimizer is AdamW with two
+param groups (embeddings at half the LR: the pilot keeps that ratio). Every --checkpoint-every steps the loop
+saves model, optimizer, RNG, its batch counter and pilot.state_dict() to DIR/checkpoint.pt; --resume continues
+from it exactly (on CPU the losses are bit for bit those of an uninterrupted run). The last line printed is
+`final: step S eval_loss L lr X rollbacks R`.
+
+Testing hooks: --inject-nan-at-step N makes the loss of the update that completes step N NaN (once);
+--pause-at-step N writes DIR/paused and blocks there (after the checkpoint of that step, if any) until killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from lrpilot.config import load_config
+from lrpilot.data import build_data, evaluate
+from lrpilot.logs import write_atomic
+from lrpilot.model import LLaMA
+from lrpilot.pilot import Pilot
+from lrpilot.trainer import rng_state, set_rng_state
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=60, help="optimizer updates")
+    p.add_argument("--dir", required=True, help="run directory (logs, checkpoint)")
+    p.add_argument("--controller", default="rules", help="rules | cosine | d2z | wsd | constant | llm | replay:PLAN")
+    p.add_argument("--preset", default="cpu-smoke", help="model and data of this lrpilot preset (cpu-smoke)")
+    p.add_argument("--lr", type=float, default=None, help="peak LR (default: the preset's init_lr)")
+    p.add_argument("--warmup", type=int, default=None, help="warmup updates (default: the preset's)")
+    p.add_argument("--decision-every", type=int, default=None, help="updates between decisions (preset's)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save DIR/checkpoint.pt every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--skip-batches", type=int, default=0, help="batches to skip after a rollback (PaLM)")
+    p.add_argument("--snapshot-to", default="memory", choices=("memory", "disk"))
+    p.add_argument("--inject-nan-at-step", type=int, default=None, help="testing: NaN loss at this step (once)")
+    p.add_argument("--pause-at-step", type=int, default=None, help="testing: write DIR/paused and block here")
+    p.add_argument("--no-pilot", action="store_true", help="the same loop with a fixed LR (for the overhead bench)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    run_dir = Path(args.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(args.preset)
+    lr = args.lr if args.lr is not None else cfg.schedule.init_lr
+    warmup = args.warmup if args.warmup is not None else min(cfg.schedule.warmup_steps, args.steps - 1)
+    every = args.decision_every or cfg.schedule.decision_every
+    torch.manual_seed(cfg.train.seed)
+    model = LLaMA(cfg.model)
+    data = build_data(cfg.data, cfg.train.seed)
+    embed = [p for n, p in model.named_parameters() if "embed" in n]
+    rest = [p for n, p in model.named_parameters() if "embed" not in n]
+    opt = torch.optim.AdamW(
+        [{"params": rest, "lr": lr}, {"params": embed, "lr": lr * 0.5}],
+        betas=(cfg.train.beta1, cfg.train.beta2),
+        weight_decay=cfg.train.weight_decay,
+    )
+    loop = {"batch": 0}  # the data position: batches are a pure function of this index
+
+    def get_extra() -> dict:
+        return {"batch": loop["batch"], "rng": rng_state()}
+
+    def set_extra(state: dict) -> None:
+        loop["batch"] = int(state["batch"])
+        set_rng_state(state["rng"])
+
+    pilot = None
+    if not args.no_pilot:
+        pilot = Pilot(
+            opt,
+            controller=args.controller,
+            total_steps=args.steps,
+            warmup_steps=warmup,
+            init_lr=lr,
+            decision_every=every,
+            guard=cfg.guard,
+            run_dir=run_dir,
+            model=model,
+            extra_state=(get_extra, set_extra),
+            skip_batches=args.skip_batches,
+            snapshot_to=args.snapshot_to,
+        )
+    ckpt = run_dir / "checkpoint.pt"
+    step = 0
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_extra(state["extra"])
+        step = int(state["step"])
+        if pilot is not None:
+            pilot.load_state_dict(state["pilot"])
+    injected = False
+    while step < args.steps:
+        if pilot is not None and pilot.skip_batch():
+            loop["batch"] += 1
+            continue
+        x, y = data.train_batch(loop["batch"], 0, cfg.train.batch_size)
+        loop["batch"] += 1
+        _, loss = model(x, y)
+        if args.inject_nan_at_step == step + 1 and not injected:
+            loss = loss * math.nan
+            injected = True
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if pilot is None:
+            step += 1
+            continue
+        step = pilot.step(loss.item(), gn.item()).step
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            buf = io.BytesIO()
+            torch.save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "extra": get_extra(), "step": step,
+                 "pilot": pilot.state_dict()},
+                buf,
+            )  # fmt: skip
+            write_atomic(ckpt, buf.getvalue())
+        if args.pause_at_step == step:
+            (run_dir / "paused").write_text(str(os.getpid()))
+            _block()
+    ev = evaluate(model, data, cfg.eval.tokens, cfg.eval.batch_size, "cpu")
+    if pilot is None:
+        print(f"final: step {step} eval_loss {ev['eval_loss']:.4f} lr {lr:.3e} rollbacks 0")
+        return 0
+    res = pilot.finish(final_eval_loss=ev["eval_loss"], final_eval_tokens=ev["eval_tokens"])
+    print(f"final: step {step} eval_loss {ev['eval_loss']:.4f} lr {pilot.lr:.3e} rollbacks {res['crash_count']}")
+    return 0
+
+
+def _block() -> None:
+    """Wait until killed (the test sends SIGKILL once it sees DIR/paused)."""
+    import signal
+
+    while True:
+        signal.pause()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,947 @@
+"""`lrpilot.Pilot`: the LR pilot inside your own training loop (no trainer subprocess, no framework).
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    pilot = Pilot(opt, controller="rules", total_steps=1000, warmup_steps=100, decision_every=50,
+                  run_dir="runs/mine", model=model)
+    while pilot.step_count < 1000:
+        if pilot.skip_batch():          # after a rollback (PaLM's recipe): drop this batch
+            next(batches); continue
+        loss = model(next(batches)); loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); opt.zero_grad()
+        pilot.step(loss.item(), gn.item())
+    pilot.finish(final_eval_loss=evaluate(model))
+
+The pieces are the ones lrpilot's own rounds use (docs/architecture.md): the controllers
+(lrpilot.controllers: rules, the schedules, replay, the LLM agent), the SafetyGuard's pure functions
+(lrpilot.guard), the LR state with warmup and plans (lrpilot.channel.LRState / warmup_lr) and the log writers
+(lrpilot.logs). `step` is the number of optimizer updates done; the LR of update t is
+`init_lr * (t + 1) / warmup_steps` while t < warmup_steps, then whatever the controller last set; decision
+points are `warmup_steps + n * decision_every` < total_steps. The LR is written into every param group as
+`lr x (the group's LR / group 0's LR at construction)`, so groups keep their ratios (group 0 is the reference).
+
+At a decision point the published emergency rule (safety.check_emergency) comes first; otherwise a blocking
+controller (rules, schedules, replay) is asked inline and its answer takes effect at the decision step; a
+non-blocking one (the LLM agent) is asked in a worker thread and its answer takes effect at the first update
+after it arrives (training never waits; a decision point reached while a question is open is skipped). Every
+answer goes through safety.clamp_lr / clamp_plan.
+
+In-process safety: a loss that safety.check_loss calls a crash (NaN, Inf, above crash_loss) or a non-finite
+gradient norm restores the last healthy snapshot (model, optimizer, the caller's extra state through
+`extra_state=(get, set)`, and the pilot's own state) chosen by safety.choose_rollback, sets the LR to
+safety.crash_lr(LR in force) (x crash_lr_factor, 0.5 by default) and asks the caller to skip the next
+`skip_batches` batches (PaLM, Chowdhery et al. 2022, sec. 5.1: restart ~100 steps before the spike and skip
+200-500 batches; default 0 here). Snapshots are taken every `snapshot_every` updates (in memory, or on disk
+under RUN/snapshots/ with snapshot_to="disk"), only after a healthy step whose parameters are all finite.
+
+Run directory (the same formats as a campaign directory with one round, so `lrpilot report RUN --out R` and
+`--controller replay --replay-from RUN` work on it): telemetry.jsonl, decisions.jsonl, rollbacks.jsonl,
+round.json, and at `finish()` result.json and final_results.jsonl (one line).
+
+`state_dict()` / `load_state_dict()` make a resume exact: save the pilot's state with your checkpoint; on
+resume, decisions this run directory already logged after the checkpoint's step are applied again at their
+logged effective steps instead of asking the controller again (as the supervisor does), so the logs keep one
+record per decision point.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrpilot import guard as safety
+from lrpilot.channel import LRState, warmup_lr
+from lrpilot.config import GuardConfig
+from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
+from lrpilot.errors import LrpilotError
+from lrpilot.logs import (
+    JsonlLog,
+    append_jsonl,
+    as_float,
+    finite_mean,
+    iter_jsonl,
+    now_iso,
+    write_atomic,
+    write_json_atomic,
+)
+from lrpilot.schedule_export import SCHEDULE_FORMAT
+
+#: the environment variable `Pilot.from_env()` reads: a JSON object of Pilot keyword arguments (or @FILE)
+ENV_SETTINGS = "LRPILOT_PILOT"
+#: RUN/result.json and final_results.jsonl keep at most this many (step, value) points per trajectory
+TRAJECTORY_POINTS = 500
+
+
+class PilotError(LrpilotError, ValueError):
+    """A Pilot setting or a saved state is unusable; the message names the argument and the fix."""
+
+
+class PilotGaveUp(LrpilotError, RuntimeError):
+    """guard.max_fast_crash consecutive quick crashes: the rollbacks do not help; the run should stop."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What `Pilot.step` did: the update count now, the LR of the next update, whether it rolled back."""
+
+    step: int
+    lr: float
+    rolled_back: bool = False
+    #: the decision-log kind of a decision made at this step (decision, fallback, emergency), else None
+    decision: str | None = None
+
+
+def _trend(prev: float, cur: float) -> str:
+    if not (math.isfinite(prev) and math.isfinite(cur)):
+        return "unknown"
+    if cur < prev - 1e-3:
+        return "decreasing"
+    if cur > prev + 1e-3:
+        return "increasing"
+    return "flat"
+
+
+def _sample(points: dict[int, float], n: int = TRAJECTORY_POINTS) -> list[list[float]]:
+    items = sorted(points.items())
+    if len(items) > n:
+        stride = len(items) / n
+        items = [items[int(i * stride)] for i in range(n - 1)] + [items[-1]]
+    return [[s, v] for s, v in items]
+
+
+def _clone(obj: Any) -> Any:
+    """A deep copy whose tensors are detached clones (state dicts of model and optimizer)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_clone(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def load_schedule(path: str | Path) -> list[dict[str, Any]]:
+    """The decision records of an `lrpilot export-schedule` file (or a decisions.jsonl / a run directory
+    holding one with a single round). Raises PilotError naming the file and the fix."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "decisions.jsonl"
+    if not p.is_file():
+        raise PilotError(f"controller replay:{path}: no such file; give a plan.json from `lrpilot export-schedule`")
+    if p.suffix == ".jsonl":
+        return [r for r in iter_jsonl(p)]
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PilotError(f"controller replay:{p}: not a JSON schedule ({e.__class__.__name__}: {e})") from e
+    if not isinstance(d, dict) or d.get("format") != SCHEDULE_FORMAT or not isinstance(d.get("decisions"), list):
+        raise PilotError(
+            f"controller replay:{p}: not an lrpilot schedule (needs format {SCHEDULE_FORMAT!r} and 'decisions'); "
+            "write one with `lrpilot export-schedule DIR --round R --out plan.json`"
+        )
+    return list(d["decisions"])
+
+
+def make_controller(
+    spec: str | BaseController,
+    *,
+    init_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    guard_cfg: GuardConfig,
+    agent: Any = None,
+    run_dir: Path | None = None,
+) -> BaseController:
+    """A controller by name: rules, cosine, d2z (linear), wsd, constant (peak = init_lr), replay:PATH (a plan.json
+    from export-schedule, or a run/campaign directory with one round), llm (`agent`: a lrpilot.config.AgentConfig,
+    default AgentConfig()). An instance is returned as is. Raises PilotError for an unknown name."""
+    if isinstance(spec, BaseController):
+        return spec
+    if not isinstance(spec, str):
+        raise PilotError(f"controller: must be a name or a BaseController, got {type(spec).__name__}")
+    name = spec.strip()
+    key = name.lower()
+    if key == "rules":
+        from lrpilot.controllers.rules import RuleController, RuleParams
+
+        return RuleController(RuleParams.for_init_lr(init_lr))
+    if key.startswith("replay:"):
+        from lrpilot.controllers.replay import ReplayController
+
+        path = name.split(":", 1)[1]
+        return ReplayController(load_schedule(path), source=path)
+    if key in ("cosine", "d2z", "linear", "wsd", "constant"):
+        from lrpilot.controllers import schedules as sch
+
+        if warmup_steps >= total_steps:
+            raise PilotError(f"controller {name}: warmup_steps ({warmup_steps}) must be < total_steps ({total_steps})")
+        cls = {
+            "cosine": sch.CosineController,
+            "d2z": sch.LinearDecayController,
+            "linear": sch.LinearDecayController,
+            "wsd": sch.WSDController,
+            "constant": sch.ConstantController,
+        }[key]
+        return cls(init_lr, total_steps, warmup_steps)
+    if key == "llm":
+        from lrpilot.config import AgentConfig
+        from lrpilot.controllers.llm import LLMController
+        from lrpilot.llm.base import make_backend
+
+        agent = agent if agent is not None else AgentConfig()
+        audit = run_dir / "llm_calls.jsonl" if run_dir is not None else None
+        return LLMController(
+            make_backend(agent, "controller", audit), guard=guard_cfg, blocking=agent.wait_for_decisions
+        )
+    raise PilotError(
+        f"controller {spec!r}: unknown; choose rules, cosine, d2z, wsd, constant, llm, replay:PLAN.json "
+        "or pass a BaseController"
+    )
+
+
+class Pilot:
+    """Steers the LR of `optimizer` from the losses your loop reports; see the module docstring.
+
+    Arguments: controller (name or instance), total_steps (updates of the run), warmup_steps, init_lr (the LR
+    the warmup reaches; default group 0's LR), decision_every (updates between decision points), guard
+    (GuardConfig; default GuardConfig()), run_dir (None: no logs), memory_brief (text given to the controller),
+    model (restored on a rollback; None: no rollback, a crash raises PilotGaveUp), extra_state ((get, set): the
+    caller's state to snapshot and restore with the model, e.g. the data position and RNG), snapshot_every
+    (updates between snapshots; default decision_every), snapshot_keep (snapshots kept, >= 1), snapshot_to
+    ("memory" | "disk": RUN/snapshots/), skip_batches (batches skip_batch() drops after a rollback),
+    round_index (the `round` of the logs, 1), lower_only (schedule-free: the LR may only fall), agent (AgentConfig
+    for controller="llm"). Raises PilotError for a bad setting.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        total_steps: int,
+        controller: str | BaseController = "rules",
+        warmup_steps: int = 0,
+        init_lr: float | None = None,
+        decision_every: int = 50,
+        guard: GuardConfig | None = None,  # noqa: A002 - the round's name for it
+        run_dir: str | Path | None = None,
+        memory_brief: str = "",
+        model: torch.nn.Module | None = None,
+        extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
+        snapshot_every: int | None = None,
+        snapshot_keep: int = 2,
+        snapshot_to: str = "memory",
+        skip_batches: int = 0,
+        round_index: int = 1,
+        lower_only: bool = False,
+        agent: Any = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer) or not optimizer.param_groups:
+            raise PilotError("optimizer: must be a torch.optim.Optimizer with at least one param group")
+        self.optimizer = optimizer
+        lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        base = init_lr if init_lr is not None else lrs[0]
+        if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 0):
+            raise PilotError(f"init_lr: must be a positive number, got {base!r}")
+        if not (isinstance(total_steps, int) and total_steps >= 1):
+            raise PilotError(f"total_steps: must be an int >= 1, got {total_steps!r}")
+        if not (isinstance(warmup_steps, int) and 0 <= warmup_steps < total_steps):
+            raise PilotError(f"warmup_steps: must be an int in [0, total_steps={total_steps}), got {warmup_steps!r}")
+        if not (isinstance(decision_every, int) and decision_every >= 1):
+            raise PilotError(f"decision_every: must be an int >= 1, got {decision_every!r}")
+        if snapshot_to not in ("memory", "disk"):
+            raise PilotError(f"snapshot_to: must be 'memory' or 'disk', got {snapshot_to!r}")
+        if snapshot_to == "disk" and run_dir is None:
+            raise PilotError("snapshot_to='disk': needs run_dir (snapshots go to RUN/snapshots/)")
+        if not (isinstance(snapshot_keep, int) and snapshot_keep >= 1):
+            raise PilotError(f"snapshot_keep: must be an int >= 1, got {snapshot_keep!r}")
+        if not (isinstance(skip_batches, int) and skip_batches >= 0):
+            raise PilotError(f"skip_batches: must be an int >= 0, got {skip_batches!r}")
+        self.ratios = [x / lrs[0] if lrs[0] > 0 else 1.0 for x in lrs]
+        self.init_lr = float(base)
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.decision_every = decision_every
+        self.g = guard if guard is not None else GuardConfig()
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.memory_brief = memory_brief
+        self.model = model
+        self.extra_state = extra_state
+        self.snapshot_every = int(snapshot_every) if snapshot_every is not None else decision_every
+        if self.snapshot_every < 1:
+            raise PilotError(f"snapshot_every: must be >= 1, got {snapshot_every!r}")
+        self.snapshot_keep = snapshot_keep
+        self.snapshot_to = snapshot_to
+        self.skip_batches = skip_batches
+        self.round_index = round_index
+        self.lower_only = bool(lower_only)
+        self.controller = make_controller(
+            controller,
+            init_lr=self.init_lr,
+            total_steps=total_steps,
+            warmup_steps=warmup_steps,
+            guard_cfg=self.g,
+            agent=agent,
+            run_dir=self.run_dir,
+        )
+        self.controller_name = getattr(self.controller, "name", type(self.controller).__name__)
+        self.blocking = bool(getattr(self.controller, "blocking", True))
+        self.controller.start_round(round_index, memory_brief)
+        # ----- state that state_dict() saves
+        self.step_count = 0
+        self.run_start_iso = now_iso()
+        self.lr_state = LRState(self.init_lr)
+        self.seq = 0
+        self.interval: list[float] = []
+        self.last_grad_norm = math.nan
+        self.loss_history: list[tuple[int, float]] = []
+        self.lr_history: list[tuple[int, float]] = []
+        self.decisions: list[dict[str, Any]] = []  # this branch's, for the observations
+        self.rollbacks: list[RollbackRecord] = []
+        self.counter = safety.CrashCounter()
+        self.launch_start_step = 0
+        self.to_skip = 0
+        self.lrs: dict[int, float] = {}
+        self.losses: dict[int, float] = {}
+        self.wall_before = 0.0
+        #: commands waiting for their update: (at_step, lr, plan, record)
+        self.pending: list[tuple[int, float, Any, dict[str, Any]]] = []
+        # ----- not saved
+        self._t0 = time.monotonic()
+        self._answered: dict[int, dict[str, Any]] = {}
+        self._inflight: dict[str, Any] | None = None
+        self._replies: queue.Queue = queue.Queue()
+        self._launch = 0
+        self._snapshots: list[tuple[int, Any]] = []
+        self._finished = False
+        self._tel: JsonlLog | None = None
+        self._dlog: JsonlLog | None = None
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._tel = JsonlLog(self.run_dir / "telemetry.jsonl", fsync=False)
+            self._dlog = JsonlLog(self.run_dir / "decisions.jsonl", fsync=False)
+            self._write_round_file()
+        self._lr_used = self._lr_for(0)
+        self._set_lr(self._lr_used)
+        self._emit("start", lr=self.lr_state.lr, resumed_from=None)
+        self._snapshot()
+
+    # ------------------------------------------------------------------------------------------ settings
+
+    @classmethod
+    def from_env(cls, optimizer: torch.optim.Optimizer, **overrides: Any) -> Pilot:
+        """A Pilot built from the JSON object in $LRPILOT_PILOT (or `@FILE`: the JSON in FILE), as
+        `lrpilot campaign --script` sets it (run_dir, controller, memory_brief, total_steps, ...); `overrides`
+        (model, extra_state, ...) are added. Raises PilotError when the variable is missing or not JSON."""
+        raw = os.environ.get(ENV_SETTINGS)
+        if not raw:
+            raise PilotError(
+                f"Pilot.from_env: ${ENV_SETTINGS} is not set; run the script under `lrpilot campaign --script`"
+            )
+        try:
+            text = Path(raw[1:]).read_text(encoding="utf-8") if raw.startswith("@") else raw
+            settings = json.loads(text)
+        except (OSError, ValueError) as e:
+            raise PilotError(
+                f"Pilot.from_env: ${ENV_SETTINGS} is not a JSON object ({e.__class__.__name__}: {e})"
+            ) from e
+        if not isinstance(settings, dict):
+            raise PilotError(f"Pilot.from_env: ${ENV_SETTINGS} must hold a JSON object of Pilot arguments")
+        if isinstance(settings.get("guard"), dict):
+            settings["guard"] = GuardConfig(**settings["guard"])
+        return cls(optimizer, **{**settings, **overrides})
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "controller": self.controller_name,
+            "controller_settings": self.controller.describe(),
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "decision_every": self.decision_every,
+            "init_lr": self.init_lr,
+            "group_ratios": self.ratios,
+            "snapshot_every": self.snapshot_every,
+            "snapshot_to": self.snapshot_to,
+            "skip_batches": self.skip_batches,
+            "guard": self.g.__dict__ if hasattr(self.g, "__dict__") else {},
+        }
+
+    def _write_round_file(self) -> None:
+        assert self.run_dir is not None
+        write_json_atomic(
+            self.run_dir / "round.json",
+            {
+                "run_start_iso": self.run_start_iso,
+                "source": "pilot",
+                **self.describe(),
+                "logs": {
+                    "decisions": str(self.run_dir / "decisions.jsonl"),
+                    "rollbacks": str(self.run_dir / "rollbacks.jsonl"),
+                },
+            },
+        )
+
+    # ------------------------------------------------------------------------------------------ the LR
+
+    @property
+    def lr(self) -> float:
+        """The LR (of group 0) of the next update."""
+        return self._lr_used
+
+    def _lr_for(self, update: int) -> float:
+        lr = self.lr_state.lr_for(update)
+        return warmup_lr(update, lr, self.warmup_steps) if update < self.warmup_steps else lr
+
+    def _set_lr(self, lr: float) -> None:
+        for g, r in zip(self.optimizer.param_groups, self.ratios, strict=False):
+            g["lr"] = lr * r
+
+    def _in_force(self) -> float:
+        """The LR in force for the controller: after warmup the LR of the next update; during warmup its target."""
+        return self.lr_state.lr_for(self.step_count)
+
+    def is_decision_point(self, step: int) -> bool:
+        return (
+            step >= self.warmup_steps
+            and step < self.total_steps
+            and (step - self.warmup_steps) % self.decision_every == 0
+        )
+
+    # ------------------------------------------------------------------------------------------ logs
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self._tel is not None:
+            self._tel.append(
+                {"event": event, "step": self.step_count, "time": time.time(), "launch": os.getpid(), **fields}
+            )
+
+    # ------------------------------------------------------------------------------------------ step
+
+    def skip_batch(self) -> bool:
+        """True while batches are to be skipped after a rollback (each call consumes one): drop this batch."""
+        if self.to_skip > 0:
+            self.to_skip -= 1
+            return True
+        return False
+
+    def step(self, loss: float | torch.Tensor, grad_norm: float | torch.Tensor | None = None) -> StepInfo:
+        """Report the loss (and gradient norm) of the update just done; sets the LR of the next update.
+
+        Call once per optimizer update, after optimizer.step(). A crash (safety.check_loss, or a non-finite
+        grad_norm) rolls back (see the module docstring) and returns rolled_back=True with step = the
+        snapshot's step. Raises PilotGaveUp after guard.max_fast_crash consecutive quick crashes, or on a crash
+        with no model to restore."""
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().float().item()
+        if isinstance(grad_norm, torch.Tensor):
+            grad_norm = grad_norm.detach().float().item()
+        loss = float(loss)
+        gn = math.nan if grad_norm is None else float(grad_norm)
+        used = self._lr_used
+        self.step_count += 1
+        step = self.step_count
+        health = safety.check_loss(loss, self.g)
+        if health.ok and grad_norm is not None and not math.isfinite(gn):
+            reason = "nan_grad_norm" if math.isnan(gn) else "inf_grad_norm"
+            health = safety.Health(False, reason, f"grad norm {gn} is not finite")
+        self._emit("step", loss=loss, lr=used, grad_norm=gn)
+        self.lrs[step] = used
+        self.losses[step] = loss
+        if not health.ok:
+            return self._rollback(step, health)
+        self.interval.append(loss)
+        self.last_grad_norm = gn
+        kind = None
+        self._poll_replies()
+        if self.is_decision_point(step):
+            kind = self._decision_point(step)
+        self._apply_pending(step)
+        self._lr_used = self._lr_for(step)
+        self._set_lr(self._lr_used)
+        if step % self.snapshot_every == 0:
+            self._snapshot()
+        return StepInfo(step=step, lr=self._lr_used, decision=kind)
+
+    # ------------------------------------------------------------------------------------------ decisions
+
+    def _observation(self, step: int, lr: float, recent: Sequence[float]) -> Observation:
+        return Observation(
+            step=step,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            decision_every=self.decision_every,
+            lr=lr,
+            init_lr=self.init_lr,
+            recent_losses=tuple(recent),
+            loss_history=tuple(self.loss_history),
+            lr_history=tuple(self.lr_history),
+            grad_norm=self.last_grad_norm,
+            decisions=tuple(
+                DecisionRecord(
+                    step=int(d["step"]),
+                    old_lr=as_float(d["old_lr"]),
+                    new_lr=as_float(d["new_lr"]),
+                    loss=as_float(d["loss"]),
+                    effective_step=d.get("effective_step"),
+                    kind=str(d.get("kind", "decision")),
+                    reason=str(d.get("reasoning", "")),
+                )
+                for d in self.decisions
+                if d.get("kind") in ("decision", "emergency", "fallback")
+            ),
+            rollbacks=tuple(self.rollbacks),
+            memory_brief=self.memory_brief,
+            floor=self.g.floor,
+            ceiling=self.g.ceiling,
+            min_ratio=self.g.min_ratio,
+            max_ratio=self.g.max_ratio,
+            round_index=self.round_index,
+            lower_only=self.lower_only,
+        )
+
+    def _decision_point(self, step: int) -> str | None:
+        recent, self.interval = self.interval, []
+        mean = finite_mean(recent)
+        prev = self.loss_history[-1][1] if self.loss_history else math.nan
+        lr = self._in_force()
+        self.loss_history.append((step, mean))
+        self.lr_history.append((step, lr))
+        self._emit("observe", lr=lr, losses=recent, grad_norm=self.last_grad_norm)
+        point = {"step": step, "loss": mean, "trend": _trend(prev, mean), "old_lr": lr, "launch": self._launch}
+        if step in self._answered:  # a resumed run re-trains this point: apply the logged answer again
+            rec = self._answered.pop(step)
+            eff = rec.get("effective_step")
+            at = eff if isinstance(eff, int) and eff >= step else step
+            self.pending.append((at, float(rec["new_lr"]), rec.get("plan_knots"), {**rec, "_logged": True}))
+            self.decisions.append(rec)
+            return str(rec.get("kind"))
+        emergency = safety.check_emergency(prev, mean, self.g)
+        if emergency is not None:
+            if self._inflight is not None:
+                self._inflight["superseded_by"] = step
+            self._command(point, safety.emergency_lr(lr, self.g), None, step, kind="emergency",
+                          reasoning=emergency.reason, emergency_triggers=list(emergency.triggers))  # fmt: skip
+            return "emergency"
+        obs = self._observation(step, lr, recent)
+        if self.blocking:
+            t = time.monotonic()
+            try:
+                decision: Decision | BaseException = self.controller.decide(obs)
+            except Exception as e:  # noqa: BLE001 - a controller bug keeps the LR, logged as a fallback
+                decision = e
+            return self._apply_decision(point, obs, decision, time.monotonic() - t, at=step)
+        if self._inflight is not None:
+            self._inflight.setdefault("skipped", []).append(step)
+            return None
+        self._inflight = {"point": point, "obs": obs, "t": time.monotonic()}
+        threading.Thread(target=self._ask, args=(self._inflight,), daemon=True, name=f"lrpilot-pilot-{step}").start()
+        return None
+
+    def _ask(self, question: dict[str, Any]) -> None:
+        try:
+            decision: Decision | BaseException = self.controller.decide(question["obs"])
+        except Exception as e:  # noqa: BLE001
+            decision = e
+        self._replies.put((question, decision, time.monotonic() - question["t"]))
+
+    def _poll_replies(self) -> None:
+        while True:
+            try:
+                question, decision, latency = self._replies.get_nowait()
+            except queue.Empty:
+                return
+            if question is self._inflight:
+                self._inflight = None
+            point, obs = question["point"], question["obs"]
+            stale = None
+            if point["launch"] != self._launch:
+                stale = "discarded: the run was rolled back before the reply arrived"
+            elif question.get("superseded_by") is not None:
+                stale = f"superseded by the emergency cut at step {question['superseded_by']}"
+            if stale is not None:
+                rec = self._record(point, obs.lr, kind="superseded", reasoning=stale, latency_s=latency)
+                if isinstance(decision, Decision):
+                    rec["raw_lr_request"] = decision.lr
+                self._log(rec)
+                continue
+            # takes effect at the next update (number step_count): the training went on meanwhile
+            self._apply_decision(point, obs, decision, latency, at=self.step_count, skipped=question.get("skipped"))
+
+    def _apply_decision(
+        self, point: dict[str, Any], obs: Observation, decision: Any, latency: float, at: int, skipped: Any = None
+    ) -> str:
+        lr_now = obs.lr
+        extra: dict[str, Any] = {"latency_s": latency}
+        if skipped:
+            extra["skipped_observes"] = list(skipped)
+        if not isinstance(decision, Decision):
+            why = (
+                f"controller error: {decision.__class__.__name__}: {str(decision)[:300]}"
+                if isinstance(decision, BaseException)
+                else f"controller returned {type(decision).__name__}, not a Decision"
+            )
+            self._command(point, safety.clamp_lr(lr_now, lr_now, self.g).lr, None, at, kind="fallback",
+                          reasoning=f"{why}; kept the current LR", **extra)  # fmt: skip
+            return "fallback"
+        clamp = safety.clamp_lr(decision.lr, lr_now, self.g, lower_only=self.lower_only)
+        reasons = list(clamp.reasons)
+        plan = None
+        if decision.plan is not None:
+            bounded = safety.clamp_plan(
+                decision.plan, self.g, current=lr_now, lower_only=lr_now if self.lower_only else None
+            )
+            reasons += bounded.reasons
+            plan = bounded.plan or None
+        if decision.raw is not None:
+            extra["raw_reply"] = decision.raw
+        if decision.meta:
+            extra["meta"] = decision.meta
+        if decision.rollback_to_step is not None:  # agent rollbacks need the supervisor's checkpoints
+            why = "agent rollback: not available in-process (the Pilot keeps no checkpoints to choose from)"
+            extra["rollback_to_step"] = decision.rollback_to_step
+            extra["rollback_refused"] = why
+            reasons.append(why)
+        kind = "fallback" if (decision.fallback or clamp.fallback) else "decision"
+        self._command(point, clamp.lr, plan, at, kind=kind, reasoning=decision.reason, raw_lr_request=decision.lr,
+                      clamped=bool(reasons), clamp_reasons=reasons, **extra)  # fmt: skip
+        return kind
+
+    def _record(self, point: dict[str, Any], new_lr: float, *, kind: str, reasoning: str, **fields: Any) -> dict:
+        """A decision-log record: the published fields first (supervisor.DECISION_FIELDS), then ours."""
+        return {
+            "run_start_iso": self.run_start_iso,
+            "step": point["step"],
+            "loss": point["loss"],
+            "trend": point["trend"],
+            "old_lr": point["old_lr"],
+            "new_lr": new_lr,
+            "raw_lr_request": fields.pop("raw_lr_request", new_lr if kind == "emergency" else None),
+            "clamped": fields.pop("clamped", False),
+            "reasoning": reasoning,
+            "timestamp": now_iso(),
+            "effective_step": None,
+            "kind": kind,
+            "clamp_reasons": list(fields.pop("clamp_reasons", ())),
+            "latency_s": fields.pop("latency_s", None),
+            "wait_s": 0.0,
+            "seq": fields.pop("seq", None),
+            "plan": None,
+            "launch": point["launch"],
+            "round": self.round_index,
+            "controller": self.controller_name,
+            **fields,
+        }
+
+    def _command(self, point: dict[str, Any], new_lr: float, plan: Any, at: int, **fields: Any) -> None:
+        self.seq += 1
+        knots = [list(k) for k in plan] if plan else None
+        rec = self._record(point, new_lr, seq=self.seq, **fields)
+        if knots:
+            rec["plan"] = {"knots": len(knots), "first": knots[0], "last": knots[-1]}
+            rec["plan_knots"] = knots
+        self.pending.append((at, new_lr, knots, rec))
+        self.decisions.append(rec)
+
+    def _apply_pending(self, step: int) -> None:
+        """Commands whose first update is `step` (the next one) take effect now; their records are logged."""
+        keep = []
+        for at, lr, knots, rec in sorted(self.pending, key=lambda c: (c[0], c[3].get("seq") or 0)):
+            if at > step:
+                keep.append((at, lr, knots, rec))
+                continue
+            self.lr_state.apply({"lr": lr, "plan": knots, "seq": rec.get("seq"), "decided_at_step": rec["step"]}, step)
+            if rec.pop("_logged", False):
+                continue
+            rec["effective_step"] = step
+            self._emit("applied", seq=rec.get("seq"), lr=lr, decided_at_step=rec["step"], plan_knots=len(knots or []))
+            self._log(rec)
+        self.pending = keep
+
+    def _log(self, rec: dict[str, Any]) -> None:
+        if self._dlog is not None:
+            self._dlog.append(rec)
+
+    # ------------------------------------------------------------------------------------------ safety
+
+    def _own_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step_count,
+            "lr_state": self.lr_state.state_dict(),
+            "seq": self.seq,
+            "interval": list(self.interval),
+            "last_grad_norm": self.last_grad_norm,
+            "loss_history": [list(x) for x in self.loss_history],
+            "lr_history": [list(x) for x in self.lr_history],
+            "decisions": copy.deepcopy(self.decisions),
+            "pending": copy.deepcopy(self.pending),
+        }
+
+    def _load_own_state(self, s: dict[str, Any]) -> None:
+        self.step_count = int(s["step"])
+        self.lr_state = LRState(self.init_lr)
+        self.lr_state.load_state_dict(s["lr_state"])
+        self.seq = max(self.seq, int(s["seq"]))
+        self.interval = [float(x) for x in s["interval"]]
+        self.last_grad_norm = float(s["last_grad_norm"])
+        self.loss_history = [(int(a), float(b)) for a, b in s["loss_history"]]
+        self.lr_history = [(int(a), float(b)) for a, b in s["lr_history"]]
+        self.decisions = copy.deepcopy(s["decisions"])
+        self.pending = [tuple(p) for p in copy.deepcopy(s["pending"])]  # type: ignore[misc]
+
+    def _params_finite(self) -> bool:
+        if self.model is None:
+            return True
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
+    def _snapshot(self) -> None:
+        """Keep the state after this step (healthy: only called after a finite loss) for a rollback."""
+        if self.model is None or not self._params_finite():
+            return
+        snap = {
+            "pilot": self._own_state(),
+            "model": _clone(self.model.state_dict()),
+            "optimizer": _clone(self.optimizer.state_dict()),
+            "extra": _clone(self.extra_state[0]()) if self.extra_state is not None else None,
+        }
+        step = self.step_count
+        self._snapshots = [(s, x) for s, x in self._snapshots if s != step]
+        if self.snapshot_to == "disk":
+            assert self.run_dir is not None
+            d = self.run_dir / "snapshots"
+            d.mkdir(exist_ok=True)
+            buf = io.BytesIO()
+            torch.save(snap, buf)
+            path = d / f"step_{step:06d}.pt"
+            write_atomic(path, buf.getvalue())
+            self._snapshots.append((step, str(path)))
+        else:
+            self._snapshots.append((step, snap))
+        while len(self._snapshots) > self.snapshot_keep:
+            _, old = self._snapshots.pop(0)
+            if isinstance(old, str):
+                Path(old).unlink(missing_ok=True)
+
+    def _load_snapshot(self, held: Any) -> dict[str, Any]:
+        if isinstance(held, str):
+            return torch.load(held, weights_only=False)
+        return _clone(held)
+
+    def _rollback(self, crash_step: int, health: safety.Health) -> StepInfo:
+        lr_at_crash = self.lr_state.lr_for(crash_step - 1)
+        self.counter = self.counter.record(crash_step, self.launch_start_step)
+        n = self.counter.total
+        rec: dict[str, Any] = {
+            "run_start_iso": self.run_start_iso,
+            "crash_step": crash_step,
+            "lr_at_crash": lr_at_crash,
+            "lr_used_at_crash": self.lrs.get(crash_step),
+            "rolled_back_to_step": None,
+            "new_lr": None,
+            "crash_reason": health.reason,
+            "crash_count_in_run": n,
+            "crash_detail": health.detail,
+            "launch_start_step": self.launch_start_step,
+            "round": self.round_index,
+            "controller": self.controller_name,
+        }
+        infos = [safety.CheckpointInfo(step=s, healthy=True) for s, _ in self._snapshots]
+        plan = safety.choose_rollback(infos, crash_step, lr_at_crash, self.g) if self.model is not None else None
+        give_up = self.counter.give_up(self.g)
+        if plan is None or give_up:
+            why = (
+                f"gave up after {self.counter.consecutive_fast(self.g)} consecutive quick crashes "
+                f"(guard.max_fast_crash={self.g.max_fast_crash})"
+                if give_up
+                else "no snapshot to restore (pass model= to the Pilot)"
+            )
+            rec.update(gave_up=True, rollback_reason=why)
+            self._append_rollback(rec)
+            raise PilotGaveUp(f"step {crash_step}: {health.detail}; {why}")
+        held = dict(self._snapshots)[plan.to_step]
+        snap = self._load_snapshot(held)
+        # drop the snapshots after the one restored: they belong to the abandoned branch
+        self._snapshots = [(s, x) for s, x in self._snapshots if s <= plan.to_step]
+        assert self.model is not None
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        if self.extra_state is not None:
+            self.extra_state[1](snap["extra"])
+        self._load_own_state(snap["pilot"])
+        self.pending = []  # commands not applied by the snapshot's step belong to the abandoned branch
+        self.lr_state.override(plan.new_lr)
+        self._launch += 1
+        self._inflight = None
+        self.launch_start_step = plan.to_step
+        self.to_skip = self.skip_batches
+        rec.update(rolled_back_to_step=plan.to_step, new_lr=plan.new_lr, rollback_reason=plan.reason,
+                   skip_batches=self.skip_batches, backoff_s=0.0)  # fmt: skip
+        self._append_rollback(rec)
+        self.rollbacks.append(RollbackRecord(crash_step, lr_at_crash, plan.to_step, plan.new_lr, health.reason))
+        for s in [s for s in self.lrs if s > plan.to_step]:
+            self.lrs.pop(s, None)
+            self.losses.pop(s, None)
+        self._lr_used = self._lr_for(self.step_count)
+        self._set_lr(self._lr_used)
+        self._emit("start", lr=self.lr_state.lr, resumed_from=f"snapshot step {plan.to_step}")
+        return StepInfo(step=self.step_count, lr=self._lr_used, rolled_back=True)
+
+    def _append_rollback(self, rec: dict[str, Any]) -> None:
+        if self.run_dir is not None:
+            append_jsonl(self.run_dir / "rollbacks.jsonl", rec)
+
+    # ------------------------------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs (save it with the model and optimizer)."""
+        return {
+            "format": 1,
+            **self._own_state(),
+            "run_start_iso": self.run_start_iso,
+            "rollbacks": [r.__dict__ for r in self.rollbacks],
+            "crashes": [list(c) for c in self.counter.crashes],
+            "launch_start_step": self.launch_start_step,
+            "to_skip": self.to_skip,
+            "lrs": dict(self.lrs),
+            "losses": dict(self.losses),
+            "wall_s": self.wall_before + (time.monotonic() - self._t0),
+            "lr_used": self._lr_used,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state_dict(): the LR of the next update is the one the saved run would have used.
+        Decisions the run directory logged after the saved step (a run killed after its checkpoint) are applied
+        again at their logged steps, not asked again. Raises PilotError for a state of another format."""
+        if not isinstance(state, dict) or state.get("format") != 1:
+            raise PilotError(
+                "load_state_dict: not a Pilot state_dict (format 1); pass what Pilot.state_dict() returned"
+            )
+        self._load_own_state(state)
+        self.run_start_iso = str(state["run_start_iso"])
+        self.rollbacks = [RollbackRecord(**r) for r in state["rollbacks"]]
+        self.counter = safety.CrashCounter(tuple(tuple(c) for c in state["crashes"]))
+        self.launch_start_step = int(state["launch_start_step"])
+        self.to_skip = int(state["to_skip"])
+        self.lrs = {int(k): float(v) for k, v in state["lrs"].items()}
+        self.losses = {int(k): float(v) for k, v in state["losses"].items()}
+        self.wall_before = float(state["wall_s"])
+        self._t0 = time.monotonic()
+        self._lr_used = float(state["lr_used"])
+        self._set_lr(self._lr_used)
+        self._answered = {}
+        if self.run_dir is not None:
+            self._write_round_file()
+            logged = [
+                r
+                for r in iter_jsonl(self.run_dir / "decisions.jsonl")
+                if r.get("run_start_iso") == self.run_start_iso and int(r.get("step", -1)) > self.step_count
+            ]
+            for r in logged:
+                if r.get("kind") in ("decision", "fallback", "emergency"):
+                    self._answered[int(r["step"])] = r  # the last visit of the step wins
+        self._snapshots = []
+        self._emit("start", lr=self.lr_state.lr, resumed_from=f"state_dict step {self.step_count}")
+        self._snapshot()
+
+    # ------------------------------------------------------------------------------------------ end
+
+    def result(self, final_eval_loss: float = math.nan, final_eval_tokens: int = 0, status: str = "ok") -> dict:
+        """The run's result (RUN/result.json's fields: lrpilot.supervisor.RoundResult's)."""
+        counted = [d for d in self.decisions if d.get("kind") in ("decision", "emergency", "fallback")]
+        answers = [d for d in counted if d.get("kind") in ("decision", "fallback")]
+        fallbacks = sum(d.get("kind") == "fallback" for d in answers)
+        after = [v for s, v in self.lrs.items() if s > self.warmup_steps]
+        loss = float(final_eval_loss)
+        ppl = math.nan if math.isnan(loss) else math.inf if loss > 700 else math.exp(loss)
+        return {
+            "status": status,
+            "run_start_iso": self.run_start_iso,
+            "final_eval_loss": loss,
+            "final_eval_ppl": ppl,
+            "final_eval_tokens": int(final_eval_tokens),
+            "update_step": self.step_count,
+            "crash_count": self.counter.total,
+            "total_decisions": len(counted),
+            "peak_lr_seen": max(after) if after else math.nan,
+            "min_lr_seen": min(after) if after else math.nan,
+            "wall_time_s": self.wall_before + (time.monotonic() - self._t0),
+            "wait_s": 0.0,
+            "decision_latency_s": [as_float(d["latency_s"]) for d in counted if d.get("latency_s") is not None],
+            "effect_delay_steps": [
+                int(d["effective_step"]) - int(d["step"]) for d in counted if isinstance(d.get("effective_step"), int)
+            ],
+            "lr_trajectory": _sample(self.lrs),
+            "loss_trajectory": _sample(self.losses),
+            "failure_reason": None if status == "ok" else status,
+            "unanswered_decisions": 0,
+            "fallback_decisions": fallbacks,
+            "mostly_fallback": fallbacks * 2 > len(answers) if answers else False,
+            "agent_rollbacks": 0,
+        }
+
+    def finish(self, final_eval_loss: float = math.nan, final_eval_tokens: int = 0, status: str = "ok") -> dict:
+        """End the run: log open questions as unanswered, write RUN/result.json, the final_results.jsonl line
+        and a `done` telemetry event. `final_eval_loss` is the held-out loss (ppl = exp(loss)). Returns the
+        result. Calling it twice writes nothing more."""
+        if self._finished:
+            return self.result(final_eval_loss, final_eval_tokens, status)
+        self._finished = True
+        self._poll_replies()
+        unanswered = 0
+        if self._inflight is not None:
+            q = self._inflight
+            rec = self._record(q["point"], q["obs"].lr, kind="unanswered", reasoning="the run ended before the reply")
+            rec["unanswered_for_s"] = time.monotonic() - q["t"]
+            self._log(rec)
+            self._inflight = None
+            unanswered = 1
+        for _, _, _, rec in self.pending:  # decided, never applied (the run ended first)
+            if not rec.pop("_logged", False):
+                self._log(rec)
+        res = self.result(final_eval_loss, final_eval_tokens, status)
+        res["unanswered_decisions"] = unanswered
+        self._emit("done", final_eval_loss=res["final_eval_loss"], final_eval_ppl=res["final_eval_ppl"],
+                   final_eval_tokens=res["final_eval_tokens"], wait_s=0.0)  # fmt: skip
+        if self.run_dir is not None:
+            write_json_atomic(self.run_dir / "result.json", res)
+            line = {
+                "timestamp": now_iso(),
+                **{k: res[k] for k in ("run_start_iso", "final_eval_ppl", "final_eval_loss", "total_decisions",
+                                       "unanswered_decisions", "fallback_decisions", "mostly_fallback",
+                                       "crash_count", "agent_rollbacks", "peak_lr_seen", "min_lr_seen")},
+                "warmup_steps": self.warmup_steps,
+                "decision_every": self.decision_every,
+                "init_lr": self.init_lr,
+                "optimizer": type(self.optimizer).__name__,
+                "round": self.round_index,
+                "status": res["status"],
+                "failure_reason": res["failure_reason"],
+                "controller": self.controller_name,
+                "memory": "brief" if self.memory_brief else "none",
+                "source": "pilot",
+                "final_eval_tokens": res["final_eval_tokens"],
+                "update_step": res["update_step"],
+                "wall_time_s": res["wall_time_s"],
+                "settings": {"total_steps": self.total_steps, "min_ratio": self.g.min_ratio,
+                             "max_ratio": self.g.max_ratio, "floor": self.g.floor, "ceiling": self.g.ceiling},
+            }  # fmt: skip
+            append_jsonl(self.run_dir / "final_results.jsonl", line)
+        self.close()
+        return res
+
+    def close(self) -> None:
+        for log in (self._tel, self._dlog):
+            if log is not None:
+                log.close()
