@@ -49,8 +49,8 @@ test: $(VENV)/.dev
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts examples
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts examples
 
 clean-venv:
 	rm -rf $(VENV)

@@ -82,8 +82,10 @@ def main() -> None:
     print(f"with pilot : mean {mean_q * 1e3:.2f} ms/step, median {med_q * 1e3:.2f} ms/step")
     inside = statistics.fmean(piloted[3]["in_pilot"])
     print(f"ratio      : mean {mean_q / mean_p:.4f}, median {med_q / med_p:.4f}  (goal <= 1.01; both arms' noise)")
-    print(f"in pilot.step: mean {inside * 1e3:.3f} ms/step (snapshots, decisions, logs) -> direct ratio "
-          f"{(mean_p + inside) / mean_p:.4f} = 1 + time inside the pilot / the plain loop's step")
+    print(
+        f"in pilot.step: mean {inside * 1e3:.3f} ms/step (snapshots, decisions, logs) -> direct ratio "
+        f"{(mean_p + inside) / mean_p:.4f} = 1 + time inside the pilot / the plain loop's step"
+    )
 
 
 if __name__ == "__main__":
