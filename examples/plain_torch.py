@@ -12,8 +12,14 @@ saves model, optimizer, RNG, its batch counter and pilot.state_dict() to DIR/che
 from it exactly (on CPU the losses are bit for bit those of an uninterrupted run). The last line printed is
 `final: step S eval_loss L lr X rollbacks R`.
 
+Under `lrpilot campaign --script "python examples/plain_torch.py --checkpoint-every 10" ...` ($LRPILOT_PILOT
+set) the pilot comes from Pilot.from_env(): the round's run directory, controller, memory brief and step counts
+are the campaign's (--steps, --dir, --controller, --lr, --warmup and --decision-every are ignored), and
+$LRPILOT_RESUME=1 (a relaunch after a crash, or a killed campaign run again) resumes from RUN/checkpoint.pt.
+
 Testing hooks: --inject-nan-at-step N makes the loss of the update that completes step N NaN (once);
---pause-at-step N writes DIR/paused and blocks there (after the checkpoint of that step, if any) until killed.
+--pause-at-step N writes DIR/paused and blocks there (after the checkpoint of that step, if any) until killed
+(under a campaign only in round --pause-round, if given).
 """
 
 from __future__ import annotations
@@ -30,14 +36,14 @@ from lrpilot.config import load_config
 from lrpilot.data import build_data, evaluate
 from lrpilot.logs import write_atomic
 from lrpilot.model import LLaMA
-from lrpilot.pilot import Pilot
+from lrpilot.pilot import ENV_SETTINGS, Pilot
 from lrpilot.trainer import rng_state, set_rng_state
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60, help="optimizer updates")
-    p.add_argument("--dir", required=True, help="run directory (logs, checkpoint)")
+    p.add_argument("--dir", default=None, help="run directory (logs, checkpoint); required outside a campaign")
     p.add_argument("--controller", default="rules", help="rules | cosine | d2z | wsd | constant | llm | replay:PLAN")
     p.add_argument("--preset", default="cpu-smoke", help="model and data of this lrpilot preset (cpu-smoke)")
     p.add_argument("--lr", type=float, default=None, help="peak LR (default: the preset's init_lr)")
@@ -49,14 +55,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--snapshot-to", default="memory", choices=("memory", "disk"))
     p.add_argument("--inject-nan-at-step", type=int, default=None, help="testing: NaN loss at this step (once)")
     p.add_argument("--pause-at-step", type=int, default=None, help="testing: write DIR/paused and block here")
+    p.add_argument("--pause-round", type=int, default=None, help="testing: under a campaign, pause in this round only")
     p.add_argument("--no-pilot", action="store_true", help="the same loop with a fixed LR (for the overhead bench)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dir is None and not os.environ.get(ENV_SETTINGS):
+        p.error("--dir is required (outside `lrpilot campaign --script`, which gives each round its directory)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    run_dir = Path(args.dir)
+    campaign = bool(os.environ.get(ENV_SETTINGS))  # a round of `lrpilot campaign --script`
+    run_dir = Path(os.environ.get("LRPILOT_RUN_DIR") or args.dir) if campaign else Path(args.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.preset)
     lr = args.lr if args.lr is not None else cfg.schedule.init_lr
@@ -82,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         set_rng_state(state["rng"])
 
     pilot = None
-    if not args.no_pilot:
+    if campaign:
+        pilot = Pilot.from_env(
+            opt, model=model, extra_state=(get_extra, set_extra), skip_batches=args.skip_batches,
+            snapshot_to=args.snapshot_to,
+        )  # fmt: skip
+        run_dir, args.steps = Path(pilot.run_dir or run_dir), pilot.total_steps
+        args.resume = args.resume or os.environ.get("LRPILOT_RESUME") == "1"
+        if args.pause_round is not None and args.pause_round != pilot.round_index:
+            args.pause_at_step = None
+    elif not args.no_pilot:
         pilot = Pilot(
             opt,
             controller=args.controller,

@@ -21,7 +21,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +59,19 @@ class CampaignSettings:
     optuna_seed: int = 0
     #: rule-controller parameters fixed for every round (Optuna searches only the others)
     rule_params: dict[str, float] = field(default_factory=dict)
+    #: `--script`: the user's training command, run once per round (see execute_script_round); "" = lrpilot's trainer
+    script: str = ""
 
     def __post_init__(self) -> None:
+        if self.script:
+            try:
+                argv = shlex.split(self.script)
+            except ValueError as e:
+                raise ConfigError(f"--script {self.script!r}: cannot split it into a command ({e})") from e
+            if not argv:
+                raise ConfigError("--script: empty; give the command that runs your loop, e.g. \"python train.py\"")
+            if self.controller == "replay":
+                raise ConfigError("--script runs rules or llm rounds; for a replay give your Pilot controller='replay:PLAN'")
         if self.controller not in CONTROLLERS:
             raise ConfigError(f"--controller {self.controller!r}: choose one of {', '.join(CONTROLLERS)}")
         if self.memory not in MEMORIES:
@@ -105,6 +120,8 @@ def _check_settings(directory: Path, settings: CampaignSettings) -> None:
     mine["overrides"] = list(settings.overrides)
     if not settings.rule_params:
         del mine["rule_params"]  # campaigns without --rule keep the settings they were created with
+    if not settings.script:
+        del mine["script"]  # likewise for campaigns of lrpilot's own trainer
     if path.exists():
         try:
             theirs = json.loads(path.read_text()).get("settings", {})
@@ -338,7 +355,7 @@ def _memory_brief(
 def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSettings, mem: Any) -> dict[str, Any]:
     t0 = time.time()
     brief, params, iso = _prepare_round(cfg, directory, r, settings, mem)
-    rec = execute_round(cfg, directory, r, settings, brief, params, iso, t0)
+    rec = _runner(settings)(cfg, directory, r, settings, brief, params, iso, t0)
     if mem is not None:
         mem.record(r, rec["final_eval_ppl"], rec["status"] != "ok")
     return rec
@@ -392,6 +409,14 @@ def execute_round(
         extra={"round": r, "controller": settings.controller},
     )
     res = run_round(cfg, run_dir, controller, logs, memory_brief=brief, round_index=r, resume=resume, run_start_iso=iso)
+    return _commit(cfg, directory, r, settings, res, params, t0)
+
+
+def _commit(
+    cfg: RunConfig, directory: Path, r: int, settings: CampaignSettings, res: Any, params: Any, t0: float
+) -> dict[str, Any]:
+    """Round r's line in DIR/final_results.jsonl (the round's commit point) from its result `res` (a
+    supervisor.RoundResult, or the same fields read from a Pilot's result.json). Returns the line."""
     rec: dict[str, Any] = {
         "timestamp": now_iso(),
         "run_start_iso": res.run_start_iso,
@@ -438,8 +463,120 @@ def execute_round(
     }
     if params is not None:
         rec["rule_params"] = dataclasses.asdict(params)
+    if settings.script:
+        rec["script"] = settings.script
     append_jsonl(directory / "final_results.jsonl", rec)
     return rec
+
+
+#: the environment a `--script` round runs with (besides $LRPILOT_PILOT = @RUN/pilot.json, for Pilot.from_env)
+ENV_RUN_DIR, ENV_RESUME, ENV_ROUND = "LRPILOT_RUN_DIR", "LRPILOT_RESUME", "LRPILOT_ROUND"
+
+
+def _runner(settings: CampaignSettings) -> Any:
+    """What runs a round: lrpilot's trainer under the round supervisor, or the user's `--script`."""
+    return execute_script_round if settings.script else execute_round
+
+
+def execute_script_round(
+    cfg: RunConfig,
+    directory: Path,
+    r: int,
+    settings: CampaignSettings,
+    brief: str,
+    params: Any,
+    iso: str,
+    t0: float,
+) -> dict[str, Any]:
+    """Round r as the user's `--script` (execute_round's contract, another runner). The round's Pilot settings
+    go to RUN/pilot.json (RUN = DIR/rounds/round_NNN): run_dir, controller, rule_params (Optuna's proposal),
+    memory_brief, round_index, total_steps / warmup_steps / init_lr / decision_every (the preset's schedule),
+    guard (and agent for --controller llm). The script runs in the current directory with
+    $LRPILOT_PILOT=@RUN/pilot.json (what Pilot.from_env reads), $LRPILOT_RUN_DIR=RUN, $LRPILOT_ROUND=r and
+    $LRPILOT_RESUME: "1" when RUN holds an earlier launch of this round (a crash, or a killed campaign run
+    again), "0" otherwise; the contract is that the script then resumes from the last checkpoint it saved with
+    pilot.state_dict() (examples/plain_torch.py: RUN/checkpoint.pt). Its stdout and stderr go to RUN/script.log.
+    A launch that exits non-zero (or is killed) without writing RUN/result.json (Pilot.finish) is relaunched
+    with $LRPILOT_RESUME=1, at most guard.max_fast_crash times; then the round is failed (status "failed", the
+    exit code and the log's last line in failure_reason). On success the round's decisions and rollbacks are
+    copied from RUN into DIR's logs (once) and RUN/result.json becomes the final_results line."""
+    from types import SimpleNamespace
+
+    from lrpilot.pilot import ENV_SETTINGS
+
+    committed = _completed_rounds(directory).get(r)
+    if committed is not None:
+        return committed
+    run_dir = (directory / "rounds" / f"round_{r:03d}").resolve()
+    resume = (run_dir / "telemetry.jsonl").exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pilot: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "controller": settings.controller,
+        "memory_brief": brief,
+        "round_index": r,
+        "total_steps": cfg.train.total_steps,
+        "warmup_steps": cfg.schedule.warmup_steps,
+        "init_lr": cfg.schedule.init_lr,
+        "decision_every": cfg.schedule.decision_every,
+        "guard": dataclasses.asdict(cfg.guard),
+    }
+    if params is not None:
+        pilot["rule_params"] = dataclasses.asdict(params)
+    if settings.controller == "llm":
+        pilot["agent"] = dataclasses.asdict(cfg.agent)  # names the key's variable, never the key
+    write_atomic(run_dir / "pilot.json", (json.dumps(pilot, indent=2) + "\n").encode())
+    argv = shlex.split(settings.script)
+    crashes, reason = 0, None
+    while not (run_dir / "result.json").exists():  # a launch that finished before the campaign was killed counts
+        env = {**os.environ, ENV_SETTINGS: f"@{run_dir / 'pilot.json'}", ENV_RUN_DIR: str(run_dir),
+               ENV_ROUND: str(r), ENV_RESUME: "1" if resume else "0"}  # fmt: skip
+        with open(run_dir / "script.log", "ab") as out:
+            try:
+                rc = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+            except OSError as e:  # not found, not executable: relaunching will not help
+                reason, rc = f"--script {argv[0]!r}: cannot start it ({e.strerror or e})", None
+        if rc == 0 and (run_dir / "result.json").exists():
+            break
+        resume = True
+        if rc is not None:
+            crashes += 1
+            how = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+            if rc == 0:
+                how = "exited 0 without calling pilot.finish() (no result.json)"
+            reason = f"script {how}; last log line: {_last_line(run_dir / 'script.log')!r}"
+            print(f"round {r:>3}  {reason}; crash {crashes} of max_fast_crash={cfg.guard.max_fast_crash}",
+                  file=sys.stderr)  # fmt: skip
+        if rc is None or crashes > cfg.guard.max_fast_crash:
+            res = SimpleNamespace(**_failed_result(run_dir, crashes, reason or "", t0))
+            return _commit(cfg, directory, r, settings, res, params, t0)
+    fields = json.loads((run_dir / "result.json").read_text())
+    fields["crash_count"] = int(fields.get("crash_count", 0)) + crashes
+    for name in ("decisions.jsonl", "rollbacks.jsonl"):
+        if not any(x.get("round") == r for x in read_jsonl(directory / name)):  # once, even when re-run
+            for x in read_jsonl(run_dir / name):
+                append_jsonl(directory / name, {**x, "round": r, "controller": settings.controller})
+    return _commit(cfg, directory, r, settings, SimpleNamespace(**fields), params, t0)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return ""
+    return lines[-1][-200:] if lines else ""
+
+
+def _failed_result(run_dir: Path, crashes: int, reason: str, t0: float) -> dict[str, Any]:
+    """A failed script round's result fields (those of supervisor.RoundResult that _commit reads)."""
+    iso = _run_start_iso(run_dir)
+    return {
+        "status": "failed", "failure_reason": reason, "run_start_iso": iso, "final_eval_ppl": math.nan,
+        "final_eval_loss": math.nan, "final_eval_tokens": 0, "update_step": 0, "crash_count": crashes,
+        "total_decisions": 0, "unanswered_decisions": 0, "fallback_decisions": 0, "mostly_fallback": False,
+        "agent_rollbacks": 0, "peak_lr_seen": math.nan, "min_lr_seen": math.nan, "wall_time_s": time.time() - t0,
+        "wait_s": 0.0, "decision_latency_s": [], "effect_delay_steps": [],
+    }  # fmt: skip
 
 
 def _run_rounds_on(
@@ -468,7 +605,7 @@ def _run_rounds_on(
                 r = todo.pop(0)
                 t0 = time.time()
                 brief, params, iso = _prepare_round(cfg, directory, r, settings, mem, tuple(sorted(running.values())))
-                running[engine.submit(execute_round, cfg, directory, r, settings, brief, params, iso, t0)] = r
+                running[engine.submit(_runner(settings), cfg, directory, r, settings, brief, params, iso, t0)] = r
             for fut in sorted(wait_first(running), key=lambda f: running[f]):
                 r = running.pop(fut)
                 try:

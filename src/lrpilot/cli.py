@@ -152,7 +152,18 @@ def _campaign_settings(args: argparse.Namespace, cfg: RunConfig):
         replay_from=args.replay_from or "",
         optuna_seed=args.optuna_seed,
         rule_params=dict(args.rule),
+        script=_script(args),
     )
+
+
+def _script(args: argparse.Namespace) -> str:
+    """--script's command ("" without it); an empty one is refused here, where "" would mean lrpilot's trainer."""
+    from lrpilot.config import ConfigError
+
+    script = getattr(args, "script", None)
+    if script is not None and not script.strip():
+        raise ConfigError('--script: empty; give the command that runs your loop, e.g. --script "python train.py"')
+    return script or ""
 
 
 def _agent_overrides(args: argparse.Namespace) -> list[str]:
@@ -417,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         help="rounds at once, >= 1 (default 1: one after another); each new round starts as one finishes",
+    )
+    p.add_argument(
+        "--script",
+        default=None,
+        metavar="COMMAND",
+        help='run each round as your own training script, e.g. "python train.py --flag", whose loop builds its '
+        "Pilot with Pilot.from_env() (README: Use it in your own loop); the preset gives the steps and schedule",
     )
     _add_engine_args(p)
     p.set_defaults(func=cmd_campaign)

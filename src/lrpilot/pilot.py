@@ -344,8 +344,9 @@ class Pilot:
     @classmethod
     def from_env(cls, optimizer: torch.optim.Optimizer, **overrides: Any) -> Pilot:
         """A Pilot built from the JSON object in $LRPILOT_PILOT (or `@FILE`: the JSON in FILE), as
-        `lrpilot campaign --script` sets it (run_dir, controller, memory_brief, total_steps, ...); `overrides`
-        (model, extra_state, ...) are added. Raises PilotError when the variable is missing or not JSON."""
+        `lrpilot campaign --script` sets it (run_dir, controller, memory_brief, total_steps, warmup_steps, init_lr,
+        decision_every, guard and agent as dicts, round_index, and `rule_params`: the rule controller's parameters
+        for this round); `overrides` (model, extra_state, ...) are added. Raises PilotError when the variable is missing or not JSON."""
         raw = os.environ.get(ENV_SETTINGS)
         if not raw:
             raise PilotError(
@@ -362,6 +363,15 @@ class Pilot:
             raise PilotError(f"Pilot.from_env: ${ENV_SETTINGS} must hold a JSON object of Pilot arguments")
         if isinstance(settings.get("guard"), dict):
             settings["guard"] = GuardConfig(**settings["guard"])
+        if isinstance(settings.get("agent"), dict):
+            from lrpilot.config import AgentConfig
+
+            settings["agent"] = AgentConfig(**settings["agent"])
+        rule_params = settings.pop("rule_params", None)
+        if isinstance(rule_params, dict) and settings.get("controller", "rules") == "rules":
+            from lrpilot.controllers.rules import RuleController, RuleParams
+
+            settings["controller"] = RuleController(RuleParams(**rule_params))  # the campaign's (Optuna's) proposal
         return cls(optimizer, **{**settings, **overrides})
 
     def describe(self) -> dict[str, Any]:
