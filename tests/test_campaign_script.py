@@ -1,0 +1,141 @@
+"""`lrpilot campaign --script`: rounds run as the user's own loop (examples/plain_torch.py, a real subprocess
+building its Pilot with Pilot.from_env), Optuna memory across rounds, real SIGKILLs and the resume."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lrpilot.logs import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "plain_torch.py"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _cmd(d: Path, script: str, rounds: int = 2, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lrpilot", "campaign", "--preset", "cpu-smoke", "--set", "train.total_steps=40",
+            "--rounds", str(rounds), "--dir", str(d), "--script", script, *extra]  # fmt: skip
+
+
+def _script(*extra: str) -> str:
+    return shlex.join([sys.executable, str(EXAMPLE), "--checkpoint-every", "10", *extra])
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the campaign ended (rc {proc.returncode}) before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)  # polling a file with a deadline, not a timing assumption
+
+
+def _starts(run_dir: Path) -> list[dict]:
+    return [e for e in read_jsonl(run_dir / "telemetry.jsonl") if e.get("event") == "start"]
+
+
+@pytest.mark.slow
+def test_script_campaign_learns_across_rounds_and_resumes_after_sigkill(tmp_path):
+    d = tmp_path / "camp"
+    cmd = _cmd(d, _script("--pause-at-step", "20", "--pause-round", "2"), 2, "--memory", "optuna")
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(d / "rounds" / "round_002" / "paused", proc)  # round 2 checkpointed step 20 and blocks there
+        os.killpg(proc.pid, signal.SIGKILL)  # the campaign and its script, as a Ctrl-\ or an OOM kill would
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert [r["round"] for r in read_jsonl(d / "final_results.jsonl")] == [1]
+    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    finals = read_jsonl(d / "final_results.jsonl")
+    assert [r["round"] for r in finals] == [1, 2]  # one line per round, round 1 never counted twice
+    assert all(r["status"] == "ok" and r["update_step"] == 40 and r["script"] for r in finals)
+    assert len(_starts(d / "rounds" / "round_001")) == 1  # round 1 not re-run
+    starts = _starts(d / "rounds" / "round_002")
+    assert starts[-1]["resumed_from"] == "state_dict step 20"  # round 2 resumed from its checkpoint
+    briefs = read_jsonl(d / "briefs.jsonl")
+    assert [b["round"] for b in briefs] == [1, 2] and all(b["memory"] == "optuna" and b["params"] for b in briefs)
+    assert "Best ppl" in briefs[1]["brief"]  # round 2's brief learned from round 1
+    for b, f in zip(briefs, finals, strict=True):
+        assert f["rule_params"] == b["params"]  # Optuna's proposal steered the script's Pilot
+        pilot_json = (d / "rounds" / f"round_{b['round']:03d}" / "pilot.json").read_text()
+        assert str(b["params"]["ceiling"]) in pilot_json
+    decisions = read_jsonl(d / "decisions.jsonl")
+    assert {x["round"] for x in decisions} == {1, 2}
+    rep = subprocess.run([sys.executable, "-m", "lrpilot", "report", str(d), "--out", str(tmp_path / "rep")],
+                         env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert rep.returncode == 0, rep.stderr
+    assert (tmp_path / "rep" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_script_is_relaunched_from_its_checkpoint(tmp_path):
+    d = tmp_path / "camp"
+    cmd = _cmd(d, _script("--pause-at-step", "20"), 1, "--memory", "none")
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        paused = d / "rounds" / "round_001" / "paused"
+        _wait_for(paused, proc)
+        os.kill(int(paused.read_text()), signal.SIGKILL)  # the script only: the campaign relaunches it
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    (fin,) = read_jsonl(d / "final_results.jsonl")
+    assert fin["status"] == "ok" and fin["update_step"] == 40 and fin["crash_count"] == 1
+    starts = _starts(d / "rounds" / "round_001")
+    assert [s["resumed_from"] for s in starts] == [None, None, "state_dict step 20"]  # launch 2: built, then loaded
+
+
+def test_a_script_that_keeps_crashing_fails_its_round_after_max_fast_crash(tmp_path):
+    d = tmp_path / "camp"
+    script = shlex.join([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+    res = subprocess.run(_cmd(d, script, 1, "--memory", "none", "--set", "guard.max_fast_crash=2"),
+                         env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    (fin,) = read_jsonl(d / "final_results.jsonl")
+    assert fin["status"] == "failed" and fin["crash_count"] == 3  # the first launch and 2 relaunches
+    assert "exited with code 3" in fin["failure_reason"] and "boom" in fin["failure_reason"]
+    log = (d / "rounds" / "round_001" / "script.log").read_text()
+    assert log.count("boom") == 3
+
+
+@pytest.mark.parametrize(
+    ("script", "extra", "field"),
+    [
+        ("  ", (), "--script: empty"),
+        ("python 'a", (), "--script"),
+        ("python a.py", ("--controller", "replay", "--replay-from", "x"), "--script runs rules or llm"),
+    ],
+)
+def test_bad_script_settings_are_refused_in_one_line(tmp_path, script, extra, field):
+    res = subprocess.run(_cmd(tmp_path / "c", script, 1, *extra), env=_env(), capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.startswith(f"lrpilot: error: {field}") and res.stderr.count("\n") == 1, res.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_changed_script_is_refused_naming_the_field(tmp_path):
+    d = tmp_path / "c"
+    first = subprocess.run(_cmd(d, "python -c 'import sys; sys.exit(1)'", 1, "--memory", "none",
+                                "--set", "guard.max_fast_crash=1"), env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    res = subprocess.run(_cmd(d, "python other.py", 1, "--memory", "none", "--set", "guard.max_fast_crash=1"),
+                         env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 2 and "different settings (script)" in res.stderr, res.stderr
