@@ -69,9 +69,11 @@ class CampaignSettings:
             except ValueError as e:
                 raise ConfigError(f"--script {self.script!r}: cannot split it into a command ({e})") from e
             if not argv:
-                raise ConfigError("--script: empty; give the command that runs your loop, e.g. \"python train.py\"")
+                raise ConfigError('--script: empty; give the command that runs your loop, e.g. "python train.py"')
             if self.controller == "replay":
-                raise ConfigError("--script runs rules or llm rounds; for a replay give your Pilot controller='replay:PLAN'")
+                raise ConfigError(
+                    "--script runs rules or llm rounds; for a replay give your Pilot controller='replay:PLAN'"
+                )
         if self.controller not in CONTROLLERS:
             raise ConfigError(f"--controller {self.controller!r}: choose one of {', '.join(CONTROLLERS)}")
         if self.memory not in MEMORIES:

@@ -169,6 +169,9 @@ class RunWatch:
                 cfg = json.loads((self.run_dir / "config.json").read_text())
                 self.total_steps = int(cfg["train"]["total_steps"])
                 self.stale_s = max(STALE_S, float(cfg.get("guard", {}).get("hang_timeout_s", STALE_S)))
+        if not self.total_steps:  # a Pilot's run (campaign --script) has no config.json; its round.json says
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                self.total_steps = int(json.loads((self.run_dir / "round.json").read_text())["total_steps"])
         if self._rollbacks is None:
             with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
                 rnd = json.loads((self.run_dir / "round.json").read_text())
