@@ -139,3 +139,38 @@ def test_a_changed_script_is_refused_naming_the_field(tmp_path):
     res = subprocess.run(_cmd(d, "python other.py", 1, "--memory", "none", "--set", "guard.max_fast_crash=1"),
                          env=_env(), capture_output=True, text=True)  # fmt: skip
     assert res.returncode == 2 and "different settings (script)" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_llm_controller_and_llm_memory_reach_the_script(tmp_path, monkeypatch):
+    from lrpilot.campaign import CampaignSettings, run_campaign
+    from lrpilot.config import load_config
+    from llm_servers import ScriptedServer, chat_body
+
+    def respond(req: dict) -> tuple[int, dict, dict]:
+        if "response_format" in req:  # the Controller (in the script's Pilot) asks for JSON
+            return 200, chat_body('{"reason": "loss falls, hold", "lr": 0.003}'), {}
+        return 200, chat_body("Round 1 held 3e-3 and ended well; hold it again."), {}
+
+    for name in ("DASHSCOPE_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    srv = ScriptedServer(responder=respond, models=("scripted",))
+    try:
+        cfg = load_config(
+            "cpu-smoke",
+            ["train.total_steps=30", f"agent.base_url={srv.base_url}", "agent.model=scripted", "agent.retries=0",
+             "agent.wait_for_decisions=true"],
+        )  # fmt: skip
+        settings = CampaignSettings(preset="cpu-smoke", overrides=(), controller="llm", memory="llm", script=_script())
+        recs = run_campaign(cfg, tmp_path / "c", 2, settings, echo=lambda *_: None)
+    finally:
+        srv.stop()
+    assert [r["status"] for r in recs] == ["ok", "ok"], recs
+    briefs = read_jsonl(tmp_path / "c" / "briefs.jsonl")
+    assert briefs[1]["brief"].startswith("Round 1 held")  # the Memory agent's brief for round 2 ...
+    assert '"memory_brief": "Round 1 held' in (tmp_path / "c" / "rounds" / "round_002" / "pilot.json").read_text()
+    decisions = read_jsonl(tmp_path / "c" / "decisions.jsonl")
+    assert {d["round"] for d in decisions} == {1, 2} and any(d["kind"] == "decision" for d in decisions)
+    assert any("response_format" in r["json"] for r in srv.requests)  # ... and the script's controller asked
