@@ -3,6 +3,7 @@ building its Pilot with Pilot.from_env), Optuna memory across rounds, real SIGKI
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -143,9 +144,10 @@ def test_a_changed_script_is_refused_naming_the_field(tmp_path):
 
 @pytest.mark.slow
 def test_llm_controller_and_llm_memory_reach_the_script(tmp_path, monkeypatch):
+    from llm_servers import ScriptedServer, chat_body
+
     from lrpilot.campaign import CampaignSettings, run_campaign
     from lrpilot.config import load_config
-    from llm_servers import ScriptedServer, chat_body
 
     def respond(req: dict) -> tuple[int, dict, dict]:
         if "response_format" in req:  # the Controller (in the script's Pilot) asks for JSON
@@ -174,3 +176,30 @@ def test_llm_controller_and_llm_memory_reach_the_script(tmp_path, monkeypatch):
     decisions = read_jsonl(tmp_path / "c" / "decisions.jsonl")
     assert {d["round"] for d in decisions} == {1, 2} and any(d["kind"] == "decision" for d in decisions)
     assert any("response_format" in r["json"] for r in srv.requests)  # ... and the script's controller asked
+
+
+@pytest.mark.slow
+def test_a_campaign_killed_alone_takes_its_script_with_it(tmp_path):
+    d = tmp_path / "camp"
+    proc = subprocess.Popen(_cmd(d, _script("--pause-at-step", "10"), 1, "--memory", "none"), env=_env(),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        paused = d / "rounds" / "round_001" / "paused"
+        _wait_for(paused, proc)
+        script_pid = int(paused.read_text())
+        os.kill(proc.pid, signal.SIGKILL)  # the campaign only, not its process group
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{script_pid}").exists() and "Z" not in _state(script_pid):
+            assert time.monotonic() < deadline, "the script outlived its campaign"
+            time.sleep(0.05)  # polling a condition with a deadline
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"

@@ -18,6 +18,7 @@ checkpoint and never counts a round twice. One process at a time holds `DIR/camp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -535,7 +536,9 @@ def execute_script_round(
                ENV_ROUND: str(r), ENV_RESUME: "1" if resume else "0"}  # fmt: skip
         with open(run_dir / "script.log", "ab") as out:
             try:
-                rc = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+                rc = subprocess.run(
+                    argv, env=env, stdout=out, stderr=subprocess.STDOUT, check=False, preexec_fn=_die_with_parent
+                ).returncode
             except OSError as e:  # not found, not executable: relaunching will not help
                 reason, rc = f"--script {argv[0]!r}: cannot start it ({e.strerror or e})", None
         if rc == 0 and (run_dir / "result.json").exists():
@@ -559,6 +562,16 @@ def execute_script_round(
             for x in read_jsonl(run_dir / name):
                 append_jsonl(directory / name, {**x, "round": r, "controller": settings.controller})
     return _commit(cfg, directory, r, settings, SimpleNamespace(**fields), params, t0)
+
+
+def _die_with_parent() -> None:
+    """In the script's process before exec (Linux): SIGKILL it when the campaign dies (prctl PR_SET_PDEATHSIG),
+    so a campaign killed alone never leaves a script writing RUN beside the one a re-run launches."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG = 1, SIGKILL = 9
 
 
 def _last_line(path: Path) -> str:
