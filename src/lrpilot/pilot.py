@@ -500,15 +500,7 @@ class Pilot:
             lr_history=tuple(self.lr_history),
             grad_norm=self.last_grad_norm,
             decisions=tuple(
-                DecisionRecord(
-                    step=int(d["step"]),
-                    old_lr=as_float(d["old_lr"]),
-                    new_lr=as_float(d["new_lr"]),
-                    loss=as_float(d["loss"]),
-                    effective_step=d.get("effective_step"),
-                    kind=str(d.get("kind", "decision")),
-                    reason=str(d.get("reasoning", "")),
-                )
+                DecisionRecord.from_log(d)
                 for d in self.decisions
                 if d.get("kind") in ("decision", "emergency", "fallback")
             ),

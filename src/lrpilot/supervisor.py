@@ -791,15 +791,7 @@ class _Round:
             grad_norm=as_float(ev.get("grad_norm")),
             tokens_per_s=as_float(ev.get("tokens_per_s")),
             decisions=tuple(
-                DecisionRecord(
-                    step=int(d["step"]),
-                    old_lr=as_float(d["old_lr"]),
-                    new_lr=as_float(d["new_lr"]),
-                    loss=as_float(d["loss"]),
-                    effective_step=d.get("effective_step"),
-                    kind=str(d.get("kind", "decision")),
-                    reason=str(d.get("reasoning", "")),
-                )
+                DecisionRecord.from_log(d)
                 for d in self.decisions
                 if d.get("kind") in ("decision", "emergency", "fallback", "agent_rollback")
             ),

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from lrpilot.logs import finite_mean
+from lrpilot.logs import as_float, finite_mean
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,19 @@ class DecisionRecord:
     effective_step: int | None = None
     kind: str = "decision"  # decision | emergency | fallback | rollback | agent_rollback
     reason: str = ""
+
+    @classmethod
+    def from_log(cls, d: dict[str, Any]) -> DecisionRecord:
+        """A decisions.jsonl record (published field names: `reasoning` is the reason) as the prompt sees it."""
+        return cls(
+            step=int(d["step"]),
+            old_lr=as_float(d["old_lr"]),
+            new_lr=as_float(d["new_lr"]),
+            loss=as_float(d["loss"]),
+            effective_step=d.get("effective_step"),
+            kind=str(d.get("kind", "decision")),
+            reason=str(d.get("reasoning", "")),
+        )
 
 
 @dataclass(frozen=True)
