@@ -11,10 +11,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from lrpilot.campaign import CampaignError, CampaignLock, CampaignSettings, run_campaign
 from lrpilot.config import ConfigError, apply_overrides, load_config
@@ -29,16 +29,6 @@ PUBLISHED_FIELDS = {
 
 def _cfg():
     return apply_overrides(load_config("cpu-smoke"), SMOKE)
-
-
-def _wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)  # polling a condition with a deadline, not synchronising by sleep
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _check_round_logs(d: Path, rounds: int, decisions_per_round: int) -> list[dict]:
@@ -201,7 +191,7 @@ def test_kill_and_resume(tmp_path):
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # kill the whole campaign (and its trainer) once round 2 has a checkpoint
-        _wait_for(lambda: list((d / "rounds" / "round_002" / "checkpoints").glob("*.json")), 300, "round 2 ckpt")
+        wait_until(lambda: list((d / "rounds" / "round_002" / "checkpoints").glob("*.json")), 300, "round 2 ckpt")
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=30)
     finally:

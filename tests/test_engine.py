@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from lrpilot.campaign import CampaignSettings, run_campaign
 from lrpilot.config import ConfigError, apply_overrides, load_config
@@ -32,16 +33,6 @@ SMOKE = ["train.total_steps=40", "schedule.warmup_steps=10", "schedule.decision_
 
 def _cfg():
     return apply_overrides(load_config("cpu-smoke"), SMOKE)
-
-
-def _wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)  # polling a condition with a deadline, not synchronising by sleep
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _check_logs(d: Path, rounds: int) -> list[dict]:
@@ -131,12 +122,12 @@ def test_local_parallel_driver_killed_then_rerun_resumes_exactly(tmp_path):
     drv = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for r in (1, 2):
-            _wait_for(lambda r=r: (d / f"rounds/round_{r:03d}/checkpoints/step_000010.pt").exists(), 300, f"round {r}")
+            wait_until(lambda r=r: (d / f"rounds/round_{r:03d}/checkpoints/step_000010.pt").exists(), 300, f"round {r}")
         finished = {f["round"] for f in read_jsonl(d / "final_results.jsonl")}
         drv.kill()
         drv.wait(30)
         for r in (1, 2):
-            _wait_for(lambda r=r: not _launches(d / f"rounds/round_{r:03d}"), 60, f"round {r}'s trainer to die")
+            wait_until(lambda r=r: not _launches(d / f"rounds/round_{r:03d}"), 60, f"round {r}'s trainer to die")
     finally:
         drv.kill()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -218,12 +209,12 @@ def test_ray_worker_killed_mid_round_resumes_the_round(ray_cluster, tmp_path):
     t = threading.Thread(target=drive)
     t.start()
     run1 = d / "rounds" / "round_001"
-    _wait_for(lambda: (run1 / "checkpoints" / "step_000020.pt").exists(), 300, "round 1's step-20 checkpoint")
-    trainers = _wait_for(lambda: _launches(run1), 60, "round 1's trainer")
+    wait_until(lambda: (run1 / "checkpoints" / "step_000020.pt").exists(), 300, "round 1's step-20 checkpoint")
+    trainers = wait_until(lambda: _launches(run1), 60, "round 1's trainer")
     (ppid, token), *_ = trainers.values()
     assert ppid not in (os.getpid(), 1)
     os.kill(ppid, signal.SIGKILL)  # the Ray worker process that runs round 1's supervisor
-    _wait_for(lambda: not any(tok == token for _, tok in _launches(run1).values()), 60, "the old trainer to die")
+    wait_until(lambda: not any(tok == token for _, tok in _launches(run1).values()), 60, "the old trainer to die")
     t.join(600)
     assert not t.is_alive() and "error" not in out, out.get("error")
     finals = _check_logs(d, 2)
@@ -257,7 +248,7 @@ def test_cli_on_a_ray_start_head_cluster_ctrl_c_then_resume(tmp_path):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     # `ray start --block` prints its --block notice once the head node is up
-    _wait_for(lambda: head.poll() is not None or b"--block" in (tmp_path / "head.log").read_bytes(), 120, "head")
+    wait_until(lambda: head.poll() is not None or b"--block" in (tmp_path / "head.log").read_bytes(), 120, "head")
     assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
     d = tmp_path / "camp"
     cmd = [sys.executable, "-m", "lrpilot", "campaign", "--preset", "cpu-smoke", "--rounds", "3", "--dir", str(d),
@@ -271,7 +262,7 @@ def test_cli_on_a_ray_start_head_cluster_ctrl_c_then_resume(tmp_path):
         try:
             for r in (1, 2):
                 ckpt = d / f"rounds/round_{r:03d}/checkpoints/step_000010.pt"
-                _wait_for(lambda c=ckpt: drv.poll() is not None or c.exists(), 300, f"round {r}'s checkpoint")
+                wait_until(lambda c=ckpt: drv.poll() is not None or c.exists(), 300, f"round {r}'s checkpoint")
                 assert drv.poll() is None, drv.stderr.read()[-2000:]
             finished = {f["round"] for f in read_jsonl(d / "final_results.jsonl")}
             drv.send_signal(signal.SIGINT)
@@ -279,7 +270,7 @@ def test_cli_on_a_ray_start_head_cluster_ctrl_c_then_resume(tmp_path):
         finally:
             drv.kill()
         for r in (1, 2):
-            _wait_for(lambda r=r: not _launches(d / f"rounds/round_{r:03d}"), 60, f"round {r}'s trainer to die")
+            wait_until(lambda r=r: not _launches(d / f"rounds/round_{r:03d}"), 60, f"round {r}'s trainer to die")
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
     finally:

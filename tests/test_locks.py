@@ -12,25 +12,15 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from lrpilot.locks import DirInUseError, DirLock
 from lrpilot.logs import read_jsonl
 
 SMOKE = ["--set", "train.total_steps=40"]
-
-
-def _wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)  # polling a condition with a deadline, not synchronising by sleep
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _lrpilot(*args: str) -> list[str]:
@@ -46,7 +36,7 @@ def _holding(p: subprocess.Popen, run_dir: Path) -> None:
         tele = run_dir / "telemetry.jsonl"
         return tele.exists() and tele.stat().st_size > 0
 
-    _wait_for(ready, 180, f"the trainer of pid {p.pid} started in {run_dir}")
+    wait_until(ready, 180, f"the trainer of pid {p.pid} started in {run_dir}")
     os.kill(p.pid, signal.SIGSTOP)
 
 

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from lrpilot import guard
 from lrpilot.channel import CONTROL_FILE, TELEMETRY_FILE
@@ -1128,16 +1129,6 @@ def test_replay_of_a_non_blocking_round_gives_its_lr_at_every_step(tmp_path):
 CAMPAIGN_SMOKE = ["train.total_steps=40", "schedule.warmup_steps=10", "schedule.decision_every=10"]
 
 
-def _wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)  # polling a condition with a deadline, not synchronising by sleep
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
 @pytest.mark.llm
 @pytest.mark.parametrize("server", ["think", "reasoning_content", "thinks_forever"])
@@ -1265,7 +1256,7 @@ def test_killed_non_blocking_campaign_resumes_on_the_logged_branch(tmp_path, mon
     try:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            applied = _wait_for(
+            applied = wait_until(
                 lambda: [
                     e
                     for e in read_jsonl(run / "telemetry.jsonl")
@@ -1280,7 +1271,7 @@ def test_killed_non_blocking_campaign_resumes_on_the_logged_branch(tmp_path, mon
             with contextlib.suppress(OSError):
                 if b"lrpilot.trainer" in Path(f"/proc/{trainer}/cmdline").read_bytes():
                     os.kill(trainer, signal.SIGKILL)
-            _wait_for(lambda: not Path(f"/proc/{trainer}").exists(), 30, "the trainer gone")
+            wait_until(lambda: not Path(f"/proc/{trainer}").exists(), 30, "the trainer gone")
         finally:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
