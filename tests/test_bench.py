@@ -261,3 +261,23 @@ def test_results_cover_every_seed_on_disk_and_every_command(tmp_path):
     assert s["within_1pct"]["rules+optuna:2"]["per_seed"] == {"42": 120}  # round 1: 4.9 > 4.8 x 1.01
     md = render_markdown(s)
     assert "    lrpilot bench A\n    lrpilot bench B" in md
+
+
+def test_summarise_only_trains_nothing_and_summarises_what_finished(tmp_path):
+    """`--summarise-only` on a bench cut short: the finished runs are summarised, the missing ones are left
+    out (and counted), no run directory is created, and a changed setting is still refused."""
+    out = tmp_path / "b"
+    d = out / "runs" / "cosine" / "seed42"
+    d.mkdir(parents=True)
+    rec = {"final_eval_ppl": 5.0, "final_eval_loss": math.log(5.0), "seed": 42, "status": "ok"}
+    (d / "cosine_lr1e-3.json").write_text(json.dumps(rec))
+    args = ["bench", "--preset", "cpu-smoke", "--methods", "cosine", "wsd", "--seeds", "2", "--peaks", "1e-3", "3e-3",
+            "--out", str(out), "--summarise-only"]  # fmt: skip
+    p = _cli(*args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "summarised 1 finished runs of 8 planned (nothing trained)" in p.stdout
+    s = json.loads((out / "bench.json").read_text())
+    assert s["methods"]["cosine"]["scores"] == {"42": 5.0} and s["methods"]["wsd"]["runs"] == 0
+    assert sorted(x.name for x in (out / "runs").iterdir()) == ["cosine"]  # nothing else started
+    changed = _cli(*[a if a != "3e-3" else "1e-2" for a in args])
+    assert changed.returncode == 2 and "different peaks" in changed.stderr

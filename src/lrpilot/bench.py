@@ -316,10 +316,18 @@ def _run_task(task: Task, settings: BenchSettings, echo: Any) -> list[dict[str, 
 
 
 def run_bench(
-    settings: BenchSettings, out: str | Path, *, echo: Any = print, ping_llm: bool = True, engine: Any = None
+    settings: BenchSettings,
+    out: str | Path,
+    *,
+    echo: Any = print,
+    ping_llm: bool = True,
+    engine: Any = None,
+    train: bool = True,
 ) -> dict[str, Any]:
     """Validate everything, then run every task (J at once), then summarise into OUT. Returns bench.json's dict.
     engine (lrpilot.engine, e.g. RayEngine): each task a call there, engine.slots at once, instead of J threads.
+    train=False (`--summarise-only`): start no run; summarise the runs already finished in OUT (unfinished and
+    missing ones are left out and counted in the echoed line).
 
     Raises BenchError / ConfigError (one line) before any training for bad methods, peaks, seeds, config
     overrides, a replay directory without rounds, a changed setting on a reused OUT, or an LLM endpoint that
@@ -329,7 +337,7 @@ def run_bench(
     base = load_config(settings.preset, list(settings.overrides))
     methods = [parse_method(s) for s in settings.methods]
     tasks = plan_tasks(base, settings, methods, out)
-    if ping_llm and any(m.controller == "llm" for m in methods):
+    if train and ping_llm and any(m.controller == "llm" for m in methods):
         from lrpilot.llm.base import make_backend
 
         make_backend(base.agent, "controller", None).ping()  # fail fast on a wrong endpoint, model or key
@@ -340,6 +348,14 @@ def run_bench(
         with lock:
             echo(text)
 
+    if not train:
+        summary = summarise(collect(base, settings, methods, out), settings, base, bench_commands(out))
+        write_results(summary, out)
+        done = sum(m["runs"] for m in summary["methods"].values())
+        planned = sum(t.method.rounds if t.method.kind == "campaign" else 1 for t in tasks)
+        echo(f"bench: summarised {done} finished runs of {planned} planned (nothing trained)")
+        echo("\n".join(method_table(summary)))
+        return summary
     say(f"bench: {len(tasks)} tasks ({', '.join(settings.methods)}; seeds {seed_list(base, settings.seeds)}) in {out}")
     errors: list[tuple[Task, BaseException]] = []
     tasks.sort(key=lambda t: -t.cost)  # long campaigns first, so J workers finish together
@@ -746,9 +762,9 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def main_bench(settings: BenchSettings, out: Path, engine: Any = None) -> int:
+def main_bench(settings: BenchSettings, out: Path, engine: Any = None, train: bool = True) -> int:
     """`lrpilot bench`: 0 when every run finished; errors propagate as LrpilotError (one line, exit 2)."""
-    run_bench(settings, out, echo=lambda t: print(t, flush=True), engine=engine)
+    run_bench(settings, out, echo=lambda t: print(t, flush=True), engine=engine, train=train)
     print(f"bench: results in {out / 'bench.md'}", file=sys.stderr)
     return 0
 

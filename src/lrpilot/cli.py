@@ -240,8 +240,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         jobs=args.jobs,
         optuna_seed=args.optuna_seed,
-        command=shlex.join(["lrpilot", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "",
+        # a summary-only call trains nothing, so it is not listed among the commands that made the results
+        command=shlex.join(["lrpilot", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] and not args.summarise_only else "",
     )
+    if args.summarise_only:
+        return main_bench(settings, Path(args.out), train=False)
     engine = _engine(args, args.jobs if args.engine == "ray" else 1)  # local: --jobs threads, as always
     if engine is None:
         return main_bench(settings, Path(args.out))
@@ -460,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="Controller model name (llm methods)")
     p.add_argument("--memory-model", default=None, help="Memory agent model (llm+memory)")
     p.add_argument("--optuna-seed", type=int, default=0, help="seed of the Optuna TPE sampler (rules+optuna)")
+    p.add_argument(
+        "--summarise-only",
+        action="store_true",
+        help="train nothing: write bench.md/bench.json/figures from the runs already finished in --out",
+    )
     _add_engine_args(p)
     p.set_defaults(func=cmd_bench)
 
