@@ -241,7 +241,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         optuna_seed=args.optuna_seed,
         # a summary-only call trains nothing, so it is not listed among the commands that made the results
-        command=shlex.join(["lrpilot", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] and not args.summarise_only else "",
+        command=shlex.join(["lrpilot", *sys.argv[1:]])
+        if sys.argv[1:2] == ["bench"] and not args.summarise_only
+        else "",
     )
     if args.summarise_only:
         return main_bench(settings, Path(args.out), train=False)
