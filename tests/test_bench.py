@@ -109,6 +109,11 @@ def test_survival_at_the_peak_where_cosine_collapses():
         ("rules+optuna:8", "campaign", {"controller": "rules", "memory": "optuna", "rounds": 8}),
         ("llm", "campaign", {"controller": "llm", "memory": "none", "rounds": 1}),
         ("llm+memory:4", "campaign", {"controller": "llm", "memory": "llm", "rounds": 4}),
+        (
+            "rules:probe_steps=20,ceiling=3e-3",
+            "campaign",
+            {"controller": "rules", "rounds": 1, "rule_params": (("probe_steps", "20"), ("ceiling", "3e-3"))},
+        ),
     ],
 )
 def test_parse_method(spec, kind, extra):
@@ -118,7 +123,8 @@ def test_parse_method(spec, kind, extra):
 
 @pytest.mark.parametrize(
     "spec, words", [("sgd", "unknown method"), ("rules+optuna:0", "positive number of rounds"),
-                    ("rules+optuna:x", r"--methods rules\+optuna:x"), ("prodigy:-1", "positive LR"), ("replay:/nope", "replay")]
+                    ("rules+optuna:x", r"--methods rules\+optuna:x"), ("prodigy:-1", "positive LR"), ("replay:/nope", "replay"),
+                    ("rules:probe_steps", "KEY=VALUE")]
 )  # fmt: skip
 def test_parse_method_errors_name_the_spec(spec, words):
     with pytest.raises(BenchError, match=words):
@@ -281,3 +287,30 @@ def test_summarise_only_trains_nothing_and_summarises_what_finished(tmp_path):
     assert sorted(x.name for x in (out / "runs").iterdir()) == ["cosine"]  # nothing else started
     changed = _cli(*[a if a != "3e-3" else "1e-2" for a in args])
     assert changed.returncode == 2 and "different peaks" in changed.stderr
+
+
+def test_rule_parameters_of_a_method_reach_the_campaign_and_are_checked(tmp_path):
+    """`rules:KEY=V` fixes those rule parameters in the method's campaign (its directory named by the spec); an
+    unknown parameter or a non-number is refused before anything trains."""
+    from lrpilot.bench import Task, _campaign_settings
+    from lrpilot.config import ConfigError, load_config
+
+    cfg = load_config("cpu-smoke")
+    m = parse_method("rules:probe_steps=20")
+    settings = _settings(peaks=(), seeds=1, methods=(m.spec,), overrides=())
+    cs = _campaign_settings(Task(m, 42, tmp_path, cfg, ()), settings)
+    assert cs.rule_params == {"probe_steps": 20.0} and m.slug == "rules_probe_steps=20"
+    with pytest.raises(ConfigError, match="--rule nope"):
+        _campaign_settings(Task(parse_method("rules:nope=1"), 42, tmp_path, cfg, ()), settings)
+    with pytest.raises(BenchError, match="ceiling='high' is not a number"):
+        _campaign_settings(Task(parse_method("rules:ceiling=high"), 42, tmp_path, cfg, ()), settings)
+
+
+def test_probe_updates_count_as_training_steps():
+    """A run's lookahead-probe updates are compute: they add to the method's training steps and to the x axis
+    of its best-so-far curve."""
+    from lrpilot.bench import SeedResult
+
+    row = {"status": "ok", "ppl": 5.0, "probe_steps": 60}
+    sr = SeedResult(42, runs=[dict(row), {**row, "ppl": 4.0}])
+    assert sr.curve(1000) == [(1060, 5.0), (2120, 4.0)]

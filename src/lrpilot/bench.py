@@ -76,6 +76,8 @@ class Method:
     memory: str = "none"
     rounds: int = 1
     replay_from: str = ""
+    #: rule-controller parameters fixed for this method (`rules:KEY=V,...`), as `campaign --rule KEY=V`
+    rule_params: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("sweep", "single", "campaign"):
@@ -124,9 +126,21 @@ def replay_rounds(directory: str | Path) -> int:
     return max(rounds)
 
 
+def _rule_params(spec: str, text: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in text.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise BenchError(f"--methods {spec}: expected KEY=VALUE pairs after ':', e.g. rules:probe_steps=20")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
+
+
 def parse_method(spec: str) -> Method:
-    """cosine | wsd | d2z | constant | schedulefree[:LR] | prodigy[:LR] | rules | rules+optuna:K | llm |
-    llm+memory:K | replay:DIR. Raises BenchError naming the spec."""
+    """cosine | wsd | d2z | constant | schedulefree[:LR] | prodigy[:LR] | rules | rules:KEY=V[,KEY=V...] |
+    rules+optuna:K | llm | llm+memory:K | replay:DIR. `rules:KEY=V,...` is one round of the rule controller with
+    those parameters fixed (as `campaign --rule KEY=V`), e.g. rules:probe_steps=20. Raises BenchError naming the
+    spec."""
     s = spec.strip()
     name, _, arg = s.partition(":")
     if s in FIXED:
@@ -137,6 +151,8 @@ def parse_method(spec: str) -> Method:
         return Method(s, "single", optimizer="prodigy", lr=_lr(s, arg) if arg else PRODIGY_LR)
     if s == "rules":
         return Method(s, "campaign", controller="rules")
+    if name == "rules" and arg:
+        return Method(s, "campaign", controller="rules", rule_params=_rule_params(s, arg))
     if name == "rules+optuna":
         return Method(s, "campaign", controller="rules", memory="optuna", rounds=_count(s, arg))
     if s == "llm":
@@ -147,7 +163,7 @@ def parse_method(spec: str) -> Method:
         return Method(s, "campaign", controller="replay", rounds=replay_rounds(arg), replay_from=arg)
     raise BenchError(
         f"--methods {spec!r}: unknown method; choose from cosine, wsd, d2z, constant, schedulefree[:LR], "
-        "prodigy[:LR], rules, rules+optuna:K, llm, llm+memory:K, replay:DIR"
+        "prodigy[:LR], rules, rules:KEY=V, rules+optuna:K, llm, llm+memory:K, replay:DIR"
     )
 
 
@@ -298,7 +314,15 @@ def _campaign_settings(task: Task, settings: BenchSettings) -> Any:
         model=agent.model if agent.backend == "openai" else (agent.local_model_path or "SmolLM2-135M"),
         replay_from=m.replay_from,
         optuna_seed=settings.optuna_seed,
+        rule_params={k: (v if k == "decay_shape" else _number(m.spec, k, v)) for k, v in m.rule_params},
     )
+
+
+def _number(spec: str, key: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise BenchError(f"--methods {spec}: {key}={value!r} is not a number") from None
 
 
 def _run_task(task: Task, settings: BenchSettings, echo: Any) -> list[dict[str, Any]]:
@@ -404,12 +428,13 @@ class SeedResult:
         return min(ppls) if ppls else math.nan
 
     def curve(self, total_steps: int) -> list[tuple[int, float]]:
-        """(training steps spent, best ppl so far) after each run."""
-        out, best = [], math.inf
-        for i, r in enumerate(self.runs, 1):
+        """(training steps spent, best ppl so far) after each run; a run's lookahead-probe updates count."""
+        out, best, spent = [], math.inf, 0
+        for r in self.runs:
+            spent += total_steps + r.get("probe_steps", 0)
             if r["status"] == "ok" and math.isfinite(r["ppl"]):
                 best = min(best, r["ppl"])
-            out.append((i * total_steps, best if math.isfinite(best) else math.nan))
+            out.append((spent, best if math.isfinite(best) else math.nan))
         return out
 
 
@@ -454,6 +479,8 @@ def _run_row(rec: dict[str, Any], label: str, seed: int, peak: float | None = No
         "status": "ok" if rec.get("status", "ok") == "ok" and math.isfinite(ppl) else "failed",
         "wall_time_s": as_float(rec.get("wall_time_s", 0.0)),
         "seed": int(rec.get("seed", seed)),
+        #: extra updates spent in lookahead probes (rules with probe_steps > 0): training compute too
+        "probe_steps": int(rec.get("probe_steps", 0) or 0),
     }
 
 
@@ -510,7 +537,7 @@ def summarise(
             **{k: v for k, v in t_interval(finite).items()},
             "seeds_failed": sum(not math.isfinite(r.score) for r in rows),
             "runs": sum(len(r.runs) for r in rows),
-            "train_steps": sum(len(r.runs) for r in rows) * total,
+            "train_steps": sum(len(r.runs) for r in rows) * total + sum(x["probe_steps"] for r in rows for x in r.runs),
             "wall_time_s": sum(x["wall_time_s"] for r in rows for x in r.runs),
             "curves": {str(r.seed): r.curve(total) for r in rows},
             "runs_detail": [x for r in rows for x in r.runs],

@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="M",
         help="cosine, wsd, d2z, constant (sweeps over --peaks), schedulefree[:LR], prodigy[:LR] (one run at "
-        "defaults), rules (1 round, defaults, no memory), rules+optuna:K, llm, llm+memory:K, replay:DIR",
+        "defaults), rules (1 round, defaults, no memory), rules:KEY=V[,KEY=V] (1 round, those rule parameters "
+        "fixed, e.g. rules:probe_steps=20), rules+optuna:K, llm, llm+memory:K, replay:DIR",
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds per method: train.seed, train.seed+1, ... (default 3)")
     p.add_argument("--peaks", type=positive_float, nargs="*", default=[], help="sweep peak LRs, e.g. 1e-3 3e-3 1e-2")
