@@ -82,7 +82,7 @@ def test_settings_are_checked():
     with pytest.raises(ConfigError, match="--rule celing: unknown parameter"):
         CampaignSettings(preset="cpu-smoke", overrides=(), controller="rules", memory="none", rule_params={"celing": 1})
     fixed = CampaignSettings(preset="p", overrides=(), controller="rules", memory="none", rule_params={"ceiling": 3e-2})
-    assert fixed.rules_for(3e-4).ceiling == 3e-2 and fixed.rules_for(3e-4).climb_factor == 1.5
+    assert fixed.rules_for(3e-4).ceiling == 3e-2 and fixed.rules_for(3e-4).climb_factor == 2.0
     with pytest.raises(ConfigError, match="rules.climb_factor"):
         CampaignSettings(preset="p", overrides=(), controller="rules", memory="none",
                          rule_params={"climb_factor": 5.0}).rules_for(3e-4)  # fmt: skip
