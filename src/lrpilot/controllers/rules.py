@@ -29,6 +29,16 @@ The heuristic, evaluated at each decision point in this order (the first rule th
                  beyond rise_z noise units during the cool-down scales the curve by cut_factor.
 5. `hold`        the first interval after a rollback (its loss comparison straddles the crash), or no
                  loss data at all.
+5b. `probe`     only with probe_steps > 0 (off by default): at the end of warmup and every probe_every-th
+                 decision point of the stable phase, the decision rules 6-8 would give comes with a request
+                 for a lookahead probe (Decision.probe_lrs) at lr x {cut_factor, 1, climb_factor} within the
+                 limits: the trainer trains probe_steps updates per branch from the current state on the run's
+                 next batches, measures each branch on the batches after them, restores its state, and the
+                 controller is asked again with Observation.probes; it then continues at the branch with the
+                 lowest loss (the idea of AutoLRS, Jin et al. 2021, "AutoLRS: Automatic Learning-Rate Schedule
+                 by Bayesian Optimization on the Fly", without its Bayesian optimisation: the branches are
+                 compared directly, paired on the same batches). The extra updates are counted as compute
+                 (RoundResult.probe_steps). If the probe cannot run, the rules' own decision is used.
 6. `rise`        the interval's mean loss rose by more than rise_z standard errors: cut (x cut_factor).
 7. `climb`       the loss fell by more than climb_z standard errors: raise x climb_factor, up to the
                  effective ceiling (`hold` at the ceiling).
@@ -58,7 +68,7 @@ observation), so it is deterministic and start_round() has nothing to reset.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from lrpilot import config
@@ -106,6 +116,10 @@ class RuleParams:
     final_ratio: float = 0.0
     #: after a crash at LR x, never go above crash_margin * x again in this round
     crash_margin: float = 0.7
+    #: lookahead probes (module docstring, rule 5b): updates per branch; 0 = no probes (the default)
+    probe_steps: float = 0
+    #: probe at every probe_every-th decision point of the stable phase (the first one at the end of warmup)
+    probe_every: float = 5
     #: the cool-down's shape: 1-sqrt, linear or geometric (module docstring)
     decay_shape: str = "1-sqrt"
 
@@ -133,6 +147,14 @@ class RuleParams:
             "must be > 0 with decay_shape=geometric (a geometric decay cannot reach 0); or use 1-sqrt or linear",
         )
         _check(0.0 < self.crash_margin < 1.0, "crash_margin", "must be in (0, 1)")
+        _check(
+            float(self.probe_steps).is_integer() and 0 <= self.probe_steps <= 1000,
+            "probe_steps",
+            "must be a whole number of updates in [0, 1000] (0: no probes)",
+        )
+        _check(
+            float(self.probe_every).is_integer() and self.probe_every >= 1, "probe_every", "must be a whole number >= 1"
+        )
 
     @staticmethod
     def search_space(init_lr: float = 3e-4) -> dict[str, ParamRange]:
@@ -301,6 +323,38 @@ class RuleController(BaseController):
         last_rb = obs.rollbacks[-1].rolled_back_to_step if obs.rollbacks else None  # the latest rollback
         if last_rb is not None and 0 <= obs.step - last_rb <= every:
             return decided("hold", lr, f"first interval after a rollback to step {last_rb}, {change}, hold")
+        if p.probe_steps > 0 and obs.probes:
+            return self._choose_probe(obs, lr, ceiling, decided)
+        d = self._stable(obs, lr, ceiling, ceiling_why, z, change, decided)
+        k, off = divmod(obs.step - obs.warmup_steps, every)
+        if p.probe_steps > 0 and off == 0 and k % int(p.probe_every) == 0:
+            cands = sorted({self._limit(obs, lr, x, ceiling) for x in (lr * p.cut_factor, lr, lr * p.climb_factor)})
+            if len(cands) > 1:
+                return replace(
+                    d,
+                    probe_lrs=tuple(cands),
+                    probe_steps=int(p.probe_steps),
+                    reason=f"{d.reason}; probe first: {int(p.probe_steps)} updates at each of "
+                    + ", ".join(f"{x:.3e}" for x in cands),
+                )
+        return d
+
+    def _choose_probe(self, obs: Observation, lr: float, ceiling: float, decided: Any) -> Decision:
+        """Rule 5b: continue at the probe branch with the lowest loss after its updates (ProbeResult.end_loss);
+        the branches started from the same state and saw the same batches, so they are compared paired."""
+        scored = [(r.end_loss, r.lr) for r in obs.probes if math.isfinite(r.end_loss) and is_positive_finite(r.lr)]
+        if not scored:
+            return decided("probe", lr, "probe gave no finite branch loss, hold")
+        best_loss, best_lr = min(scored)
+        table = ", ".join(f"{x:.3e}: {v:.4f}" for v, x in sorted(scored, key=lambda t: t[1]))
+        return decided("probe", min(best_lr, ceiling), f"probe branches (lr: loss) {table}; best {best_lr:.3e}")
+
+    def _stable(
+        self, obs: Observation, lr: float, ceiling: float, ceiling_why: str, z: float, change: str, decided: Any
+    ) -> Decision:
+        """Rules 5-8: hold / rise / climb / hold from the noise-relative change z."""
+        p = self.params
+        finite = [x for x in obs.recent_losses if isinstance(x, (int, float)) and math.isfinite(x)]
         if math.isnan(z):
             why = "no recent losses" if not finite else "too few losses to measure the noise"
             return decided("hold", lr, f"{why}, {change}, hold")
