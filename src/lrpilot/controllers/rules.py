@@ -222,6 +222,19 @@ def _z(delta: float, se: float) -> float:
     return math.copysign(math.inf, delta) if delta else 0.0
 
 
+def loss_change_z(losses: list[float], prev: float) -> tuple[float, float, str]:
+    """(z, sigma, basis): how many standard errors the loss fell over the interval (module docstring, "Noise");
+    sigma is the per-step noise in loss units. `losses` are the interval's finite per-step losses, `prev` the
+    previous interval's mean (NaN if none: z is then the slope's t-statistic). z is NaN with < 3 losses."""
+    cur = finite_mean(losses)
+    slope, sigma, sxx = _line_fit(losses)
+    if math.isfinite(prev) and math.isfinite(cur):
+        se = sigma * math.sqrt(2.0 / len(losses)) if math.isfinite(sigma) else math.nan
+        return _z(prev - cur, se), sigma, "interval means"
+    se = sigma / math.sqrt(sxx) if math.isfinite(sigma) and sxx > 0 else math.nan
+    return _z(-slope, se), sigma, "slope within the interval"
+
+
 class RuleController(BaseController):
     """Rule heuristic (module docstring): hold / climb / cut / decay from the observed loss; stateless."""
 
@@ -304,13 +317,7 @@ class RuleController(BaseController):
 
         cur = finite_mean(finite)
         prev = self._previous_loss(obs)
-        slope, sigma, sxx = _line_fit(finite)
-        if math.isfinite(prev) and math.isfinite(cur):
-            se = sigma * math.sqrt(2.0 / len(finite)) if math.isfinite(sigma) else math.nan
-            z, basis = _z(prev - cur, se), "interval means"
-        else:
-            se = sigma / math.sqrt(sxx) if math.isfinite(sigma) and sxx > 0 else math.nan
-            z, basis = _z(-slope, se), "slope within the interval"
+        z, sigma, basis = loss_change_z(finite, prev)
         meta.update(loss=cur, prev_loss=prev, noise=sigma, z=z, z_basis=basis)
         change = f"loss {prev:.4g} -> {cur:.4g}" if math.isfinite(prev) else f"loss {cur:.4g}"
         change += f" (z = {z:+.2f} SE, {basis})" if math.isfinite(z) or math.isinf(z) else ""
