@@ -434,6 +434,7 @@ def _commit(
         "mostly_fallback": res.mostly_fallback,
         "crash_count": res.crash_count,
         "agent_rollbacks": res.agent_rollbacks,
+        "probe_steps": getattr(res, "probe_steps", 0),  # extra updates spent in lookahead probes
         "peak_lr_seen": res.peak_lr_seen,
         "min_lr_seen": res.min_lr_seen,
         "warmup_steps": cfg.schedule.warmup_steps,
