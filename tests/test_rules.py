@@ -11,6 +11,7 @@ import random
 import pytest
 from toy_loop import toy_loop
 
+from lrpilot.channel import LRState
 from lrpilot.config import ConfigError
 from lrpilot.controllers.base import Observation, RollbackRecord
 from lrpilot.controllers.rules import RuleController, RuleParams
@@ -119,41 +120,70 @@ def test_non_finite_losses_cut_and_nothing_breaks():
     assert rule(d) == "hold" and "too few losses" in d.reason
 
 
-def _cooldown_curve(params: RuleParams, noise: float = 0.0) -> dict[int, float]:
-    """Follow the controller's plans through the cool-down as the trainer does (each plan held after its last
-    knot): the LR of every update from the first cool-down decision to the end."""
-    c, lr, per_step = RuleController(params), 1e-3, {}
-    c0 = TOTAL - round((1 - params.decay_start) * TOTAL)
-    first = max(s for s in range(WARMUP, TOTAL, EVERY) if s <= c0)
-    for s in range(first, TOTAL, EVERY):
-        d = c.decide(obs(step=s, lr=lr, prev=3.30, cur=3.299, noise=noise))
-        assert rule(d) == "cooldown" and d.plan is not None
-        assert [k for k, _ in d.plan] == list(range(s, min(s + EVERY, TOTAL)))
-        per_step.update(d.plan)
-        lr = d.plan[-1][1]  # what the trainer reports at the next decision point
-    return per_step
+def _cooldown_curve(params: RuleParams, noise: float = 0.0) -> tuple[dict[int, float], list[tuple]]:
+    """Follow the controller's plans through the cool-down as the trainer does (lrpilot.channel.LRState: knots
+    interpolated linearly, the last one held): the LR of every update from the first cool-down decision to the
+    end, and every plan."""
+    c, state, per_step, plans = RuleController(params), LRState(1e-3), {}, []
+    for s in range(WARMUP, TOTAL, EVERY):
+        lr = state.lr_for(s)  # what the trainer reports at the decision point
+        d = c.decide(obs(step=s, lr=lr, prev=3.30, cur=3.299, noise=noise, lr_history=((2000, 1e-3),)))
+        if rule(d) != "cooldown":
+            assert d.plan is None
+            continue
+        assert d.plan is not None and d.plan[0][0] == s and d.plan[-1][0] == min(s + EVERY, TOTAL) - 1
+        plans.append(d.plan)
+        state.apply({"lr": d.lr, "plan": [list(k) for k in d.plan]}, s)
+        per_step.update({t: state.lr_for(t) for t in range(s, min(s + EVERY, TOTAL))})
+    return per_step, plans
 
 
 @pytest.mark.parametrize("shape", ["1-sqrt", "linear", "geometric"])
 def test_cooldown_follows_its_shape_from_the_stable_peak_to_the_end(shape):
     p = RuleParams(decay_shape=shape, final_ratio=0.01 if shape == "geometric" else 0.0)
-    curve = _cooldown_curve(p)
-    c0, span = 8000, 2000
-    for t in range(c0, TOTAL):
+    curve, plans = _cooldown_curve(p)
+    c0, span = 8200, 1800  # the first decision point at or after 80% of the run
+    assert min(curve) == c0 and curve[c0] == 1e-3  # the stable LR until the cool-down starts
+
+    def want(t: int) -> float:
         frac = (t - c0) / span
-        want = {"1-sqrt": 1 - math.sqrt(frac), "linear": 1 - frac, "geometric": 0.01**frac}[shape] * 1e-3
-        assert math.isclose(curve[t], want, rel_tol=1e-9, abs_tol=1e-15), (t, curve[t], want)
-    assert all(curve[t] == 1e-3 for t in curve if t <= c0)  # the stable LR until the cool-down starts
+        return {"1-sqrt": 1 - math.sqrt(frac), "linear": 1 - frac, "geometric": 0.01**frac}[shape] * 1e-3
+
+    # every plan is one straight segment whose two knots lie on the curve (so its log summary replays it)
+    assert all(len(plan) == 2 for plan in plans)
+    for plan in plans:
+        for t, v in plan:
+            assert math.isclose(v, want(t), rel_tol=1e-9, abs_tol=1e-15), (t, v, want(t))
+    assert all(math.isclose(curve[t], want(t), rel_tol=0.3, abs_tol=2e-5) for t in curve)  # close in between
+    assert all(b <= a for a, b in zip(list(curve.values()), list(curve.values())[1:], strict=False))
     assert curve[TOTAL - 1] < (0.02 if shape == "geometric" else 0.03) * 1e-3  # (near) zero at the end
 
 
 def test_cooldown_settings_and_a_rise_during_it():
-    # a longer cool-down starts earlier; a rise scales the rest of the curve by cut_factor
-    curve = _cooldown_curve(RuleParams(decay_start=0.5))
-    assert min(t for t, v in curve.items() if v < 1e-3) == 5001 and curve[5000] == 1e-3
-    d = RuleController().decide(obs(step=9000, lr=1e-3 * (1 - math.sqrt(999 / 2000)), prev=3.3, cur=3.5, noise=0.01))
+    # a longer cool-down starts earlier (decision points 1000 + 300k: 5200 is the first at or after 5000)
+    curve, _ = _cooldown_curve(RuleParams(decay_start=0.5))
+    assert min(curve) == 5200 and min(t for t, v in curve.items() if v < 1e-3) == 5201
+    # a rise scales the rest of the curve by cut_factor
+    lr = 1e-3 * (1 - math.sqrt(799 / 1800))
+    d = RuleController().decide(obs(step=9000, lr=lr, prev=3.3, cur=3.5, noise=0.01, lr_history=((2000, 1e-3),)))
     assert rule(d) == "cooldown" and "curve x0.6" in d.reason
-    assert math.isclose(d.plan[0][1], 0.6 * 1e-3 * (1 - math.sqrt(1000 / 2000)), rel_tol=1e-9)
+    assert math.isclose(d.plan[0][1], 0.6 * 1e-3 * (1 - math.sqrt(800 / 1800)), rel_tol=1e-9)
+
+
+def test_replay_of_the_cooldown_reproduces_its_plans(tmp_path):
+    """The rule controller's cool-down plans are two-knot segments, so the decision log's plan summary (what
+    the supervisor writes) replays them exactly."""
+    from lrpilot.controllers.replay import ReplayController
+
+    _, plans = _cooldown_curve(RuleParams())
+    records = [
+        {"step": p[0][0], "new_lr": p[0][1], "effective_step": p[0][0], "kind": "decision",
+         "plan": {"knots": len(p), "first": list(p[0]), "last": list(p[-1])}}
+        for p in plans
+    ]  # fmt: skip
+    replay = ReplayController(records)
+    for p in plans:
+        assert replay.decide(obs(step=p[0][0], lr=p[0][1])).plan == p
 
 
 def test_rollback_caps_the_ceiling_below_the_crash_lr():

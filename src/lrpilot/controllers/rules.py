@@ -14,9 +14,10 @@ The heuristic, evaluated at each decision point in this order (the first rule th
 3. `over-ceiling` the LR is above the effective ceiling: cut down to it. The effective ceiling is
                  min(params.ceiling, guard ceiling, crash_margin x the lowest LR that crashed this round),
                  so after a rollback the rule never climbs back to the LR that blew up.
-4. `cooldown`    from step c0 = total_steps - round((1 - decay_start) x total_steps) on (and at the last
-                 decision point before it, whose interval reaches c0): a per-step plan that follows
-                 lr(t) = peak x f((t - c0) / (total_steps - c0)), f from `decay_shape`:
+4. `cooldown`    from c0 on, the first decision point at or after total_steps - round((1 - decay_start) x
+                 total_steps): a plan that follows lr(t) = peak x f((t - c0) / (total_steps - c0)) as one
+                 straight segment per decision interval, on the curve at both ends (so the decision log's plan
+                 summary holds the whole plan and a replay reproduces it), f from `decay_shape`:
                  `1-sqrt`  f(p) = r + (1 - r)(1 - sqrt(p))  (default; Hägele et al. 2024, "Scaling Laws and
                            Compute-Optimal Training Beyond Fixed Training Durations", find it beats linear);
                  `linear`  f(p) = r + (1 - r)(1 - p)        (WSD's usual decay; Bergsma et al. 2025,
@@ -25,7 +26,8 @@ The heuristic, evaluated at each decision point in this order (the first rule th
                  with r = final_ratio (default 0: decay to zero, as both papers recommend). The peak is
                  the stable-phase LR: at the first cool-down decision the LR in force, later recovered
                  from the LR in force as lr / f(p(step - 1)) (so the controller stays stateless and an
-                 emergency cut lowers the rest of the curve), capped by the effective ceiling. A loss rise
+                 emergency cut lowers the rest of the curve), capped by the effective ceiling and the
+                 highest LR of the decision history. A loss rise
                  beyond rise_z noise units during the cool-down scales the curve by cut_factor.
 5. `hold`        the first interval after a rollback (its loss comparison straddles the crash), or no
                  loss data at all.
@@ -268,8 +270,11 @@ class RuleController(BaseController):
         return prev[-1] if prev else math.nan
 
     def _cooldown_start(self, obs: Observation) -> int:
-        total = obs.total_steps
-        return max(obs.warmup_steps, total - round((1.0 - self.params.decay_start) * total))
+        """c0: the first decision point at or after total - round((1 - decay_start) x total), so that every
+        cool-down interval is one straight segment (module docstring, rule 4)."""
+        total, warmup, every = obs.total_steps, max(obs.warmup_steps, 0), max(obs.decision_every, 1)
+        raw = max(warmup, total - round((1.0 - self.params.decay_start) * total))
+        return min(warmup + math.ceil((raw - warmup) / every) * every, total)
 
     def _limit(self, obs: Observation, lr: float, new: float, ceiling: float) -> float:
         """Keep `new` inside the guard's ratio band around `lr` and inside [floor, ceiling]."""
@@ -324,7 +329,7 @@ class RuleController(BaseController):
 
         total, every = obs.total_steps, max(obs.decision_every, 1)
         c0 = self._cooldown_start(obs)
-        if total > 0 and obs.step + every > c0:
+        if total > 0 and obs.step >= c0:
             return self._cooldown(obs, lr, ceiling, c0, z, change, out)
 
         last_rb = obs.rollbacks[-1].rolled_back_to_step if obs.rollbacks else None  # the latest rollback
@@ -382,7 +387,7 @@ class RuleController(BaseController):
     def _cooldown(
         self, obs: Observation, lr: float, ceiling: float, c0: int, z: float, change: str, out: Any
     ) -> Decision:
-        """Rule 4: a per-step plan along the cool-down curve from obs.step to the next decision point."""
+        """Rule 4: a two-knot plan along the cool-down curve from obs.step to the next decision point."""
         p, total, every = self.params, obs.total_steps, max(obs.decision_every, 1)
         span = max(total - c0, 1)
 
@@ -393,15 +398,17 @@ class RuleController(BaseController):
             peak, how = min(lr, ceiling), f"peak {min(lr, ceiling):.3e} = the stable-phase LR"
         else:  # the LR in force is the curve's value at step - 1: recover its peak (stateless)
             back = f(obs.step - 1)
-            peak = lr / back if back > 0 else lr
-            peak = min(peak, ceiling)
+            seen = [x for _, x in obs.lr_history if is_positive_finite(x)] + [lr]
+            peak = min(lr / back if back > 0 else lr, ceiling, max(seen))  # never above an LR the run used
             how = f"peak {peak:.3e} (lr {lr:.3e} / f {back:.4g})"
         cut = z < -p.rise_z  # False for NaN
         if cut:
             peak *= p.cut_factor
             how += f"; {change}: rose beyond {p.rise_z:g} SE, curve x{p.cut_factor:g}"
         end = min(obs.step + every, total)
-        plan = tuple((t, peak * f(t)) for t in range(obs.step, end))
+        # one straight segment per interval, on the curve at both ends: a decision record's plan summary (first,
+        # last) then holds the whole plan, so a replay of the round (ReplayController) reproduces it exactly
+        plan = tuple((t, peak * f(t)) for t in sorted({obs.step, end - 1}) if t < end)
         first = plan[0][1] if plan else peak * f(obs.step)
         new = first if is_positive_finite(first) else lr
         shape = f"{p.decay_shape} cool-down from step {c0} to {p.final_ratio:g} x peak at step {total}"
