@@ -408,7 +408,7 @@ class RuleController(BaseController):
         end = min(obs.step + every, total)
         # one straight segment per interval, on the curve at both ends: a decision record's plan summary (first,
         # last) then holds the whole plan, so a replay of the round (ReplayController) reproduces it exactly
-        plan = tuple((t, peak * f(t)) for t in sorted({obs.step, end - 1}) if t < end)
+        plan = tuple((t, peak * f(t)) for t in sorted({obs.step, end - 1}) if obs.step <= t < end)
         first = plan[0][1] if plan else peak * f(obs.step)
         new = first if is_positive_finite(first) else lr
         shape = f"{p.decay_shape} cool-down from step {c0} to {p.final_ratio:g} x peak at step {total}"
