@@ -164,10 +164,10 @@ def test_cooldown_settings_and_a_rise_during_it():
     curve, _ = _cooldown_curve(RuleParams(decay_start=0.5))
     assert min(curve) == 5200 and min(t for t, v in curve.items() if v < 1e-3) == 5201
     # a rise scales the rest of the curve by cut_factor
-    lr = 1e-3 * (1 - math.sqrt(799 / 1800))
+    lr = 1e-3 * (1 - 799 / 1800)  # the default linear shape
     d = RuleController().decide(obs(step=9000, lr=lr, prev=3.3, cur=3.5, noise=0.01, lr_history=((2000, 1e-3),)))
     assert rule(d) == "cooldown" and "curve x0.6" in d.reason
-    assert math.isclose(d.plan[0][1], 0.6 * 1e-3 * (1 - math.sqrt(800 / 1800)), rel_tol=1e-9)
+    assert math.isclose(d.plan[0][1], 0.6 * 1e-3 * (1 - 800 / 1800), rel_tol=1e-9)
 
 
 def test_replay_of_the_cooldown_reproduces_its_plans(tmp_path):
