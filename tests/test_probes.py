@@ -87,7 +87,7 @@ def test_rules_with_probes_pick_a_branch_and_without_them_never_probe(tmp_path):
     params = RuleParams.for_init_lr(3e-3, probe_steps=3, probe_every=2)
     _, res, telemetry, decisions = _round(tmp_path, "rules", RuleController(params))
     probes = [e for e in telemetry if e["event"] == "probe"]
-    # decision points 10, 20, 30 (cpu-smoke, 40 steps): every 2nd from the end of warmup, but 30 is in the cool-down
+    # decision points 10, 20, 30 (cpu-smoke, 40 steps): every 2nd from the end of warmup, but 30 starts the cool-down
     assert [e["step"] for e in probes] == [d["step"] for d in decisions if d.get("probe")] == [10]
     chosen = [d for d in decisions if d.get("probe")]
     assert all(d["meta"]["rule"] == "probe" and d["new_lr"] in d["probe"]["lrs"] for d in chosen)

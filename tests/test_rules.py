@@ -142,7 +142,7 @@ def _cooldown_curve(params: RuleParams, noise: float = 0.0) -> tuple[dict[int, f
 def test_cooldown_follows_its_shape_from_the_stable_peak_to_the_end(shape):
     p = RuleParams(decay_shape=shape, final_ratio=0.01 if shape == "geometric" else 0.0)
     curve, plans = _cooldown_curve(p)
-    c0, span = 8200, 1800  # the first decision point at or after 80% of the run
+    c0, span = 7900, 2100  # the last decision point at or before 80% of the run
     assert min(curve) == c0 and curve[c0] == 1e-3  # the stable LR until the cool-down starts
 
     def want(t: int) -> float:
@@ -160,14 +160,14 @@ def test_cooldown_follows_its_shape_from_the_stable_peak_to_the_end(shape):
 
 
 def test_cooldown_settings_and_a_rise_during_it():
-    # a longer cool-down starts earlier (decision points 1000 + 300k: 5200 is the first at or after 5000)
+    # a longer cool-down starts earlier (decision points 1000 + 300k: 4900 is the last at or before 5000)
     curve, _ = _cooldown_curve(RuleParams(decay_start=0.5))
-    assert min(curve) == 5200 and min(t for t, v in curve.items() if v < 1e-3) == 5201
+    assert min(curve) == 4900 and min(t for t, v in curve.items() if v < 1e-3) == 4901
     # a rise scales the rest of the curve by cut_factor
-    lr = 1e-3 * (1 - 799 / 1800)  # the default linear shape
+    lr = 1e-3 * (1 - 1099 / 2100)  # the default linear shape
     d = RuleController().decide(obs(step=9000, lr=lr, prev=3.3, cur=3.5, noise=0.01, lr_history=((2000, 1e-3),)))
     assert rule(d) == "cooldown" and "curve x0.6" in d.reason
-    assert math.isclose(d.plan[0][1], 0.6 * 1e-3 * (1 - 800 / 1800), rel_tol=1e-9)
+    assert math.isclose(d.plan[0][1], 0.6 * 1e-3 * (1 - 1100 / 2100), rel_tol=1e-9)
 
 
 def test_replay_of_the_cooldown_reproduces_its_plans(tmp_path):

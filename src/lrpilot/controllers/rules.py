@@ -14,7 +14,7 @@ The heuristic, evaluated at each decision point in this order (the first rule th
 3. `over-ceiling` the LR is above the effective ceiling: cut down to it. The effective ceiling is
                  min(params.ceiling, guard ceiling, crash_margin x the lowest LR that crashed this round),
                  so after a rollback the rule never climbs back to the LR that blew up.
-4. `cooldown`    from c0 on, the first decision point at or after total_steps - round((1 - decay_start) x
+4. `cooldown`    from c0 on, the last decision point at or before total_steps - round((1 - decay_start) x
                  total_steps): a plan that follows lr(t) = peak x f((t - c0) / (total_steps - c0)) as one
                  straight segment per decision interval, on the curve at both ends (so the decision log's plan
                  summary holds the whole plan and a replay reproduces it), f from `decay_shape`:
@@ -273,11 +273,11 @@ class RuleController(BaseController):
         return prev[-1] if prev else math.nan
 
     def _cooldown_start(self, obs: Observation) -> int:
-        """c0: the first decision point at or after total - round((1 - decay_start) x total), so that every
-        cool-down interval is one straight segment (module docstring, rule 4)."""
+        """c0: the last decision point at or before total - round((1 - decay_start) x total) (so the cool-down
+        is at least that long and every cool-down interval is one straight segment; module docstring, rule 4)."""
         total, warmup, every = obs.total_steps, max(obs.warmup_steps, 0), max(obs.decision_every, 1)
         raw = max(warmup, total - round((1.0 - self.params.decay_start) * total))
-        return min(warmup + math.ceil((raw - warmup) / every) * every, total)
+        return warmup + (raw - warmup) // every * every
 
     def _limit(self, obs: Observation, lr: float, new: float, ceiling: float) -> float:
         """Keep `new` inside the guard's ratio band around `lr` and inside [floor, ceiling]."""
