@@ -6,6 +6,7 @@ in-process and restores its state exactly, the guard clamps every branch LR, the
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from lrpilot.channel import TELEMETRY_FILE
@@ -95,3 +96,32 @@ def test_rules_with_probes_pick_a_branch_and_without_them_never_probe(tmp_path):
     # the default rules ask for none
     _, res0, telemetry0, _ = _round(tmp_path, "rules0", RuleController(RuleParams.for_init_lr(3e-3)))
     assert res0.probe_steps == 0 and not [e for e in telemetry0 if e["event"] == "probe"]
+
+
+class DivergingProbe(ProbingConstant):
+    """Asks, at step PROBE_AT, for a probe whose second branch trains at an LR that blows the model up."""
+
+    def decide(self, obs: Observation) -> Decision:
+        self.observations.append(obs)
+        d = ConstantController.decide(self, obs)
+        if self.probe and obs.step == PROBE_AT and not obs.probes:
+            return Decision(lr=d.lr, plan=d.plan, probe_lrs=(self.peak_lr, 1e4), probe_steps=PROBE_STEPS)
+        return d
+
+
+def test_a_branch_that_diverges_leaves_the_run_untouched(tmp_path):
+    """A real blow-up inside a probe branch (LR 1e4, allowed by a wide guard) poisons nothing: the run goes on
+    with the losses of the run without the probe, and the controller sees the branch's non-finite or huge loss."""
+    wide = ("guard.max_ratio=1e7", "guard.ceiling=1e5")
+    cfg, plain, t_plain, _ = _round(tmp_path, "plain", DivergingProbe(load_config("cpu-smoke"), probe=False), *wide)
+    ctrl = DivergingProbe(cfg, probe=True)
+    _, probed, t_probed, _ = _round(tmp_path, "probed", ctrl, *wide)
+    assert plain.status == probed.status == "ok" and probed.crash_count == 0
+    assert _step_losses(t_probed) == _step_losses(t_plain) and probed.final_eval_loss == plain.final_eval_loss
+    (ev,) = [e for e in t_probed if e["event"] == "probe"]
+    calm, wild = ev["branches"]
+    assert wild["lr"] == 1e4
+    bad = [x for x in wild["losses"] if not (isinstance(x, float) and math.isfinite(x))]
+    assert bad or max(wild["losses"]) > 2 * max(calm["losses"])
+    (again,) = [o for o in ctrl.observations if o.step == PROBE_AT and o.probes]
+    assert again.probes[0].end_loss < again.probes[1].end_loss or not math.isfinite(again.probes[1].end_loss)
