@@ -82,10 +82,20 @@ def test_settings_are_checked():
     with pytest.raises(ConfigError, match="--rule celing: unknown parameter"):
         CampaignSettings(preset="cpu-smoke", overrides=(), controller="rules", memory="none", rule_params={"celing": 1})
     fixed = CampaignSettings(preset="p", overrides=(), controller="rules", memory="none", rule_params={"ceiling": 3e-2})
-    assert fixed.rules_for(3e-4).ceiling == 3e-2 and fixed.rules_for(3e-4).climb_factor == 1.5
+    assert fixed.rules_for(3e-4).ceiling == 3e-2 and fixed.rules_for(3e-4).climb_factor == 2.0
     with pytest.raises(ConfigError, match="rules.climb_factor"):
         CampaignSettings(preset="p", overrides=(), controller="rules", memory="none",
                          rule_params={"climb_factor": 5.0}).rules_for(3e-4)  # fmt: skip
+    # the cool-down's shape is the one word-valued parameter: --rule decay_shape=linear
+    from lrpilot.argtypes import rule_param
+
+    assert rule_param("decay_shape=linear") == ("decay_shape", "linear")
+    shaped = CampaignSettings(preset="p", overrides=(), controller="rules", memory="none",
+                              rule_params=dict([rule_param("decay_shape=linear")]))  # fmt: skip
+    assert shaped.rules_for(3e-4).decay_shape == "linear"
+    with pytest.raises(ConfigError, match="rules.decay_shape: must be one of 1-sqrt, linear, geometric"):
+        CampaignSettings(preset="p", overrides=(), controller="rules", memory="none",
+                         rule_params={"decay_shape": "cosine"}).rules_for(3e-4)  # fmt: skip
 
 
 @pytest.mark.slow

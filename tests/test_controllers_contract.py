@@ -133,6 +133,8 @@ FACTORIES: list[tuple[str, Callable[[Shape], BaseController]]] = [
     ("rules-scaled", lambda s: RuleController(RuleParams.for_init_lr(s.init_lr))),
     ("rules-optuna-a", lambda s: RuleController(_optuna_params()[0])),
     ("rules-optuna-b", lambda s: RuleController(_optuna_params()[1])),
+    ("rules-probes", lambda s: RuleController(RuleParams.for_init_lr(s.init_lr, probe_steps=3, probe_every=1))),
+    ("rules-linear", lambda s: RuleController(RuleParams(decay_shape="linear", decay_start=0.5))),
     ("replay", _replay),
     ("llm-scripted", _llm),
 ]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from llm_servers import LlamaServer, llama_cpp_missing
 
 from lrpilot.config import AgentConfig, GuardConfig
-from lrpilot.controllers.base import DecisionRecord, Observation, RollbackRecord
+from lrpilot.controllers.base import DecisionRecord, Observation, ProbeResult, RollbackRecord
 from lrpilot.controllers.llm import REPLY_SCHEMA, LLMController, parse_recorded_reply, parse_reply
 from lrpilot.llm.base import (
     AuditedBackend,
@@ -453,3 +453,17 @@ def test_prompt_says_the_lr_may_only_fall_with_schedule_free():
     assert "you may only keep or lower the LR" in text
     assert "you may set 6e-4 .. 1.2e-3" in text  # the upper end is the current LR
     assert "only keep or lower" not in ctl.build_prompt(_obs())[1]["content"]
+
+
+def test_prompt_has_the_rules_evidence_noise_and_probe_results():
+    """The LLM sees what the rule controller sees: the noise-relative change and, after a lookahead probe, every
+    branch's result."""
+    ctl = LLMController(Canned(), guard=GuardConfig())
+    text = ctl.build_prompt(_obs())[1]["content"]
+    assert "noise: per-step std around the interval's trend line 0.0000" in text
+    assert "standard errors of that noise (interval means)" in text
+    assert "lookahead probe" not in text
+    probes = (ProbeResult(6e-4, (3.8, 3.7), after=3.71), ProbeResult(1.2e-3, (3.8, 3.6), after=3.65))
+    text = ctl.build_prompt(_obs(probes=probes))[1]["content"]
+    assert "lookahead probe at this step" in text and "2 updates at each LR" in text
+    assert "LR 6e-4 -> loss 3.710" in text and "LR 1.2e-3 -> loss 3.650" in text

@@ -14,17 +14,17 @@ import sys
 import pytest
 
 from lrpilot.controllers.rules import ParamRange, RuleParams
-from lrpilot.memory.optuna_memory import FAILED_PPL, JOURNAL_FILE, OptunaMemory, OptunaMemoryError
+from lrpilot.memory.optuna_memory import FAILED_PPL, JOURNAL_FILE, LOCAL_STEP, OptunaMemory, OptunaMemoryError
 
 
 def synthetic_ppl(p: RuleParams) -> float:
-    """A smooth stand-in for a round's final ppl, best at ceiling 2e-3, cut 0.55, decay_start 0.8."""
+    """A smooth stand-in for a round's final ppl, best at ceiling 2e-3, cut 0.55, decay_start 0.8, final_ratio 0.05."""
     return (
         20.0
         + 8.0 * abs(math.log(p.ceiling / 2e-3))
         + 20.0 * abs(p.cut_factor - 0.55)
         + 20.0 * abs(p.decay_start - 0.8)
-        + 4.0 * abs(math.log(p.final_ratio / 0.1))
+        + 40.0 * abs(p.final_ratio - 0.05)
     )
 
 
@@ -62,10 +62,13 @@ def test_bad_search_space_is_a_one_line_error(tmp_path):
         OptunaMemory(tmp_path, search_space={"lr": ParamRange(0.1, 1.0)})
     with pytest.raises(OptunaMemoryError, match="search_space.ceiling"):
         OptunaMemory(tmp_path, search_space={"ceiling": ParamRange(1e-3, 1e-4)})
-    # a box in which plateau_threshold can exceed fast_threshold would let TPE ask for invalid params
-    bad = {"plateau_threshold": ParamRange(0.0, 0.02), "fast_threshold": ParamRange(0.005, 0.05)}
+    # a box whose corner is an invalid RuleParams would let TPE ask for invalid params: final_ratio 0 with the
+    # geometric shape (which cannot reach 0), or a climb beyond the guard's x2
     with pytest.raises(OptunaMemoryError, match="not a valid RuleParams"):
-        OptunaMemory(tmp_path, search_space=bad)
+        OptunaMemory(tmp_path, search_space={"final_ratio": ParamRange(0.0, 0.2)},
+                     defaults=RuleParams(decay_shape="geometric", final_ratio=0.1))  # fmt: skip
+    with pytest.raises(OptunaMemoryError, match="not a valid RuleParams"):
+        OptunaMemory(tmp_path, search_space={"climb_factor": ParamRange(1.5, 3.0)})
 
 
 def test_resume_safe_same_round_same_params(tmp_path):
@@ -167,3 +170,40 @@ def test_tpe_moves_towards_the_better_region(tmp_path, seed):
         mem.record(r, values[-1], failed=False)
     assert min(values[-5:]) < statistics.median(values[:5])
     assert statistics.median(values[-5:]) < statistics.median(values[:5])
+
+
+def _distance(p: RuleParams, q: RuleParams, space: dict[str, ParamRange]) -> float:
+    """The largest per-parameter distance between p and q, in units of each range (log ranges in log space)."""
+
+    def unit(r: ParamRange, x: float) -> float:
+        return (
+            (math.log(x) - math.log(r.low)) / (math.log(r.high) - math.log(r.low))
+            if r.log
+            else (x - r.low) / (r.high - r.low)
+        )
+
+    return max(abs(unit(r, getattr(p, n)) - unit(r, getattr(q, n))) for n, r in space.items())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_start_up_rounds_are_local_steps_around_the_best_not_random(tmp_path, seed):
+    """Rounds 2..n_startup_trials move from the best round so far (the default first) by small seeded steps,
+    instead of Optuna's random start-up samples (which cost a first campaign 4.01 and 4.05 after the
+    default's 3.80); a round that beats the default becomes the centre."""
+    space = RuleParams.search_space()
+    mem = OptunaMemory(tmp_path, seed=seed)
+    default = mem.propose(1)
+    mem.record(1, 30.0, failed=False)
+    p2 = mem.propose(2)
+    assert p2 != default and _distance(p2, default, space) < 4 * LOCAL_STEP
+    mem.record(2, 25.0, failed=False)  # better than the default: the next step starts from round 2
+    p3 = mem.propose(3)
+    assert _distance(p3, p2, space) < 4 * LOCAL_STEP
+    mem.record(3, 99.0, failed=False)
+    mem.propose(4)
+    mem.record(4, None, failed=True)
+    assert _distance(mem.propose(5), p2, space) < 4 * LOCAL_STEP  # still around the best (round 2)
+    mem.record(5, 26.0, failed=False)
+    # after the start-up rounds TPE proposes (it may go anywhere in the space)
+    p6 = mem.propose(6)
+    assert all(r.contains(getattr(p6, n)) for n, r in space.items())

@@ -34,10 +34,12 @@ def positive_int(text: str) -> int:
 
 
 def rule_param(text: str) -> tuple[str, float]:
-    """NAME=VALUE with a numeric value, e.g. "ceiling=3e-2" (the name is checked by the campaign)."""
+    """NAME=VALUE with a numeric value, e.g. "ceiling=3e-2", or decay_shape=WORD (the name is checked by the campaign)."""
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE such as ceiling=3e-2, got {text!r}")
+    if name.strip() == "decay_shape":  # the one word-valued parameter (checked by RuleParams)
+        return name.strip(), value.strip()  # type: ignore[return-value]
     try:
         v = float(value)
     except ValueError:

@@ -59,7 +59,7 @@ class CampaignSettings:
     replay_from: str = ""
     optuna_seed: int = 0
     #: rule-controller parameters fixed for every round (Optuna searches only the others)
-    rule_params: dict[str, float] = field(default_factory=dict)
+    rule_params: dict[str, float | str] = field(default_factory=dict)
     #: `--script`: the user's training command, run once per round (see execute_script_round); "" = lrpilot's trainer
     script: str = ""
 
@@ -96,6 +96,8 @@ class CampaignSettings:
             for name, value in self.rule_params.items():
                 if name not in known:
                     raise ConfigError(f"--rule {name}: unknown parameter; known: {', '.join(known)}")
+                if name == "decay_shape":
+                    continue  # a word, checked by RuleParams (rules_for)
                 if not (isinstance(value, (int, float)) and math.isfinite(value)):
                     raise ConfigError(f"--rule {name}: expected a finite number, got {value!r}")
 
@@ -104,7 +106,8 @@ class CampaignSettings:
         fixed ones (`rule_params`) applied; a bad value raises ConfigError naming rules.<field>."""
         from lrpilot.controllers.rules import RuleParams
 
-        return RuleParams.for_init_lr(init_lr, **{k: float(v) for k, v in self.rule_params.items()})
+        fixed = {k: (str(v) if k == "decay_shape" else float(v)) for k, v in self.rule_params.items()}
+        return RuleParams.for_init_lr(init_lr, **fixed)
 
 
 class CampaignLock(DirLock):
@@ -431,6 +434,7 @@ def _commit(
         "mostly_fallback": res.mostly_fallback,
         "crash_count": res.crash_count,
         "agent_rollbacks": res.agent_rollbacks,
+        "probe_steps": getattr(res, "probe_steps", 0),  # extra updates spent in lookahead probes
         "peak_lr_seen": res.peak_lr_seen,
         "min_lr_seen": res.min_lr_seen,
         "warmup_steps": cfg.schedule.warmup_steps,

@@ -36,7 +36,7 @@ CONTROL_FILE = "control.jsonl"
 EXIT_DISK = 3
 
 #: telemetry events a supervisor acts on: fsync'd so a crash right after cannot lose them
-DURABLE_EVENTS = frozenset({"start", "observe", "applied", "checkpoint", "eval", "done"})
+DURABLE_EVENTS = frozenset({"start", "observe", "applied", "checkpoint", "eval", "done", "probe"})
 
 
 def warmup_lr(step: int, init_lr: float, warmup_steps: int) -> float:
@@ -246,6 +246,15 @@ class ControlWriter:
         if replays_seq is not None:
             rec["replays_seq"] = int(replays_seq)
         return self._append(rec)
+
+    def probe(self, at_step: int, lrs: Sequence[float], steps: int, after_batches: int) -> int:
+        """Ask the trainer, waiting at decision point `at_step`, for a lookahead probe: `steps` updates at each
+        LR from its current state, then `after_batches` forward-only batches, state restored after each branch;
+        it answers with a `probe` telemetry event and keeps waiting for the decision. Returns the seq."""
+        lrs = [_positive_lr(x, "ControlWriter.probe") for x in lrs]
+        return self._append(
+            {"probe": {"at_step": int(at_step), "lrs": lrs, "steps": int(steps), "after_batches": int(after_batches)}}
+        )
 
     def stop(self) -> int:
         """Ask the trainer to checkpoint and exit 0; returns the seq."""

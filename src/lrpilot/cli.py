@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="fix one rule-controller parameter for every round, e.g. --rule ceiling=3e-2 (repeatable; "
         "--controller rules; with --memory optuna it is left out of the search). Names: ceiling, climb_factor, "
-        "fast_threshold, plateau_threshold, cut_factor, decay_start, final_ratio, noise_threshold, crash_margin",
+        "climb_z, rise_z, cut_factor, decay_start, final_ratio, crash_margin, decay_shape (1-sqrt, linear, geometric)",
     )
     p.add_argument(
         "--parallel",

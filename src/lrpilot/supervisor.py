@@ -69,7 +69,14 @@ from lrpilot import guard
 from lrpilot.channel import CONTROL_FILE, EXIT_DISK, TELEMETRY_FILE, ControlWriter, TelemetryReader
 from lrpilot.checkpoint import list_checkpoints, verify_checkpoint
 from lrpilot.config import ConfigError, RunConfig, check_same_config
-from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
+from lrpilot.controllers.base import (
+    BaseController,
+    Decision,
+    DecisionRecord,
+    Observation,
+    ProbeResult,
+    RollbackRecord,
+)
 from lrpilot.errors import DISK_ERRNOS, DiskWriteError, LrpilotError, is_disk_error, writing
 from lrpilot.launcher import kill_launch, start_launch, trainer_command
 from lrpilot.locks import RUN_LOCK, DirLock
@@ -117,6 +124,8 @@ _CANNOT_WRITE = re.compile(r"error: cannot write (.+) \(([^()]+)\); ")
 _DISK_STRERROR = {os.strerror(code): code for code in DISK_ERRNOS}
 #: how often telemetry is polled
 POLL_S = 0.05
+#: batches after a probe branch on which its loss is measured, forward only (ProbeResult.after)
+PROBE_AFTER_BATCHES = 4
 #: at most this many points in RoundResult.lr_trajectory / loss_trajectory
 TRAJECTORY_POINTS = 500
 
@@ -171,6 +180,8 @@ class RoundResult:
     mostly_fallback: bool = False
     #: rollbacks the controller asked for and the guard granted (decisions of kind agent_rollback)
     agent_rollbacks: int = 0
+    #: extra training updates spent in lookahead probes (Decision.probe_lrs), beyond update_step
+    probe_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,6 +211,7 @@ class RoundResult:
             fallback_decisions=int(d.get("fallback_decisions") or 0),
             mostly_fallback=bool(d.get("mostly_fallback", False)),
             agent_rollbacks=int(d.get("agent_rollbacks") or 0),
+            probe_steps=int(d.get("probe_steps") or 0),
         )
 
 
@@ -341,6 +353,8 @@ class _Round:
         # non-blocking controllers: one decide() in flight at a time, answered through a queue
         self.replies: queue.Queue = queue.Queue()
         self.inflight: _Point | None = None
+        #: a lookahead probe sent to the waiting trainer: (point, seq, clamped LRs, clamp reasons, first latency)
+        self.probing: tuple[_Point, int, list[float], list[str], float] | None = None
         self.asked: list[_Point] = []  # asked and not answered yet (the in-flight one, and any a rollback left)
         self.dlog: JsonlLog | None = None
         self.sent_log: JsonlLog | None = None
@@ -742,6 +756,8 @@ class _Round:
             self._note(f"trainer: checkpoint at step {step} {ev.get('reason', 'refused')}")
         elif kind == "applied":
             self._on_applied(step, ev)
+        elif kind == "probe":
+            self._on_probe(step, ev)
         elif kind == "eval":
             self.last_eval = ev
         elif kind == "done":
@@ -851,6 +867,8 @@ class _Round:
                 decision: Decision | BaseException = self.controller.decide(point.obs)
             except Exception as e:  # a controller bug must not end the round: keep the LR, log it
                 decision = e
+            if isinstance(decision, Decision) and decision.probe_lrs and self._start_probe(point, decision):
+                return  # asked again when the trainer's `probe` event arrives (_on_probe)
             self._apply_decision(point, decision, time.monotonic() - t)
             return
         if self.inflight is not None:  # one question at a time: this decision point is skipped
@@ -894,7 +912,56 @@ class _Round:
         self._write(rec)
         self.decisions.append(rec)  # its latency counts, as it does when the round is restored from the log
 
-    def _apply_decision(self, point: _Point, decision: Decision | BaseException, latency: float) -> None:
+    def _start_probe(self, point: _Point, decision: Decision) -> bool:
+        """Send the lookahead probe `decision` asks for to the trainer (which waits at this decision point), every
+        branch LR through the guard's clamp; False (the decision is applied as it is) when the trainer cannot
+        run one: a non-blocking controller (the trainer does not wait) or a distributed run."""
+        assert self.writer is not None and decision.probe_lrs is not None
+        if not self.blocking or self.cfg.launch.nproc > 1:
+            return False
+        lr_now, lrs, reasons = point.obs.lr, [], []
+        for x in decision.probe_lrs:
+            c = guard.clamp_lr(x, lr_now, self.g, lower_only=self.cfg.lr_may_only_fall)
+            reasons += [f"probe lr {x:.6g}: {r}" for r in c.reasons]
+            if c.lr not in lrs:
+                lrs.append(c.lr)
+        seq = self.writer.probe(point.obs.step, lrs, decision.probe_steps, PROBE_AFTER_BATCHES)
+        self.probing = (point, seq, lrs, reasons, time.monotonic())
+        self._emit({"event": "probe_sent", "source": "supervisor", "step": point.obs.step, "seq": seq, "lrs": lrs,
+                    "steps": decision.probe_steps, "clamp_reasons": reasons})  # fmt: skip
+        return True
+
+    def _on_probe(self, step: int, ev: dict[str, Any]) -> None:
+        """The trainer ran (or refused) the probe: ask the controller again with the branches' results in
+        Observation.probes, and send that answer (a second probe request is not honoured)."""
+        if self.probing is None or self.probing[0].obs.step != step or self.draining:
+            return  # a probe of a dead launch, or one this supervisor session did not ask for
+        point, seq, lrs, reasons, t = self.probing
+        self.probing = None
+        results = []
+        for b in ev.get("branches") or []:
+            if isinstance(b, dict) and is_positive_finite(b.get("lr")):
+                losses = tuple(as_float(x) for x in b.get("losses") or [])
+                results.append(ProbeResult(lr=float(b["lr"]), losses=losses, after=as_float(b.get("after")),
+                                           after_batches=int(b.get("after_batches") or 0)))  # fmt: skip
+        again = dataclasses.replace(point, obs=dataclasses.replace(point.obs, probes=tuple(results)))
+        record = {
+            "seq": seq, "lrs": lrs, "clamp_reasons": reasons, "steps": ev.get("steps"),
+            "probe_steps": int(ev.get("probe_steps") or 0), "seconds": ev.get("seconds"), "error": ev.get("error"),
+            "branches": [{"lr": r.lr, "end_loss": r.end_loss, "mean_loss": finite_mean(r.losses)} for r in results],
+        }  # fmt: skip
+        t2 = time.monotonic()
+        try:
+            decision: Decision | BaseException = self.controller.decide(again.obs)
+        except Exception as e:
+            decision = e
+        if isinstance(decision, Decision) and decision.probe_lrs:
+            record["second_request_ignored"] = True
+        self._apply_decision(again, decision, time.monotonic() - t2 + (t2 - t), extra={"probe": record})
+
+    def _apply_decision(
+        self, point: _Point, decision: Decision | BaseException, latency: float, extra: dict[str, Any] | None = None
+    ) -> None:
         """Guard a controller's answer and send it; an exception from decide() keeps the current LR."""
         lr_now = point.obs.lr
         if not isinstance(decision, Decision):
@@ -904,7 +971,7 @@ class _Round:
                 else f"controller returned {type(decision).__name__}, not a Decision"
             )
             self._send(point, guard.clamp_lr(lr_now, lr_now, self.g).lr, None, kind="fallback",
-                       reasoning=f"{why}; kept the current LR", latency_s=latency)  # fmt: skip
+                       reasoning=f"{why}; kept the current LR", latency_s=latency, **(extra or {}))  # fmt: skip
             return
         lower_only = self.cfg.lr_may_only_fall
         clamp = guard.clamp_lr(decision.lr, lr_now, self.g, lower_only=lower_only)
@@ -915,6 +982,7 @@ class _Round:
             reasons += bounded.reasons
             plan = bounded.plan or None
         fields: dict[str, Any] = {"raw_reply": decision.raw} if decision.raw is not None else {}
+        fields.update(extra or {})
         if decision.meta:
             fields["meta"] = decision.meta
         if decision.rollback_to_step is not None:
@@ -1139,6 +1207,7 @@ class _Round:
             self.draining = False
         self._flush_pending()
         self.inflight = None  # its reply, if any, is stale (the relaunch changes self.launches)
+        self.probing = None
         # a bad loss crashes at its own step (the trainer may have gone on a little before it was killed)
         crash_step = crash.step if crash.step is not None else self.last_step
         lr_used = self.lrs.get(crash_step, self.current_lr)
@@ -1290,6 +1359,7 @@ class _Round:
             self.draining = False
         self._flush_pending()
         self.inflight = None
+        self.probing = None
         point, to = req.point, req.to_step
         fields = dict(req.fields)
         reasoning = fields.pop("reasoning", "")
@@ -1356,6 +1426,9 @@ class _Round:
             fallback_decisions=fallbacks,
             mostly_fallback=is_mostly_fallback(fallbacks, len(answers)),
             agent_rollbacks=len(self._agent_rollbacks_used()),
+            probe_steps=sum(
+                int(d["probe"].get("probe_steps") or 0) for d in self.decisions if isinstance(d.get("probe"), dict)
+            ),
         )
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import math
 import os
@@ -50,6 +51,7 @@ import random
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -216,6 +218,9 @@ class Steering:
         self.wait_s = 0.0
         #: commands with an `at_step` still ahead (a resumed run re-applies its past decisions where they were)
         self.held: list[dict[str, Any]] = []
+        #: lookahead probe requests not yet run, and the function that runs one (set by train(); None: refused)
+        self.probes: list[dict[str, Any]] = []
+        self.run_probe: Callable[[int, dict[str, Any]], None] | None = None
 
     def poll(self, step: int) -> None:
         """Apply every new command; `step` is the next update, the first to use them. A command with
@@ -224,6 +229,9 @@ class Steering:
         for cmd in self.reader.poll():
             if cmd.get("stop") is True:
                 self.stop = True
+                continue
+            if "probe" in cmd:
+                self.probes.append(cmd)
                 continue
             decided = cmd.get("decided_at_step")
             if isinstance(decided, int) and not isinstance(decided, bool):
@@ -260,9 +268,30 @@ class Steering:
         t0 = time.perf_counter()
         self.poll(step)
         while self.answered_step < step and not self.stop:
+            if self.probes:  # a lookahead probe asked for at this decision point: run it, then keep waiting
+                self._probe(step, self.probes.pop(0))
+                continue
             time.sleep(WAIT_POLL_S)
             self.poll(step)
         self.wait_s += time.perf_counter() - t0
+
+    def _probe(self, step: int, cmd: dict[str, Any]) -> None:
+        """Run one probe request (or refuse it with a `probe` event carrying `error`: never block the run)."""
+        req = cmd.get("probe")
+        at = req.get("at_step") if isinstance(req, dict) else None
+        error = None
+        if at != step:
+            error = f"asked for step {at!r}, the trainer waits at step {step}"
+        elif self.run_probe is None:
+            error = "probes are not supported here (distributed run)"
+        if error is None:
+            try:
+                self.run_probe(step, req)
+                return
+            except (ValueError, TypeError, KeyError) as e:
+                error = f"malformed probe request: {e}"
+        print(f"lrpilot.trainer: warning: probe seq={cmd.get('seq')} refused: {error}", file=sys.stderr, flush=True)
+        self.telemetry.emit("probe", step, seq=cmd.get("seq"), error=error, branches=[])
 
 
 def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -543,6 +572,70 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
                 print(f"lrpilot.trainer: warning: {e}", file=sys.stderr, flush=True)
                 return
         telemetry.emit("checkpoint", step, path=str(path), lr=lr)
+
+    def probe(step: int, req: dict[str, Any]) -> None:
+        """A lookahead probe at decision point `step` (rank 0, one process): from the current state, for each
+        LR train `steps` updates on the run's own next batches (step .. step+steps-1), then measure the mean loss
+        of the `after_batches` batches after them, forward only; restore model, optimizer, RNG and data
+        position exactly after each branch. One `probe` event carries every branch; the run then continues as
+        if nothing happened (the same losses as a run without the probe)."""
+        lrs = [float(x) for x in req["lrs"]]
+        n, after_n = int(req["steps"]), int(req.get("after_batches", 0))
+        if not lrs or n < 1 or after_n < 0 or not all(math.isfinite(x) and x > 0 for x in lrs):
+            raise ValueError(f"lrs {lrs!r}, steps {n}, after_batches {after_n}")
+        n = min(n, total - step)  # never past the end of the run's batches
+        telemetry.emit("phase", step, phase="probe")  # a long silent phase: not a hang
+        t0 = time.perf_counter()
+        snap_model = {k: v.detach().clone() for k, v in raw_model.state_dict().items()}
+        snap_opt = copy.deepcopy(optimizer.state_dict())
+        snap_rng, snap_data = rng_state(), copy.deepcopy(data.state_dict())
+        grad_clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+        branches = []
+        try:
+            for lr_b in lrs:
+                losses: list[float] = []
+                for t in range(step, step + n):
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_b
+                    loss_sum = 0.0
+                    for micro in range(accum):
+                        x, y = data.train_batch(t, micro, micro_bs)
+                        with autocast:
+                            _, loss = model(x.to(device), y.to(device))
+                        (loss / accum).backward()
+                        loss_sum += loss.detach().float().item() / accum
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(loss_sum)
+                after = []
+                with torch.no_grad():
+                    for t in range(step + n, min(step + n + after_n, total)):
+                        for micro in range(accum):
+                            x, y = data.train_batch(t, micro, micro_bs)
+                            with autocast:
+                                _, loss = model(x.to(device), y.to(device))
+                            after.append(loss.float().item())
+                branches.append(
+                    {"lr": lr_b, "losses": losses, "after": sum(after) / len(after) if after else None,
+                     "after_batches": len(after) // max(accum, 1)}
+                )  # fmt: skip
+                raw_model.load_state_dict(snap_model)
+                optimizer.load_state_dict(copy.deepcopy(snap_opt))
+                set_rng_state(snap_rng)
+                data.load_state_dict(copy.deepcopy(snap_data))
+        finally:  # whatever happened, the run continues from the decision point's state
+            raw_model.load_state_dict(snap_model)
+            optimizer.load_state_dict(snap_opt)
+            optimizer.zero_grad(set_to_none=True)
+            set_rng_state(snap_rng)
+            data.load_state_dict(snap_data)
+        telemetry.emit(
+            "probe", step, branches=branches, steps=n, probe_steps=n * len(lrs), seconds=time.perf_counter() - t0
+        )
+
+    if master and not ddp:
+        steering.run_probe = probe
 
     # ---- the training loop: `step` = updates done; each pass makes update number `step`
     step = start_step

@@ -54,6 +54,28 @@ class RollbackRecord:
 
 
 @dataclass(frozen=True)
+class ProbeResult:
+    """One branch of a lookahead probe (Decision.probe_lrs): from the decision point's state the trainer
+    trained `len(losses)` updates at `lr` on the run's own next batches, then restored the state exactly.
+
+    `losses` are the branch's per-step training losses (oldest first); `after` is the mean loss of the
+    following `after_batches` training batches under the branch's final weights, forward only (batches no
+    branch trained on, so the branches are compared on the same unseen data). NaN when not measured."""
+
+    lr: float
+    losses: tuple[float, ...]
+    after: float = math.nan
+    after_batches: int = 0
+
+    @property
+    def end_loss(self) -> float:
+        """The branch's score: `after` if measured, else the mean of the second half of its losses."""
+        if math.isfinite(self.after):
+            return self.after
+        return finite_mean(self.losses[len(self.losses) // 2 :])
+
+
+@dataclass(frozen=True)
 class Observation:
     """What a controller sees at a decision point. All numbers come from the run itself."""
 
@@ -87,6 +109,9 @@ class Observation:
     agent_rollbacks_left: int = 0
     #: the guard only lets the LR go down (schedule-free optimizer; lrpilot.guard.clamp_lr lower_only)
     lower_only: bool = False
+    #: results of the lookahead probe run at this decision point (empty unless the controller asked for one
+    #: with Decision.probe_lrs; the supervisor then asks again with them)
+    probes: tuple[ProbeResult, ...] = ()
 
     @property
     def progress(self) -> float:
@@ -119,8 +144,20 @@ class Decision:
     #: when it judges a phase wasted; the guard validates it: guard.check_agent_rollback). Rules and schedules
     #: never set it.
     rollback_to_step: int | None = None
+    #: ask for a lookahead probe first: the trainer trains `probe_steps` updates at each of these LRs from the
+    #: current state (each through the guard's clamp), restores the state, and the supervisor asks again with
+    #: Observation.probes; `lr` is used if the probe cannot run (probes off, a non-blocking controller).
+    probe_lrs: tuple[float, ...] | None = None
+    probe_steps: int = 0
 
     def __post_init__(self) -> None:
+        if self.probe_lrs is not None:
+            if not (1 <= len(self.probe_lrs) <= 8) or not all(
+                isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in self.probe_lrs
+            ):
+                raise ValueError(f"Decision.probe_lrs: 1..8 positive finite LRs, got {self.probe_lrs!r}")
+            if isinstance(self.probe_steps, bool) or not isinstance(self.probe_steps, int) or self.probe_steps < 1:
+                raise ValueError(f"Decision.probe_steps: a positive int with probe_lrs, got {self.probe_steps!r}")
         r = self.rollback_to_step
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"Decision.rollback_to_step must be None or a non-negative int step, got {r!r}")

@@ -28,7 +28,9 @@ from typing import Any
 from lrpilot.campaign_logs import fmt_lr
 from lrpilot.config import GuardConfig
 from lrpilot.controllers.base import BaseController, Decision, Observation
+from lrpilot.controllers.rules import loss_change_z
 from lrpilot.llm.base import LLMBackend, parse_json_object, split_reasoning
+from lrpilot.logs import finite_mean
 
 #: the reason asked for is short: a grammar-constrained small model otherwise rambles to max_tokens (and a
 #: cut-off reply has no lr); endpoints that refuse maxLength make the backend step down to json_object
@@ -270,8 +272,25 @@ class LLMController(BaseController):
                 )
             elif bad:
                 out.append(f"all {bad} losses are non-finite")
+            prev = next((v for st, v in reversed(obs.loss_history) if st < obs.step and math.isfinite(v)), math.nan)
+            z, sigma, basis = loss_change_z(fin, prev)
+            if math.isfinite(sigma):  # the rule controller's evidence (lrpilot.controllers.rules), same numbers
+                out.append(
+                    f"noise: per-step std around the interval's trend line {sigma:.4f}; the loss fell by "
+                    f"{z:+.3g} standard errors of that noise ({basis})"
+                )
         else:
             out.append("latest interval: no losses")
+        if obs.probes:
+            out.append(
+                f"lookahead probe at this step: from the current state the trainer trained {len(obs.probes[0].losses)} "
+                "updates at each LR on the run's next batches, measured the loss on the batches after them, and "
+                "restored the state (your LR still applies from this step): "
+                + "; ".join(
+                    f"LR {_lr(r.lr)} -> loss {_loss(r.end_loss)} (per-step {_loss(finite_mean(r.losses))} mean)"
+                    for r in obs.probes
+                )
+            )
 
         out.append("trend: " + "; ".join(self._trend(hist, dense)))
         out.append(self._decisions(obs))

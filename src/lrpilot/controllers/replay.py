@@ -14,7 +14,8 @@ replayed (the guard applies its own rules again in the replay run). A decision t
 (kind `superseded`: a reply discarded after a rollback or an emergency cut; or `effective_step` written
 as null: the trainer crashed or ended first) replays as "hold the current LR", so the replayed
 trajectory is the one that ran. A record without an `effective_step` key (older logs) is replayed as
-taking effect at its step. Records of kind `unanswered` (no reply before the round ended or was
+taking effect at its step. A record whose `plan` summary holds the whole plan (one or two knots from its
+step: the rule controller's cool-down segments) replays with that plan. Records of kind `unanswered` (no reply before the round ended or was
 interrupted) are skipped: the step holds, or a resumed round's later record for it counts. If the logged
 round had rollbacks, a step can have several records (one per visit); the visit number is told from the observation's rollbacks (how many rollbacks re-opened this
 step), so decide() stays a pure function of its input. A record of kind `agent_rollback` (the agent asked to
@@ -60,6 +61,26 @@ def _int_field(rec: dict[str, Any], key: str, where: str) -> int | None:
     if not (math.isfinite(f) and f.is_integer() and f >= 0):
         raise ReplayError(f"{where}: field {key!r} must be a non-negative integer step, got {v!r}")
     return int(f)
+
+
+def _exact_plan(summary: Any, step: int) -> tuple[tuple[int, float], ...] | None:
+    """The plan a decision record's summary ({"knots", "first", "last"}) describes exactly: one or two knots
+    starting at the decision step (the rule controller's cool-down segments). Longer plans (the baseline
+    schedules' per-step knots) are not in the log and replay as their headline LR, as before."""
+    if not isinstance(summary, dict) or summary.get("knots") not in (1, 2):
+        return None
+    knots = [summary.get("first")] + ([summary.get("last")] if summary["knots"] == 2 else [])
+    out = []
+    for k in knots:
+        if not (isinstance(k, (list, tuple)) and len(k) == 2):
+            return None
+        s, v = as_float(k[0]), as_float(k[1])
+        if not (math.isfinite(s) and s.is_integer() and math.isfinite(v) and v >= 0):
+            return None
+        out.append((int(s), v))
+    if out[0][0] != step or (len(out) == 2 and out[1][0] <= out[0][0]):
+        return None
+    return tuple(out)
 
 
 class ReplayController(BaseController):
@@ -113,6 +134,7 @@ class ReplayController(BaseController):
                     "rollback_to_step": _int_field(rec, "rollback_to_step", where)
                     if kind == "agent_rollback"
                     else None,
+                    "plan": _exact_plan(rec.get("plan"), step),
                 }
             )
 
@@ -230,6 +252,8 @@ class ReplayController(BaseController):
                 if eff - 1 > obs.step
                 else ((obs.step, cur), (eff, new_lr))
             )
+        if plan is None and rec["plan"] is not None and rec["step"] == obs.step and self._parse is None:
+            plan = rec["plan"]  # the logged two-knot segment (a rule controller's cool-down)
         return Decision(
             lr=new_lr, reason=reason, raw=rec["raw"] if self._parse is not None else None, plan=plan, meta=meta
         )
