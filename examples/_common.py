@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 from pathlib import Path
@@ -27,7 +28,22 @@ def common_args(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="the framework's checkpoint to resume from")
     p.add_argument("--inject-nan-at-step", type=int, default=None, help="testing: NaN loss at this step (once)")
     p.add_argument("--pause-at-step", type=int, default=None, help="testing: write DIR/paused and block there")
+    p.add_argument("--inject-nan-rank", type=int, default=None, help="testing: under torchrun, the NaN on this rank")
+    p.add_argument("--record-lrs", action="store_true", help="testing: each rank logs its LRs to DIR/lrs_rank_R.jsonl")
     return p
+
+
+def rank() -> int:
+    """This process's rank under torchrun ($RANK), else 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def record_lrs(run_dir: Path, step: int, optimizer: torch.optim.Optimizer) -> None:
+    """Testing hook (--record-lrs): append the LR of every param group, read from the optimizer before update
+    number `step` (1-based), to RUN/lrs_rank_R.jsonl (R = this process's rank)."""
+    line = json.dumps({"step": step, "lrs": [g["lr"] for g in optimizer.param_groups]})
+    with open(run_dir / f"lrs_rank_{rank()}.jsonl", "a", encoding="utf-8") as f:
+        f.write(line + "\n")
 
 
 def pause_here(run_dir: Path) -> None:

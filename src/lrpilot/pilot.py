@@ -135,26 +135,43 @@ def _clone(obj: Any) -> Any:
 
 
 def _rank_and_world(distributed: bool | None) -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialised (distributed=None, the
-    default) or distributed=True (then it must be: PilotError otherwise); distributed=False: always (0, 1)."""
+    """(rank, world size) of this process. distributed=False: (0, 1). Otherwise torch.distributed's when it is
+    initialised, else $RANK / $WORLD_SIZE when WORLD_SIZE > 1 (torchrun sets them; HF's Trainer and Lightning
+    initialise the process group only after the Pilot is built, before the first step); else (0, 1), or
+    PilotError with distributed=True."""
     if distributed is False:
         return 0, 1
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        if distributed:
-            raise PilotError(
-                "distributed=True: torch.distributed is not initialised; call "
-                "torch.distributed.init_process_group() first (torchrun sets its environment)"
-            )
-        return 0, 1
-    return int(dist.get_rank()), int(dist.get_world_size())
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError as e:
+        raise PilotError(f"$RANK / $WORLD_SIZE: not integers ({e}); launch with torchrun") from e
+    if world > 1:
+        if not 0 <= rank < world:
+            raise PilotError(f"$RANK={rank} is not in [0, $WORLD_SIZE={world}); launch with torchrun")
+        return rank, world
+    if distributed:
+        raise PilotError(
+            "distributed=True: torch.distributed is not initialised and $WORLD_SIZE is not > 1; call "
+            "torch.distributed.init_process_group() first (torchrun sets its environment)"
+        )
+    return 0, 1
 
 
 def _collective_device() -> torch.device:
-    """Where the pilot's small per-step tensors live for the collectives: the GPU for NCCL, else the CPU."""
+    """Where the pilot's small per-step tensors live for the collectives: the GPU for NCCL, else the CPU.
+    Raises PilotError when the process group is not initialised (by the first step)."""
     import torch.distributed as dist
 
+    if not dist.is_initialized():
+        raise PilotError(
+            "several processes ($WORLD_SIZE > 1) but torch.distributed is not initialised at the first "
+            "pilot.step(); call torch.distributed.init_process_group() before training, or pass distributed=False"
+        )
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -330,7 +347,7 @@ class Pilot:
         self.rank, self.world = _rank_and_world(distributed)
         #: only rank 0 asks the controller, decides and writes logs; the other ranks follow its broadcast
         self.writer = self.rank == 0
-        self._dist_device = _collective_device() if self.world > 1 else None
+        self._dist_device: torch.device | None = None  # found at the first collective (see _rank_and_world)
         self.controller = make_controller(
             controller,
             init_lr=self.init_lr,
@@ -570,6 +587,8 @@ class Pilot:
         """The mean over the ranks of the loss (and of the grad norm when every rank gave one)."""
         import torch.distributed as dist
 
+        if self._dist_device is None:
+            self._dist_device = _collective_device()
         t = torch.tensor(
             [loss, 0.0 if grad_norm is None else grad_norm, 0.0 if grad_norm is None else 1.0],
             dtype=torch.float64,
