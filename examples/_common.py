@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -28,9 +29,25 @@ def common_args(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="the framework's checkpoint to resume from")
     p.add_argument("--inject-nan-at-step", type=int, default=None, help="testing: NaN loss at this step (once)")
     p.add_argument("--pause-at-step", type=int, default=None, help="testing: write DIR/paused and block there")
+    p.add_argument("--no-pilot", action="store_true", help="the same run at a constant LR (the overhead bench)")
     p.add_argument("--inject-nan-rank", type=int, default=None, help="testing: under torchrun, the NaN on this rank")
     p.add_argument("--record-lrs", action="store_true", help="testing: each rank logs its LRs to DIR/lrs_rank_R.jsonl")
     return p
+
+
+class Timer:
+    """CPU and wall seconds of the training phase (`with Timer() as t: train()`), printed by the examples as
+    `train: N steps, W s wall, C s CPU` (benchmarks/pilot_examples_overhead.py reads it)."""
+
+    def __enter__(self) -> Timer:
+        self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cpu, self.wall = time.process_time() - self.cpu0, time.perf_counter() - self.wall0
+
+    def line(self, steps: int) -> str:
+        return f"train: {steps} steps, {self.wall:.3f} s wall, {self.cpu:.3f} s CPU"
 
 
 def rank() -> int:

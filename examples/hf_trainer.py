@@ -20,7 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Windows, common_args, pause_here, rank, record_lrs  # noqa: E402
+from _common import Timer, Windows, common_args, pause_here, rank, record_lrs  # noqa: E402
 
 from lrpilot.integrations.transformers import LRPilotCallback  # noqa: E402
 
@@ -64,16 +64,24 @@ def main(argv: list[str] | None = None) -> int:
                 pause_here(run_dir)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = cb.scheduler_for(opt, model)
+    # --no-pilot: the overhead bench's baseline, the same run at a constant LR and no callback
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0) if args.no_pilot else cb.scheduler_for(opt, model)
     targs = TrainingArguments(
         output_dir=str(run_dir / "hf"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, max_grad_norm=1.0, logging_steps=10, report_to=[],
         save_strategy="steps" if args.checkpoint_every else "no", save_steps=args.checkpoint_every or 500,
         use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0, data_seed=0,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=targs, train_dataset=ds, optimizers=(opt, sched), callbacks=[cb, Arm()])
-    trainer.train(resume_from_checkpoint=args.resume)
+    callbacks = [Arm()] if args.no_pilot else [cb, Arm()]
+    trainer = Trainer(model=model, args=targs, train_dataset=ds, optimizers=(opt, sched), callbacks=callbacks)
+    with Timer() as timer:
+        trainer.train(resume_from_checkpoint=args.resume)
+    if rank() == 0:
+        print(timer.line(trainer.state.global_step))
     ev = trainer.evaluate(ds.eval_items())
+    if args.no_pilot:
+        print(f"final: step {trainer.state.global_step} eval_loss {ev['eval_loss']:.4f} lr {args.lr:.3e} rollbacks 0")
+        return 0
     res = cb.finish(final_eval_loss=ev["eval_loss"])
     if rank() == 0:  # under torchrun: rank 0 wrote the run's logs and result
         print(f"final: step {cb.pilot.step_count} eval_loss {ev['eval_loss']:.4f} lr {cb.pilot.lr:.3e} "

@@ -22,7 +22,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.append(str(HERE))
-from _common import Windows, common_args, pause_here  # noqa: E402
+from _common import Timer, Windows, common_args, pause_here  # noqa: E402
 
 from lrpilot.config import load_config  # noqa: E402
 from lrpilot.integrations.lightning import LRPilotCallback  # noqa: E402
@@ -30,7 +30,9 @@ from lrpilot.model import LLaMA  # noqa: E402
 
 
 class Lit(L.LightningModule):
-    def __init__(self, cb: LRPilotCallback, lr: float, nan_at: int | None, ds: Windows, bs: int, accum: int) -> None:
+    def __init__(
+        self, cb: LRPilotCallback | None, lr: float, nan_at: int | None, ds: Windows, bs: int, accum: int
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.model = LLaMA(load_config("cpu-smoke").model)
@@ -49,6 +51,8 @@ class Lit(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        if self.cb is None:  # --no-pilot: the overhead bench's baseline, a constant LR
+            return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.cb.scheduler_for(opt, self), "interval": "step"}}
 
 
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ds = Windows(args.steps * args.batch_size * args.grad_accum)
     loader = torch.utils.data.DataLoader(range(args.steps * args.grad_accum), batch_size=1)
-    callbacks: list = [cb]
+    callbacks: list = [] if args.no_pilot else [cb]
     if args.pause_at_step is not None:
 
         class Pause(L.Callback):
@@ -76,17 +80,22 @@ def main(argv: list[str] | None = None) -> int:
 
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "ckpt", filename="{step}", every_n_train_steps=args.checkpoint_every,
                                          save_top_k=-1))  # fmt: skip
-    module = Lit(cb, args.lr, args.inject_nan_at_step, ds, args.batch_size, args.grad_accum)
+    module = Lit(None if args.no_pilot else cb, args.lr, args.inject_nan_at_step, ds, args.batch_size, args.grad_accum)
     trainer = L.Trainer(
         max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=bool(args.checkpoint_every), callbacks=callbacks,
         accumulate_grad_batches=args.grad_accum, gradient_clip_val=1.0, num_sanity_val_steps=0,
     )  # fmt: skip
-    trainer.fit(module, loader, ckpt_path=args.resume)
+    with Timer() as timer:
+        trainer.fit(module, loader, ckpt_path=args.resume)
+    print(timer.line(int(trainer.global_step)))
     module.eval()
     with torch.no_grad():
         losses = [module.model(b["input_ids"][None, :-1], b["input_ids"][None, 1:])[1].item() for b in ds.eval_items()]
     ev = sum(losses) / len(losses)
+    if args.no_pilot:
+        print(f"final: step {trainer.global_step} eval_loss {ev:.4f} lr {args.lr:.3e} rollbacks 0")
+        return 0
     res = cb.finish(final_eval_loss=ev)
     print(f"final: step {cb.pilot.step_count} eval_loss {ev:.4f} lr {cb.pilot.lr:.3e} rollbacks {res['crash_count']}")
     return 0

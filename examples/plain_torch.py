@@ -37,6 +37,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             pilot.load_state_dict(state["pilot"])
     injected = False
     lr_log = open(run_dir / f"lrs_rank_{rank}.jsonl", "a") if args.record_lrs else None  # noqa: SIM115
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     while step < args.steps:
         if pilot is not None and pilot.skip_batch():
             loop["batch"] += 1
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             _block()
     if lr_log is not None:
         lr_log.close()
+    if rank == 0:  # benchmarks/pilot_examples_overhead.py reads it
+        print(f"train: {step} steps, {time.perf_counter() - wall0:.3f} s wall, {time.process_time() - cpu0:.3f} s CPU")
     ev = evaluate(model, data, cfg.eval.tokens, cfg.eval.batch_size, "cpu")
     if world > 1:
         torch.distributed.destroy_process_group()
