@@ -32,7 +32,16 @@ gradient norm restores the last healthy snapshot (model, optimizer, the caller's
 safety.crash_lr(LR in force) (x crash_lr_factor, 0.5 by default) and asks the caller to skip the next
 `skip_batches` batches (PaLM, Chowdhery et al. 2022, sec. 5.1: restart ~100 steps before the spike and skip
 200-500 batches; default 0 here). Snapshots are taken every `snapshot_every` updates (in memory, or on disk
-under RUN/snapshots/ with snapshot_to="disk"), only after a healthy step whose parameters are all finite.
+under RUN/snapshots/ with snapshot_to="disk"), only after a healthy step whose parameters are all finite. An LLM's
+request to go back (Decision.rollback_to_step) is granted by safety.check_agent_rollback with the kept snapshots
+as the checkpoints and restores that snapshot at the reply's LR (a decision of kind agent_rollback, not a crash).
+After either rollback, rewind=True (your loop) sets step_count back to the snapshot's step; rewind=False (the
+framework callbacks: their step counters go on) keeps it; the record says which updates were undone
+(undone_steps, next_step, step_numbering).
+
+Several processes (torch.distributed, torchrun): every rank builds the same Pilot and calls step(); the losses
+are averaged over the ranks, rank 0 alone decides and writes the logs, and broadcasts the next LR and any
+rollback so that every rank sets the same LR at the same step (see Pilot.step).
 
 Run directory (the same formats as a campaign directory with one round, so `lrpilot report RUN --out R` and
 `--controller replay --replay-from RUN` work on it): telemetry.jsonl, decisions.jsonl, rollbacks.jsonl,
