@@ -463,6 +463,8 @@ class Pilot:
             "snapshot_every": self.snapshot_every,
             "snapshot_to": self.snapshot_to,
             "skip_batches": self.skip_batches,
+            "rewind": self.rewind,
+            "world_size": self.world,
             "guard": self.g.__dict__ if hasattr(self.g, "__dict__") else {},
         }
 
