@@ -1,5 +1,5 @@
-"""lrpilot.Pilot on several processes: real torchrun (gloo, 2 CPU processes) running examples/plain_torch.py and
-examples/hf_trainer.py. Rank 0 alone decides and writes the logs; every rank uses the LR rank 0 broadcasts at every
+"""lrpilot.Pilot on several processes: real torchrun (gloo, 2 CPU processes) running examples/plain_torch.py,
+examples/hf_trainer.py (HF Trainer's DDP) and examples/lightning.py (Lightning's DDP). Rank 0 alone decides and writes the logs; every rank uses the LR rank 0 broadcasts at every
 update, and a NaN on rank 1 only rolls every rank back to the same snapshot.
 
     python -m pytest -q tests/test_pilot_distributed.py
@@ -75,16 +75,20 @@ def test_torchrun_plain_loop_every_rank_uses_rank_0s_lr_and_rolls_back_with_it(t
 
 
 @pytest.mark.slow
-def test_torchrun_hf_trainer_every_rank_uses_rank_0s_lr(tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    run = tmp_path / "hf"
-    p = _torchrun("hf_trainer.py", "--steps", "20", "--warmup", "4", "--decision-every", "4", "--dir", str(run),
+@pytest.mark.parametrize("example", ["hf_trainer.py", "lightning.py"])
+def test_torchrun_framework_every_rank_uses_rank_0s_lr(tmp_path, example):
+    if example == "hf_trainer.py":
+        pytest.importorskip("transformers")
+        pytest.importorskip("accelerate")
+    else:
+        pytest.importorskip("lightning")
+    run = tmp_path / "run"
+    p = _torchrun(example, "--steps", "20", "--warmup", "4", "--decision-every", "4", "--dir", str(run),
                   "--inject-nan-at-step", "13", "--inject-nan-rank", "1", "--record-lrs")  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     assert len([ln for ln in p.stdout.splitlines() if ln.startswith("final:")]) == 1
     r0, r1 = _lrs(run)
-    # HF's step counter goes on after the rollback: the pilot's steps are HF's (rewind=False)
+    # the framework's step counter goes on after the rollback: the pilot's steps are its (rewind=False)
     assert [r["step"] for r in r0] == list(range(1, 21))
     assert r0 == r1, "the ranks used different LRs"
     steps = _one_set_of_logs(run)
