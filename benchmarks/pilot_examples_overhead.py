@@ -9,8 +9,9 @@ data and optimizer at a constant LR: plain_torch.py sets nothing, hf_trainer.py 
 callback, lightning.py returns the bare optimizer). Each prints `train: N steps, W s wall, C s CPU` for its training
 phase only (imports, data and evaluation excluded); the arms alternate (pilot first in even repeats) so a drift of
 a shared machine hits both alike. Printed per example: CPU ms/step of each arm (time.process_time of the training
-phase, summed over the repeats), the CPU ratio and the wall ratio. On a loaded machine a few % either way is noise;
-run more --repeats or more --steps for a tighter number. The plain loop alone, with the time spent inside
+phase, summed over the repeats), the CPU ratio and the wall ratio, and the range of the CPU ratios of the
+repeats' pairs (pilot run i / no-pilot run i: the noise). On a loaded machine several % either way is noise; run
+more --repeats or more --steps for a tighter number. The plain loop alone, with the time spent inside
 pilot.step() measured directly, is benchmarks/pilot_overhead.py.
 """
 
@@ -50,19 +51,24 @@ def main() -> None:
     ap.add_argument("--examples", default=",".join(EXAMPLES), help="comma-separated subset of " + ", ".join(EXAMPLES))
     args = ap.parse_args()
     print(f"{args.steps} steps per run, {args.repeats} run(s) per arm, 1 torch thread; CPU of the training phase")
-    print(f"{'example':<16} {'no pilot ms/step':>17} {'pilot ms/step':>14} {'CPU ratio':>10} {'wall ratio':>11}")
+    print(f"{'example':<16} {'no pilot ms/step':>17} {'pilot ms/step':>14} {'CPU ratio':>10} {'wall ratio':>11}  "
+          "pairs' CPU ratios")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for example in [e.strip() for e in args.examples.split(",") if e.strip()]:
             sums = {True: [0, 0.0, 0.0], False: [0, 0.0, 0.0]}
+            pairs = []
             for rep in range(args.repeats):
+                per_step = {}
                 for pilot in (True, False) if rep % 2 == 0 else (False, True):
                     d = Path(tmp) / f"{example}_{'pilot' if pilot else 'plain'}_{rep}"
                     n, wall, cpu = run_example(example, args.steps, d, pilot)
                     s = sums[pilot]
                     s[0], s[1], s[2] = s[0] + n, s[1] + wall, s[2] + cpu
+                    per_step[pilot] = cpu / n
+                pairs.append(per_step[True] / per_step[False])
             (n0, w0, c0), (n1, w1, c1) = sums[False], sums[True]
             print(f"{example:<16} {c0 / n0 * 1e3:>17.2f} {c1 / n1 * 1e3:>14.2f} {(c1 / n1) / (c0 / n0):>10.4f} "
-                  f"{(w1 / n1) / (w0 / n0):>11.4f}")  # fmt: skip
+                  f"{(w1 / n1) / (w0 / n0):>11.4f}  {min(pairs):.3f} .. {max(pairs):.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
