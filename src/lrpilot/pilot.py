@@ -871,6 +871,12 @@ class Pilot:
     # ------------------------------------------------------------------------------------------ safety
 
     def _own_state(self) -> dict[str, Any]:
+        """The pilot's state now. Decision records are copied one level deep (a record's top-level fields are
+        what changes after it is logged: effective_step, _logged; its lists and dicts never change), keeping a
+        pending command's record the same object as in `decisions`: a deep copy of every record at every
+        snapshot made the pilot's cost grow with the run's decisions (O(decisions) recursive copies per snapshot;
+        benchmarks/pilot_overhead.py)."""
+        copies = {id(d): dict(d) for d in self.decisions}
         return {
             "step": self.step_count,
             "lr_state": self.lr_state.state_dict(),
@@ -879,8 +885,8 @@ class Pilot:
             "last_grad_norm": self.last_grad_norm,
             "loss_history": [list(x) for x in self.loss_history],
             "lr_history": [list(x) for x in self.lr_history],
-            "decisions": copy.deepcopy(self.decisions),
-            "pending": copy.deepcopy(self.pending),
+            "decisions": [copies[id(d)] for d in self.decisions],
+            "pending": [(at, lr, knots, copies.get(id(rec)) or dict(rec)) for at, lr, knots, rec in self.pending],
         }
 
     def _load_own_state(self, s: dict[str, Any]) -> None:
@@ -892,13 +898,19 @@ class Pilot:
         self.last_grad_norm = float(s["last_grad_norm"])
         self.loss_history = [(int(a), float(b)) for a, b in s["loss_history"]]
         self.lr_history = [(int(a), float(b)) for a, b in s["lr_history"]]
-        self.decisions = copy.deepcopy(s["decisions"])
-        self.pending = [tuple(p) for p in copy.deepcopy(s["pending"])]  # type: ignore[misc]
+        decisions, pending = copy.deepcopy((s["decisions"], s["pending"]))  # one copy: shared records stay shared
+        self.decisions = decisions
+        self.pending = [tuple(p) for p in pending]  # type: ignore[misc]
 
     def _params_finite(self) -> bool:
+        """Every parameter finite: one fused norm over all of them (a NaN or Inf anywhere makes it non-finite;
+        a finite model whose norm overflows float32 is also refused, which only skips a snapshot)."""
         if self.model is None:
             return True
-        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        params = [p.detach() for p in self.model.parameters()]
+        if not params:
+            return True
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=2.0)))
 
     def _snapshot(self) -> bool:
         """Keep the state after this step (healthy: only called after a finite loss) for a rollback. Returns
