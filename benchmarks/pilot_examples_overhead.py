@@ -7,7 +7,8 @@ Each example runs as a subprocess (as a user runs it) with the pilot (the rules 
 updates, telemetry / decision logs, in-memory snapshots of model + optimizer) and with `--no-pilot` (the same model,
 data and optimizer at a constant LR: plain_torch.py sets nothing, hf_trainer.py gives HF a constant LambdaLR and no
 callback, lightning.py returns the bare optimizer). Each prints `train: N steps, W s wall, C s CPU` for its training
-phase only (imports, data and evaluation excluded); the arms alternate (pilot first in even repeats) so a drift of
+phase only (imports, data and evaluation excluded; Lightning builds the Pilot in configure_optimizers, inside
+fit, so its one-time construction, the first snapshot included, counts there); the arms alternate (pilot first in even repeats) so a drift of
 a shared machine hits both alike. Printed per example: CPU ms/step of each arm (time.process_time of the training
 phase, summed over the repeats), the CPU ratio and the wall ratio, and the range of the CPU ratios of the
 repeats' pairs (pilot run i / no-pilot run i: the noise). On a loaded machine several % either way is noise; run
