@@ -1,6 +1,7 @@
 """Per-step overhead of lrpilot.Pilot in a plain PyTorch loop on cpu-small's model (goal: ratio <= 1.01).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pilot_overhead.py --steps 150 --blocks 4
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pilot_overhead.py --preset cpu-smoke --steps 200   # the examples' model
 
 Two identical loops (same model, data and AdamW as cpu-small, one torch thread): one sets nothing, the other
 calls `pilot.step(loss, grad_norm)` after every update with everything on (rules controller, decisions every
@@ -32,8 +33,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150, help="updates per block")
     ap.add_argument("--blocks", type=int, default=4, help="blocks per arm, alternating")
+    ap.add_argument("--preset", default="cpu-small", help="model, data and schedule of this preset (cpu-small)")
     args = ap.parse_args()
-    cfg = load_config("cpu-small")
+    cfg = load_config(args.preset)
     torch.set_num_threads(1)
     data = build_data(cfg.data, cfg.train.seed)
     bs = cfg.train.batch_size
@@ -77,7 +79,7 @@ def main() -> None:
     tp, tq = plain[3]["times"], piloted[3]["times"]
     mean_p, mean_q = statistics.fmean(tp), statistics.fmean(tq)
     med_p, med_q = statistics.median(tp), statistics.median(tq)
-    print(f"steps per arm: {len(tp)} (cpu-small model, batch {bs}, seq {cfg.data.seq_len}, 1 thread)")
+    print(f"steps per arm: {len(tp)} ({args.preset} model, batch {bs}, seq {cfg.data.seq_len}, 1 thread)")
     print(f"plain loop : mean {mean_p * 1e3:.2f} ms/step, median {med_p * 1e3:.2f} ms/step")
     print(f"with pilot : mean {mean_q * 1e3:.2f} ms/step, median {med_q * 1e3:.2f} ms/step")
     inside = statistics.fmean(piloted[3]["in_pilot"])

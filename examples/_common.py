@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -27,7 +29,38 @@ def common_args(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="the framework's checkpoint to resume from")
     p.add_argument("--inject-nan-at-step", type=int, default=None, help="testing: NaN loss at this step (once)")
     p.add_argument("--pause-at-step", type=int, default=None, help="testing: write DIR/paused and block there")
+    p.add_argument("--no-pilot", action="store_true", help="the same run at a constant LR (the overhead bench)")
+    p.add_argument("--inject-nan-rank", type=int, default=None, help="testing: under torchrun, the NaN on this rank")
+    p.add_argument("--record-lrs", action="store_true", help="testing: each rank logs its LRs to DIR/lrs_rank_R.jsonl")
     return p
+
+
+class Timer:
+    """CPU and wall seconds of the training phase (`with Timer() as t: train()`), printed by the examples as
+    `train: N steps, W s wall, C s CPU` (benchmarks/pilot_examples_overhead.py reads it)."""
+
+    def __enter__(self) -> Timer:
+        self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cpu, self.wall = time.process_time() - self.cpu0, time.perf_counter() - self.wall0
+
+    def line(self, steps: int) -> str:
+        return f"train: {steps} steps, {self.wall:.3f} s wall, {self.cpu:.3f} s CPU"
+
+
+def rank() -> int:
+    """This process's rank under torchrun ($RANK), else 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def record_lrs(run_dir: Path, step: int, optimizer: torch.optim.Optimizer) -> None:
+    """Testing hook (--record-lrs): append the LR of every param group, read from the optimizer before update
+    number `step` (1-based), to RUN/lrs_rank_R.jsonl (R = this process's rank)."""
+    line = json.dumps({"step": step, "lrs": [g["lr"] for g in optimizer.param_groups]})
+    with open(run_dir / f"lrs_rank_{rank()}.jsonl", "a", encoding="utf-8") as f:
+        f.write(line + "\n")
 
 
 def pause_here(run_dir: Path) -> None:

@@ -17,17 +17,27 @@ set) the pilot comes from Pilot.from_env(): the round's run directory, controlle
 are the campaign's (--steps, --dir, --controller, --lr, --warmup and --decision-every are ignored), and
 $LRPILOT_RESUME=1 (a relaunch after a crash, or a killed campaign run again) resumes from RUN/checkpoint.pt.
 
+Several processes: `torchrun --nproc_per_node 2 examples/plain_torch.py --steps 60 --dir runs/ddp` trains with
+DistributedDataParallel (gloo on CPU, NCCL on GPUs), each rank on its own batches; every rank builds the same Pilot
+and calls pilot.step() with its own loss; the pilot averages the losses, rank 0 alone asks the controller and writes
+the logs, and every rank sets the LR rank 0 broadcasts (and restores the same snapshot on a rollback). Only rank 0
+saves DIR/checkpoint.pt; every rank resumes from it.
+
 Testing hooks: --inject-nan-at-step N makes the loss of the update that completes step N NaN (once);
 --pause-at-step N writes DIR/paused and blocks there (after the checkpoint of that step, if any) until killed
-(under a campaign only in round --pause-round, if given).
+(under a campaign only in round --pause-round, if given); --inject-nan-rank R puts the NaN on rank R only;
+--record-lrs makes each rank append {"step", "lrs"} (every group's LR read from the optimizer before its step)
+to DIR/lrs_rank_R.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-batches", type=int, default=0, help="batches to skip after a rollback (PaLM)")
     p.add_argument("--snapshot-to", default="memory", choices=("memory", "disk"))
     p.add_argument("--inject-nan-at-step", type=int, default=None, help="testing: NaN loss at this step (once)")
+    p.add_argument("--inject-nan-rank", type=int, default=None, help="testing: the NaN on this rank only")
+    p.add_argument("--record-lrs", action="store_true", help="testing: each rank logs the LRs it used")
     p.add_argument("--pause-at-step", type=int, default=None, help="testing: write DIR/paused and block here")
     p.add_argument("--pause-round", type=int, default=None, help="testing: under a campaign, pause in this round only")
     p.add_argument("--no-pilot", action="store_true", help="the same loop with a fixed LR (for the overhead bench)")
@@ -69,13 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     campaign = bool(os.environ.get(ENV_SETTINGS))  # a round of `lrpilot campaign --script`
     run_dir = Path(os.environ.get("LRPILOT_RUN_DIR") or args.dir) if campaign else Path(args.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:  # under torchrun
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
     cfg = load_config(args.preset)
     lr = args.lr if args.lr is not None else cfg.schedule.init_lr
     warmup = args.warmup if args.warmup is not None else min(cfg.schedule.warmup_steps, args.steps - 1)
     every = args.decision_every or cfg.schedule.decision_every
     torch.manual_seed(cfg.train.seed)
     model = LLaMA(cfg.model)
-    data = build_data(cfg.data, cfg.train.seed)
+    data = build_data(cfg.data, cfg.train.seed, rank=rank, world_size=world)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # the pilot restores `model`
     embed = [p for n, p in model.named_parameters() if "embed" in n]
     rest = [p for n, p in model.named_parameters() if "embed" not in n]
     opt = torch.optim.AdamW(
@@ -128,25 +149,30 @@ def main(argv: list[str] | None = None) -> int:
         if pilot is not None:
             pilot.load_state_dict(state["pilot"])
     injected = False
+    lr_log = open(run_dir / f"lrs_rank_{rank}.jsonl", "a") if args.record_lrs else None  # noqa: SIM115
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     while step < args.steps:
         if pilot is not None and pilot.skip_batch():
             loop["batch"] += 1
             continue
         x, y = data.train_batch(loop["batch"], 0, cfg.train.batch_size)
         loop["batch"] += 1
-        _, loss = model(x, y)
+        _, loss = net(x, y)
         if args.inject_nan_at_step == step + 1 and not injected:
-            loss = loss * math.nan
             injected = True
+            if args.inject_nan_rank in (None, rank):
+                loss = loss * math.nan
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        if lr_log is not None:
+            lr_log.write(json.dumps({"step": step + 1, "lrs": [g["lr"] for g in opt.param_groups]}) + "\n")
         opt.step()
         opt.zero_grad(set_to_none=True)
         if pilot is None:
             step += 1
             continue
         step = pilot.step(loss.item(), gn.item()).step
-        if args.checkpoint_every and step % args.checkpoint_every == 0:
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and rank == 0:
             buf = io.BytesIO()
             torch.save(
                 {"model": model.state_dict(), "optimizer": opt.state_dict(), "extra": get_extra(), "step": step,
@@ -157,12 +183,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.pause_at_step == step:
             (run_dir / "paused").write_text(str(os.getpid()))
             _block()
+    if lr_log is not None:
+        lr_log.close()
+    if rank == 0:  # benchmarks/pilot_examples_overhead.py reads it
+        print(f"train: {step} steps, {time.perf_counter() - wall0:.3f} s wall, {time.process_time() - cpu0:.3f} s CPU")
     ev = evaluate(model, data, cfg.eval.tokens, cfg.eval.batch_size, "cpu")
+    if world > 1:
+        torch.distributed.destroy_process_group()
     if pilot is None:
         print(f"final: step {step} eval_loss {ev['eval_loss']:.4f} lr {lr:.3e} rollbacks 0")
         return 0
     res = pilot.finish(final_eval_loss=ev["eval_loss"], final_eval_tokens=ev["eval_tokens"])
-    print(f"final: step {step} eval_loss {ev['eval_loss']:.4f} lr {pilot.lr:.3e} rollbacks {res['crash_count']}")
+    if rank == 0:  # the other ranks' result is their own view; rank 0 wrote the run's
+        print(f"final: step {step} eval_loss {ev['eval_loss']:.4f} lr {pilot.lr:.3e} rollbacks {res['crash_count']}")
     return 0
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from lrpilot.logs import read_jsonl
 
@@ -203,3 +204,45 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+@pytest.mark.slow
+def test_two_script_rounds_in_parallel_then_a_resume_after_sigkill(tmp_path):
+    """`campaign --parallel 2 --script`: both rounds run at once (Optuna proposes round 2 while round 1 runs), the
+    campaign is killed with round 1 done and round 2 mid-way, and the same command finishes round 2 from its
+    checkpoint; each round's decisions reach the campaign's log once and `lrpilot status` reads both."""
+    d = tmp_path / "camp"
+    cmd = _cmd(d, _script("--pause-at-step", "20", "--pause-round", "2"), 2, "--memory", "optuna", "--parallel", "2")
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(d / "rounds" / "round_002" / "paused", proc)
+        wait_until(lambda: read_jsonl(d / "final_results.jsonl"), 240, "round 1's result line")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert [r["round"] for r in read_jsonl(d / "final_results.jsonl")] == [1]
+    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    finals = read_jsonl(d / "final_results.jsonl")
+    assert [r["round"] for r in finals] == [1, 2]
+    assert all(r["status"] == "ok" and r["update_step"] == 40 and r["crash_count"] == 0 for r in finals)
+    assert len(_starts(d / "rounds" / "round_001")) == 1
+    assert _starts(d / "rounds" / "round_002")[-1]["resumed_from"] == "state_dict step 20"
+    briefs = read_jsonl(d / "briefs.jsonl")
+    assert [b["round"] for b in briefs] == [1, 2] and briefs[0]["params"] != briefs[1]["params"]
+    assert "1 running" in briefs[0]["brief"] and "2 running" in briefs[1]["brief"]  # proposed side by side
+    assert "the first round uses the default rule parameters" in briefs[1]["brief"]
+    for b, f in zip(briefs, finals, strict=True):
+        assert f["rule_params"] == b["params"]
+    campaign_log = read_jsonl(d / "decisions.jsonl")
+    for r in (1, 2):
+        own = read_jsonl(d / "rounds" / f"round_{r:03d}" / "decisions.jsonl")
+        copied = [x for x in campaign_log if x["round"] == r]
+        assert own and [(x["step"], x["new_lr"]) for x in copied] == [(x["step"], x["new_lr"]) for x in own]
+    st = subprocess.run([sys.executable, "-m", "lrpilot", "status", str(d)], env=_env(), capture_output=True,
+                        text=True, timeout=120)  # fmt: skip
+    lines = st.stdout.splitlines()
+    assert st.returncode == 0 and lines[-1] == "2 finished", st.stdout
+    assert all("step 40/40" in ln and "no decision yet" not in ln for ln in lines[:2]), st.stdout

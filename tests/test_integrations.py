@@ -145,6 +145,12 @@ def test_nan_gives_one_rollback_and_a_finite_loss(tmp_path, example):
     assert rb["crash_step"] == 25 and rb["crash_reason"] == "nan_loss" and rb["new_lr"] == rb["lr_at_crash"] / 2
     res = read_jsonl(tmp_path / "final_results.jsonl")[0]
     assert res["crash_count"] == 1 and math.isfinite(res["final_eval_loss"])
+    # the framework's step count goes on after the rollback: the pilot's steps are the framework's, each logged
+    # once, and the record names the undone updates (it used to end at update_step 40 - the undone steps)
+    assert rb["step_numbering"] == "continue" and rb["next_step"] == 26
+    assert rb["undone_steps"] == [rb["rolled_back_to_step"] + 1, 25] and res["update_step"] == 40
+    steps = [e["step"] for e in read_jsonl(tmp_path / "telemetry.jsonl") if e["event"] == "step"]
+    assert steps == list(range(1, 41))
 
 
 @pytest.mark.slow

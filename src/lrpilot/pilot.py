@@ -32,7 +32,16 @@ gradient norm restores the last healthy snapshot (model, optimizer, the caller's
 safety.crash_lr(LR in force) (x crash_lr_factor, 0.5 by default) and asks the caller to skip the next
 `skip_batches` batches (PaLM, Chowdhery et al. 2022, sec. 5.1: restart ~100 steps before the spike and skip
 200-500 batches; default 0 here). Snapshots are taken every `snapshot_every` updates (in memory, or on disk
-under RUN/snapshots/ with snapshot_to="disk"), only after a healthy step whose parameters are all finite.
+under RUN/snapshots/ with snapshot_to="disk"), only after a healthy step whose parameters are all finite. An LLM's
+request to go back (Decision.rollback_to_step) is granted by safety.check_agent_rollback with the kept snapshots
+as the checkpoints and restores that snapshot at the reply's LR (a decision of kind agent_rollback, not a crash).
+After either rollback, rewind=True (your loop) sets step_count back to the snapshot's step; rewind=False (the
+framework callbacks: their step counters go on) keeps it; the record says which updates were undone
+(undone_steps, next_step, step_numbering).
+
+Several processes (torch.distributed, torchrun): every rank builds the same Pilot and calls step(); the losses
+are averaged over the ranks, rank 0 alone decides and writes the logs, and broadcasts the next LR and any
+rollback so that every rank sets the same LR at the same step (see Pilot.step).
 
 Run directory (the same formats as a campaign directory with one round, so `lrpilot report RUN --out R` and
 `--controller replay --replay-from RUN` work on it): telemetry.jsonl, decisions.jsonl, rollbacks.jsonl,
@@ -134,6 +143,53 @@ def _clone(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
+def _rank_and_world(distributed: bool | None) -> tuple[int, int]:
+    """(rank, world size) of this process. distributed=False: (0, 1). Otherwise torch.distributed's when it is
+    initialised, else $RANK / $WORLD_SIZE when WORLD_SIZE > 1 (torchrun sets them; HF's Trainer and Lightning
+    initialise the process group only after the Pilot is built, before the first step); else (0, 1), or
+    PilotError with distributed=True."""
+    if distributed is False:
+        return 0, 1
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError as e:
+        raise PilotError(f"$RANK / $WORLD_SIZE: not integers ({e}); launch with torchrun") from e
+    if world > 1:
+        if not 0 <= rank < world:
+            raise PilotError(f"$RANK={rank} is not in [0, $WORLD_SIZE={world}); launch with torchrun")
+        return rank, world
+    if distributed:
+        raise PilotError(
+            "distributed=True: torch.distributed is not initialised and $WORLD_SIZE is not > 1; call "
+            "torch.distributed.init_process_group() first (torchrun sets its environment)"
+        )
+    return 0, 1
+
+
+def _collective_device() -> torch.device:
+    """Where the pilot's small per-step tensors live for the collectives: the GPU for NCCL, else the CPU.
+    Raises PilotError when the process group is not initialised (by the first step)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise PilotError(
+            "several processes ($WORLD_SIZE > 1) but torch.distributed is not initialised at the first "
+            "pilot.step(); call torch.distributed.init_process_group() before training, or pass distributed=False"
+        )
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+#: StepInfo.decision <-> the code rank 0 broadcasts
+_KIND_CODES = (None, "decision", "fallback", "emergency", "agent_rollback")
+
+
 def load_schedule(path: str | Path) -> list[dict[str, Any]]:
     """The decision records of an `lrpilot export-schedule` file (or a decisions.jsonl / a run directory
     holding one with a single round). Raises PilotError naming the file and the fix."""
@@ -224,7 +280,10 @@ class Pilot:
     (updates between snapshots; default decision_every), snapshot_keep (snapshots kept, >= 1), snapshot_to
     ("memory" | "disk": RUN/snapshots/), skip_batches (batches skip_batch() drops after a rollback),
     round_index (the `round` of the logs, 1), lower_only (schedule-free: the LR may only fall), agent (AgentConfig
-    for controller="llm"). Raises PilotError for a bad setting.
+    for controller="llm"), rewind (True: a rollback rewinds step_count to the snapshot's step and your loop
+    re-trains from there; False: step_count goes on, as a framework's step counter does; the framework callbacks
+    set False), distributed (None: follow torch.distributed when it is initialised, rank 0 decides and writes the
+    logs; False: act alone; True: require it). Raises PilotError for a bad setting.
     """
 
     def __init__(
@@ -248,6 +307,8 @@ class Pilot:
         round_index: int = 1,
         lower_only: bool = False,
         agent: Any = None,
+        rewind: bool = True,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer) or not optimizer.param_groups:
             raise PilotError("optimizer: must be a torch.optim.Optimizer with at least one param group")
@@ -288,6 +349,14 @@ class Pilot:
         self.skip_batches = skip_batches
         self.round_index = round_index
         self.lower_only = bool(lower_only)
+        #: True: a rollback rewinds the step count to the snapshot's (your loop re-trains those steps);
+        #: False: the count goes on (a framework's own step counter does) and the rollback record says which
+        #: updates were undone
+        self.rewind = bool(rewind)
+        self.rank, self.world = _rank_and_world(distributed)
+        #: only rank 0 asks the controller, decides and writes logs; the other ranks follow its broadcast
+        self.writer = self.rank == 0
+        self._dist_device: torch.device | None = None  # found at the first collective (see _rank_and_world)
         self.controller = make_controller(
             controller,
             init_lr=self.init_lr,
@@ -295,11 +364,12 @@ class Pilot:
             warmup_steps=warmup_steps,
             guard_cfg=self.g,
             agent=agent,
-            run_dir=self.run_dir,
+            run_dir=self.run_dir if self.writer else None,
         )
         self.controller_name = getattr(self.controller, "name", type(self.controller).__name__)
         self.blocking = bool(getattr(self.controller, "blocking", True))
-        self.controller.start_round(round_index, memory_brief)
+        if self.writer:
+            self.controller.start_round(round_index, memory_brief)
         # ----- state that state_dict() saves
         self.step_count = 0
         self.run_start_iso = now_iso()
@@ -313,6 +383,8 @@ class Pilot:
         self.rollbacks: list[RollbackRecord] = []
         self.counter = safety.CrashCounter()
         self.launch_start_step = 0
+        #: the snapshot steps granted agent rollbacks went back to (kept across restores: the guard's budget)
+        self.agent_rollback_steps: list[int] = []
         self.to_skip = 0
         self.lrs: dict[int, float] = {}
         self.losses: dict[int, float] = {}
@@ -329,7 +401,12 @@ class Pilot:
         self._finished = False
         self._tel: JsonlLog | None = None
         self._dlog: JsonlLog | None = None
-        if self.run_dir is not None:
+        #: set by a step: the snapshot step it restored (a rollback) and whether it took a snapshot (broadcast)
+        self._restored_to: int | None = None
+        self._snapped = False
+        #: an agent rollback the guard granted, carried out at the end of the decision (see _agent_rollback)
+        self._agent_request: dict[str, Any] | None = None
+        if self.run_dir is not None and self.writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._tel = JsonlLog(self.run_dir / "telemetry.jsonl", fsync=False)
             self._dlog = JsonlLog(self.run_dir / "decisions.jsonl", fsync=False)
@@ -386,6 +463,8 @@ class Pilot:
             "snapshot_every": self.snapshot_every,
             "snapshot_to": self.snapshot_to,
             "skip_batches": self.skip_batches,
+            "rewind": self.rewind,
+            "world_size": self.world,
             "guard": self.g.__dict__ if hasattr(self.g, "__dict__") else {},
         }
 
@@ -452,13 +531,39 @@ class Pilot:
 
         Call once per optimizer update, after optimizer.step(). A crash (safety.check_loss, or a non-finite
         grad_norm) rolls back (see the module docstring) and returns rolled_back=True with step = the
-        snapshot's step. Raises PilotGaveUp after guard.max_fast_crash consecutive quick crashes, or on a crash
-        with no model to restore."""
+        snapshot's step (rewind=True) or the step count, which goes on (rewind=False). A granted agent rollback
+        (Decision.rollback_to_step) does the same with the controller's LR. Raises PilotGaveUp after
+        guard.max_fast_crash consecutive quick crashes, or on a crash with no model to restore.
+
+        Several processes (torch.distributed initialised): every rank calls step() at every update with its own
+        loss; the loss and grad norm are averaged over the ranks (a NaN on any rank is a NaN for all), rank 0
+        decides alone and broadcasts the next LR, any rollback's snapshot step, whether it took a snapshot and
+        the batches to skip, so every rank sets the same LR at the same step and restores the same step. Two
+        collectives per step (an all_reduce of 3 numbers, a broadcast of 7)."""
         if isinstance(loss, torch.Tensor):
             loss = loss.detach().float().item()
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = grad_norm.detach().float().item()
         loss = float(loss)
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        if self.world == 1:
+            return self._step(loss, grad_norm)
+        loss, grad_norm = self._all_reduce(loss, grad_norm)
+        if not self.writer:
+            return self._follow(loss, grad_norm)
+        try:
+            info = self._step(loss, grad_norm)
+        except PilotGaveUp:
+            self._broadcast([math.nan, self.step_count, -1, 0, 1, 0, 0])
+            raise
+        restored = -1 if self._restored_to is None else self._restored_to
+        code = _KIND_CODES.index(info.decision) if info.decision in _KIND_CODES else 0
+        self._broadcast([info.lr, info.step, restored, int(self._snapped), 0, code, self.to_skip])
+        return info
+
+    def _step(self, loss: float, grad_norm: float | None) -> StepInfo:
+        """step() of one process (or rank 0): the decision logic."""
+        self._restored_to, self._snapped = None, False
         gn = math.nan if grad_norm is None else float(grad_norm)
         used = self._lr_used
         self.step_count += 1
@@ -476,14 +581,77 @@ class Pilot:
         self.last_grad_norm = gn
         kind = None
         self._poll_replies()
-        if self.is_decision_point(step):
+        if self._agent_request is None and self.is_decision_point(step):
             kind = self._decision_point(step)
+        if self._agent_request is not None:
+            return self._agent_rollback()
         self._apply_pending(step)
         self._lr_used = self._lr_for(step)
         self._set_lr(self._lr_used)
         if step % self.snapshot_every == 0:
-            self._snapshot()
+            self._snapped = self._snapshot()
         return StepInfo(step=step, lr=self._lr_used, decision=kind)
+
+    # ------------------------------------------------------------------------------------------ several processes
+
+    def _all_reduce(self, loss: float, grad_norm: float | None) -> tuple[float, float | None]:
+        """The mean over the ranks of the loss (and of the grad norm when every rank gave one)."""
+        import torch.distributed as dist
+
+        if self._dist_device is None:
+            self._dist_device = _collective_device()
+        t = torch.tensor(
+            [loss, 0.0 if grad_norm is None else grad_norm, 0.0 if grad_norm is None else 1.0],
+            dtype=torch.float64,
+            device=self._dist_device,
+        )
+        dist.all_reduce(t)
+        total, gsum, given = t.tolist()
+        return total / self.world, (gsum / self.world if int(given) == self.world else None)
+
+    def _broadcast(self, values: list[float]) -> list[float]:
+        """Rank 0's step outcome to every rank: [next LR, step, restored snapshot step or -1, snapshot taken,
+        gave up, decision kind code, batches to skip] (float64: an LR arrives bit for bit)."""
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self._dist_device)
+        dist.broadcast(t, src=0)
+        return t.tolist()
+
+    def _follow(self, loss: float, grad_norm: float | None) -> StepInfo:
+        """step() of a rank > 0: no controller, no logs; do what rank 0 broadcast."""
+        lr, step, restored, snapped, gave_up, code, to_skip = self._broadcast([0.0] * 7)
+        if gave_up:
+            self._finished = True
+            raise PilotGaveUp(f"rank {self.rank}: rank 0 gave up at step {int(step)} (see its rollbacks.jsonl)")
+        self.step_count += 1
+        self.lrs[self.step_count] = self._lr_used
+        self.losses[self.step_count] = loss
+        self.last_grad_norm = math.nan if grad_norm is None else grad_norm
+        if restored >= 0:
+            to = int(restored)
+            held = dict(self._snapshots).get(to)
+            if held is None or self.model is None:
+                raise PilotError(
+                    f"rank {self.rank}: rank 0 restored its snapshot of step {to}, this rank holds none "
+                    f"(it holds {[s for s, _ in self._snapshots]}); every rank must pass the same model= and "
+                    "snapshot settings"
+                )
+            self._restore_state(held, to)
+            if self.rewind:
+                self.step_count = to
+                for s in [s for s in self.lrs if s > to]:
+                    self.lrs.pop(s, None)
+                    self.losses.pop(s, None)
+        self.step_count = int(step)
+        self.to_skip = int(to_skip)
+        self._lr_used = float(lr)
+        self._set_lr(self._lr_used)
+        if snapped:
+            self._snapshot()
+        return StepInfo(
+            step=self.step_count, lr=self._lr_used, rolled_back=restored >= 0, decision=_KIND_CODES[int(code)]
+        )
 
     # ------------------------------------------------------------------------------------------ decisions
 
@@ -502,9 +670,19 @@ class Pilot:
             decisions=tuple(
                 DecisionRecord.from_log(d)
                 for d in self.decisions
-                if d.get("kind") in ("decision", "emergency", "fallback")
+                if d.get("kind") in ("decision", "emergency", "fallback", "agent_rollback")
             ),
             rollbacks=tuple(self.rollbacks),
+            rollback_steps=safety.agent_rollback_steps(
+                step,
+                self.total_steps,
+                [safety.CheckpointInfo(s) for s, _ in self._snapshots],
+                self.agent_rollback_steps,
+                self.g,
+            )
+            if self.model is not None
+            else (),
+            agent_rollbacks_left=max(0, self.g.agent_rollbacks - len(self.agent_rollback_steps)),
             memory_brief=self.memory_brief,
             floor=self.g.floor,
             ceiling=self.g.ceiling,
@@ -611,15 +789,29 @@ class Pilot:
             extra["raw_reply"] = decision.raw
         if decision.meta:
             extra["meta"] = decision.meta
-        if decision.rollback_to_step is not None:  # agent rollbacks need the supervisor's checkpoints
-            why = "agent rollback: not available in-process (the Pilot keeps no checkpoints to choose from)"
+        if decision.rollback_to_step is not None:  # the kept snapshots are the checkpoints it may name
             extra["rollback_to_step"] = decision.rollback_to_step
-            extra["rollback_refused"] = why
-            reasons.append(why)
+            verdict = self._check_agent_rollback(point["step"], decision.rollback_to_step)
+            if verdict.ok and verdict.to_step is not None:
+                fields = dict(kind="agent_rollback", reasoning=decision.reason, raw_lr_request=decision.lr,
+                              clamped=bool(reasons), clamp_reasons=reasons, rollback_reason=verdict.reason, **extra)  # fmt: skip
+                self._agent_request = {"point": point, "to_step": verdict.to_step, "new_lr": clamp.lr, "fields": fields}
+                return "agent_rollback"
+            extra["rollback_refused"] = verdict.reason
+            reasons.append(verdict.reason)
         kind = "fallback" if (decision.fallback or clamp.fallback) else "decision"
         self._command(point, clamp.lr, plan, at, kind=kind, reasoning=decision.reason, raw_lr_request=decision.lr,
                       clamped=bool(reasons), clamp_reasons=reasons, **extra)  # fmt: skip
         return kind
+
+    def _check_agent_rollback(self, step: int, requested: Any) -> safety.AgentRollback:
+        """The guard's verdict on a request to go back to the snapshot at step `requested` (the kept snapshots
+        are the checkpoints; without a model there is nothing to restore)."""
+        if self.model is None:
+            why = f"rollback to step {requested!r} refused: no model to restore (pass model= to the Pilot)"
+            return safety.AgentRollback(False, None, why)
+        infos = [safety.CheckpointInfo(step=s) for s, _ in self._snapshots]
+        return safety.check_agent_rollback(requested, step, self.total_steps, infos, self.agent_rollback_steps, self.g)
 
     def _record(self, point: dict[str, Any], new_lr: float, *, kind: str, reasoning: str, **fields: Any) -> dict:
         """A decision-log record: the published fields first (supervisor.DECISION_FIELDS), then ours."""
@@ -679,6 +871,12 @@ class Pilot:
     # ------------------------------------------------------------------------------------------ safety
 
     def _own_state(self) -> dict[str, Any]:
+        """The pilot's state now. Decision records are copied one level deep (a record's top-level fields are
+        what changes after it is logged: effective_step, _logged; its lists and dicts never change), keeping a
+        pending command's record the same object as in `decisions`: a deep copy of every record at every
+        snapshot made the pilot's cost grow with the run's decisions (O(decisions) recursive copies per snapshot;
+        benchmarks/pilot_overhead.py)."""
+        copies = {id(d): dict(d) for d in self.decisions}
         return {
             "step": self.step_count,
             "lr_state": self.lr_state.state_dict(),
@@ -687,8 +885,8 @@ class Pilot:
             "last_grad_norm": self.last_grad_norm,
             "loss_history": [list(x) for x in self.loss_history],
             "lr_history": [list(x) for x in self.lr_history],
-            "decisions": copy.deepcopy(self.decisions),
-            "pending": copy.deepcopy(self.pending),
+            "decisions": [copies[id(d)] for d in self.decisions],
+            "pending": [(at, lr, knots, copies.get(id(rec)) or dict(rec)) for at, lr, knots, rec in self.pending],
         }
 
     def _load_own_state(self, s: dict[str, Any]) -> None:
@@ -700,18 +898,25 @@ class Pilot:
         self.last_grad_norm = float(s["last_grad_norm"])
         self.loss_history = [(int(a), float(b)) for a, b in s["loss_history"]]
         self.lr_history = [(int(a), float(b)) for a, b in s["lr_history"]]
-        self.decisions = copy.deepcopy(s["decisions"])
-        self.pending = [tuple(p) for p in copy.deepcopy(s["pending"])]  # type: ignore[misc]
+        decisions, pending = copy.deepcopy((s["decisions"], s["pending"]))  # one copy: shared records stay shared
+        self.decisions = decisions
+        self.pending = [tuple(p) for p in pending]  # type: ignore[misc]
 
     def _params_finite(self) -> bool:
+        """Every parameter finite: one fused norm over all of them (a NaN or Inf anywhere makes it non-finite;
+        a finite model whose norm overflows float32 is also refused, which only skips a snapshot)."""
         if self.model is None:
             return True
-        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        params = [p.detach() for p in self.model.parameters()]
+        if not params:
+            return True
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=2.0)))
 
-    def _snapshot(self) -> None:
-        """Keep the state after this step (healthy: only called after a finite loss) for a rollback."""
+    def _snapshot(self) -> bool:
+        """Keep the state after this step (healthy: only called after a finite loss) for a rollback. Returns
+        whether it did (not without a model, nor from non-finite parameters)."""
         if self.model is None or not self._params_finite():
-            return
+            return False
         snap = {
             "pilot": self._own_state(),
             "model": _clone(self.model.state_dict()),
@@ -722,8 +927,8 @@ class Pilot:
         self._snapshots = [(s, x) for s, x in self._snapshots if s != step]
         if self.snapshot_to == "disk":
             assert self.run_dir is not None
-            d = self.run_dir / "snapshots"
-            d.mkdir(exist_ok=True)
+            d = self.run_dir / "snapshots" / (f"rank_{self.rank}" if self.rank else "")
+            d.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
             torch.save(snap, buf)
             path = d / f"step_{step:06d}.pt"
@@ -735,6 +940,7 @@ class Pilot:
             _, old = self._snapshots.pop(0)
             if isinstance(old, str):
                 Path(old).unlink(missing_ok=True)
+        return True
 
     def _load_snapshot(self, held: Any) -> dict[str, Any]:
         if isinstance(held, str):
@@ -772,36 +978,81 @@ class Pilot:
             rec.update(gave_up=True, rollback_reason=why)
             self._append_rollback(rec)
             raise PilotGaveUp(f"step {crash_step}: {health.detail}; {why}")
-        held = dict(self._snapshots)[plan.to_step]
+        undone = self._restore(plan.to_step, plan.new_lr)
+        rec.update(rolled_back_to_step=plan.to_step, new_lr=plan.new_lr, rollback_reason=plan.reason,
+                   skip_batches=self.skip_batches, backoff_s=0.0, **undone)  # fmt: skip
+        self._append_rollback(rec)
+        self.rollbacks.append(RollbackRecord(crash_step, lr_at_crash, plan.to_step, plan.new_lr, health.reason))
+        self._emit("start", lr=self.lr_state.lr, resumed_from=f"snapshot step {plan.to_step}")
+        return StepInfo(step=self.step_count, lr=self._lr_used, rolled_back=True)
+
+    def _restore_state(self, held: Any, to_step: int) -> dict[str, Any]:
+        """Model, optimizer and the caller's extra state from the snapshot of `to_step`; the snapshots after it
+        (the abandoned branch's) are dropped. Returns the snapshot (its "pilot" entry is the pilot's state)."""
         snap = self._load_snapshot(held)
-        # drop the snapshots after the one restored: they belong to the abandoned branch
-        self._snapshots = [(s, x) for s, x in self._snapshots if s <= plan.to_step]
+        for s, x in self._snapshots:
+            if s > to_step and isinstance(x, str):
+                Path(x).unlink(missing_ok=True)
+        self._snapshots = [(s, x) for s, x in self._snapshots if s <= to_step]
         assert self.model is not None
         self.model.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
         if self.extra_state is not None:
             self.extra_state[1](snap["extra"])
-        self._load_own_state(snap["pilot"])
+        return snap
+
+    def _restore(self, to_step: int, new_lr: float) -> dict[str, Any]:
+        """Go back to the snapshot of `to_step` (a crash or a granted agent rollback) at `new_lr`. The rule for
+        step numbers (docs/architecture.md): rewind=True (your loop) the step count goes back to `to_step` and
+        the updates after it are trained again under the same numbers; rewind=False (a framework, whose own
+        step counter goes on) the step count stays and the next update is the framework's next step. Either
+        way the updates to_step+1 .. the current step were undone. Returns the rollback record's fields
+        saying so: undone_steps [first, last], next_step (the number of the next update), step_numbering."""
+        before = self.step_count
+        snap = self._restore_state(dict(self._snapshots)[to_step], to_step)
+        if self.rewind:
+            self._load_own_state(snap["pilot"])
+            for s in [s for s in self.lrs if s > to_step]:
+                self.lrs.pop(s, None)
+                self.losses.pop(s, None)
+            self.launch_start_step = to_step
+        else:
+            self.interval = []  # the interval's losses were the abandoned updates'
+            self.launch_start_step = before
         self.pending = []  # commands not applied by the snapshot's step belong to the abandoned branch
-        self.lr_state.override(plan.new_lr)
+        self.lr_state.override(new_lr)
         self._launch += 1
         self._inflight = None
-        self.launch_start_step = plan.to_step
         self.to_skip = self.skip_batches
-        rec.update(rolled_back_to_step=plan.to_step, new_lr=plan.new_lr, rollback_reason=plan.reason,
-                   skip_batches=self.skip_batches, backoff_s=0.0)  # fmt: skip
-        self._append_rollback(rec)
-        self.rollbacks.append(RollbackRecord(crash_step, lr_at_crash, plan.to_step, plan.new_lr, health.reason))
-        for s in [s for s in self.lrs if s > plan.to_step]:
-            self.lrs.pop(s, None)
-            self.losses.pop(s, None)
+        self._restored_to = to_step
         self._lr_used = self._lr_for(self.step_count)
         self._set_lr(self._lr_used)
-        self._emit("start", lr=self.lr_state.lr, resumed_from=f"snapshot step {plan.to_step}")
-        return StepInfo(step=self.step_count, lr=self._lr_used, rolled_back=True)
+        return {
+            "undone_steps": [to_step + 1, before],
+            "next_step": self.step_count + 1,
+            "step_numbering": "rewind" if self.rewind else "continue",
+        }
+
+    def _agent_rollback(self) -> StepInfo:
+        """Carry out the agent rollback the guard granted (Decision.rollback_to_step): restore the snapshot at
+        its step with the controller's LR (guard-clamped), log the decision (kind agent_rollback, seq null,
+        effective_step = the snapshot's step). Not a crash: rollbacks.jsonl and the crash counter are untouched
+        (as the supervisor's)."""
+        req, self._agent_request = self._agent_request, None
+        assert req is not None
+        to = int(req["to_step"])
+        undone = self._restore(to, req["new_lr"])
+        point = req["point"]
+        rec = self._record(point, req["new_lr"], effective_step=to, **req["fields"], **undone)
+        self.decisions.append(rec)
+        self._log(rec)
+        self.agent_rollback_steps.append(to)
+        self.rollbacks.append(RollbackRecord(point["step"], point["old_lr"], to, req["new_lr"], "agent_request"))
+        self._emit("start", lr=self.lr_state.lr, resumed_from=f"agent rollback to snapshot step {to}")
+        return StepInfo(step=self.step_count, lr=self._lr_used, rolled_back=True, decision="agent_rollback")
 
     def _append_rollback(self, rec: dict[str, Any]) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.writer:
             append_jsonl(self.run_dir / "rollbacks.jsonl", rec)
 
     # ------------------------------------------------------------------------------------------ resume
@@ -815,6 +1066,7 @@ class Pilot:
             "rollbacks": [r.__dict__ for r in self.rollbacks],
             "crashes": [list(c) for c in self.counter.crashes],
             "launch_start_step": self.launch_start_step,
+            "agent_rollback_steps": list(self.agent_rollback_steps),
             "to_skip": self.to_skip,
             "lrs": dict(self.lrs),
             "losses": dict(self.losses),
@@ -835,6 +1087,7 @@ class Pilot:
         self.rollbacks = [RollbackRecord(**r) for r in state["rollbacks"]]
         self.counter = safety.CrashCounter(tuple(tuple(c) for c in state["crashes"]))
         self.launch_start_step = int(state["launch_start_step"])
+        self.agent_rollback_steps = [int(x) for x in state.get("agent_rollback_steps", [])]
         self.to_skip = int(state["to_skip"])
         self.lrs = {int(k): float(v) for k, v in state["lrs"].items()}
         self.losses = {int(k): float(v) for k, v in state["losses"].items()}
@@ -843,7 +1096,7 @@ class Pilot:
         self._lr_used = float(state["lr_used"])
         self._set_lr(self._lr_used)
         self._answered = {}
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.writer:
             self._write_round_file()
             logged = [
                 r
@@ -861,7 +1114,9 @@ class Pilot:
 
     def result(self, final_eval_loss: float = math.nan, final_eval_tokens: int = 0, status: str = "ok") -> dict:
         """The run's result (RUN/result.json's fields: lrpilot.supervisor.RoundResult's)."""
-        counted = [d for d in self.decisions if d.get("kind") in ("decision", "emergency", "fallback")]
+        counted = [
+            d for d in self.decisions if d.get("kind") in ("decision", "emergency", "fallback", "agent_rollback")
+        ]
         answers = [d for d in counted if d.get("kind") in ("decision", "fallback")]
         fallbacks = sum(d.get("kind") == "fallback" for d in answers)
         after = [v for s, v in self.lrs.items() if s > self.warmup_steps]
@@ -890,7 +1145,7 @@ class Pilot:
             "unanswered_decisions": 0,
             "fallback_decisions": fallbacks,
             "mostly_fallback": fallbacks * 2 > len(answers) if answers else False,
-            "agent_rollbacks": 0,
+            "agent_rollbacks": len(self.agent_rollback_steps),
         }
 
     def finish(self, final_eval_loss: float = math.nan, final_eval_tokens: int = 0, status: str = "ok") -> dict:
@@ -916,7 +1171,7 @@ class Pilot:
         res["unanswered_decisions"] = unanswered
         self._emit("done", final_eval_loss=res["final_eval_loss"], final_eval_ppl=res["final_eval_ppl"],
                    final_eval_tokens=res["final_eval_tokens"], wait_s=0.0)  # fmt: skip
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.writer:
             write_json_atomic(self.run_dir / "result.json", res)
             line = {
                 "timestamp": now_iso(),

@@ -42,7 +42,9 @@ REASON_CHARS = 60
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "round.json").is_file() or (path / "telemetry.jsonl").is_file()
+    """round.json or telemetry.jsonl (a run that started), or pilot.json (a `campaign --script` round whose script
+    has not built its Pilot yet)."""
+    return any((path / name).is_file() for name in ("round.json", "telemetry.jsonl", "pilot.json"))
 
 
 def find_runs(root: str | Path, max_depth: int = MAX_DEPTH) -> list[Path]:
@@ -145,6 +147,7 @@ class RunWatch:
         self.label = run_label(self.run_dir)
         self._telemetry = JsonlFollower(self.run_dir / "telemetry.jsonl")
         self._sent = JsonlFollower(self.run_dir / "decisions_sent.jsonl")
+        self._pilot_checked = False
         self._rollbacks: JsonlFollower | None = None
         self.run_start_iso = ""
         self.total_steps = 0
@@ -165,13 +168,24 @@ class RunWatch:
 
     def _read_settings(self) -> None:
         if not self.total_steps:
-            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
                 cfg = json.loads((self.run_dir / "config.json").read_text())
                 self.total_steps = int(cfg["train"]["total_steps"])
                 self.stale_s = max(STALE_S, float(cfg.get("guard", {}).get("hang_timeout_s", STALE_S)))
-        if not self.total_steps:  # a Pilot's run (campaign --script) has no config.json; its round.json says
+        # a Pilot's run has no config.json (or another program's, e.g. HF's model config): its round.json says, or
+        # before the script built its Pilot, the pilot.json `campaign --script` wrote
+        for name in ("round.json", "pilot.json"):
+            if not self.total_steps:
+                with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
+                    self.total_steps = int(json.loads((self.run_dir / name).read_text())["total_steps"])
+        if not self._pilot_checked:  # a Pilot logs each decision once, in RUN/decisions.jsonl (no decisions_sent)
             with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-                self.total_steps = int(json.loads((self.run_dir / "round.json").read_text())["total_steps"])
+                rnd = json.loads((self.run_dir / "round.json").read_text())
+                self._pilot_checked = True
+                if rnd.get("source") == "pilot" and not (self.run_dir / "decisions_sent.jsonl").exists():
+                    self._sent = JsonlFollower(self.run_dir / "decisions.jsonl")
+                    hang = as_float((rnd.get("guard") or {}).get("hang_timeout_s"))
+                    self.stale_s = max(self.stale_s, hang) if math.isfinite(hang) else self.stale_s
         if self._rollbacks is None:
             with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
                 rnd = json.loads((self.run_dir / "round.json").read_text())
@@ -215,6 +229,8 @@ class RunWatch:
             elif kind == "done":
                 self.done = True
         for rec in self._sent.poll():
+            if rec.get("kind") in ("superseded", "unanswered"):  # a Pilot's log: answers that set no LR
+                continue
             self.last_decision = rec
             self.rollbacks += rec.get("kind") == "agent_rollback"  # the agent's own rollbacks count too
             out.append({"kind": "decision", **rec})

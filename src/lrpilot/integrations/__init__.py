@@ -32,6 +32,7 @@ class _PilotCallbackCore:
         """The PilotScheduler for `optimizer` (a Pilot with this callback's settings; `model` is restored on a
         rollback). Give it to the framework as its LR scheduler."""
         kwargs = dict(self.pilot_kwargs)
+        kwargs.setdefault("rewind", False)  # the framework's step counter goes on after a rollback
         if model is not None:
             kwargs.setdefault("model", model)
         self.pilot = Pilot(optimizer, **kwargs)

@@ -19,7 +19,9 @@ on_train_batch_end (after this callback) and before Lightning steps the schedule
 pilot's state after the update it holds the model of. Lightning saves the scheduler's state_dict (the pilot's
 state) in its checkpoints and loads it after the optimizer's on `fit(ckpt_path=...)`, so a resume continues with
 the steered LR. On a rollback the pilot
-restores the module and optimizer in place; Lightning's global step and data loader go on.
+restores the module and optimizer in place; Lightning's global step and data loader go on (the pilot is built with
+rewind=False: its steps stay Lightning's, and the rollback record says which updates were undone). Several
+processes (DDP): rank 0 alone decides and writes the logs; every rank sets the LR rank 0 broadcasts.
 """
 
 from __future__ import annotations

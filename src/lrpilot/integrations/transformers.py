@@ -13,8 +13,10 @@ optimizer's on `resume_from_checkpoint`, so the steered LR is what a resume cont
 micro-batch is read by a forward hook on the model (the model's output `loss` in training mode), so gradient
 accumulation is handled: the pilot sees the mean over the update's micro-batches. On a rollback the pilot restores
 the model and optimizer in place; HF's own step counter and data loader go on (the batches since the snapshot
-are not repeated, as PaLM's skip). Several processes: every rank runs the same pilot on its own loss; pass the
-all-reduced loss for identical decisions (the rules and schedules are deterministic).
+are not repeated, as PaLM's skip): the pilot is built with rewind=False, so its steps stay HF's and the rollback
+record's undone_steps / next_step say what was undone. Several processes (torchrun): every rank builds the callback
+and steps its pilot; the pilot averages the ranks' losses, rank 0 alone decides and writes the logs, and every rank
+sets the LR (and restores the snapshot) rank 0 broadcasts, so all ranks train at the same LR at every step.
 """
 
 from __future__ import annotations

@@ -224,7 +224,10 @@ class OptunaMemory:
             f"{len(done) - len(ok)} failed), {len(hist) - len(done)} running."
         )
         if not ok:
-            return head + " No successful round yet; round 1 uses the default rule parameters."
+            return head + (
+                " No successful round yet; the first round uses the default rule parameters, the next ones "
+                f"TPE's random start-up samples (the first {self.n_startup_trials} trials)."
+            )
         best = min(ok, key=lambda h: h["ppl"])
         params = ", ".join(f"{k}={v:.3g}" for k, v in sorted(best["params"].items()))
         return f"{head} Best ppl {best['ppl']:.4g} (round {best['round']}) with {params}."
