@@ -91,7 +91,8 @@ def test_rules_with_probes_pick_a_branch_and_without_them_never_probe(tmp_path):
     # decision points 10, 20, 30 (cpu-smoke, 40 steps): every 2nd from the end of warmup, but 30 starts the cool-down
     assert [e["step"] for e in probes] == [d["step"] for d in decisions if d.get("probe")] == [10]
     chosen = [d for d in decisions if d.get("probe")]
-    assert all(d["meta"]["rule"] == "probe" and d["new_lr"] in d["probe"]["lrs"] for d in chosen)
+    assert all("probe branches" in d["reasoning"] and d["new_lr"] in d["probe"]["lrs"] for d in chosen)
+    assert all(d["new_lr"] >= d["old_lr"] for d in chosen)  # a probe never lowers the LR
     assert res.probe_steps == sum(e["probe_steps"] for e in probes) > 0
     # the default rules ask for none
     _, res0, telemetry0, _ = _round(tmp_path, "rules0", RuleController(RuleParams.for_init_lr(3e-3)))

@@ -233,3 +233,30 @@ def test_params_validation_and_round_trip():
         RuleParams(**corner)  # every sample of the box is valid
     assert RuleParams.search_space(3e-3)["ceiling"].high == pytest.approx(3e-1)
     assert RuleController(p).describe() == {"controller": "rules", "params": p.to_dict()}
+
+
+def test_probes_are_asked_for_at_their_decision_points_and_only_ever_raise_the_lr():
+    from lrpilot.controllers.base import ProbeResult
+
+    c = RuleController(RuleParams(probe_steps=10, probe_every=2))
+    # at the end of warmup and every 2nd decision point: the current LR and one step up
+    d = c.decide(obs(step=WARMUP, lr=3e-4, prev=4.0, cur=3.99, noise=0.5))
+    assert d.probe_lrs == (3e-4, 6e-4) and d.probe_steps == 10 and "probe first" in d.reason
+    assert c.decide(obs(step=WARMUP + EVERY, lr=3e-4, prev=4.0, cur=3.99, noise=0.5)).probe_lrs is None
+    assert c.decide(obs(step=WARMUP + 2 * EVERY, lr=1e-3, prev=3.5, cur=3.6, noise=0.01)).probe_lrs is None  # rise
+    assert RuleController().decide(obs(step=WARMUP, lr=3e-4)).probe_lrs is None  # off by default
+    # at the ceiling a probe may look above it (up to probe_ceiling_factor x ceiling)
+    d = c.decide(obs(step=WARMUP + 2 * EVERY, lr=1e-3, prev=4.0, cur=3.99, noise=0.5))
+    assert d.probe_lrs == (1e-3, 2e-3) and rule(d) == "hold"
+
+    def answer(lr: float, here: float, up: float):
+        probes = (ProbeResult(lr, (3.9, 3.8), after=here), ProbeResult(2 * lr, (3.9, 3.7), after=up))
+        return c.decide(obs(step=WARMUP + 2 * EVERY, lr=lr, prev=4.0, cur=3.99, noise=0.5, probes=probes))
+
+    d = answer(1e-3, here=3.80, up=3.75)  # the higher LR wins even on a short horizon: go up, above the ceiling
+    assert rule(d) == "probe" and d.lr == 2e-3 and "the higher LR wins" in d.reason
+    d = answer(1e-3, here=3.75, up=3.80)  # it loses: the rules' own decision (hold), never a cut
+    assert rule(d) == "hold" and d.lr == 1e-3 and "did not win" in d.reason
+    # with probes the rules hold an LR a probe took above their ceiling (without, they cut it back)
+    assert rule(c.decide(obs(lr=2e-3, prev=4.0, cur=3.99, noise=0.5))) == "hold"
+    assert rule(RuleController().decide(obs(lr=2e-3, prev=4.0, cur=3.99, noise=0.5))) == "over-ceiling"

@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="fix one rule-controller parameter for every round, e.g. --rule ceiling=3e-2 (repeatable; "
         "--controller rules; with --memory optuna it is left out of the search). Names: ceiling, climb_factor, "
-        "climb_z, rise_z, cut_factor, decay_start, final_ratio, crash_margin, decay_shape (1-sqrt, linear, geometric)",
+        "climb_z, rise_z, cut_factor, decay_start, final_ratio, crash_margin, probe_steps, probe_every, "
+        "probe_ceiling_factor, decay_shape (linear, 1-sqrt, geometric)",
     )
     p.add_argument(
         "--parallel",

@@ -35,13 +35,18 @@ The heuristic, evaluated at each decision point in this order (the first rule th
 5. `hold`        the first interval after a rollback (its loss comparison straddles the crash), or no
                  loss data at all.
 5b. `probe`     only with probe_steps > 0 (off by default): at the end of warmup and every probe_every-th
-                 decision point of the stable phase, the decision rules 6-8 would give comes with a request
-                 for a lookahead probe (Decision.probe_lrs) at lr x {cut_factor, 1, climb_factor} within the
-                 limits: the trainer trains probe_steps updates per branch from the current state on the run's
-                 next batches, measures each branch on the batches after them, restores its state, and the
-                 controller is asked again with Observation.probes; it then continues at the branch with the
-                 lowest loss (the idea of AutoLRS, Jin et al. 2021, "AutoLRS: Automatic Learning-Rate Schedule
-                 by Bayesian Optimization on the Fly", without its Bayesian optimisation: the branches are
+                 decision point of the stable phase (unless the loss rose), the decision rules 6-8 would give
+                 comes with a request for a lookahead probe (Decision.probe_lrs) at the current LR and one
+                 step up (x climb_factor, up to probe_ceiling_factor x ceiling, the guard's limits applied):
+                 the trainer trains probe_steps updates per branch from the current state on the run's next
+                 batches, measures each branch on the batches after them, restores its state, and the
+                 controller is asked again with Observation.probes; it goes up if the higher branch ends with
+                 the lower loss, else keeps its own decision. A short horizon favours the lower LR (short-
+                 horizon bias, Wu et al. 2018), so probes only ever raise the LR: on cpu-small a probe that
+                 could also cut chose 6e-4 over 1e-3 after 10 updates, where the sweeps of lrpilot issue 15
+                 found peaks of 1e-3 and above best. So probes let the rules find a peak above their
+                 ceiling (the idea of AutoLRS, Jin et al. 2021, "AutoLRS: Automatic Learning-Rate Schedule by
+                 Bayesian Optimization on the Fly", without its Bayesian optimisation: the branches are
                  compared directly, paired on the same batches). The extra updates are counted as compute
                  (RoundResult.probe_steps). If the probe cannot run, the rules' own decision is used.
 6. `rise`        the interval's mean loss rose by more than rise_z standard errors: cut (x cut_factor).
@@ -125,6 +130,8 @@ class RuleParams:
     probe_steps: float = 0
     #: probe at every probe_every-th decision point of the stable phase (the first one at the end of warmup)
     probe_every: float = 5
+    #: a probe may take the LR up to probe_ceiling_factor x ceiling (the rules alone stop at the ceiling)
+    probe_ceiling_factor: float = 10.0
     #: the cool-down's shape: 1-sqrt, linear or geometric (module docstring)
     decay_shape: str = "linear"
 
@@ -160,6 +167,7 @@ class RuleParams:
         _check(
             float(self.probe_every).is_integer() and self.probe_every >= 1, "probe_every", "must be a whole number >= 1"
         )
+        _check(self.probe_ceiling_factor >= 1, "probe_ceiling_factor", "must be >= 1 (a multiple of ceiling)")
 
     @staticmethod
     def search_space(init_lr: float = 3e-4) -> dict[str, ParamRange]:
@@ -227,6 +235,11 @@ def _z(delta: float, se: float) -> float:
     return math.copysign(math.inf, delta) if delta else 0.0
 
 
+def rule_of(d: Decision) -> str:
+    """The rule that made a RuleController decision (meta["rule"]), "" for another controller's."""
+    return str(d.meta.get("rule", ""))
+
+
 def loss_change_z(losses: list[float], prev: float) -> tuple[float, float, str]:
     """(z, sigma, basis): how many standard errors the loss fell over the interval (module docstring, "Noise");
     sigma is the per-step noise in loss units. `losses` are the interval's finite per-step losses, `prev` the
@@ -254,9 +267,9 @@ class RuleController(BaseController):
 
     # ------------------------------------------------------------------------------------------ helpers
 
-    def _ceiling(self, obs: Observation) -> tuple[float, str]:
-        """Effective ceiling and why: params, the guard's ceiling, and below any LR that crashed."""
-        ceil, why = self.params.ceiling, "rules ceiling"
+    def _ceiling(self, obs: Observation, base: float | None = None) -> tuple[float, str]:
+        """Effective ceiling and why: params (or `base`), the guard's ceiling, and below any LR that crashed."""
+        ceil, why = (self.params.ceiling, "rules ceiling") if base is None else (base, "probe ceiling")
         if is_positive_finite(obs.ceiling) and obs.ceiling < ceil:
             ceil, why = obs.ceiling, "guard ceiling"
         crash_lrs = [r.lr_at_crash for r in obs.rollbacks if is_positive_finite(r.lr_at_crash)]
@@ -304,14 +317,17 @@ class RuleController(BaseController):
             safe = next(x for x in (obs.init_lr, obs.floor, p.ceiling) if is_positive_finite(x))
             return out("bad-lr", safe, f"current lr {lr!r} is not a positive number; fall back to {safe:.3e}", True)
 
-        ceiling, ceiling_why = self._ceiling(obs)
-        meta["ceiling"] = ceiling
+        ceiling, ceiling_why = self._ceiling(obs)  # where the rules climb to on their own
+        hard, hard_why = ceiling, ceiling_why  # above this they cut; with probes, a probe may go up to it
+        if p.probe_steps > 0:
+            hard, hard_why = self._ceiling(obs, p.ceiling * p.probe_ceiling_factor)
+        meta.update(ceiling=ceiling, hard_ceiling=hard)
         losses = [x for x in obs.recent_losses if isinstance(x, (int, float))]
         bad = [x for x in losses if not math.isfinite(x)]
         finite = [x for x in losses if math.isfinite(x)]
 
         def decided(rule: str, new: float, reason: str) -> Decision:
-            new = self._limit(obs, lr, new, ceiling)
+            new = self._limit(obs, lr, new, hard)
             if not is_positive_finite(new):  # only with absurd guard limits in the observation
                 return out(rule, lr, f"{reason}; limits give no valid LR, hold {lr:.3e}", True)
             return out(rule, new, f"{reason}: lr {lr:.3e} -> {new:.3e}" if new != lr else f"{reason}: lr {lr:.3e}")
@@ -320,8 +336,8 @@ class RuleController(BaseController):
             return decided(
                 "non-finite", lr * p.cut_factor, f"{len(bad)} of {len(losses)} losses non-finite, cut x{p.cut_factor:g}"
             )
-        if lr > ceiling:
-            return decided("over-ceiling", ceiling, f"lr above ceiling {ceiling:.3e} ({ceiling_why})")
+        if lr > hard:
+            return decided("over-ceiling", hard, f"lr above ceiling {hard:.3e} ({hard_why})")
 
         cur = finite_mean(finite)
         prev = self._previous_loss(obs)
@@ -333,36 +349,40 @@ class RuleController(BaseController):
         total, every = obs.total_steps, max(obs.decision_every, 1)
         c0 = self._cooldown_start(obs)
         if total > 0 and obs.step >= c0:
-            return self._cooldown(obs, lr, ceiling, c0, z, change, out)
+            return self._cooldown(obs, lr, hard, c0, z, change, out)
 
         last_rb = obs.rollbacks[-1].rolled_back_to_step if obs.rollbacks else None  # the latest rollback
         if last_rb is not None and 0 <= obs.step - last_rb <= every:
             return decided("hold", lr, f"first interval after a rollback to step {last_rb}, {change}, hold")
-        if p.probe_steps > 0 and obs.probes:
-            return self._choose_probe(obs, lr, ceiling, decided)
         d = self._stable(obs, lr, ceiling, ceiling_why, z, change, decided)
+        if p.probe_steps > 0 and obs.probes:
+            return self._choose_probe(obs, lr, d, decided)
         k, off = divmod(obs.step - obs.warmup_steps, every)
-        if p.probe_steps > 0 and off == 0 and k % int(p.probe_every) == 0:
-            cands = sorted({self._limit(obs, lr, x, ceiling) for x in (lr * p.cut_factor, lr, lr * p.climb_factor)})
-            if len(cands) > 1:
-                return replace(
-                    d,
-                    probe_lrs=tuple(cands),
-                    probe_steps=int(p.probe_steps),
-                    reason=f"{d.reason}; probe first: {int(p.probe_steps)} updates at each of "
-                    + ", ".join(f"{x:.3e}" for x in cands),
-                )
+        up = self._limit(obs, lr, max(lr * p.climb_factor, d.lr), hard)
+        if p.probe_steps > 0 and off == 0 and k % int(p.probe_every) == 0 and up > lr and rule_of(d) != "rise":
+            return replace(
+                d,
+                probe_lrs=(lr, up),
+                probe_steps=int(p.probe_steps),
+                reason=f"{d.reason}; probe first: {int(p.probe_steps)} updates at {lr:.3e} and at {up:.3e}",
+            )
         return d
 
-    def _choose_probe(self, obs: Observation, lr: float, ceiling: float, decided: Any) -> Decision:
-        """Rule 5b: continue at the probe branch with the lowest loss after its updates (ProbeResult.end_loss);
-        the branches started from the same state and saw the same batches, so they are compared paired."""
-        scored = [(r.end_loss, r.lr) for r in obs.probes if math.isfinite(r.end_loss) and is_positive_finite(r.lr)]
-        if not scored:
-            return decided("probe", lr, "probe gave no finite branch loss, hold")
-        best_loss, best_lr = min(scored)
-        table = ", ".join(f"{x:.3e}: {v:.4f}" for v, x in sorted(scored, key=lambda t: t[1]))
-        return decided("probe", min(best_lr, ceiling), f"probe branches (lr: loss) {table}; best {best_lr:.3e}")
+    def _choose_probe(self, obs: Observation, lr: float, own: Decision, decided: Any) -> Decision:
+        """Rule 5b: go to the higher probe branch if its loss after the branch (ProbeResult.end_loss) is lower than
+        the current LR's, else the rules' own decision `own`. The branches started from the same state and saw the
+        same batches, so the comparison is paired; a short horizon favours the lower LR (short-horizon bias, Wu et
+        al. 2018, "Understanding Short-Horizon Bias in Stochastic Meta-Optimization"), so a higher LR that wins
+        anyway is trusted, and a probe never lowers the LR by itself."""
+        at = {r.lr: r.end_loss for r in obs.probes if is_positive_finite(r.lr)}
+        higher = [(x, v) for x, v in at.items() if x > lr and math.isfinite(v)]
+        here = at.get(lr, math.nan)
+        table = ", ".join(f"{x:.3e}: {v:.4f}" for x, v in sorted(at.items()))
+        if higher and math.isfinite(here):
+            x, v = min(higher, key=lambda t: t[1])
+            if v < here:
+                return decided("probe", max(x, own.lr), f"probe branches (lr: loss) {table}; the higher LR wins")
+        return replace(own, reason=f"{own.reason}; probe branches (lr: loss) {table}: the higher LR did not win")
 
     def _stable(
         self, obs: Observation, lr: float, ceiling: float, ceiling_why: str, z: float, change: str, decided: Any
