@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -131,6 +132,26 @@ def chat_body(content: str, prompt_tokens: int = 11, completion_tokens: int = 7,
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+
+
+def rollback_responder(total: int, rollback_at: int, refuse_at: int, seen: list[str]) -> Any:
+    """A ScriptedServer responder playing an LLM controller that holds 3e-3, asks once (the first visit of step
+    `rollback_at`) to go back to step 10 at 2e-3, and at step `refuse_at` (late in the run, where the guard refuses
+    a rollback) asks to go back to step 20. `seen` receives the prompt of the request that asked for the rollback.
+    The step is read from the prompt's "step N of TOTAL"."""
+
+    def responder(req: dict[str, Any]) -> tuple[int, dict, dict]:
+        prompt = " ".join(m["content"] for m in req["messages"])
+        step = int(re.search(rf"\bstep (\d+) of {total}\b", prompt).group(1))
+        reply: dict[str, Any] = {"reason": "hold", "lr": 0.003}
+        if step == rollback_at and not seen:  # the first visit: go back to 10 at a lower LR
+            seen.append(prompt)
+            reply = {"reason": "the climb since step 10 was wasted", "lr": 0.002, "rollback_to_step": 10}
+        elif step == refuse_at:
+            reply = {"reason": "once more", "lr": 0.0025, "rollback_to_step": 20}
+        return 200, chat_body(json.dumps(reply)), {}
+
+    return responder
 
 
 def error_body(message: str, kind: str = "error") -> dict:

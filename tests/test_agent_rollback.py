@@ -78,7 +78,7 @@ def test_parse_rollback_reads_only_a_non_negative_integer_step():
 @pytest.mark.slow
 def test_llm_asks_for_a_rollback_over_http_the_supervisor_obeys_and_replay_reproduces_it(tmp_path, monkeypatch):
     pytest.importorskip("openai", reason="needs the `openai` extra")
-    from llm_servers import TEST_KEY, ScriptedServer, chat_body
+    from llm_servers import TEST_KEY, ScriptedServer, rollback_responder
 
     from lrpilot.config import AgentConfig
     from lrpilot.controllers.llm import LLMController
@@ -86,19 +86,7 @@ def test_llm_asks_for_a_rollback_over_http_the_supervisor_obeys_and_replay_repro
     from lrpilot.llm.base import make_backend
 
     asked: list[str] = []
-
-    def responder(req):
-        prompt = " ".join(m["content"] for m in req["messages"])
-        step = int(re.search(r"\bstep (\d+) of 60\b", prompt).group(1))
-        reply = {"reason": "hold", "lr": 0.003}
-        if step == 30 and not asked:  # the first visit of step 30: go back to 10 at a lower LR
-            asked.append(prompt)
-            reply = {"reason": "the climb since step 10 was wasted", "lr": 0.002, "rollback_to_step": 10}
-        elif step == 50:  # in the last 20% of the run: the guard refuses, the LR stands
-            reply = {"reason": "once more", "lr": 0.0025, "rollback_to_step": 20}
-        return 200, chat_body(json.dumps(reply)), {}
-
-    server = ScriptedServer(responder=responder)
+    server = ScriptedServer(responder=rollback_responder(60, 30, 50, asked))
     monkeypatch.setenv("LRPILOT_TEST_KEY", TEST_KEY)
     cfg = load_config("cpu-smoke")
     logs = RoundLogs(tmp_path / "decisions.jsonl", tmp_path / "rollbacks.jsonl", {"round": 7, "controller": "llm"})

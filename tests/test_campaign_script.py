@@ -45,17 +45,14 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)  # polling a file with a deadline, not a timing assumption
 
 
-def _starts(run_dir: Path) -> list[dict]:
-    return [e for e in read_jsonl(run_dir / "telemetry.jsonl") if e.get("event") == "start"]
-
-
-@pytest.mark.slow
-def test_script_campaign_learns_across_rounds_and_resumes_after_sigkill(tmp_path):
-    d = tmp_path / "camp"
-    cmd = _cmd(d, _script("--pause-at-step", "20", "--pause-round", "2"), 2, "--memory", "optuna")
+def _kill_in_round_2_then_resume(cmd: list[str], d: Path, also=None) -> list[dict]:
+    """Start the campaign, SIGKILL it (and its script) once round 2 paused at its step-20 checkpoint (and `also()`
+    is true), check that only round 1 finished, run the same command again and return final_results.jsonl."""
     proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         _wait_for(d / "rounds" / "round_002" / "paused", proc)  # round 2 checkpointed step 20 and blocks there
+        if also is not None:
+            wait_until(also, 240, "round 1's result line")
         os.killpg(proc.pid, signal.SIGKILL)  # the campaign and its script, as a Ctrl-\ or an OOM kill would
         proc.wait(timeout=30)
     finally:
@@ -64,7 +61,18 @@ def test_script_campaign_learns_across_rounds_and_resumes_after_sigkill(tmp_path
     assert [r["round"] for r in read_jsonl(d / "final_results.jsonl")] == [1]
     again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
-    finals = read_jsonl(d / "final_results.jsonl")
+    return read_jsonl(d / "final_results.jsonl")
+
+
+def _starts(run_dir: Path) -> list[dict]:
+    return [e for e in read_jsonl(run_dir / "telemetry.jsonl") if e.get("event") == "start"]
+
+
+@pytest.mark.slow
+def test_script_campaign_learns_across_rounds_and_resumes_after_sigkill(tmp_path):
+    d = tmp_path / "camp"
+    cmd = _cmd(d, _script("--pause-at-step", "20", "--pause-round", "2"), 2, "--memory", "optuna")
+    finals = _kill_in_round_2_then_resume(cmd, d)
     assert [r["round"] for r in finals] == [1, 2]  # one line per round, round 1 never counted twice
     assert all(r["status"] == "ok" and r["update_step"] == 40 and r["script"] for r in finals)
     assert len(_starts(d / "rounds" / "round_001")) == 1  # round 1 not re-run
@@ -213,19 +221,8 @@ def test_two_script_rounds_in_parallel_then_a_resume_after_sigkill(tmp_path):
     checkpoint; each round's decisions reach the campaign's log once and `lrpilot status` reads both."""
     d = tmp_path / "camp"
     cmd = _cmd(d, _script("--pause-at-step", "20", "--pause-round", "2"), 2, "--memory", "optuna", "--parallel", "2")
-    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        _wait_for(d / "rounds" / "round_002" / "paused", proc)
-        wait_until(lambda: read_jsonl(d / "final_results.jsonl"), 240, "round 1's result line")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert [r["round"] for r in read_jsonl(d / "final_results.jsonl")] == [1]
-    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stdout + again.stderr
-    finals = read_jsonl(d / "final_results.jsonl")
+    # with rounds in parallel, round 1 may still be finishing when round 2 pauses: kill once it has its result
+    finals = _kill_in_round_2_then_resume(cmd, d, also=lambda: read_jsonl(d / "final_results.jsonl"))
     assert [r["round"] for r in finals] == [1, 2]
     assert all(r["status"] == "ok" and r["update_step"] == 40 and r["crash_count"] == 0 for r in finals)
     assert len(_starts(d / "rounds" / "round_001")) == 1

@@ -41,22 +41,10 @@ def _llm(server_url: str, guard, tmp_path):
 
 def test_an_llm_rollback_request_restores_the_snapshot_of_that_step(smoke_config, tmp_path, monkeypatch):
     pytest.importorskip("openai", reason="needs the `openai` extra")
-    from llm_servers import TEST_KEY, ScriptedServer, chat_body
+    from llm_servers import TEST_KEY, ScriptedServer, rollback_responder
 
     prompts: list[str] = []
-
-    def responder(req):
-        prompt = " ".join(m["content"] for m in req["messages"])
-        step = int(re.search(r"\bstep (\d+) of 40\b", prompt).group(1))
-        reply = {"reason": "hold", "lr": 0.003}
-        if step == 20 and not prompts:  # the first visit of step 20: go back to 10 at a lower LR
-            prompts.append(prompt)
-            reply = {"reason": "the climb since step 10 was wasted", "lr": 0.002, "rollback_to_step": 10}
-        elif step == 35:  # in the last 20% of the run: the guard refuses, the LR stands
-            reply = {"reason": "once more", "lr": 0.0025, "rollback_to_step": 20}
-        return 200, chat_body(json.dumps(reply)), {}
-
-    server = ScriptedServer(responder=responder)
+    server = ScriptedServer(responder=rollback_responder(40, 20, 35, prompts))
     monkeypatch.setenv("LRPILOT_TEST_KEY", TEST_KEY)
     model, data, opt = _setup(smoke_config)
     batch = {"i": 0}
