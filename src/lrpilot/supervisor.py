@@ -863,10 +863,7 @@ class _Round:
             return
         if self.blocking:
             t = time.monotonic()
-            try:
-                decision: Decision | BaseException = self.controller.decide(point.obs)
-            except Exception as e:  # a controller bug must not end the round: keep the LR, log it
-                decision = e
+            decision = self._decide(point.obs)
             if isinstance(decision, Decision) and decision.probe_lrs and self._start_probe(point, decision):
                 return  # asked again when the trainer's `probe` event arrives (_on_probe)
             self._apply_decision(point, decision, time.monotonic() - t)
@@ -883,10 +880,7 @@ class _Round:
 
     def _decide_async(self, point: _Point) -> None:
         t = time.monotonic()
-        try:
-            decision: Decision | BaseException = self.controller.decide(point.obs)
-        except Exception as e:
-            decision = e
+        decision = self._decide(point.obs)
         self.replies.put((point, decision, time.monotonic() - t))
 
     def _on_reply(self, reply: tuple[_Point, Decision | BaseException, float], stale: str | None = None) -> None:
@@ -911,6 +905,14 @@ class _Round:
         rec = self._record(point, point.obs.lr, kind="superseded", reasoning=stale, **fields)
         self._write(rec)
         self.decisions.append(rec)  # its latency counts, as it does when the round is restored from the log
+
+    def _decide(self, obs: Observation) -> Decision | BaseException:
+        """The controller's answer, or the exception it raised: a controller bug must not end the round (the
+        LR is kept and the error logged by _apply_decision)."""
+        try:
+            return self.controller.decide(obs)
+        except Exception as e:  # noqa: BLE001
+            return e
 
     def _start_probe(self, point: _Point, decision: Decision) -> bool:
         """Send the lookahead probe `decision` asks for to the trainer (which waits at this decision point), every
@@ -951,10 +953,7 @@ class _Round:
             "branches": [{"lr": r.lr, "end_loss": r.end_loss, "mean_loss": finite_mean(r.losses)} for r in results],
         }  # fmt: skip
         t2 = time.monotonic()
-        try:
-            decision: Decision | BaseException = self.controller.decide(again.obs)
-        except Exception as e:
-            decision = e
+        decision = self._decide(again.obs)
         if isinstance(decision, Decision) and decision.probe_lrs:
             record["second_request_ignored"] = True
         self._apply_decision(again, decision, time.monotonic() - t2 + (t2 - t), extra={"probe": record})

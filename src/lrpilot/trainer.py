@@ -590,9 +590,17 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
         snap_opt = copy.deepcopy(optimizer.state_dict())
         snap_rng, snap_data = rng_state(), copy.deepcopy(data.state_dict())
         grad_clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+
+        def restore() -> None:  # the decision point's state; copies, since the next branch trains on it
+            raw_model.load_state_dict(snap_model)
+            optimizer.load_state_dict(copy.deepcopy(snap_opt))
+            optimizer.zero_grad(set_to_none=True)
+            set_rng_state(snap_rng)
+            data.load_state_dict(copy.deepcopy(snap_data))
+
         branches = []
-        try:
-            for lr_b in lrs:
+        for lr_b in lrs:
+            try:
                 losses: list[float] = []
                 for t in range(step, step + n):
                     for group in optimizer.param_groups:
@@ -620,16 +628,8 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
                     {"lr": lr_b, "losses": losses, "after": sum(after) / len(after) if after else None,
                      "after_batches": len(after) // max(accum, 1)}
                 )  # fmt: skip
-                raw_model.load_state_dict(snap_model)
-                optimizer.load_state_dict(copy.deepcopy(snap_opt))
-                set_rng_state(snap_rng)
-                data.load_state_dict(copy.deepcopy(snap_data))
-        finally:  # whatever happened, the run continues from the decision point's state
-            raw_model.load_state_dict(snap_model)
-            optimizer.load_state_dict(snap_opt)
-            optimizer.zero_grad(set_to_none=True)
-            set_rng_state(snap_rng)
-            data.load_state_dict(snap_data)
+            finally:  # whatever happened, the next branch and the run start from the decision point's state
+                restore()
         telemetry.emit(
             "probe", step, branches=branches, steps=n, probe_steps=n * len(lrs), seconds=time.perf_counter() - t0
         )
