@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import math
 
+from lrpilot.lr import is_positive_finite
+
 
 def positive_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number such as 3e-3, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
+    if not is_positive_finite(v):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return v
 

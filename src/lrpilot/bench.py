@@ -44,6 +44,7 @@ from typing import Any
 from lrpilot.config import ConfigError, RunConfig, apply_overrides, load_config
 from lrpilot.errors import LrpilotError
 from lrpilot.logs import as_float, now_iso, read_jsonl, write_json_atomic
+from lrpilot.lr import is_positive_finite
 
 FIXED = ("cosine", "wsd", "d2z", "constant")
 #: schedulefree.AdamWScheduleFree's default lr; prodigyopt.Prodigy's default lr (a multiplier of its estimate)
@@ -109,7 +110,7 @@ def _lr(spec: str, text: str) -> float:
         lr = float(text)
     except ValueError:
         lr = math.nan
-    if not (math.isfinite(lr) and lr > 0):
+    if not is_positive_finite(lr):
         raise BenchError(f"--methods {spec}: expected a positive LR after ':', e.g. schedulefree:2.5e-3")
     return lr
 
@@ -195,7 +196,7 @@ class BenchSettings:
         if dup:
             raise BenchError(f"--methods: {dup[0]} is given twice")
         for p in self.peaks:
-            if not (math.isfinite(p) and p > 0):
+            if not is_positive_finite(p):
                 raise BenchError(f"--peaks {p!r}: must be positive numbers")
 
     #: fields that change what a finished run means; a reused OUT must match them

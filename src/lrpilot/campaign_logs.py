@@ -25,91 +25,20 @@ from typing import Any
 
 from lrpilot.errors import LrpilotError
 from lrpilot.logs import as_float, iter_jsonl
+from lrpilot.lr import (  # noqa: F401 - fmt_lr and the peak bands are re-exported: their home is lrpilot.lr
+    BAND_EDGES,
+    CATASTROPHIC_FACTOR,
+    band_sort_key,
+    bands_between,
+    fmt_lr,
+    peak_band,
+    peak_band_range,
+    warmup_lr,
+)
 
 
 class CampaignLogsError(LrpilotError, ValueError):
     """A campaign or baseline path that cannot be read (the message names the path and the fix)."""
-
-
-# --------------------------------------------------------------------------------------------- formatting
-
-
-def fmt_lr(lr: float, digits: int = 2) -> str:
-    """Compact LR as the published file names spell it: 0.01 -> "1e-2", 0.0035 -> "3.5e-3" (the mantissa
-    rounded to `digits` decimals: 3 significant digits at most by default); non-positive or non-finite ->
-    "n/a"."""
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        return "n/a"
-    if not _SAFE_POW[0] <= lr <= _SAFE_POW[1]:  # 10**exp would underflow to 0 or overflow: let format round it
-        mant_s, exp_s = f"{lr:.{digits}e}".split("e")
-        return f"{float(mant_s):g}e{int(exp_s)}"
-    exp = math.floor(math.log10(lr))
-    mant = round(lr / 10**exp, digits)
-    if mant >= 10:  # rounding carried over (9.996 -> 10.0)
-        mant, exp = mant / 10, exp + 1
-    return f"{mant:g}e{exp}"
-
-
-# -------------------------------------------------------------------------------------------- LR bands
-
-#: band edges inside one decade: [1, 3) and [3, 10), i.e. half-decade bands on a log grid
-BAND_EDGES = (1.0, 3.0)
-_EPS = 1e-9  # relative slack so that 1e-3 and 3e-3 (not exactly representable) land on their own edge
-#: LRs whose decade 10.0**exp is a normal float (outside, 10.0**exp underflows to 0 or overflows)
-_SAFE_POW = (1e-300, 1e300)
-
-
-def peak_band_range(lr: float) -> tuple[float, float]:
-    """The half-decade band [lo, hi) that holds `lr`: edges at 1 and 3 per decade (1e-3, 3e-3, 1e-2, ...).
-    An LR exactly on an edge belongs to the band that starts there. Raises ValueError for lr <= 0 or NaN."""
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"peak LR must be a positive number, got {lr!r}")
-    exp = math.floor(math.log10(lr) + _EPS)
-    if not _SAFE_POW[0] <= lr <= _SAFE_POW[1]:  # subnormal or near the float maximum: no 10.0**exp arithmetic
-        mant_s, exp_s = f"{lr:.17e}".split("e")
-        mant, exp = float(mant_s), int(exp_s)
-        if mant >= 10 * (1 - _EPS):
-            mant, exp = mant / 10, exp + 1
-        edge = lambda m, e: float(f"{m:g}e{e}")  # noqa: E731 - 1e309 -> inf, 1e-330 -> 0.0, never an error
-        if mant >= BAND_EDGES[1] * (1 - _EPS):
-            return edge(BAND_EDGES[1], exp), edge(BAND_EDGES[0], exp + 1)
-        return edge(BAND_EDGES[0], exp), edge(BAND_EDGES[1], exp)
-    mant = lr / 10.0**exp
-    if mant >= BAND_EDGES[1] * (1 - _EPS):
-        return BAND_EDGES[1] * 10.0**exp, BAND_EDGES[0] * 10.0 ** (exp + 1)
-    return BAND_EDGES[0] * 10.0**exp, BAND_EDGES[1] * 10.0**exp
-
-
-def peak_band(lr: float) -> str:
-    """Name of the half-decade LR band that holds `lr`, e.g. peak_band(1.2e-3) == "1e-3..3e-3",
-    peak_band(3e-3) == "3e-3..1e-2", peak_band(1e-2) == "1e-2..3e-2". Bands have edges 1 and 3 per decade
-    (a log grid with ratio ~3.16 per band) and are closed at the bottom, open at the top. An LR that is not a
-    positive finite number gives "n/a"."""
-    try:
-        lo, hi = peak_band_range(lr)
-    except ValueError:
-        return "n/a"
-    return f"{fmt_lr(lo)}..{fmt_lr(hi)}"
-
-
-def bands_between(lo: float, hi: float) -> list[tuple[str, float, float]]:
-    """All bands (name, lo, hi) that overlap [lo, hi], lowest first (for axes and band tables)."""
-    out: list[tuple[str, float, float]] = []
-    if not (lo > 0 and hi >= lo and math.isfinite(hi)):
-        return out
-    b_lo, b_hi = peak_band_range(lo)
-    while b_lo <= hi * (1 + _EPS) and len(out) < 100:
-        out.append((peak_band(b_lo), b_lo, b_hi))
-        b_lo, b_hi = peak_band_range(b_hi)
-    return out
-
-
-def band_sort_key(name: str) -> float:
-    """Sort key of a band name ("1e-3..3e-3" -> 1e-3); unknown names sort last."""
-    try:
-        return float(name.split("..")[0])
-    except ValueError:
-        return math.inf
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -264,7 +193,7 @@ class RoundSummary(_FallbackCounts):
         traj = self.lr_trajectory()
         if step < traj[0][0]:
             if step < self.warmup_steps and self.warmup_steps > 0:
-                return self.init_lr * (max(step, 0) + 1) / self.warmup_steps
+                return warmup_lr(max(step, 0), self.init_lr, self.warmup_steps)
             return traj[0][1]
         lr = traj[0][1]
         for s, v in traj:
@@ -583,7 +512,7 @@ def campaign_median(rounds: Sequence[RoundSummary]) -> float:
     return statistics.median(vals) if vals else math.nan
 
 
-def outlier_rounds(rounds: Sequence[RoundSummary], factor: float = 3.0) -> list[int]:
+def outlier_rounds(rounds: Sequence[RoundSummary], factor: float = CATASTROPHIC_FACTOR) -> list[int]:
     """Rounds whose ppl is catastrophic: > factor x the campaign median."""
     med = campaign_median(rounds)
     return [r.round for r in rounds if math.isfinite(r.final_eval_ppl) and r.final_eval_ppl > factor * med]
@@ -624,7 +553,9 @@ def _median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else math.nan
 
 
-def phase_stats(rounds: Sequence[RoundSummary], size: int = 10, outlier_factor: float = 3.0) -> list[PhaseStats]:
+def phase_stats(
+    rounds: Sequence[RoundSummary], size: int = 10, outlier_factor: float = CATASTROPHIC_FACTOR
+) -> list[PhaseStats]:
     """Mean and median ppl per phase of `size` consecutive rounds (in the given order; the last phase may be
     shorter). Outliers (ppl > outlier_factor x the median of all given rounds) stay in `mean` and are named,
     with `mean_without_outliers` beside it; failed rounds (no finite ppl) are named in `failed`."""

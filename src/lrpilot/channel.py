@@ -21,12 +21,12 @@ import math
 import os
 import time
 import warnings
-from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lrpilot.logs import JsonlFollower, JsonlLog, is_positive_finite, iter_jsonl
+from lrpilot.logs import JsonlFollower, JsonlLog, iter_jsonl
+from lrpilot.lr import check_lr, plan_lr, warmup_lr  # noqa: F401 - warmup_lr re-exported (trainer, pilot)
 
 TELEMETRY_FILE = "telemetry.jsonl"
 CONTROL_FILE = "control.jsonl"
@@ -39,15 +39,8 @@ EXIT_DISK = 3
 DURABLE_EVENTS = frozenset({"start", "observe", "applied", "checkpoint", "eval", "done", "probe"})
 
 
-def warmup_lr(step: int, init_lr: float, warmup_steps: int) -> float:
-    """The LR of update number `step` (0-based) during the linear warmup: init_lr * (step + 1) / warmup."""
-    return init_lr * (step + 1) / warmup_steps
-
-
 def _positive_lr(value: Any, what: str) -> float:
-    if not is_positive_finite(value):
-        raise ValueError(f"{what}: lr must be a positive finite number, got {value!r}")
-    return float(value)
+    return check_lr(value, f"{what} lr")
 
 
 def _parse_plan(plan: Any, what: str) -> tuple[tuple[int, float], ...] | None:
@@ -94,17 +87,7 @@ class LRState:
     def lr_for(self, step: int) -> float:
         """LR for update number `step`: the plan interpolated between knots and held after the last one;
         the LR in force before the first knot or without a plan."""
-        plan = self.plan
-        if not plan or step < plan[0][0]:
-            return self.lr
-        if step >= plan[-1][0]:
-            return plan[-1][1]
-        # plan[i-1] is the last knot at or before step; with duplicate steps the later knot wins
-        i = bisect_right(self._knot_steps, step)
-        (s0, v0), (s1, v1) = plan[i - 1], plan[i]
-        if s1 == s0:
-            return v1
-        return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+        return plan_lr(self.plan, step, self.lr, self._knot_steps)
 
     def apply(self, command: dict[str, Any], step: int) -> None:
         """Take an LR command (`lr`, optional `plan`, `seq`, `decided_at_step`); update `step` is the first

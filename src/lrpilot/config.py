@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.errors import LrpilotError
+from lrpilot.lr import is_positive_finite
 
 PRESET_DIR = Path(__file__).parent / "presets"
 #: train.optimizer choices: torch's AdamW, schedule-free AdamW (Defazio et al. 2024, the `schedulefree`
@@ -181,7 +182,7 @@ class ScheduleConfig:
     decision_every: int = 300
 
     def __post_init__(self) -> None:
-        _check(math.isfinite(self.init_lr) and self.init_lr > 0, "schedule.init_lr", "must be a positive number")
+        _check(is_positive_finite(self.init_lr), "schedule.init_lr", "must be a positive number")
         _check(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
         _check(self.decision_every >= 1, "schedule.decision_every", "must be >= 1")
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from lrpilot.config import GuardConfig
+from lrpilot.lr import check_lr, is_positive_finite
 
 # crash reasons, as written to rollbacks.jsonl (`crash_reason`)
 NAN_LOSS = "nan_loss"
@@ -76,9 +77,7 @@ def _as_number(x: Any) -> float | None:
 def _require_lr(x: Any, name: str) -> float:
     """The supervisor's own LR state must be positive and finite; anything else is a bug upstream."""
     v = _as_number(x)
-    if v is None or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name}: must be a positive finite LR, got {x!r} (the supervisor's LR state is corrupt)")
-    return v
+    return check_lr(x if v is None else v, name, "the supervisor's LR state is corrupt")
 
 
 def _clip(x: float, lo: float, hi: float) -> float:
@@ -124,7 +123,7 @@ def clamp_lr(proposed: Any, current: float, cfg: GuardConfig, lower_only: bool =
 def _clamp_lr(proposed: Any, current: float, cfg: GuardConfig) -> ClampResult:
     cur = _require_lr(current, "clamp_lr current")
     p = _as_number(proposed)
-    if p is None or not math.isfinite(p) or p <= 0:
+    if not is_positive_finite(p):
         if p is None:
             why = f"requested {proposed!r} is not a number"
         elif not math.isfinite(p):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.errors import DiskWriteError, writing
+from lrpilot.lr import is_positive_finite  # noqa: F401 - re-exported: its home is lrpilot.lr
 
 #: TESTING HOOK: LRPILOT_INJECT_WRITE_ERROR=ERRNO:BYTES (e.g. ENOSPC:800000 or EROFS:0) makes lrpilot's writers in
 #: every process that sees it fail with that errno once BYTES bytes have been written in that process (a disk
@@ -133,11 +134,6 @@ def as_float(v: Any) -> float:
         return float(v)
     except (TypeError, ValueError):
         return math.nan
-
-
-def is_positive_finite(x: Any) -> bool:
-    """A real number (not a bool) that is finite and > 0: what an LR must be."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def finite_mean(xs: Any) -> float:

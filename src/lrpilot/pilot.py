@@ -85,6 +85,7 @@ from lrpilot.logs import (
     write_atomic,
     write_json_atomic,
 )
+from lrpilot.lr import is_positive_finite
 from lrpilot.schedule_export import SCHEDULE_FORMAT
 
 #: the environment variable `Pilot.from_env()` reads: a JSON object of Pilot keyword arguments (or @FILE)
@@ -315,7 +316,7 @@ class Pilot:
         self.optimizer = optimizer
         lrs = [float(g["lr"]) for g in optimizer.param_groups]
         base = init_lr if init_lr is not None else lrs[0]
-        if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 0):
+        if not is_positive_finite(base):
             raise PilotError(f"init_lr: must be a positive number, got {base!r}")
         if not (isinstance(total_steps, int) and total_steps >= 1):
             raise PilotError(f"total_steps: must be an int >= 1, got {total_steps!r}")

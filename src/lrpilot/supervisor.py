@@ -91,6 +91,7 @@ from lrpilot.logs import (
     temp_name,
     write_json_atomic,
 )
+from lrpilot.lr import warmup_target
 
 #: fields of the published decision log, in its order
 DECISION_FIELDS = (
@@ -767,8 +768,7 @@ class _Round:
     def _in_force(self, lr: float, update: int) -> float:
         """The LR in force given the LR of update number `update`: during warmup the trainer used
         target * (update + 1) / warmup_steps, so the target is recovered; after warmup it is lr itself."""
-        w = self.cfg.schedule.warmup_steps
-        return lr * w / (update + 1) if 0 <= update < w else lr
+        return warmup_target(lr, update, self.cfg.schedule.warmup_steps)
 
     def _track_step(self, step: int, ev: dict[str, Any]) -> tuple[float, float]:
         """Record a step event on the trajectory (live and when restoring); returns its (loss, lr)."""

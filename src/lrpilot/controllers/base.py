@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrpilot.logs import as_float, finite_mean
+from lrpilot.lr import check_lr, is_positive_finite
 
 
 @dataclass(frozen=True)
@@ -152,17 +153,14 @@ class Decision:
 
     def __post_init__(self) -> None:
         if self.probe_lrs is not None:
-            if not (1 <= len(self.probe_lrs) <= 8) or not all(
-                isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in self.probe_lrs
-            ):
+            if not (1 <= len(self.probe_lrs) <= 8) or not all(is_positive_finite(x) for x in self.probe_lrs):
                 raise ValueError(f"Decision.probe_lrs: 1..8 positive finite LRs, got {self.probe_lrs!r}")
             if isinstance(self.probe_steps, bool) or not isinstance(self.probe_steps, int) or self.probe_steps < 1:
                 raise ValueError(f"Decision.probe_steps: a positive int with probe_lrs, got {self.probe_steps!r}")
         r = self.rollback_to_step
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"Decision.rollback_to_step must be None or a non-negative int step, got {r!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"Decision.lr must be a positive finite number, got {self.lr!r}")
+        check_lr(self.lr, "Decision.lr")
         if self.plan is not None:
             for s, v in self.plan:
                 if not (math.isfinite(v) and v >= 0):

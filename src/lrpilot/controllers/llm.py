@@ -25,12 +25,12 @@ import math
 import re
 from typing import Any
 
-from lrpilot.campaign_logs import fmt_lr
 from lrpilot.config import GuardConfig
 from lrpilot.controllers.base import BaseController, Decision, Observation
 from lrpilot.controllers.rules import loss_change_z
 from lrpilot.llm.base import LLMBackend, parse_json_object, split_reasoning
 from lrpilot.logs import finite_mean
+from lrpilot.lr import fmt_lr, is_positive_finite
 
 #: the reason asked for is short: a grammar-constrained small model otherwise rambles to max_tokens (and a
 #: cut-off reply has no lr); endpoints that refuse maxLength make the backend step down to json_object
@@ -244,7 +244,7 @@ class LLMController(BaseController):
             f"{obs.decision_every} steps and training continues while you think."
         )
         lr = obs.lr
-        if math.isfinite(lr) and lr > 0:
+        if is_positive_finite(lr):
             lo, hi = max(floor, lo_ratio * lr), min(ceiling, hi_ratio * lr)
             hi = min(hi, lr) if obs.lower_only else hi
             out.append(f"current LR: {_lr(lr)} (you may set {_lr(lo)} .. {_lr(hi)})")
@@ -386,7 +386,7 @@ class LLMController(BaseController):
     # ---------------------------------------------------------------------------------- decide
 
     def decide(self, obs: Observation) -> Decision:
-        current = obs.lr if isinstance(obs.lr, (int, float)) and math.isfinite(obs.lr) and obs.lr > 0 else obs.init_lr
+        current = obs.lr if is_positive_finite(obs.lr) else obs.init_lr
         try:
             messages = self.build_prompt(obs)
         except Exception as e:  # odd telemetry must not stop the round

@@ -17,14 +17,23 @@ config with `baseline_config(cfg, "cosine", P)` and its controller with `make_sc
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from dataclasses import replace
 from typing import Any
 
-from lrpilot.channel import warmup_lr
 from lrpilot.config import ConfigError, RunConfig, _check
 from lrpilot.controllers.base import BaseController, Decision, Observation
+from lrpilot.lr import (
+    COSINE_MIN_RATIO,
+    WSD_DECAY_FRACTION,
+    WSD_FINAL_RATIO,
+    cosine_lr,
+    d2z_lr,
+    is_positive_finite,
+    warmup_lr,
+    wsd_decay_start,
+    wsd_lr,
+)
 
 
 class ScheduleController(BaseController):
@@ -35,7 +44,7 @@ class ScheduleController(BaseController):
 
     def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int) -> None:
         _check(
-            isinstance(peak_lr, (int, float)) and math.isfinite(peak_lr) and peak_lr > 0,
+            is_positive_finite(peak_lr),
             f"{self.name}.peak_lr",
             f"must be a positive number, got {peak_lr!r}",
         )
@@ -63,10 +72,6 @@ class ScheduleController(BaseController):
     def _after_warmup(self, step: int) -> float:
         """The schedule for warmup_steps <= step <= total_steps."""
 
-    def _progress(self, step: int) -> float:
-        """Fraction of the post-warmup part done at `step` (0 at warmup, 1 at total_steps)."""
-        return (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
-
     def decide(self, obs: Observation) -> Decision:
         step = max(int(obs.step), 0)
         end = min(step + max(int(obs.decision_every), 1), self.total_steps)
@@ -74,7 +79,7 @@ class ScheduleController(BaseController):
         # past the end (or on a schedule that ends at 0) the headline LR must still be positive: hold
         # the LR of the last update, which is > 0 for every schedule here
         lr = self.lr_at(min(step, self.total_steps - 1))
-        if not (math.isfinite(lr) and lr > 0):
+        if not is_positive_finite(lr):
             lr = self.peak_lr
         return Decision(
             lr=lr,
@@ -97,14 +102,15 @@ class CosineController(ScheduleController):
 
     name = "cosine"
 
-    def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int, min_ratio: float = 0.1) -> None:
+    def __init__(
+        self, peak_lr: float, total_steps: int, warmup_steps: int, min_ratio: float = COSINE_MIN_RATIO
+    ) -> None:
         super().__init__(peak_lr, total_steps, warmup_steps)
         _check(0.0 <= min_ratio <= 1.0, "cosine.min_ratio", "must be in [0, 1]")
         self.min_ratio = float(min_ratio)
 
     def _after_warmup(self, step: int) -> float:
-        cos = 0.5 * (1.0 + math.cos(math.pi * self._progress(step)))
-        return self.peak_lr * (self.min_ratio + (1.0 - self.min_ratio) * cos)
+        return cosine_lr(step, self.peak_lr, self.total_steps, self.warmup_steps, self.min_ratio)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "min_ratio": self.min_ratio}
@@ -116,7 +122,7 @@ class LinearDecayController(ScheduleController):
     name = "d2z"
 
     def _after_warmup(self, step: int) -> float:
-        return self.peak_lr * (1.0 - self._progress(step))
+        return d2z_lr(step, self.peak_lr, self.total_steps, self.warmup_steps)
 
 
 class WSDController(ScheduleController):
@@ -130,21 +136,22 @@ class WSDController(ScheduleController):
     name = "wsd"
 
     def __init__(
-        self, peak_lr: float, total_steps: int, warmup_steps: int, decay_fraction: float = 0.2, final_ratio: float = 0.0
+        self,
+        peak_lr: float,
+        total_steps: int,
+        warmup_steps: int,
+        decay_fraction: float = WSD_DECAY_FRACTION,
+        final_ratio: float = WSD_FINAL_RATIO,
     ) -> None:
         super().__init__(peak_lr, total_steps, warmup_steps)
         _check(0.0 < decay_fraction <= 1.0, "wsd.decay_fraction", "must be in (0, 1]")
         _check(0.0 <= final_ratio <= 1.0, "wsd.final_ratio", "must be in [0, 1]")
         self.decay_fraction = float(decay_fraction)
         self.final_ratio = float(final_ratio)
-        decay_steps = max(1, round(self.decay_fraction * self.total_steps))
-        self.decay_start = max(self.warmup_steps, self.total_steps - decay_steps)
+        self.decay_start = wsd_decay_start(self.total_steps, self.warmup_steps, self.decay_fraction)
 
     def _after_warmup(self, step: int) -> float:
-        if step <= self.decay_start:
-            return self.peak_lr
-        frac = (self.total_steps - step) / (self.total_steps - self.decay_start)  # 1 -> 0 over the decay
-        return self.peak_lr * (self.final_ratio + (1.0 - self.final_ratio) * frac)
+        return wsd_lr(step, self.peak_lr, self.total_steps, self.warmup_steps, self.decay_fraction, self.final_ratio)
 
     def describe(self) -> dict[str, Any]:
         return {

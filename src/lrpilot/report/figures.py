@@ -25,11 +25,11 @@ from lrpilot.campaign_logs import (
 )
 from lrpilot.errors import DiskWriteError, writing
 from lrpilot.logs import as_float, write_atomic
+from lrpilot.lr import CATASTROPHIC_FACTOR, COSINE_MIN_RATIO, cosine_lr, warmup_lr
 from lrpilot.report.tables import Analysis, SideBySide, SideBySideRow, fmt_ppl
 
 WIDTH_IN, HEIGHT_IN, DPI = 8.4, 4.8, 110  # ~920 x 530 px
 _BOX = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
-COSINE_MIN_RATIO = 0.1  # the reference cosine decays to 0.1 x peak (GaLore; controllers/schedules.py)
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def fig_ppl_per_round(a: Analysis, out: Path) -> Figure:
     phases = "; ".join(f"{p.label}: mean {fmt_ppl(p.mean)}, median {fmt_ppl(p.median)}" for p in a.phases)
     caption = (
         f"Each dot is one round's final eval perplexity, coloured by the band of its peak LR; black bars are phase "
-        f"means ({phases}). Catastrophic rounds (ppl > {a.outlier_threshold:.1f}, 3x the campaign median) are "
+        f"means ({phases}). Catastrophic rounds (ppl > {a.outlier_threshold:.1f}, {CATASTROPHIC_FACTOR:g}x the campaign median) are "
         "kept in the mean and also shown without it (dashed)." + _cap_note(a, cap)
     )
     return Figure("ppl_per_round", title, caption, _save(fig, out / "ppl_per_round.png"))
@@ -256,13 +256,7 @@ def cosine_curve(
 ) -> tuple[list[int], list[float]]:
     """The reference cosine: linear warmup to `peak` over warmup_steps, then cosine to min_ratio x peak."""
     xs = list(range(0, total_steps + 1, max(total_steps // 400, 1)))
-    ys = []
-    for s in xs:
-        if s < warmup_steps:
-            ys.append(peak * (s + 1) / warmup_steps)
-        else:
-            t = (s - warmup_steps) / max(total_steps - warmup_steps, 1)
-            ys.append(peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))))
+    ys = [cosine_lr(s, peak, total_steps, warmup_steps, min_ratio) for s in xs]
     return xs, ys
 
 
@@ -292,7 +286,7 @@ def _round_schedule(r: RoundSummary, end: int | None) -> tuple[list[int], list[f
         ramp_end = min(r.warmup_steps, traj[0][0])
         for s in range(0, ramp_end, max(ramp_end // 50, 1)):
             xs.append(s)
-            ys.append(r.init_lr * (s + 1) / r.warmup_steps)
+            ys.append(warmup_lr(s, r.init_lr, r.warmup_steps))
     for i, (s, lr) in enumerate(traj):
         nxt = traj[i + 1][0] if i + 1 < len(traj) else _round_end(r, end)
         xs += [s, nxt]

@@ -30,9 +30,10 @@ from lrpilot.campaign_logs import (
     phase_stats,
 )
 from lrpilot.logs import as_float
+from lrpilot.lr import CATASTROPHIC_FACTOR
 
-#: a round is catastrophic when its ppl exceeds this multiple of the campaign median
-OUTLIER_FACTOR = 3.0
+#: a round is catastrophic when its ppl exceeds this multiple of the campaign median (home: lrpilot.lr)
+OUTLIER_FACTOR = CATASTROPHIC_FACTOR
 #: a run survives when it finished and its final eval loss (ln ppl) is below this multiple of the best run's
 #: loss in the report, i.e. ppl < best_ppl ** SURVIVAL_LOSS_FACTOR. A loss ratio, not a ppl ratio, because it
 #: means the same for a byte-level model (best ppl 4.7: collapse at 9.2 is 1.43x the loss) and for LLaMA-60M
