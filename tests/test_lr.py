@@ -201,3 +201,16 @@ def test_the_catastrophic_factor_has_one_home():
     assert tables.OUTLIER_FACTOR == L.CATASTROPHIC_FACTOR == 3.0
     for fn, arg in ((campaign_logs.outlier_rounds, "factor"), (campaign_logs.phase_stats, "outlier_factor")):
         assert inspect.signature(fn).parameters[arg].default is L.CATASTROPHIC_FACTOR
+
+
+def test_lr_imports_only_the_standard_library():
+    import ast
+    from pathlib import Path
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(Path(L.__file__).read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+    assert names <= {"__future__", "math", "bisect", "collections.abc", "typing"}
