@@ -196,9 +196,11 @@ def test_the_catastrophic_factor_has_one_home():
     import inspect
 
     from lrpilot import campaign_logs
+    from lrpilot.memory import evidence
     from lrpilot.report import tables
 
-    assert tables.OUTLIER_FACTOR == L.CATASTROPHIC_FACTOR == 3.0
+    assert tables.OUTLIER_FACTOR is evidence.DIVERGED_FACTOR is L.CATASTROPHIC_FACTOR
+    assert L.CATASTROPHIC_FACTOR == 3.0
     for fn, arg in ((campaign_logs.outlier_rounds, "factor"), (campaign_logs.phase_stats, "outlier_factor")):
         assert inspect.signature(fn).parameters[arg].default is L.CATASTROPHIC_FACTOR
 

@@ -31,12 +31,13 @@ from lrpilot.campaign_logs import (
     peak_band,
     peak_band_range,
 )
+from lrpilot.lr import CATASTROPHIC_FACTOR, is_positive_finite
 
 MILESTONES = tuple(i / 10 for i in range(1, 11))
 #: peak LRs worth considering at all: the evidence table names the bands in here that no round tried
 SENSIBLE_RANGE = (1e-4, 3e-2)
 #: a round whose ppl is above this factor x the campaign median counts as failed (diverged), like a crash
-DIVERGED_FACTOR = 3.0
+DIVERGED_FACTOR = CATASTROPHIC_FACTOR
 
 
 def _ppl(x: float) -> str:
@@ -148,7 +149,7 @@ def plateau_rule(
         return PlateauResult(
             False, ids, math.nan, math.nan, math.nan, sentence=f"Plateau rule: needs {window} rounds, have {len(win)}."
         )
-    bad = [r.round for r in win if not (r.ok and math.isfinite(r.peak_lr) and r.peak_lr > 0)]
+    bad = [r.round for r in win if not (r.ok and is_positive_finite(r.peak_lr))]
     if bad:
         return PlateauResult(
             False,
@@ -318,7 +319,7 @@ class Evidence:
                 "",
                 "(b) " + self.plateau.sentence,
                 "",
-                "(c) Evidence by peak-LR band (failed = no result or ppl > 3x the campaign median)",
+                f"(c) Evidence by peak-LR band (failed = no result or ppl > {DIVERGED_FACTOR:g}x the campaign median)",
                 render_table(self.table),
             ]
         )
