@@ -18,6 +18,10 @@ Schedule-free trains at one point (y) and evaluates at another (its average x): 
 checkpoint switches it to eval mode (x) and afterwards restores y bit for bit, so evaluating never changes
 the trajectory; checkpoints hold x as the model (what to evaluate or deploy) and y as `train_params`.
 
+Structure (docs/architecture.md, "The trainer"): `Trainer.__init__` sets up processes, model, data, optimizer,
+RNG and the resumed state; `run()` loops over `train_step()` (one optimizer update), `observe()` and `control()`
+at decision points, `evaluate()` and `checkpoint()`; `probe()` runs lookahead branches; `train()` wraps it.
+
 Checkpoints (every checkpoint_every steps, and on stop) hold what an exact resume needs: model,
 optimizer, RNG states, data position, LR state, step and the telemetry bookkeeping of the current
 decision interval, so on CPU a resumed run reproduces the uninterrupted loss curve bit for bit.
@@ -475,25 +479,11 @@ class Trainer:
         check_vocab(data.vocab_size, cfg.model.vocab_size)
         self.raw_model = raw_model = LLaMA(cfg.model).to(device)
         self.params = params = list(raw_model.parameters())
-        self.optimizer = optimizer = make_optimizer(cfg, params)
+        self.optimizer = make_optimizer(cfg, params)
         self.lr_state = lr_state = LRState(cfg.schedule.init_lr)
         #: telemetry bookkeeping of the current decision interval (rank 0; carried in checkpoints)
         self.interval: dict[str, Any] = {"losses": [], "tokens": 0, "seconds": 0.0, "grad_norm": math.nan}
-        wait_s = 0.0
-        if resume:
-            raw_model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-            if is_schedule_free(optimizer):  # the model holds x; training continues from y, exactly
-                with torch.no_grad():
-                    for p, y in zip(params, resume["train_params"], strict=True):
-                        p.copy_(y.to(p.device))
-                for group in optimizer.param_groups:
-                    group["train_mode"] = True
-            data.load_state_dict(resume["data"])
-            lr_state.load_state_dict(resume["lr_state"])
-            set_rng_state(resume["rng"])
-            self.interval = dict(resume["interval"])
-            wait_s = float(resume["wait_s"])
+        wait_s = self._load(resume) if resume else 0.0
         if opts.lr is not None:
             lr_state.override(opts.lr)
         model: torch.nn.Module = torch.compile(raw_model) if cfg.train.compile else raw_model
@@ -512,6 +502,24 @@ class Trainer:
         self.pbar: tqdm | None = None
         if master:
             self._start_rank0(resume, wait_s)
+
+    def _load(self, resume: dict[str, Any]) -> float:
+        """Restore a checkpoint's model, optimizer, data position, LR state, RNG and interval (the exact resume);
+        returns the seconds the run had waited for decisions before it."""
+        optimizer, params = self.optimizer, self.params
+        self.raw_model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if is_schedule_free(optimizer):  # the model holds x; training continues from y, exactly
+            with torch.no_grad():
+                for p, y in zip(params, resume["train_params"], strict=True):
+                    p.copy_(y.to(p.device))
+            for group in optimizer.param_groups:
+                group["train_mode"] = True
+        self.data.load_state_dict(resume["data"])
+        self.lr_state.load_state_dict(resume["lr_state"])
+        set_rng_state(resume["rng"])
+        self.interval = dict(resume["interval"])
+        return float(resume["wait_s"])
 
     def _start_rank0(self, resume: dict[str, Any] | None, wait_s: float) -> None:
         """Rank 0: open telemetry and the control channel, emit `start`, open the progress bar."""
