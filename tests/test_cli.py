@@ -195,3 +195,39 @@ def test_rerunning_a_directory_with_other_settings_is_refused_not_crashed(tmp_pa
     _one_line_error(r, "train.seed")
     r = _lrpilot("baseline", "--preset", "cpu-smoke", "--set", "train.seed=1", "--peaks", "3e-3", "--out", str(d))
     _one_line_error(r, "train.seed")
+
+
+@pytest.mark.parametrize("command", ["campaign", "bench"])
+def test_agent_flags_are_aliases_of_set(command):
+    """--backend/--base-url/--model/--memory-model give the same overrides (after every --set, in that order) and
+    the same config as the --set they stand for, and their help names it."""
+    from lrpilot import cli
+
+    rest = {"campaign": ["--rounds", "1", "--dir", "d"], "bench": ["--methods", "llm", "--out", "d"]}[command]
+    parser = build_parser()
+    old = parser.parse_args([command, "--preset", "cpu-smoke", *rest, "--model", "m1", "--base-url", "http://h/v1",
+                             "--backend", "openai", "--memory-model", "m2", "--set", "train.seed=3"])  # fmt: skip
+    new = parser.parse_args([command, "--preset", "cpu-smoke", *rest, "--set", "train.seed=3",
+                             "--set", "agent.backend=openai", "--set", "agent.base_url=http://h/v1",
+                             "--set", "agent.model=m1", "--set", "agent.memory_model=m2"])  # fmt: skip
+    assert cli._overrides(old) == cli._overrides(new) == [
+        "train.seed=3", "agent.backend=openai", "agent.base_url=http://h/v1", "agent.model=m1", "agent.memory_model=m2"
+    ]  # fmt: skip
+    cfg = cli._config(old)
+    assert cfg == cli._config(new) and cfg.agent.model == "m1" and cfg.agent.memory_model == "m2"
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    helps = {a.dest: a.help for a in sub._actions}
+    assert "same as --set agent.model=VALUE" in helps["model"] and "same as --set agent.backend" in helps["backend"]
+
+
+def test_every_config_command_takes_set_and_a_bad_field_is_one_line(tmp_path):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    takes_set = sorted(n for n, p in sub.choices.items() if any("--set" in a.option_strings for a in p._actions))
+    assert takes_set == ["baseline", "bench", "campaign", "demo", "info", "train"]
+    assert "--set SECTION.KEY=VALUE" in sub.choices["campaign"].format_help()
+    r = _lrpilot("campaign", "--preset", "cpu-smoke", "--rounds", "1", "--dir", str(tmp_path / "c"),
+                 "--set", "bad.field=1")  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("lrpilot: error: --set bad.field: unknown section 'bad'")
+    assert not (tmp_path / "c").exists()  # refused before anything is written

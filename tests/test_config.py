@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -146,3 +147,40 @@ def test_check_same_config_names_the_field(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="unreadable"):
         check_same_config(path, cfg)
+
+
+def test_trainer_part_and_campaign_part_split_every_section():
+    from lrpilot.config import CAMPAIGN_SECTIONS, TRAINER_SECTIONS, CampaignConfig, TrainerConfig, _section_names
+
+    assert sorted(TRAINER_SECTIONS + CAMPAIGN_SECTIONS) == _section_names()  # each section in exactly one part
+    cfg = load_config("cpu-smoke")
+    tp, cp = cfg.trainer_part(), cfg.campaign_part()
+    assert isinstance(tp, TrainerConfig) and isinstance(cp, CampaignConfig)
+    assert all(getattr(tp, s) is getattr(cfg, s) for s in TRAINER_SECTIONS) and tp.name == cfg.name
+    assert all(getattr(cp, s) is getattr(cfg, s) for s in CAMPAIGN_SECTIONS)
+    assert tp.rollback_back_steps == cfg.guard.rollback_back_steps and tp.checkpoint_every == cfg.checkpoint_every
+    # a campaign-only setting leaves the trainer's view (and the checkpoint fingerprint) as it was
+    other = apply_overrides(cfg, ["agent.model=x", "guard.emergency_loss=9", "launch.devices=cpu:2"])
+    assert other.trainer_part() == tp and other.campaign_part() != cp
+    assert apply_overrides(cfg, ["guard.rollback_back_steps=20"]).trainer_part() != tp
+
+
+def test_the_trainer_reads_only_its_part_of_the_config():
+    """Every `cfg.X[.Y]` in lrpilot/trainer.py is in TrainerConfig (or is to_dict, which only records the whole
+    config in checkpoints and loggers): a campaign setting cannot change what the trainer does."""
+    import re
+    from pathlib import Path
+
+    import lrpilot.trainer
+    from lrpilot.config import CAMPAIGN_SECTIONS, TrainerConfig
+
+    source = Path(lrpilot.trainer.__file__).read_text()
+    reads = set(re.findall(r"\bcfg\.(\w+)(?:\.(\w+))?", source))
+    assert ("train", "grad_clip") in reads and ("guard", "rollback_back_steps") in reads  # the pattern sees them
+    allowed = {f.name for f in dataclasses.fields(TrainerConfig)} | {"checkpoint_every", "to_dict"}
+    outside = sorted(
+        f"{a}.{b}" if b else a
+        for a, b in reads
+        if (a in CAMPAIGN_SECTIONS and (a, b) != ("guard", "rollback_back_steps")) or a not in allowed | {"guard"}
+    )
+    assert outside == []

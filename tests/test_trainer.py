@@ -184,6 +184,45 @@ def test_tensorboard_logger_writes_events(smoke_config, tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_trainer_train_step_in_process_reproduces_the_golden_losses(tmp_path):
+    """Trainer stepped by hand (control, then train_step, as run() does) on cpu-smoke gives the golden file's
+    first losses bit for bit, in this process: the class is the trainer, not a wrapper around a subprocess."""
+    import torch
+
+    from lrpilot.trainer import StepResult, Trainer, TrainerOptions
+
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    cfg = replace(load_config("cpu-smoke"), name="cpu-smoke")
+    cfg = apply_overrides(cfg, [f"train.total_steps={GOLDEN_STEPS}", "eval.tokens=2048"])
+    run_dir = make_run(tmp_path, cfg)
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(cfg, TrainerOptions(run_dir=run_dir))
+        losses = []
+        for step in range(5):
+            assert trainer.step == step
+            trainer.lr, trainer.stop = trainer.control(trainer.step, wait=False)
+            result = trainer.train_step()
+            assert isinstance(result, StepResult) and result.seconds > 0 and math.isfinite(result.grad_norm)
+            losses.append(result.loss)
+        assert trainer.step == 5
+        assert trainer.finish() == 0  # stopped early: no final eval, telemetry closed
+    finally:
+        torch.set_num_threads(threads)
+    assert losses == golden[:5]
+    assert [e["event"] for e in events(run_dir)] == ["start"]  # train_step alone reports nothing
+
+
+def test_trainer_options_from_the_command_line(tmp_path):
+    from lrpilot.trainer import TrainerError, TrainerOptions, parse_args
+
+    args = parse_args(["--run-dir", str(tmp_path), "--lr", "2e-3", "--wait-for-decisions", "--stop-at-step", "7"])
+    opts = TrainerOptions.from_args(args)
+    assert opts == TrainerOptions(run_dir=tmp_path, lr=2e-3, wait_for_decisions=True, stop_at_step=7)
+    with pytest.raises(TrainerError, match="--min-seq -1"):
+        TrainerOptions(run_dir=tmp_path, min_seq=-1)
+
+
 # --------------------------------------------------------------------------------------------- tests
 
 

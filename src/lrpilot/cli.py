@@ -44,8 +44,24 @@ def _add_config_args(p: argparse.ArgumentParser, default: str = "cpu-small") -> 
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one config field, e.g. --set train.total_steps=500 (repeatable; see `lrpilot info`)",
+        help="override one config field, e.g. --set train.total_steps=500 (repeatable; see `lrpilot info`); the "
+        "trainer reads model, data, train, schedule, eval, checkpoint; the campaign also guard, agent, launch",
     )
+
+
+def _set_aliases(p: argparse.ArgumentParser, **aliases: str) -> None:
+    """Declare options already on `p` as other spellings of `--set`, dest=field (e.g. model="agent.model"): a
+    value given joins the overrides after every --set, in this order (_overrides); their help says so."""
+    by_dest = {a.dest: a for a in p._actions}
+    for dest, field in aliases.items():
+        by_dest[dest].help += f" (same as --set {field}=VALUE)"
+    p.set_defaults(set_aliases=tuple(aliases.items()))
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The `section.key=value` overrides of a command line: every --set, then each alias given (_set_aliases)."""
+    aliases = getattr(args, "set_aliases", ())
+    return [*args.overrides, *(f"{field}={getattr(args, dest)}" for dest, field in aliases if getattr(args, dest))]
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -82,7 +98,7 @@ def _engine(args: argparse.Namespace, slots: int):
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    return load_config(args.preset, args.overrides)
+    return load_config(args.preset, _overrides(args))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -144,7 +160,7 @@ def _campaign_settings(args: argparse.Namespace, cfg: RunConfig):
     memory = args.memory or {"llm": "llm", "rules": "optuna", "replay": "none"}[args.controller]
     return CampaignSettings(
         preset=args.preset,
-        overrides=tuple(args.overrides),
+        overrides=tuple(_overrides(args)),
         controller=args.controller,
         memory=memory,
         backend=cfg.agent.backend,
@@ -166,24 +182,10 @@ def _script(args: argparse.Namespace) -> str:
     return script or ""
 
 
-def _agent_overrides(args: argparse.Namespace) -> list[str]:
-    extra = []
-    if args.backend:
-        extra.append(f"agent.backend={args.backend}")
-    if args.base_url:
-        extra.append(f"agent.base_url={args.base_url}")
-    if args.model:
-        extra.append(f"agent.model={args.model}")
-    if args.memory_model:
-        extra.append(f"agent.memory_model={args.memory_model}")
-    return extra
-
-
 def cmd_campaign(args: argparse.Namespace) -> int:
     from lrpilot.campaign import run_campaign
     from lrpilot.preflight import check_campaign
 
-    args.overrides = list(args.overrides) + _agent_overrides(args)
     cfg = _config(args)
     settings = _campaign_settings(args, cfg)
     check_campaign(cfg, args.rounds, settings)
@@ -231,7 +233,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from lrpilot.bench import BenchSettings, main_bench
 
-    overrides = list(args.overrides) + _agent_overrides(args)
+    overrides = _overrides(args)
     settings = BenchSettings(
         preset=args.preset,
         overrides=tuple(overrides),
@@ -412,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="Controller model name (default qwen3.6-plus-2026-04-02)")
     p.add_argument("--memory-model", default=None, help="Memory agent model (default: same as --model)")
     p.add_argument("--replay-from", default=None, help="for --controller replay: the campaign directory to re-play")
+    _set_aliases(
+        p, backend="agent.backend", base_url="agent.base_url", model="agent.model", memory_model="agent.memory_model"
+    )
     p.add_argument(
         "--optuna-seed",
         type=non_negative_int,
@@ -466,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (llm methods)")
     p.add_argument("--model", default=None, help="Controller model name (llm methods)")
     p.add_argument("--memory-model", default=None, help="Memory agent model (llm+memory)")
+    _set_aliases(
+        p, backend="agent.backend", base_url="agent.base_url", model="agent.model", memory_model="agent.memory_model"
+    )
     p.add_argument("--optuna-seed", type=int, default=0, help="seed of the Optuna TPE sampler (rules+optuna)")
     p.add_argument(
         "--summarise-only",

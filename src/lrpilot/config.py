@@ -419,6 +419,18 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def trainer_part(self) -> TrainerConfig:
+        """What the trainer (lrpilot.trainer) reads of this config (TrainerConfig)."""
+        return TrainerConfig(
+            name=self.name,
+            **{s: getattr(self, s) for s in TRAINER_SECTIONS},
+            rollback_back_steps=self.guard.rollback_back_steps,
+        )
+
+    def campaign_part(self) -> CampaignConfig:
+        """What only the supervisor and the campaign read (CampaignConfig): guard, agent, launch."""
+        return CampaignConfig(**{s: getattr(self, s) for s in CAMPAIGN_SECTIONS})
+
     def save(self, path: str | Path) -> None:
         from lrpilot.logs import write_atomic  # atomic: a full disk never leaves half a config.json
 
@@ -454,6 +466,45 @@ class RunConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config: {p} is not valid JSON ({e}); regenerate it with lrpilot") from e
         return cls.from_dict(d)
+
+
+#: the sections the trainer reads (RunConfig.trainer_part); the supervisor and campaign read every section
+TRAINER_SECTIONS = ("model", "data", "train", "schedule", "eval", "checkpoint")
+#: the sections no trainer reads (RunConfig.campaign_part), apart from guard.rollback_back_steps
+CAMPAIGN_SECTIONS = ("guard", "agent", "launch")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The trainer's view of a RunConfig (RunConfig.trainer_part): the run's name, the six TRAINER_SECTIONS and
+    the one guard field it reads, rollback_back_steps (checkpoints are retained that far back so a rollback
+    finds one). Everything else (CampaignConfig) cannot change what the trainer does; tests/test_config.py
+    checks that lrpilot/trainer.py reads nothing outside this view. The whole RunConfig is still what a run
+    directory's config.json and every checkpoint hold, and what `--set` and check_same_config name."""
+
+    name: str
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    schedule: ScheduleConfig
+    eval: EvalConfig
+    checkpoint: CheckpointConfig
+    rollback_back_steps: int
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Steps between checkpoints: checkpoint.every, or schedule.decision_every when that is 0."""
+        return self.checkpoint.every or self.schedule.decision_every
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """The sections of a RunConfig that only the supervisor and the campaign read (RunConfig.campaign_part):
+    the guard's rules and timeouts, the agent (LLM backends, memory) and how runs are launched."""
+
+    guard: GuardConfig
+    agent: AgentConfig
+    launch: LaunchConfig
 
 
 #: fields that may differ when a run directory is resumed: where caches live and how a run is shown or

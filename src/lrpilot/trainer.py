@@ -18,6 +18,10 @@ Schedule-free trains at one point (y) and evaluates at another (its average x): 
 checkpoint switches it to eval mode (x) and afterwards restores y bit for bit, so evaluating never changes
 the trajectory; checkpoints hold x as the model (what to evaluate or deploy) and y as `train_params`.
 
+Structure (docs/architecture.md, "The trainer"): `Trainer.__init__` sets up processes, model, data, optimizer,
+RNG and the resumed state; `run()` loops over `train_step()` (one optimizer update), `observe()` and `control()`
+at decision points, `evaluate()` and `checkpoint()`; `probe()` runs lookahead branches; `train()` wraps it.
+
 Checkpoints (every checkpoint_every steps, and on stop) hold what an exact resume needs: model,
 optimizer, RNG states, data position, LR state, step and the telemetry bookkeeping of the current
 decision interval, so on CPU a resumed run reproduces the uninterrupted loss curve bit for bit.
@@ -52,9 +56,9 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -375,55 +379,135 @@ def update_lr(step: int, cfg: RunConfig, lr_state: LRState) -> float:
 # --------------------------------------------------------------------------------------------- train
 
 
-def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | None) -> int:
-    run_dir = Path(args.run_dir)
+@dataclass(frozen=True)
+class TrainerOptions:
+    """What one launch of the trainer is told besides RUN/config.json: the command line of
+    `python -m lrpilot.trainer` (parse_args), as typed fields. Raises TrainerError on a negative count."""
 
-    # ---- processes and devices
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    master = rank == 0
-    ddp = world_size > 1
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise TrainerError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    use_bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and use_cuda)
-    autocast_dtype = torch.bfloat16 if use_bf16 else None
-    dtype_name = "bfloat16" if use_bf16 else "float32"
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    micro_bs, accum = batch_geometry(cfg, world_size)
-    tokens_per_update = cfg.train.batch_size * cfg.data.seq_len
-    total = cfg.train.total_steps
-    start_step = int(resume["step"]) if resume else 0
-    if args.stop_at_step is not None and args.stop_at_step <= start_step:
-        raise TrainerError(f"--stop-at-step {args.stop_at_step} must be after the start step {start_step}")
-    inject_nan_at = args.inject_nan_at_step
-    #: the first step of this launch whose loss was not finite: no checkpoint from then on
-    nonfinite_since: int | None = None
-    loggers = MetricLoggers(cfg.train.loggers, cfg, run_dir) if master else None  # fails early on a missing extra
+    #: the run directory: config.json in it; telemetry, control channel, checkpoints and logs go here
+    run_dir: Path
+    #: the checkpoint this launch resumes from (only named in the start event; `train` loads it)
+    resume: str | None = None
+    #: use this LR from the (resumed) start on, clearing any plan (None: the LR state's)
+    lr: float | None = None
+    #: ignore control commands with seq < min_seq (None: 0, or one past the resumed checkpoint's last command)
+    min_seq: int | None = None
+    #: block at each decision point until the command decided there arrives
+    wait_for_decisions: bool = False
+    #: checkpoint at this step and exit 0 (None: train to train.total_steps)
+    stop_at_step: int | None = None
+    #: testing hooks (parse_args): a NaN loss at this step; delays in seconds before the start event, in the
+    #: first update and in every evaluation (None: none)
+    inject_nan_at_step: int | None = None
+    inject_start_delay: float | None = None
+    inject_first_step_delay: float | None = None
+    inject_eval_delay: float | None = None
 
-    if ddp:
-        if use_cuda:
-            torch.cuda.set_device(device)
-        # long timeout: rank 0 may block on a decision or evaluate while the others wait in a collective
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run_dir", Path(self.run_dir))
+        for name in ("min_seq", "stop_at_step", "inject_nan_at_step"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise TrainerError(f"--{name.replace('_', '-')} {value}: must be >= 0")
 
-    # ---- seeds, model, optimizer, data (the model is initialised identically on every rank)
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
-    data = build_data(cfg.data, cfg.train.seed, rank=rank, world_size=world_size)
-    check_vocab(data.vocab_size, cfg.model.vocab_size)
-    raw_model = LLaMA(cfg.model).to(device)
-    params = list(raw_model.parameters())
-    optimizer = make_optimizer(cfg, params)
-    lr_state = LRState(cfg.schedule.init_lr)
-    interval: dict[str, Any] = {"losses": [], "tokens": 0, "seconds": 0.0, "grad_norm": math.nan}
-    wait_s = 0.0
-    if resume:
-        raw_model.load_state_dict(resume["model"])
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainerOptions:
+        """The options in a parse_args() Namespace (attributes it lacks keep their defaults)."""
+        names = [f.name for f in fields(cls) if f.name != "run_dir"]
+        return cls(run_dir=Path(args.run_dir), **{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+
+class StepResult(NamedTuple):
+    """One optimizer update (Trainer.train_step): mean loss over the global batch, gradient norm before
+    clipping, and its wall-clock seconds."""
+
+    loss: float
+    grad_norm: float
+    seconds: float
+
+
+class Trainer:
+    """One launch of the trainer, top to bottom: __init__ sets up processes, model, data, optimizer, RNG and the
+    resumed state; run() is the loop (train_step, then at decision points observe and obey the control channel,
+    evaluate, checkpoint) and finish(). Rank 0 alone writes telemetry and checkpoints and reads commands."""
+
+    def __init__(self, cfg: RunConfig, opts: TrainerOptions, resume: dict[str, Any] | None = None) -> None:
+        self.cfg, self.opts = cfg, opts
+        self.run_dir = run_dir = opts.run_dir
+
+        # ---- processes and devices
+        self.world_size = world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.master = master = rank == 0
+        self.ddp = ddp = world_size > 1
+        if cfg.train.device == "cuda" and not torch.cuda.is_available():
+            raise TrainerError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+        self.device = device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        use_bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and use_cuda)
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.dtype_name = "bfloat16" if use_bf16 else "float32"
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.micro_bs, self.accum = batch_geometry(cfg, world_size)
+        self.tokens_per_update = cfg.train.batch_size * cfg.data.seq_len
+        self.total = cfg.train.total_steps
+        #: updates done; train_step() makes update number `step`
+        self.step = self.start_step = int(resume["step"]) if resume else 0
+        if opts.stop_at_step is not None and opts.stop_at_step <= self.start_step:
+            raise TrainerError(f"--stop-at-step {opts.stop_at_step} must be after the start step {self.start_step}")
+        #: the first step of this launch whose loss was not finite: no checkpoint from then on
+        self.nonfinite_since: int | None = None
+        #: the LR of the next update and whether to stop, as control() last said
+        self.lr, self.stop = 0.0, False
+        self._first_update = True
+        # fails early on a missing extra
+        self.loggers = MetricLoggers(cfg.train.loggers, cfg, run_dir) if master else None
+
+        if ddp:
+            if use_cuda:
+                torch.cuda.set_device(device)
+            # long timeout: rank 0 may block on a decision or evaluate while the others wait in a collective
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
+
+        # ---- seeds, model, optimizer, data (the model is initialised identically on every rank)
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)
+        self.data = data = build_data(cfg.data, cfg.train.seed, rank=rank, world_size=world_size)
+        check_vocab(data.vocab_size, cfg.model.vocab_size)
+        self.raw_model = raw_model = LLaMA(cfg.model).to(device)
+        self.params = params = list(raw_model.parameters())
+        self.optimizer = make_optimizer(cfg, params)
+        self.lr_state = lr_state = LRState(cfg.schedule.init_lr)
+        #: telemetry bookkeeping of the current decision interval (rank 0; carried in checkpoints)
+        self.interval: dict[str, Any] = {"losses": [], "tokens": 0, "seconds": 0.0, "grad_norm": math.nan}
+        wait_s = self._load(resume) if resume else 0.0
+        if opts.lr is not None:
+            lr_state.override(opts.lr)
+        model: torch.nn.Module = torch.compile(raw_model) if cfg.train.compile else raw_model
+        if ddp:
+            # the only buffers (RoPE tables) are constants: no need to broadcast them every forward. torch >= 2.13
+            # deprecates broadcast_buffers (a FutureWarning from every rank into trainer.log) for
+            # forward_sync_buffers, which still syncs them once at init: harmless, they are equal on every rank
+            no_sync = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_params() else "broadcast_buffers"
+            model = DDP(model, device_ids=[local_rank] if use_cuda else None, **{no_sync: False})
+        self.model = model
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+        # ---- rank 0: telemetry, control channel, progress bar
+        self.telemetry: TelemetryWriter | None = None
+        self.steering: Steering | None = None
+        self.pbar: tqdm | None = None
+        if master:
+            self._start_rank0(resume, wait_s)
+
+    def _load(self, resume: dict[str, Any]) -> float:
+        """Restore a checkpoint's model, optimizer, data position, LR state, RNG and interval (the exact resume);
+        returns the seconds the run had waited for decisions before it."""
+        optimizer, params = self.optimizer, self.params
+        self.raw_model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         if is_schedule_free(optimizer):  # the model holds x; training continues from y, exactly
             with torch.no_grad():
@@ -431,47 +515,37 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
                     p.copy_(y.to(p.device))
             for group in optimizer.param_groups:
                 group["train_mode"] = True
-        data.load_state_dict(resume["data"])
-        lr_state.load_state_dict(resume["lr_state"])
+        self.data.load_state_dict(resume["data"])
+        self.lr_state.load_state_dict(resume["lr_state"])
         set_rng_state(resume["rng"])
-        interval = dict(resume["interval"])
-        wait_s = float(resume["wait_s"])
-    if args.lr is not None:
-        lr_state.override(args.lr)
-    model: torch.nn.Module = torch.compile(raw_model) if cfg.train.compile else raw_model
-    if ddp:
-        # the only buffers (RoPE tables) are constants: no need to broadcast them every forward. torch >= 2.13
-        # deprecates broadcast_buffers (a FutureWarning from every rank into trainer.log) for forward_sync_buffers,
-        # which still syncs them once at init: harmless, they are equal on every rank
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_params() else "broadcast_buffers"
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None, **{no_sync: False})
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        self.interval = dict(resume["interval"])
+        return float(resume["wait_s"])
 
-    # ---- rank 0: telemetry, control channel, progress bar
-    telemetry = steering = pbar = None
-    if master:
-        telemetry = TelemetryWriter(run_dir)
-        min_seq = args.min_seq
+    def _start_rank0(self, resume: dict[str, Any] | None, wait_s: float) -> None:
+        """Rank 0: open telemetry and the control channel, emit `start`, open the progress bar."""
+        cfg, opts, lr_state, start_step = self.cfg, self.opts, self.lr_state, self.start_step
+        self.telemetry = telemetry = TelemetryWriter(self.run_dir)
+        min_seq = opts.min_seq
         if min_seq is None:  # commands up to the checkpoint's are already in its LR state
             min_seq = lr_state.seq + 1 if resume and lr_state.seq is not None else 0
-        steering = Steering(ControlReader(run_dir, min_seq), lr_state, telemetry)
-        steering.wait_s = wait_s
-        if args.inject_start_delay:
-            time.sleep(args.inject_start_delay)  # fault injection (a slow start), not synchronisation
+        self.steering = Steering(ControlReader(self.run_dir, min_seq), lr_state, telemetry)
+        self.steering.wait_s = wait_s
+        if opts.inject_start_delay:
+            time.sleep(opts.inject_start_delay)  # fault injection (a slow start), not synchronisation
         telemetry.emit(
             "start",
             start_step,
             lr=update_lr(start_step, cfg, lr_state),
-            world_size=world_size,
-            resumed_from=str(args.resume) if args.resume else None,
-            device=str(device),
-            dtype=dtype_name,
-            params=raw_model.num_parameters(),
+            world_size=self.world_size,
+            resumed_from=str(opts.resume) if opts.resume else None,
+            device=str(self.device),
+            dtype=self.dtype_name,
+            params=self.raw_model.num_parameters(),
             min_seq=min_seq,
-            wait_for_decisions=bool(args.wait_for_decisions),
+            wait_for_decisions=bool(opts.wait_for_decisions),
         )
-        pbar = tqdm(
-            total=total,
+        self.pbar = tqdm(
+            total=self.total,
             initial=start_step,
             desc=cfg.name,
             file=sys.stderr,
@@ -480,92 +554,228 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
             unit="step",
         )
         print(
-            f"lrpilot.trainer: {cfg.name} steps {start_step}->{total} on {world_size}x{device} {dtype_name}, "
-            f"{raw_model.num_parameters():,} params, micro-batch {micro_bs} x {accum} accumulation",
+            f"lrpilot.trainer: {cfg.name} steps {start_step}->{self.total} on {self.world_size}x{self.device} "
+            f"{self.dtype_name}, {self.raw_model.num_parameters():,} params, "
+            f"micro-batch {self.micro_bs} x {self.accum} accumulation",
             flush=True,
         )
+        if not self.ddp:
+            self.steering.run_probe = self.probe
 
-    def observe(step: int) -> None:
+    # ---- the loop
+
+    def run(self) -> int:
+        """Train from the start step to train.total_steps (or a stop), then finish(). Returns EXIT_OK."""
+        cfg, opts = self.cfg, self.opts
+        if self.master and self.step == 0 and is_decision_point(0, cfg):
+            self.observe(0)  # warmup_steps == 0: the controller sets the very first LR
+        wait = opts.wait_for_decisions and self.step == 0 and is_decision_point(0, cfg)
+        self.lr, self.stop = self.control(self.step, wait=wait)
+        self.raw_model.train()
+        while self.step < self.total and not self.stop:
+            result = self.train_step()
+            step = self.step
+            at_decision = is_decision_point(step, cfg)
+            if self.nonfinite_since is None and not math.isfinite(result.loss):
+                self.nonfinite_since = step
+            if self.master:
+                self.report_step(result)
+                if at_decision:
+                    self.observe(step)
+            self.lr, self.stop = self.control(step, wait=opts.wait_for_decisions and at_decision)
+
+            if self.master and cfg.eval.every and step % cfg.eval.every == 0 and step < self.total:
+                self.evaluate(step)
+            stop_here = self.stop or step == opts.stop_at_step
+            if step < self.total and (step % cfg.checkpoint_every == 0 or stop_here):
+                self.checkpoint(step, self.lr)
+            if stop_here:
+                break
+        return self.finish()
+
+    def train_step(self) -> StepResult:
+        """One optimizer update at self.lr (update number self.step, on its batch): forward and backward over
+        the micro-batches, grad clip (train.grad_clip; 0 only measures the norm), optimizer step; the loss is
+        averaged over ranks. Advances self.step by one."""
+        if self._first_update and self.opts.inject_first_step_delay and self.master:
+            # fault injection (a compiling first step), not synchronisation
+            time.sleep(self.opts.inject_first_step_delay)
+        self._first_update = False
+        step, accum, optimizer, inject_nan_at = self.step, self.accum, self.optimizer, self.opts.inject_nan_at_step
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = self.data.train_batch(step, micro, self.micro_bs)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # gradients are all-reduced only on the last micro-batch
+            sync = self.model.no_sync() if self.ddp and micro < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with self.autocast:
+                    _, loss = self.model(x, y)
+                if inject_nan_at is not None and step + 1 == inject_nan_at:
+                    loss = loss * float("nan")  # testing hook: a real NaN through backward and AdamW
+                loss = loss / accum
+                loss.backward()
+            loss_sum += loss.detach().float()
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf  # inf: just measure the norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+            loss_sum /= self.world_size
+        loss_f, grad_norm_f = loss_sum.item(), grad_norm.item()  # .item() waits for the GPU: dt is honest
+        dt = time.perf_counter() - t0
+        self.step = step + 1
+        return StepResult(loss_f, grad_norm_f, dt)
+
+    def report_step(self, result: StepResult) -> None:
+        """Rank 0 after an update: add it to the interval, emit the `step` event, log it, tick the progress bar."""
+        step, lr, interval = self.step, self.lr, self.interval
+        loss_f, grad_norm_f = result.loss, result.grad_norm
+        tokens_per_s = self.tokens_per_update / result.seconds
+        interval["losses"].append(loss_f)
+        interval["tokens"] += self.tokens_per_update
+        interval["seconds"] += result.seconds
+        interval["grad_norm"] = grad_norm_f
+        self.telemetry.emit("step", step, loss=loss_f, lr=lr, grad_norm=grad_norm_f, tokens_per_s=tokens_per_s)
+        self.loggers.log(
+            step,
+            {
+                "train/loss": loss_f,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm_f,
+                "train/tokens_per_s": tokens_per_s,
+            },
+        )
+        self.pbar.set_postfix(loss=f"{loss_f:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self.pbar.update(1)
+
+    def finish(self) -> int:
+        """The end: final evaluation and `done` (rank 0) unless stopped early; close everything. EXIT_OK."""
+        step = self.step
+        if self.master:
+            self.pbar.close()
+            if step >= self.total:
+                result = self.evaluate(step)
+                self.telemetry.emit(
+                    "done",
+                    step,
+                    final_eval_loss=result["eval_loss"],
+                    final_eval_ppl=result["eval_ppl"],
+                    final_eval_tokens=result["eval_tokens"],
+                    wait_s=self.steering.wait_s,
+                )
+                print(f"lrpilot.trainer: done at step {step}: eval loss {result['eval_loss']:.4f}", flush=True)
+            else:
+                print(f"lrpilot.trainer: stopped at step {step} (checkpoint written)", flush=True)
+            self.telemetry.close()
+            self.loggers.close()
+        if self.ddp:
+            dist.barrier()
+            dist.destroy_process_group()
+        return EXIT_OK
+
+    # ---- decision points: observe and obey
+
+    def observe(self, step: int) -> None:
         """Rank 0 at a decision point: publish the interval's losses (then start a new interval)."""
+        interval = self.interval
         secs = interval["seconds"]
-        telemetry.emit(
+        self.telemetry.emit(
             "observe",
             step,
-            lr=update_lr(step, cfg, lr_state),
+            lr=update_lr(step, self.cfg, self.lr_state),
             losses=interval["losses"],
             grad_norm=interval["grad_norm"],
             tokens_per_s=interval["tokens"] / secs if secs else math.nan,
-            wait_s=steering.wait_s,
+            wait_s=self.steering.wait_s,
         )
         interval.update(losses=[], tokens=0, seconds=0.0)
 
-    def control(step: int, wait: bool) -> tuple[float, bool]:
+    def control(self, step: int, wait: bool) -> tuple[float, bool]:
         """Before update `step`: rank 0 applies new commands (blocking for a decision if `wait`); every rank
         gets the LR for the update and whether to stop."""
-        if master:
+        if self.master:
             if wait:
-                steering.wait_for_decision(step)
+                self.steering.wait_for_decision(step)
             else:
-                steering.poll(step)
-            lr, stop = update_lr(step, cfg, lr_state), steering.stop
+                self.steering.poll(step)
+            lr, stop = update_lr(step, self.cfg, self.lr_state), self.steering.stop
         else:
             lr, stop = 0.0, False
-        if ddp:
-            msg = torch.tensor([lr, float(stop)], dtype=torch.float64, device=device)
+        if self.ddp:
+            msg = torch.tensor([lr, float(stop)], dtype=torch.float64, device=self.device)
             dist.broadcast(msg, 0)
             lr, stop = msg[0].item(), bool(msg[1].item())
         return lr, stop
 
-    def evaluate_now(step: int) -> dict[str, float]:
-        telemetry.emit("phase", step, phase="eval")  # a long silent phase: not a hang
-        if args.inject_eval_delay:
-            time.sleep(args.inject_eval_delay)  # fault injection (a slow eval), not synchronisation
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Rank 0: evaluate at the optimizer's evaluation point (eval.tokens), emit and log `eval`."""
+        self.telemetry.emit("phase", step, phase="eval")  # a long silent phase: not a hang
+        if self.opts.inject_eval_delay:
+            time.sleep(self.opts.inject_eval_delay)  # fault injection (a slow eval), not synchronisation
+        cfg = self.cfg
         # the unwrapped module: DDP's forward would wait for the other ranks
-        with eval_point(optimizer, params):
+        with eval_point(self.optimizer, self.params):
             result = evaluate(
-                raw_model, data, cfg.eval.tokens, cfg.eval.batch_size, device, autocast_dtype=autocast_dtype
+                self.raw_model,
+                self.data,
+                cfg.eval.tokens,
+                cfg.eval.batch_size,
+                self.device,
+                autocast_dtype=self.autocast_dtype,
             )
-        telemetry.emit("eval", step, **result)
-        loggers.log(step, {f"eval/{k}": v for k, v in result.items()})
+        self.telemetry.emit("eval", step, **result)
+        self.loggers.log(step, {f"eval/{k}": v for k, v in result.items()})
         return result
 
-    def checkpoint(step: int, lr: float) -> None:
+    # ---- checkpoints
+
+    def checkpoint(self, step: int, lr: float) -> None:
         """Every rank: gather the data positions (a stream's is per rank); rank 0 writes the checkpoint."""
-        data_state: Any = data.state_dict()
-        if ddp:
-            every_rank: list[Any] = [None] * world_size
+        data_state: Any = self.data.state_dict()
+        if self.ddp:
+            every_rank: list[Any] = [None] * self.world_size
             dist.all_gather_object(every_rank, data_state)
             data_state = {"ranks": every_rank}
-        if not master:
+        if not self.master:
             return
-        if nonfinite_since is not None:
-            why = f"not written: the loss at step {nonfinite_since} was not finite (the state is poisoned)"
+        telemetry, cfg = self.telemetry, self.cfg
+        if self.nonfinite_since is not None:
+            why = f"not written: the loss at step {self.nonfinite_since} was not finite (the state is poisoned)"
             telemetry.emit("checkpoint_refused", step, reason=why)
             print(f"lrpilot.trainer: warning: checkpoint at step {step} {why}", file=sys.stderr, flush=True)
             return
         telemetry.emit("phase", step, phase="checkpoint")  # a long silent phase: not a hang
-        optimizer_state = optimizer.state_dict()  # in train mode, as a resume continues
-        with eval_point(optimizer, params) as train_params:
+        optimizer_state = self.optimizer.state_dict()  # in train mode, as a resume continues
+        with eval_point(self.optimizer, self.params) as train_params:
             state = {
                 "format": FORMAT,
                 "fingerprint": config_fingerprint(cfg),
                 "step": step,
                 "lr": lr,
-                "model": raw_model.state_dict(),
+                "model": self.raw_model.state_dict(),
                 "optimizer": optimizer_state,
                 "rng": rng_state(),
                 "data": data_state,
-                "lr_state": lr_state.state_dict(),
-                "interval": dict(interval),
-                "wait_s": steering.wait_s,
-                "world_size": world_size,
+                "lr_state": self.lr_state.state_dict(),
+                "interval": dict(self.interval),
+                "wait_s": self.steering.wait_s,
+                "world_size": self.world_size,
                 "config": cfg.to_dict(),
             }
             if train_params is not None:
                 state["train_params"] = train_params
             try:
                 path = save_checkpoint(
-                    run_dir, step, state, keep=cfg.checkpoint.keep, retain_back_steps=cfg.guard.rollback_back_steps
+                    self.run_dir,
+                    step,
+                    state,
+                    keep=cfg.checkpoint.keep,
+                    retain_back_steps=cfg.guard.rollback_back_steps,
                 )
             except CheckpointError as e:  # non-finite weights or optimizer moments: nothing was written
                 telemetry.emit("checkpoint_refused", step, reason=str(e))
@@ -573,23 +783,25 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
                 return
         telemetry.emit("checkpoint", step, path=str(path), lr=lr)
 
-    def probe(step: int, req: dict[str, Any]) -> None:
+    # ---- lookahead probes
+
+    def probe(self, step: int, req: dict[str, Any]) -> None:
         """A lookahead probe at decision point `step` (rank 0, one process): from the current state, for each
         LR train `steps` updates on the run's own next batches (step .. step+steps-1), then measure the mean loss
         of the `after_batches` batches after them, forward only; restore model, optimizer, RNG and data
         position exactly after each branch. One `probe` event carries every branch; the run then continues as
-        if nothing happened (the same losses as a run without the probe)."""
+        if nothing happened (the same losses as a run without the probe). Raises ValueError on a bad request."""
         lrs = [float(x) for x in req["lrs"]]
         n, after_n = int(req["steps"]), int(req.get("after_batches", 0))
         if not lrs or n < 1 or after_n < 0 or not all(math.isfinite(x) and x > 0 for x in lrs):
             raise ValueError(f"lrs {lrs!r}, steps {n}, after_batches {after_n}")
-        n = min(n, total - step)  # never past the end of the run's batches
-        telemetry.emit("phase", step, phase="probe")  # a long silent phase: not a hang
+        n = min(n, self.total - step)  # never past the end of the run's batches
+        self.telemetry.emit("phase", step, phase="probe")  # a long silent phase: not a hang
         t0 = time.perf_counter()
+        raw_model, optimizer, data = self.raw_model, self.optimizer, self.data
         snap_model = {k: v.detach().clone() for k, v in raw_model.state_dict().items()}
         snap_opt = copy.deepcopy(optimizer.state_dict())
         snap_rng, snap_data = rng_state(), copy.deepcopy(data.state_dict())
-        grad_clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
 
         def restore() -> None:  # the decision point's state; copies, since the next branch trains on it
             raw_model.load_state_dict(snap_model)
@@ -601,136 +813,48 @@ def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | Non
         branches = []
         for lr_b in lrs:
             try:
-                losses: list[float] = []
-                for t in range(step, step + n):
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_b
-                    loss_sum = 0.0
-                    for micro in range(accum):
-                        x, y = data.train_batch(t, micro, micro_bs)
-                        with autocast:
-                            _, loss = model(x.to(device), y.to(device))
-                        (loss / accum).backward()
-                        loss_sum += loss.detach().float().item() / accum
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(loss_sum)
-                after = []
-                with torch.no_grad():
-                    for t in range(step + n, min(step + n + after_n, total)):
-                        for micro in range(accum):
-                            x, y = data.train_batch(t, micro, micro_bs)
-                            with autocast:
-                                _, loss = model(x.to(device), y.to(device))
-                            after.append(loss.float().item())
-                branches.append(
-                    {"lr": lr_b, "losses": losses, "after": sum(after) / len(after) if after else None,
-                     "after_batches": len(after) // max(accum, 1)}
-                )  # fmt: skip
+                branches.append(self._probe_branch(step, lr_b, n, after_n))
             finally:  # whatever happened, the next branch and the run start from the decision point's state
                 restore()
-        telemetry.emit(
+        self.telemetry.emit(
             "probe", step, branches=branches, steps=n, probe_steps=n * len(lrs), seconds=time.perf_counter() - t0
         )
 
-    if master and not ddp:
-        steering.run_probe = probe
+    def _probe_branch(self, step: int, lr_b: float, n: int, after_n: int) -> dict[str, Any]:
+        """One probe branch from the current state: `n` updates at `lr_b` on batches step .. step+n-1, then the
+        mean forward-only loss of the next `after_n` batches. Leaves the state changed (probe() restores it)."""
+        accum, micro_bs, device, optimizer = self.accum, self.micro_bs, self.device, self.optimizer
+        grad_clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        losses: list[float] = []
+        for t in range(step, step + n):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_b
+            loss_sum = 0.0
+            for micro in range(accum):
+                x, y = self.data.train_batch(t, micro, micro_bs)
+                with self.autocast:
+                    _, loss = self.model(x.to(device), y.to(device))
+                (loss / accum).backward()
+                loss_sum += loss.detach().float().item() / accum
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss_sum)
+        after = []
+        with torch.no_grad():
+            for t in range(step + n, min(step + n + after_n, self.total)):
+                for micro in range(accum):
+                    x, y = self.data.train_batch(t, micro, micro_bs)
+                    with self.autocast:
+                        _, loss = self.model(x.to(device), y.to(device))
+                    after.append(loss.float().item())
+        return {"lr": lr_b, "losses": losses, "after": sum(after) / len(after) if after else None,
+                "after_batches": len(after) // max(accum, 1)}  # fmt: skip
 
-    # ---- the training loop: `step` = updates done; each pass makes update number `step`
-    step = start_step
-    if master and step == 0 and is_decision_point(0, cfg):
-        observe(0)  # warmup_steps == 0: the controller sets the very first LR
-    lr, stop = control(step, wait=args.wait_for_decisions and step == 0 and is_decision_point(0, cfg))
-    raw_model.train()
-    first_update = True
-    while step < total and not stop:
-        if first_update and args.inject_first_step_delay and master:
-            time.sleep(args.inject_first_step_delay)  # fault injection (a compiling first step), not synchronisation
-        first_update = False
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = data.train_batch(step, micro, micro_bs)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # gradients are all-reduced only on the last micro-batch
-            sync = model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    _, loss = model(x, y)
-                if inject_nan_at is not None and step + 1 == inject_nan_at:
-                    loss = loss * float("nan")  # testing hook: a real NaN through backward and AdamW
-                loss = loss / accum
-                loss.backward()
-            loss_sum += loss.detach().float()
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf  # inf: just measure the norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-            loss_sum /= world_size
-        loss_f, grad_norm_f = loss_sum.item(), grad_norm.item()  # .item() waits for the GPU: dt is honest
-        dt = time.perf_counter() - t0
-        step += 1
-        at_decision = is_decision_point(step, cfg)
-        if nonfinite_since is None and not math.isfinite(loss_f):
-            nonfinite_since = step
 
-        if master:
-            tokens_per_s = tokens_per_update / dt
-            interval["losses"].append(loss_f)
-            interval["tokens"] += tokens_per_update
-            interval["seconds"] += dt
-            interval["grad_norm"] = grad_norm_f
-            telemetry.emit("step", step, loss=loss_f, lr=lr, grad_norm=grad_norm_f, tokens_per_s=tokens_per_s)
-            loggers.log(
-                step,
-                {
-                    "train/loss": loss_f,
-                    "train/lr": lr,
-                    "train/grad_norm": grad_norm_f,
-                    "train/tokens_per_s": tokens_per_s,
-                },
-            )
-            pbar.set_postfix(loss=f"{loss_f:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            pbar.update(1)
-            if at_decision:
-                observe(step)
-        lr, stop = control(step, wait=args.wait_for_decisions and at_decision)
-
-        if master and cfg.eval.every and step % cfg.eval.every == 0 and step < total:
-            evaluate_now(step)
-        stop_here = stop or step == args.stop_at_step
-        if step < total and (step % cfg.checkpoint_every == 0 or stop_here):
-            checkpoint(step, lr)
-        if stop_here:
-            break
-
-    # ---- the end: final evaluation (rank 0) unless stopped early
-    if master:
-        pbar.close()
-        if step >= total:
-            result = evaluate_now(step)
-            telemetry.emit(
-                "done",
-                step,
-                final_eval_loss=result["eval_loss"],
-                final_eval_ppl=result["eval_ppl"],
-                final_eval_tokens=result["eval_tokens"],
-                wait_s=steering.wait_s,
-            )
-            print(f"lrpilot.trainer: done at step {step}: eval loss {result['eval_loss']:.4f}", flush=True)
-        else:
-            print(f"lrpilot.trainer: stopped at step {step} (checkpoint written)", flush=True)
-        telemetry.close()
-        loggers.close()
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
-    return EXIT_OK
+def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | None) -> int:
+    """One launch from parse_args()'s Namespace (the CLI's entry; see Trainer). Returns the exit code."""
+    return Trainer(cfg, TrainerOptions.from_args(args), resume).run()
 
 
 # ---------------------------------------------------------------------------------------------- CLI
