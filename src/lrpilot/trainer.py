@@ -73,6 +73,7 @@ from lrpilot.config import RunConfig
 from lrpilot.data import DataError, build_data, check_vocab, evaluate
 from lrpilot.errors import LrpilotError, disk_error, is_disk_error
 from lrpilot.logs import write_atomic
+from lrpilot.lr import is_positive_finite
 from lrpilot.model import LLaMA
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE = 0, 1, 2
@@ -793,7 +794,7 @@ class Trainer:
         if nothing happened (the same losses as a run without the probe). Raises ValueError on a bad request."""
         lrs = [float(x) for x in req["lrs"]]
         n, after_n = int(req["steps"]), int(req.get("after_batches", 0))
-        if not lrs or n < 1 or after_n < 0 or not all(math.isfinite(x) and x > 0 for x in lrs):
+        if not lrs or n < 1 or after_n < 0 or not all(is_positive_finite(x) for x in lrs):
             raise ValueError(f"lrs {lrs!r}, steps {n}, after_batches {after_n}")
         n = min(n, self.total - step)  # never past the end of the run's batches
         self.telemetry.emit("phase", step, phase="probe")  # a long silent phase: not a hang
