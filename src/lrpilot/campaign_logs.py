@@ -25,6 +25,7 @@ from typing import Any
 
 from lrpilot.errors import LrpilotError
 from lrpilot.logs import as_float, iter_jsonl
+from lrpilot.records import Kind
 
 
 class CampaignLogsError(LrpilotError, ValueError):
@@ -180,7 +181,7 @@ class _FallbackCounts:
         """(answers that fell back, controller answers): decision-log kinds fallback and decision + fallback
         (published logs have no kind: (0, 0))."""
         kinds = [d.get("kind") for d in self.decisions]
-        return kinds.count("fallback"), kinds.count("fallback") + kinds.count("decision")
+        return kinds.count(Kind.FALLBACK), kinds.count(Kind.FALLBACK) + kinds.count(Kind.DECISION)
 
     @property
     def mostly_fallback(self) -> bool:
