@@ -112,7 +112,9 @@ def test_records_built_in_code_write_the_published_order():
     published_base = list(json.loads(next((SEED / "cosine_baselines").glob("*.json")).read_text()))
     assert list(BaselineResult.ORDER[: len(published_base)]) == published_base
     # result.json: every field, in the dataclass's order, as dataclasses.asdict wrote it
-    assert RoundResult.ORDER == tuple(f.name for f in dataclasses.fields(RoundResult) if f.name not in ("extra", "keys"))
+    assert (
+        tuple(f.name for f in dataclasses.fields(RoundResult) if f.name not in ("extra", "keys")) == RoundResult.ORDER
+    )
     brief = BriefRecord(round=3, brief="try 3e-3", timestamp="t", memory="llm", extra={"fallback": False, "words": 2})
     assert list(brief.to_dict()) == ["round", "timestamp", "memory", "brief", "fallback", "words"]
     fin = FinalResult(run_start_iso="x", final_eval_ppl=math.nan, rule_params=None, script=None)
