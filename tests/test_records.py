@@ -283,3 +283,26 @@ def test_lines_of_a_real_campaign_and_a_crashing_baseline_round_trip_exactly(tmp
         rr = _assert_round_trip(RoundResult, line)
         assert rr.status in ("ok", "failed")
     _assert_round_trip(BaselineResult, json.loads((b / "cosine_lr3e-3.json").read_text()))
+
+
+def test_a_wrong_type_is_named_before_a_missing_field_and_records_hash():
+    with pytest.raises(RecordError, match=r"^rollbacks.jsonl: field 'crash_step' must be an int, got 'x'$"):
+        RollbackRecord.from_dict({"crash_step": "x"})  # lr_at_crash is missing too: the wrong type is named
+    d = DecisionRecord.from_dict({**GOOD[DecisionRecord], "clamp_reasons": ["ceiling"], "plan": [[10, 1e-3]]})
+    assert hash(d) == hash(DecisionRecord.from_dict(d.to_dict()))  # Observation (frozen, hashable) holds these
+
+
+def test_import_refuses_a_published_line_of_the_wrong_type_in_one_line(tmp_path, capsys):
+    import shutil
+
+    from lrpilot.importer import main_import
+
+    src = tmp_path / "src"
+    shutil.copytree(SEED, src)
+    lines = (src / "decisions_log_agent_60m.jsonl").read_text(encoding="utf-8").splitlines()
+    lines[2] = json.dumps({**json.loads(lines[2]), "new_lr": "fast"}, ensure_ascii=False)
+    (src / "decisions_log_agent_60m.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main_import(src, tmp_path / "dest") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "decisions_log_agent_60m.jsonl record 3: field 'new_lr' must be a number" in err
+    assert not (tmp_path / "dest").exists()  # nothing imported

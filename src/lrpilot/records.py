@@ -165,11 +165,13 @@ class _Record:
                 v = _decode(code, v)
                 object.__setattr__(self, attr, v)
             if not _check(code, v):
-                raise RecordError(
-                    self.FILE,
-                    self._key(attr),
-                    f"must be {_DESCRIBE[code.rstrip('?')]}{' or null' if code.endswith('?') else ''}, got {_short(v)}",
-                )
+                raise self._type_error(attr, v)
+
+    @classmethod
+    def _type_error(cls, attr: str, v: Any) -> RecordError:
+        code = cls.TYPES[attr]
+        kind = f"{_DESCRIBE[code.rstrip('?')]}{' or null' if code.endswith('?') else ''}"
+        return RecordError(cls.FILE, cls._key(attr), f"must be {kind}, got {_short(v)}")
 
     @classmethod
     def _key(cls, attr: str) -> str:
@@ -194,6 +196,9 @@ class _Record:
                 kwargs[attr] = _decode(cls.TYPES[attr], v)
             else:
                 extra[k] = v
+        for attr, v in kwargs.items():  # the fields that are there first, then the ones that are not
+            if not _check(cls.TYPES[attr], v):
+                raise cls._type_error(attr, v)
         for name, f in attrs.items():
             if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise RecordError(cls.FILE, cls._key(name), "is missing")
@@ -261,11 +266,12 @@ class DecisionRecord(_Record):
     trend: str | None = None
     raw_lr_request: float | None = None
     clamped: bool = False
-    clamp_reasons: tuple[str, ...] | list[str] = ()
+    # lists as read (a log line's JSON): left out of the hash, so the record stays hashable like Observation
+    clamp_reasons: tuple[str, ...] | list[str] = field(default=(), hash=False)
     latency_s: float | None = None
     wait_s: float = 0.0
     seq: int | None = None
-    plan: Any = None
+    plan: Any = field(default=None, hash=False)
     launch: int | None = None
 
     FILE: ClassVar[str] = "decisions.jsonl"
