@@ -24,6 +24,7 @@ from lrpilot.config import RunConfig, check_same_config
 from lrpilot.errors import writing
 from lrpilot.locks import DirLock
 from lrpilot.logs import write_json_atomic
+from lrpilot.records import BaselineResult
 
 
 def format_lr(lr: float) -> str:
@@ -100,6 +101,7 @@ def _run_locked(cfg: RunConfig, schedule: str, peak: float, path: Path, run_dir:
         "lr_trajectory": [list(p) for p in res.lr_trajectory],
         "loss_trajectory": [list(p) for p in res.loss_trajectory],
     }
+    record = BaselineResult.from_dict(record).to_dict()  # the schema's types checked before it is written
     write_json_atomic(path, record)
     return record
 

@@ -37,6 +37,7 @@ from lrpilot.engine import Engine, LocalEngine, wait_first
 from lrpilot.errors import LrpilotError
 from lrpilot.locks import DirLock
 from lrpilot.logs import append_jsonl, as_float, now_iso, read_jsonl, write_atomic
+from lrpilot.records import BriefRecord, FinalResult, RoundResult
 
 CONTROLLERS = ("llm", "rules", "replay")
 MEMORIES = ("llm", "optuna", "none")
@@ -379,7 +380,7 @@ def _prepare_round(
     if prior is None:
         append_jsonl(
             directory / "briefs.jsonl",
-            {"round": r, "timestamp": now_iso(), "memory": settings.memory, "brief": brief, **extra},
+            BriefRecord(round=r, timestamp=now_iso(), memory=settings.memory, brief=brief, extra=extra).to_dict(),
         )
     if params is None and settings.controller == "rules":
         params = settings.rules_for(cfg.schedule.init_lr)  # recorded with the round, as Optuna's are
@@ -422,7 +423,7 @@ def _commit(
     cfg: RunConfig, directory: Path, r: int, settings: CampaignSettings, res: Any, params: Any, t0: float
 ) -> dict[str, Any]:
     """Round r's line in DIR/final_results.jsonl (the round's commit point) from its result `res` (a
-    supervisor.RoundResult, or the same fields read from a Pilot's result.json). Returns the line."""
+    records.RoundResult: the supervisor's, or one read from a Pilot's result.json). Returns the line."""
     rec: dict[str, Any] = {
         "timestamp": now_iso(),
         "run_start_iso": res.run_start_iso,
@@ -472,6 +473,7 @@ def _commit(
         rec["rule_params"] = dataclasses.asdict(params)
     if settings.script:
         rec["script"] = settings.script
+    rec = FinalResult.from_dict(rec).to_dict()  # the schema's types checked before the commit point
     append_jsonl(directory / "final_results.jsonl", rec)
     return rec
 
@@ -507,8 +509,6 @@ def execute_script_round(
     with $LRPILOT_RESUME=1, at most guard.max_fast_crash times; then the round is failed (status "failed", the
     exit code and the log's last line in failure_reason). On success the round's decisions and rollbacks are
     copied from RUN into DIR's logs (once) and RUN/result.json becomes the final_results line."""
-    from types import SimpleNamespace
-
     from lrpilot.pilot import ENV_SETTINGS
 
     committed = _completed_rounds(directory).get(r)
@@ -557,7 +557,7 @@ def execute_script_round(
             print(f"round {r:>3}  {reason}; crash {crashes} of max_fast_crash={cfg.guard.max_fast_crash}",
                   file=sys.stderr)  # fmt: skip
         if rc is None or crashes > cfg.guard.max_fast_crash:
-            res = SimpleNamespace(**_failed_result(run_dir, crashes, reason or "", t0))
+            res = RoundResult.from_dict(_failed_result(run_dir, crashes, reason or "", t0))
             return _commit(cfg, directory, r, settings, res, params, t0)
     fields = json.loads((run_dir / "result.json").read_text())
     fields["crash_count"] = int(fields.get("crash_count", 0)) + crashes
@@ -565,7 +565,7 @@ def execute_script_round(
         if not any(x.get("round") == r for x in read_jsonl(directory / name)):  # once, even when re-run
             for x in read_jsonl(run_dir / name):
                 append_jsonl(directory / name, {**x, "round": r, "controller": settings.controller})
-    return _commit(cfg, directory, r, settings, SimpleNamespace(**fields), params, t0)
+    return _commit(cfg, directory, r, settings, RoundResult.from_dict(fields), params, t0)
 
 
 def _die_with_parent() -> None:

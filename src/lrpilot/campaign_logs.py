@@ -35,6 +35,7 @@ from lrpilot.lr import (  # noqa: F401 - fmt_lr and the peak bands are re-export
     peak_band_range,
     warmup_lr,
 )
+from lrpilot.records import Kind
 
 
 class CampaignLogsError(LrpilotError, ValueError):
@@ -109,7 +110,7 @@ class _FallbackCounts:
         """(answers that fell back, controller answers): decision-log kinds fallback and decision + fallback
         (published logs have no kind: (0, 0))."""
         kinds = [d.get("kind") for d in self.decisions]
-        return kinds.count("fallback"), kinds.count("fallback") + kinds.count("decision")
+        return kinds.count(Kind.FALLBACK), kinds.count(Kind.FALLBACK) + kinds.count(Kind.DECISION)
 
     @property
     def mostly_fallback(self) -> bool:

@@ -27,6 +27,7 @@ from typing import Any
 from lrpilot.campaign_logs import peak_from_filename
 from lrpilot.errors import LrpilotError, writing
 from lrpilot.logs import as_float, dumps, iter_jsonl, write_atomic
+from lrpilot.records import BaselineResult, DecisionRecord, FinalResult, RecordError, RollbackRecord
 
 #: the campaign files an import writes, or finds in a destination that already holds a campaign
 CAMPAIGN_LOGS = ("final_results.jsonl", "decisions.jsonl", "rollbacks.jsonl", "llm_calls.jsonl", "briefs.jsonl")
@@ -91,6 +92,13 @@ def _with(rec: dict[str, Any], first: dict[str, Any] | None = None, last: dict[s
 
 #: fields every record of a published log holds (one of a tuple's names is enough); a file named like the
 #: published layout whose records lack them is some other JSON and is refused rather than imported as failed rounds
+#: the record of each published log (lrpilot.records)
+_TYPES = {
+    "final_results": FinalResult,
+    "decisions": DecisionRecord,
+    "rollbacks": RollbackRecord,
+    "baseline": BaselineResult,
+}
 REQUIRED = {
     "final_results": ("run_start_iso", ("final_eval_ppl", "final_eval_loss")),
     "decisions": ("run_start_iso", "step", "new_lr"),
@@ -107,6 +115,13 @@ def _check_fields(rec: dict[str, Any], kind: str, where: str) -> None:
                 f"import-logs: {where} has no {' or '.join(names)} field, so it is not the published study's "
                 f"{kind.replace('_', ' ')} log; check the source directory (nothing imported)"
             )
+    try:  # the published fields' types (lrpilot.records); a field that is there but not even a number is refused
+        _TYPES[kind].from_dict(rec)
+    except RecordError as e:
+        if e.problem != "is missing":  # the published logs lack lrpilot's own fields (a rollback's lr_at_crash, ...)
+            raise LogImportError(
+                f"import-logs: {where}: field {e.field!r} {e.problem}; fix the line (nothing imported)"
+            ) from None
 
 
 def _read_log(path: Path, kind: str) -> list[dict[str, Any]]:

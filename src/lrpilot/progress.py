@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lrpilot.logs import JsonlFollower, as_float, finite_mean
+from lrpilot.records import NO_LR_KINDS, Kind
 
 #: how deep under a directory run directories are looked for (DIR/rounds/round_001, OUT/runs/cosine_lr1e-3,
 #: DEMO/campaign/rounds/round_001, BENCH/<case>/runs/<run>)
@@ -229,10 +230,10 @@ class RunWatch:
             elif kind == "done":
                 self.done = True
         for rec in self._sent.poll():
-            if rec.get("kind") in ("superseded", "unanswered"):  # a Pilot's log: answers that set no LR
+            if rec.get("kind") in NO_LR_KINDS:  # a Pilot's log: answers that set no LR (superseded, unanswered)
                 continue
             self.last_decision = rec
-            self.rollbacks += rec.get("kind") == "agent_rollback"  # the agent's own rollbacks count too
+            self.rollbacks += rec.get("kind") == Kind.AGENT_ROLLBACK  # the agent's own rollbacks count too
             out.append({"kind": "decision", **rec})
         if self._rollbacks is not None:
             for rec in self._rollbacks.poll():

@@ -92,6 +92,7 @@ from lrpilot.logs import (
     write_json_atomic,
 )
 from lrpilot.lr import warmup_target
+from lrpilot.records import RoundResult  # moved to lrpilot.records; still importable from here
 
 #: fields of the published decision log, in its order
 DECISION_FIELDS = (
@@ -144,76 +145,6 @@ class RoundLogs:
     rollbacks: Path
     #: added to every decision and rollback record, e.g. {"round": 3, "controller": "rules"}
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RoundResult:
-    """How one run ended; RUN/result.json."""
-
-    status: str  # "ok" | "failed"
-    run_start_iso: str
-    final_eval_loss: float
-    final_eval_ppl: float
-    final_eval_tokens: int
-    update_step: int
-    crash_count: int
-    total_decisions: int
-    #: the highest LR any update used, warmup included
-    peak_lr_seen: float
-    #: the lowest LR an update after the warmup used
-    min_lr_seen: float
-    wall_time_s: float
-    #: seconds the trainer blocked waiting for decisions
-    wait_s: float
-    #: per controller call: seconds decide() took
-    decision_latency_s: list[float]
-    #: per applied decision: effective_step - decided step
-    effect_delay_steps: list[int]
-    #: (step, lr) and (step, loss) of the trajectory the final model saw, sampled to <= 500 points
-    lr_trajectory: list[tuple[int, float]]
-    loss_trajectory: list[tuple[int, float]]
-    failure_reason: str | None = None
-    #: questions to a non-blocking controller still unanswered when the round ended (kind "unanswered")
-    unanswered_decisions: int = 0
-    #: controller answers (kinds decision + fallback) that kept the LR for want of a valid answer
-    fallback_decisions: int = 0
-    #: more than half of the controller's answers fell back: the round shows the fallback path, not the agent
-    mostly_fallback: bool = False
-    #: rollbacks the controller asked for and the guard granted (decisions of kind agent_rollback)
-    agent_rollbacks: int = 0
-    #: extra training updates spent in lookahead probes (Decision.probe_lrs), beyond update_step
-    probe_steps: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RoundResult:
-        f = as_float
-        return cls(
-            status=str(d["status"]),
-            run_start_iso=str(d["run_start_iso"]),
-            final_eval_loss=f(d.get("final_eval_loss")),
-            final_eval_ppl=f(d.get("final_eval_ppl")),
-            final_eval_tokens=int(d.get("final_eval_tokens") or 0),
-            update_step=int(d.get("update_step") or 0),
-            crash_count=int(d.get("crash_count") or 0),
-            total_decisions=int(d.get("total_decisions") or 0),
-            peak_lr_seen=f(d.get("peak_lr_seen")),
-            min_lr_seen=f(d.get("min_lr_seen")),
-            wall_time_s=f(d.get("wall_time_s")),
-            wait_s=f(d.get("wait_s")),
-            decision_latency_s=[f(x) for x in d.get("decision_latency_s") or []],
-            effect_delay_steps=[int(x) for x in d.get("effect_delay_steps") or []],
-            lr_trajectory=[(int(s), f(v)) for s, v in d.get("lr_trajectory") or []],
-            loss_trajectory=[(int(s), f(v)) for s, v in d.get("loss_trajectory") or []],
-            failure_reason=d.get("failure_reason"),
-            unanswered_decisions=int(d.get("unanswered_decisions") or 0),
-            fallback_decisions=int(d.get("fallback_decisions") or 0),
-            mostly_fallback=bool(d.get("mostly_fallback", False)),
-            agent_rollbacks=int(d.get("agent_rollbacks") or 0),
-            probe_steps=int(d.get("probe_steps") or 0),
-        )
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -14,44 +14,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from lrpilot.logs import as_float, finite_mean
+from lrpilot.logs import finite_mean
 from lrpilot.lr import check_lr, is_positive_finite
+from lrpilot.records import DecisionRecord, RollbackRecord  # the log's own records, as a controller sees them
 
-
-@dataclass(frozen=True)
-class DecisionRecord:
-    """One earlier decision in this round, as the controller's next prompt sees it."""
-
-    step: int
-    old_lr: float
-    new_lr: float
-    loss: float
-    #: step at which the trainer first trained with new_lr (None while not yet applied)
-    effective_step: int | None = None
-    kind: str = "decision"  # decision | emergency | fallback | rollback | agent_rollback
-    reason: str = ""
-
-    @classmethod
-    def from_log(cls, d: dict[str, Any]) -> DecisionRecord:
-        """A decisions.jsonl record (published field names: `reasoning` is the reason) as the prompt sees it."""
-        return cls(
-            step=int(d["step"]),
-            old_lr=as_float(d["old_lr"]),
-            new_lr=as_float(d["new_lr"]),
-            loss=as_float(d["loss"]),
-            effective_step=d.get("effective_step"),
-            kind=str(d.get("kind", "decision")),
-            reason=str(d.get("reasoning", "")),
-        )
-
-
-@dataclass(frozen=True)
-class RollbackRecord:
-    crash_step: int
-    lr_at_crash: float
-    rolled_back_to_step: int
-    new_lr: float
-    crash_reason: str
+__all__ = ["BaseController", "Decision", "DecisionRecord", "Observation", "ProbeResult", "RollbackRecord"]
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from lrpilot.controllers.rules import loss_change_z
 from lrpilot.llm.base import LLMBackend, parse_json_object, split_reasoning
 from lrpilot.logs import finite_mean
 from lrpilot.lr import fmt_lr, is_positive_finite
+from lrpilot.records import Kind
 
 #: the reason asked for is short: a grammar-constrained small model otherwise rambles to max_tokens (and a
 #: cut-off reply has no lr); endpoints that refuse maxLength make the backend step down to json_object
@@ -294,7 +295,7 @@ class LLMController(BaseController):
 
         out.append("trend: " + "; ".join(self._trend(hist, dense)))
         out.append(self._decisions(obs))
-        if any(d.kind != "emergency" for d in obs.decisions):
+        if any(d.kind != Kind.EMERGENCY for d in obs.decisions):
             out.append(self._last_effect(obs, hist))
 
         events = []
@@ -309,7 +310,7 @@ class LLMController(BaseController):
                 f"{r.rolled_back_to_step}, LR set to {_lr(r.new_lr)}"
             )
         for d in obs.decisions:
-            if d.kind == "emergency":
+            if d.kind == Kind.EMERGENCY:
                 events.append(
                     f"emergency cut at step {d.step}: {_lr(d.old_lr)} -> {_lr(d.new_lr)} (loss {_loss(d.loss)})"
                 )
@@ -344,12 +345,12 @@ class LLMController(BaseController):
         return rows
 
     def _decisions(self, obs: Observation) -> str:
-        own = [d for d in obs.decisions if d.kind != "emergency"]
+        own = [d for d in obs.decisions if d.kind != Kind.EMERGENCY]
         if not own:
             return "your decisions this round: none yet"
-        changed = [d for d in own if d.kind == "decision" and d.new_lr != d.old_lr]
-        kept = [d for d in own if d.kind == "decision" and d.new_lr == d.old_lr]
-        fb = [d.step for d in own if d.kind == "fallback"]
+        changed = [d for d in own if d.kind == Kind.DECISION and d.new_lr != d.old_lr]
+        kept = [d for d in own if d.kind == Kind.DECISION and d.new_lr == d.old_lr]
+        fb = [d.step for d in own if d.kind == Kind.FALLBACK]
         parts = [f"changed the LR {len(changed)} times", f"kept it {len(kept)} times"]
         if fb:
             parts.append(f"no valid answer (LR kept) at steps {', '.join(map(str, fb[-5:]))}")
@@ -373,7 +374,7 @@ class LLMController(BaseController):
         return parts or ["not enough data yet"]
 
     def _last_effect(self, obs: Observation, hist: list[tuple[int, float]]) -> str:
-        d = [x for x in obs.decisions if x.kind != "emergency"][-1]
+        d = [x for x in obs.decisions if x.kind != Kind.EMERGENCY][-1]
         start = d.effective_step if d.effective_step is not None else d.step
         head = f"last decision: step {d.step}, {_lr(d.old_lr)} -> {_lr(d.new_lr)}"
         head += f", in force from step {d.effective_step}" if d.effective_step is not None else ", not applied yet"

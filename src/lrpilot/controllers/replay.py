@@ -39,14 +39,15 @@ from lrpilot.campaign_logs import decision_applied
 from lrpilot.controllers.base import BaseController, Decision, Observation
 from lrpilot.errors import LrpilotError
 from lrpilot.logs import as_float, is_positive_finite, read_jsonl
+from lrpilot.records import Kind
 
 #: record kinds written by the guard rather than by the controller
-_NOT_REPLAYED = ("emergency", "rollback")
+_NOT_REPLAYED = (Kind.EMERGENCY, Kind.ROLLBACK)
 #: record kinds whose decision never reached the trainer
-_NOT_APPLIED = ("superseded",)
+_NOT_APPLIED = (Kind.SUPERSEDED,)
 #: record kinds that are no answer at all (a question still open when the round ended or was interrupted): a
 #: resumed round may ask the same step again, so they are not a visit of the step either
-_NO_ANSWER = ("unanswered",)
+_NO_ANSWER = (Kind.UNANSWERED,)
 
 
 class ReplayError(LrpilotError, ValueError):
@@ -107,7 +108,7 @@ class ReplayController(BaseController):
             where = f"{source or 'decisions'} record {n}"
             if not isinstance(rec, dict):
                 raise ReplayError(f"{where}: must be a JSON object")
-            kind = str(rec.get("kind", "decision"))
+            kind = str(rec.get("kind", Kind.DECISION))
             if kind in _NOT_REPLAYED or kind in _NO_ANSWER:
                 continue
             step = _int_field(rec, "step", where)
@@ -132,7 +133,7 @@ class ReplayController(BaseController):
                     "raw": raw,
                     "reason": str(rec.get("reasoning", rec.get("reason", "")) or ""),
                     "rollback_to_step": _int_field(rec, "rollback_to_step", where)
-                    if kind == "agent_rollback"
+                    if kind == Kind.AGENT_ROLLBACK
                     else None,
                     "plan": _exact_plan(rec.get("plan"), step),
                 }

@@ -28,6 +28,7 @@ from typing import Any
 
 from lrpilot.errors import LrpilotError
 from lrpilot.logs import JsonlLog, now_iso
+from lrpilot.records import LLMCallRecord
 
 ROLES = ("controller", "memory")
 
@@ -302,6 +303,7 @@ class AuditedBackend(LLMBackend):
                 parse_json_object(reply.text)
             except ValueError as e:
                 record["parse_error"] = str(e)
+        record = LLMCallRecord.from_dict(record).to_dict()  # lrpilot.records: the schema's types checked
         try:
             self._append(record)
         except OSError as e:  # a full disk must not stop training; say so on the reply instead
