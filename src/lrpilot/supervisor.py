@@ -350,7 +350,7 @@ class _Round:
         self.rollbacks: list[RollbackRecord] = []
         self.rollback_points: list[tuple[int, int]] = []  # (launch that crashed, step rolled back to)
         self.counter = guard.CrashCounter()
-        # non-blocking controllers: one decide() in flight at a time, answered through the core's queue
+        # decisions, questions in flight and replies: self.core (decisions / asked / inflight / replies below)
         #: a lookahead probe sent to the waiting trainer: (point, seq, clamped LRs, clamp reasons, first latency)
         self.probing: tuple[_Point, int, list[float], list[str], float] | None = None
         self.dlog: JsonlLog | None = None
