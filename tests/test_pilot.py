@@ -305,7 +305,7 @@ def test_a_non_blocking_controller_never_holds_the_loop_and_takes_effect_when_it
         assert pilot.lr == lr_before
     release.set()
     deadline = time.monotonic() + 30
-    while pilot._replies.empty():  # the worker's answer is queued (a condition with a deadline, not a sleep)
+    while pilot.core.replies.empty():  # the worker's answer is queued (a condition with a deadline, not a sleep)
         assert time.monotonic() < deadline
         time.sleep(0.01)
     pilot.step(3.0)  # step 8: the answer applies to update 8

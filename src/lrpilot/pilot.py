@@ -60,8 +60,6 @@ import io
 import json
 import math
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -73,7 +71,8 @@ import torch
 from lrpilot import guard as safety
 from lrpilot.channel import LRState, warmup_lr
 from lrpilot.config import GuardConfig
-from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
+from lrpilot.controllers.base import BaseController, Observation, RollbackRecord
+from lrpilot.decision import DEFAULT_GUARD_RULES, GUARD_RULES, Command, DecisionCore, Point, RunShape
 from lrpilot.errors import LrpilotError
 from lrpilot.logs import (
     JsonlLog,
@@ -284,7 +283,8 @@ class Pilot:
     for controller="llm"), rewind (True: a rollback rewinds step_count to the snapshot's step and your loop
     re-trains from there; False: step_count goes on, as a framework's step counter does; the framework callbacks
     set False), distributed (None: follow torch.distributed when it is initialised, rank 0 decides and writes the
-    logs; False: act alone; True: require it). Raises PilotError for a bad setting.
+    logs; False: act alone; True: require it), guard_rules (names in lrpilot.decision.GUARD_RULES, applied in
+    order; default emergency, clamp, lower_only). Raises PilotError for a bad setting.
     """
 
     def __init__(
@@ -309,6 +309,7 @@ class Pilot:
         lower_only: bool = False,
         agent: Any = None,
         rewind: bool = True,
+        guard_rules: Sequence[str] = DEFAULT_GUARD_RULES,
         distributed: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer) or not optimizer.param_groups:
@@ -369,6 +370,30 @@ class Pilot:
         )
         self.controller_name = getattr(self.controller, "name", type(self.controller).__name__)
         self.blocking = bool(getattr(self.controller, "blocking", True))
+        #: the decision desk: observation -> controller -> guard rules -> command -> record (lrpilot.decision)
+        unknown = [n for n in guard_rules if not isinstance(n, str) or n not in GUARD_RULES]
+        if isinstance(guard_rules, str) or unknown:
+            raise PilotError(
+                f"guard_rules: {guard_rules!r} is not a sequence of rule names; choose from: "
+                f"{', '.join(GUARD_RULES.names())}"
+            )
+        self.core = DecisionCore(
+            self.controller,
+            self.g,
+            RunShape(
+                total_steps=total_steps,
+                warmup_steps=warmup_steps,
+                decision_every=decision_every,
+                init_lr=self.init_lr,
+                memory_brief=memory_brief,
+                round_index=round_index,
+            ),
+            lower_only=self.lower_only,
+            rules=guard_rules,
+            stamp={"round": round_index, "controller": self.controller_name},
+            layout="pilot",
+            thread_prefix="lrpilot-pilot",
+        )
         if self.writer:
             self.controller.start_round(round_index, memory_brief)
         # ----- state that state_dict() saves
@@ -380,7 +405,6 @@ class Pilot:
         self.last_grad_norm = math.nan
         self.loss_history: list[tuple[int, float]] = []
         self.lr_history: list[tuple[int, float]] = []
-        self.decisions: list[dict[str, Any]] = []  # this branch's, for the observations
         self.rollbacks: list[RollbackRecord] = []
         self.counter = safety.CrashCounter()
         self.launch_start_step = 0
@@ -395,8 +419,6 @@ class Pilot:
         # ----- not saved
         self._t0 = time.monotonic()
         self._answered: dict[int, dict[str, Any]] = {}
-        self._inflight: dict[str, Any] | None = None
-        self._replies: queue.Queue = queue.Queue()
         self._launch = 0
         self._snapshots: list[tuple[int, Any]] = []
         self._finished = False
@@ -656,24 +678,21 @@ class Pilot:
 
     # ------------------------------------------------------------------------------------------ decisions
 
+    # the decision core (lrpilot.decision) owns the decision history and the question in flight
+    decisions = property(lambda self: self.core.decisions, lambda self, v: setattr(self.core, "decisions", v))
+    run_start_iso = property(
+        lambda self: self.core.run_start_iso, lambda self, v: setattr(self.core, "run_start_iso", v)
+    )
+
     def _observation(self, step: int, lr: float, recent: Sequence[float]) -> Observation:
-        return Observation(
-            step=step,
-            total_steps=self.total_steps,
-            warmup_steps=self.warmup_steps,
-            decision_every=self.decision_every,
-            lr=lr,
-            init_lr=self.init_lr,
-            recent_losses=tuple(recent),
-            loss_history=tuple(self.loss_history),
-            lr_history=tuple(self.lr_history),
+        return self.core.observation(
+            step,
+            lr,
+            recent,
+            loss_history=self.loss_history,
+            lr_history=self.lr_history,
             grad_norm=self.last_grad_norm,
-            decisions=tuple(
-                DecisionRecord.from_log(d)
-                for d in self.decisions
-                if d.get("kind") in ("decision", "emergency", "fallback", "agent_rollback")
-            ),
-            rollbacks=tuple(self.rollbacks),
+            rollbacks=self.rollbacks,
             rollback_steps=safety.agent_rollback_steps(
                 step,
                 self.total_steps,
@@ -683,14 +702,7 @@ class Pilot:
             )
             if self.model is not None
             else (),
-            agent_rollbacks_left=max(0, self.g.agent_rollbacks - len(self.agent_rollback_steps)),
-            memory_brief=self.memory_brief,
-            floor=self.g.floor,
-            ceiling=self.g.ceiling,
-            min_ratio=self.g.min_ratio,
-            max_ratio=self.g.max_ratio,
-            round_index=self.round_index,
-            lower_only=self.lower_only,
+            agent_rollbacks_used=len(self.agent_rollback_steps),
         )
 
     def _decision_point(self, step: int) -> str | None:
@@ -701,7 +713,6 @@ class Pilot:
         self.loss_history.append((step, mean))
         self.lr_history.append((step, lr))
         self._emit("observe", lr=lr, losses=recent, grad_norm=self.last_grad_norm)
-        point = {"step": step, "loss": mean, "trend": _trend(prev, mean), "old_lr": lr, "launch": self._launch}
         if step in self._answered:  # a resumed run re-trains this point: apply the logged answer again
             rec = self._answered.pop(step)
             eff = rec.get("effective_step")
@@ -709,101 +720,41 @@ class Pilot:
             self.pending.append((at, float(rec["new_lr"]), rec.get("plan_knots"), {**rec, "_logged": True}))
             self.decisions.append(rec)
             return str(rec.get("kind"))
-        emergency = safety.check_emergency(prev, mean, self.g)
-        if emergency is not None:
-            if self._inflight is not None:
-                self._inflight["superseded_by"] = step
-            self._command(point, safety.emergency_lr(lr, self.g), None, step, kind="emergency",
-                          reasoning=emergency.reason, emergency_triggers=list(emergency.triggers))  # fmt: skip
-            return "emergency"
-        obs = self._observation(step, lr, recent)
+        point = Point(obs=self._observation(step, lr, recent), trend=_trend(prev, mean), launch=self._launch)
+        cmd = self.core.pre_empt(point, prev)  # the published emergency rule comes first
+        if cmd is not None:
+            self._command(point, cmd, step)
+            return cmd.kind
         if self.blocking:
-            t = time.monotonic()
-            try:
-                decision: Decision | BaseException = self.controller.decide(obs)
-            except Exception as e:  # noqa: BLE001 - a controller bug keeps the LR, logged as a fallback
-                decision = e
-            return self._apply_decision(point, obs, decision, time.monotonic() - t, at=step)
-        if self._inflight is not None:
-            self._inflight.setdefault("skipped", []).append(step)
-            return None
-        self._inflight = {"point": point, "obs": obs, "t": time.monotonic()}
-        threading.Thread(target=self._ask, args=(self._inflight,), daemon=True, name=f"lrpilot-pilot-{step}").start()
+            decision, latency = self.core.ask_inline(point.obs)
+            return self._apply_decision(point, decision, latency, at=step)
+        self.core.ask(point)  # a worker thread; a point reached while one is in flight is skipped
         return None
 
-    def _ask(self, question: dict[str, Any]) -> None:
-        try:
-            decision: Decision | BaseException = self.controller.decide(question["obs"])
-        except Exception as e:  # noqa: BLE001
-            decision = e
-        self._replies.put((question, decision, time.monotonic() - question["t"]))
-
     def _poll_replies(self) -> None:
-        while True:
-            try:
-                question, decision, latency = self._replies.get_nowait()
-            except queue.Empty:
-                return
-            if question is self._inflight:
-                self._inflight = None
-            point, obs = question["point"], question["obs"]
-            stale = None
-            if point["launch"] != self._launch:
-                stale = "discarded: the run was rolled back before the reply arrived"
-            elif question.get("superseded_by") is not None:
-                stale = f"superseded by the emergency cut at step {question['superseded_by']}"
+        for reply in self.core.poll():
+            point, decision, latency = reply
+            stale = self.core.answered(reply, self._launch, rolled_back="run")
             if stale is not None:
-                rec = self._record(point, obs.lr, kind="superseded", reasoning=stale, latency_s=latency)
-                if isinstance(decision, Decision):
-                    rec["raw_lr_request"] = decision.lr
-                self._log(rec)
+                self._log(self.core.stale_record(point, decision, latency, stale))
                 continue
             # takes effect at the next update (number step_count): the training went on meanwhile
-            self._apply_decision(point, obs, decision, latency, at=self.step_count, skipped=question.get("skipped"))
+            self._apply_decision(point, decision, latency, at=self.step_count)
 
-    def _apply_decision(
-        self, point: dict[str, Any], obs: Observation, decision: Any, latency: float, at: int, skipped: Any = None
-    ) -> str:
-        lr_now = obs.lr
-        extra: dict[str, Any] = {"latency_s": latency}
-        if skipped:
-            extra["skipped_observes"] = list(skipped)
-        if not isinstance(decision, Decision):
-            why = (
-                f"controller error: {decision.__class__.__name__}: {str(decision)[:300]}"
-                if isinstance(decision, BaseException)
-                else f"controller returned {type(decision).__name__}, not a Decision"
-            )
-            self._command(point, safety.clamp_lr(lr_now, lr_now, self.g).lr, None, at, kind="fallback",
-                          reasoning=f"{why}; kept the current LR", **extra)  # fmt: skip
-            return "fallback"
-        clamp = safety.clamp_lr(decision.lr, lr_now, self.g, lower_only=self.lower_only)
-        reasons = list(clamp.reasons)
-        plan = None
-        if decision.plan is not None:
-            bounded = safety.clamp_plan(
-                decision.plan, self.g, current=lr_now, lower_only=lr_now if self.lower_only else None
-            )
-            reasons += bounded.reasons
-            plan = bounded.plan or None
-        if decision.raw is not None:
-            extra["raw_reply"] = decision.raw
-        if decision.meta:
-            extra["meta"] = decision.meta
-        if decision.rollback_to_step is not None:  # the kept snapshots are the checkpoints it may name
-            extra["rollback_to_step"] = decision.rollback_to_step
-            verdict = self._check_agent_rollback(point["step"], decision.rollback_to_step)
-            if verdict.ok and verdict.to_step is not None:
-                fields = dict(kind="agent_rollback", reasoning=decision.reason, raw_lr_request=decision.lr,
-                              clamped=bool(reasons), clamp_reasons=reasons, rollback_reason=verdict.reason, **extra)  # fmt: skip
-                self._agent_request = {"point": point, "to_step": verdict.to_step, "new_lr": clamp.lr, "fields": fields}
-                return "agent_rollback"
-            extra["rollback_refused"] = verdict.reason
-            reasons.append(verdict.reason)
-        kind = "fallback" if (decision.fallback or clamp.fallback) else "decision"
-        self._command(point, clamp.lr, plan, at, kind=kind, reasoning=decision.reason, raw_lr_request=decision.lr,
-                      clamped=bool(reasons), clamp_reasons=reasons, **extra)  # fmt: skip
-        return kind
+    def _apply_decision(self, point: Point, decision: Any, latency: float, at: int) -> str:
+        """Guard the answer (lrpilot.decision.DecisionCore.guard, the kept snapshots are the checkpoints an
+        agent may name) and queue its command for update `at`; a granted agent rollback is carried out at the
+        end of the step (_agent_rollback)."""
+        cmd = self.core.guard(point, decision, latency, grant=self._grant)
+        if cmd.kind == "agent_rollback":
+            self._agent_request = {"point": point, "to_step": cmd.rollback_to, "new_lr": cmd.new_lr, "cmd": cmd}
+            return cmd.kind
+        self._command(point, cmd, at)
+        return cmd.kind
+
+    def _grant(self, point: Point, requested: Any) -> tuple[int | None, str, None]:
+        verdict = self._check_agent_rollback(point.obs.step, requested)
+        return (verdict.to_step if verdict.ok else None), verdict.reason, None
 
     def _check_agent_rollback(self, step: int, requested: Any) -> safety.AgentRollback:
         """The guard's verdict on a request to go back to the snapshot at step `requested` (the kept snapshots
@@ -814,40 +765,18 @@ class Pilot:
         infos = [safety.CheckpointInfo(step=s) for s, _ in self._snapshots]
         return safety.check_agent_rollback(requested, step, self.total_steps, infos, self.agent_rollback_steps, self.g)
 
-    def _record(self, point: dict[str, Any], new_lr: float, *, kind: str, reasoning: str, **fields: Any) -> dict:
-        """A decision-log record: the published fields first (supervisor.DECISION_FIELDS), then ours."""
-        return {
-            "run_start_iso": self.run_start_iso,
-            "step": point["step"],
-            "loss": point["loss"],
-            "trend": point["trend"],
-            "old_lr": point["old_lr"],
-            "new_lr": new_lr,
-            "raw_lr_request": fields.pop("raw_lr_request", new_lr if kind == "emergency" else None),
-            "clamped": fields.pop("clamped", False),
-            "reasoning": reasoning,
-            "timestamp": now_iso(),
-            "effective_step": None,
-            "kind": kind,
-            "clamp_reasons": list(fields.pop("clamp_reasons", ())),
-            "latency_s": fields.pop("latency_s", None),
-            "wait_s": 0.0,
-            "seq": fields.pop("seq", None),
-            "plan": None,
-            "launch": point["launch"],
-            "round": self.round_index,
-            "controller": self.controller_name,
-            **fields,
-        }
+    def _record(self, point: Point, new_lr: float, *, kind: str, reasoning: str, **fields: Any) -> dict:
+        """A decision-log record (lrpilot.decision.decision_record; round and controller after `launch`)."""
+        return self.core.record(point, new_lr, kind=kind, reasoning=reasoning, **fields)
 
-    def _command(self, point: dict[str, Any], new_lr: float, plan: Any, at: int, **fields: Any) -> None:
+    def _command(self, point: Point, cmd: Command, at: int) -> None:
         self.seq += 1
-        knots = [list(k) for k in plan] if plan else None
-        rec = self._record(point, new_lr, seq=self.seq, **fields)
+        knots = [list(k) for k in cmd.plan] if cmd.plan else None
+        rec = self.core.command_record(point, cmd, seq=self.seq)
         if knots:
             rec["plan"] = {"knots": len(knots), "first": knots[0], "last": knots[-1]}
             rec["plan_knots"] = knots
-        self.pending.append((at, new_lr, knots, rec))
+        self.pending.append((at, cmd.new_lr, knots, rec))
         self.decisions.append(rec)
 
     def _apply_pending(self, step: int) -> None:
@@ -1023,7 +952,7 @@ class Pilot:
         self.pending = []  # commands not applied by the snapshot's step belong to the abandoned branch
         self.lr_state.override(new_lr)
         self._launch += 1
-        self._inflight = None
+        self.core.forget_questions()
         self.to_skip = self.skip_batches
         self._restored_to = to_step
         self._lr_used = self._lr_for(self.step_count)
@@ -1043,12 +972,13 @@ class Pilot:
         assert req is not None
         to = int(req["to_step"])
         undone = self._restore(to, req["new_lr"])
-        point = req["point"]
-        rec = self._record(point, req["new_lr"], effective_step=to, **req["fields"], **undone)
+        point, cmd = req["point"], req["cmd"]
+        rec = self._record(point, cmd.new_lr, kind=cmd.kind, reasoning=cmd.reasoning, effective_step=to,
+                           **cmd.fields, **undone)  # fmt: skip
         self.decisions.append(rec)
         self._log(rec)
         self.agent_rollback_steps.append(to)
-        self.rollbacks.append(RollbackRecord(point["step"], point["old_lr"], to, req["new_lr"], "agent_request"))
+        self.rollbacks.append(RollbackRecord(point.obs.step, point.obs.lr, to, req["new_lr"], "agent_request"))
         self._emit("start", lr=self.lr_state.lr, resumed_from=f"agent rollback to snapshot step {to}")
         return StepInfo(step=self.step_count, lr=self._lr_used, rolled_back=True, decision="agent_rollback")
 
@@ -1158,12 +1088,12 @@ class Pilot:
         self._finished = True
         self._poll_replies()
         unanswered = 0
-        if self._inflight is not None:
-            q = self._inflight
-            rec = self._record(q["point"], q["obs"].lr, kind="unanswered", reasoning="the run ended before the reply")
-            rec["unanswered_for_s"] = time.monotonic() - q["t"]
+        if self.core.inflight is not None:
+            q = self.core.inflight
+            rec = self._record(q, q.obs.lr, kind="unanswered", reasoning="the run ended before the reply")
+            rec["unanswered_for_s"] = time.monotonic() - q.t_asked
             self._log(rec)
-            self._inflight = None
+            self.core.forget_questions()
             unanswered = 1
         for _, _, _, rec in self.pending:  # decided, never applied (the run ended first)
             if not rec.pop("_logged", False):

@@ -69,14 +69,8 @@ from lrpilot import guard
 from lrpilot.channel import CONTROL_FILE, EXIT_DISK, TELEMETRY_FILE, ControlWriter, TelemetryReader
 from lrpilot.checkpoint import list_checkpoints, verify_checkpoint
 from lrpilot.config import ConfigError, RunConfig, check_same_config
-from lrpilot.controllers.base import (
-    BaseController,
-    Decision,
-    DecisionRecord,
-    Observation,
-    ProbeResult,
-    RollbackRecord,
-)
+from lrpilot.controllers.base import BaseController, Decision, Observation, ProbeResult, RollbackRecord
+from lrpilot.decision import Command, DecisionCore, Point, RunShape
 from lrpilot.errors import DISK_ERRNOS, DiskWriteError, LrpilotError, is_disk_error, writing
 from lrpilot.launcher import kill_launch, start_launch, trainer_command
 from lrpilot.locks import RUN_LOCK, DirLock
@@ -207,17 +201,8 @@ class _Crash(Exception):
 # ------------------------------------------------------------------------------------------- the round
 
 
-@dataclass
-class _Point:
-    """A decision point as the supervisor saw it; for a non-blocking controller also the question in flight."""
-
-    obs: Observation
-    trend: str
-    t_observed: float  # trainer clock of the observe event
-    launch: int  # the launch it belongs to: its record carries it, and an answer for an older one is stale
-    skipped: list[int] = field(default_factory=list)  # later decision points skipped while it was in flight
-    superseded_by: int | None = None  # step of an emergency cut made while it was in flight
-    t_asked: float = 0.0  # time.monotonic() when the controller was asked (non-blocking)
+#: a decision point (lrpilot.decision.Point; the name tests and the crash handlers use)
+_Point = Point
 
 
 class _Round:
@@ -249,6 +234,22 @@ class _Round:
         self.poll_s = poll_s
         self.wait = wait  # the fast-crash back-off's pause (injectable: tests record it instead of sleeping)
         self.blocking = bool(getattr(controller, "blocking", True))
+        #: the decision desk: observation -> controller -> guard rules -> command -> record (lrpilot.decision)
+        self.core = DecisionCore(
+            controller,
+            cfg.guard,
+            RunShape(
+                total_steps=cfg.train.total_steps,
+                warmup_steps=cfg.schedule.warmup_steps,
+                decision_every=cfg.schedule.decision_every,
+                init_lr=cfg.schedule.init_lr,
+                memory_brief=memory_brief,
+                round_index=round_index,
+            ),
+            lower_only=cfg.lr_may_only_fall,
+            stamp=logs.extra,
+            layout="supervisor",
+        )
         self.run_start_iso = ""
         self.new_run_start_iso = ""  # the identity a fresh run takes (default: now); a resumed run keeps its own
         self.t0 = time.monotonic()
@@ -277,17 +278,13 @@ class _Round:
         self.lr_history: list[tuple[int, float]] = []
         self.peak_lr, self.min_lr = -math.inf, math.inf
         # decisions and crashes
-        self.decisions: list[dict[str, Any]] = []  # every record (written or pending), in decision order
         self.pending: dict[int, dict[str, Any]] = {}  # seq -> record not yet written (waits for `applied`)
         self.rollbacks: list[RollbackRecord] = []
         self.rollback_points: list[tuple[int, int]] = []  # (launch that crashed, step rolled back to)
         self.counter = guard.CrashCounter()
-        # non-blocking controllers: one decide() in flight at a time, answered through a queue
-        self.replies: queue.Queue = queue.Queue()
-        self.inflight: _Point | None = None
+        # decisions, questions in flight and replies: self.core (decisions / asked / inflight / replies below)
         #: a lookahead probe sent to the waiting trainer: (point, seq, clamped LRs, clamp reasons, first latency)
         self.probing: tuple[_Point, int, list[float], list[str], float] | None = None
-        self.asked: list[_Point] = []  # asked and not answered yet (the in-flight one, and any a rollback left)
         self.dlog: JsonlLog | None = None
         self.sent_log: JsonlLog | None = None
         self.writer: ControlWriter | None = None
@@ -723,37 +720,30 @@ class _Round:
 
     # ------------------------------------------------------------------------------- decisions
 
+    # the decision core (lrpilot.decision) owns the decision history and the questions in flight
+    decisions = property(lambda self: self.core.decisions, lambda self, v: setattr(self.core, "decisions", v))
+    asked = property(lambda self: self.core.asked, lambda self, v: setattr(self.core, "asked", v))
+    inflight = property(lambda self: self.core.inflight, lambda self, v: setattr(self.core, "inflight", v))
+    replies = property(lambda self: self.core.replies)
+    run_start_iso = property(
+        lambda self: self.core.run_start_iso, lambda self, v: setattr(self.core, "run_start_iso", v)
+    )
+
     def _observation(self, step: int, lr: float, recent: Sequence[float], ev: dict[str, Any]) -> Observation:
-        c = self.cfg
-        return Observation(
-            step=step,
-            total_steps=c.train.total_steps,
-            warmup_steps=c.schedule.warmup_steps,
-            decision_every=c.schedule.decision_every,
-            lr=lr,
-            init_lr=c.schedule.init_lr,
-            recent_losses=tuple(recent),
-            loss_history=tuple(self.loss_history),
-            lr_history=tuple(self.lr_history),
+        used = self._agent_rollbacks_used()
+        return self.core.observation(
+            step,
+            lr,
+            recent,
+            loss_history=self.loss_history,
+            lr_history=self.lr_history,
             grad_norm=as_float(ev.get("grad_norm")),
             tokens_per_s=as_float(ev.get("tokens_per_s")),
-            decisions=tuple(
-                DecisionRecord.from_log(d)
-                for d in self.decisions
-                if d.get("kind") in ("decision", "emergency", "fallback", "agent_rollback")
-            ),
-            rollbacks=tuple(self.rollbacks),
+            rollbacks=self.rollbacks,
             rollback_steps=guard.agent_rollback_steps(
-                step, c.train.total_steps, self._checkpoint_infos(), self._agent_rollbacks_used(), self.g
+                step, self.cfg.train.total_steps, self._checkpoint_infos(), used, self.g
             ),
-            agent_rollbacks_left=max(0, self.g.agent_rollbacks - len(self._agent_rollbacks_used())),
-            memory_brief=self.memory_brief,
-            floor=self.g.floor,
-            ceiling=self.g.ceiling,
-            min_ratio=self.g.min_ratio,
-            max_ratio=self.g.max_ratio,
-            round_index=self.round_index,
-            lower_only=self.cfg.lr_may_only_fall,
+            agent_rollbacks_used=len(used),
         )
 
     def _track_observe(self, step: int, ev: dict[str, Any]) -> tuple[list[float], float, float]:
@@ -785,65 +775,33 @@ class _Round:
                         "resent_from_seq": rec.get("seq") if rec else None})  # fmt: skip
             return
         # the published emergency rule comes first and does not ask the controller
-        emergency = guard.check_emergency(prev, mean, self.g)
-        if emergency is not None:
-            if self.inflight is not None:  # the slow controller's reply, when it comes, is out of date
-                self.inflight.superseded_by = step
-            self._send(point, guard.emergency_lr(lr, self.g), None, kind="emergency", reasoning=emergency.reason,
-                       emergency_triggers=list(emergency.triggers))  # fmt: skip
+        cmd = self.core.pre_empt(point, prev)
+        if cmd is not None:
+            self._send(point, cmd)
             return
         if self.blocking:
-            t = time.monotonic()
-            decision = self._decide(point.obs)
+            decision, latency = self.core.ask_inline(point.obs)
             if isinstance(decision, Decision) and decision.probe_lrs and self._start_probe(point, decision):
                 return  # asked again when the trainer's `probe` event arrives (_on_probe)
-            self._apply_decision(point, decision, time.monotonic() - t)
+            self._apply_decision(point, decision, latency)
             return
-        if self.inflight is not None:  # one question at a time: this decision point is skipped
-            self.inflight.skipped.append(step)
+        pending = self.inflight
+        if not self.core.ask(point):  # one question at a time: this decision point is skipped
+            assert pending is not None
             self._emit({"event": "observe_skipped", "source": "supervisor", "step": step,
-                        "pending_step": self.inflight.obs.step})  # fmt: skip
-            return
-        self.inflight = point
-        point.t_asked = time.monotonic()
-        self.asked.append(point)
-        threading.Thread(target=self._decide_async, args=(point,), daemon=True, name=f"lrpilot-decide-{step}").start()
-
-    def _decide_async(self, point: _Point) -> None:
-        t = time.monotonic()
-        decision = self._decide(point.obs)
-        self.replies.put((point, decision, time.monotonic() - t))
+                        "pending_step": pending.obs.step})  # fmt: skip
 
     def _on_reply(self, reply: tuple[_Point, Decision | BaseException, float], stale: str | None = None) -> None:
         """A non-blocking controller answered: send it, unless the trainer moved on to another branch, an
         emergency cut came first or the round is over (`stale`; the answer is only logged, as kind "superseded")."""
         point, decision, latency = reply
-        if point is self.inflight:
-            self.inflight = None
-        self.asked = [p for p in self.asked if p is not point]
-        if stale is None and point.launch != self.launches:
-            stale = "discarded: the trainer was rolled back before the reply arrived"
-        elif stale is None and point.superseded_by is not None:
-            stale = f"superseded by the emergency cut at step {point.superseded_by}"
+        stale = self.core.answered(reply, self.launches, stale)
         if stale is None:
             self._apply_decision(point, decision, latency)
             return
-        fields: dict[str, Any] = {"latency_s": latency}
-        if point.skipped:
-            fields["skipped_observes"] = list(point.skipped)
-        if isinstance(decision, Decision):
-            fields.update(raw_lr_request=decision.lr, raw_reply=decision.raw)
-        rec = self._record(point, point.obs.lr, kind="superseded", reasoning=stale, **fields)
+        rec = self.core.stale_record(point, decision, latency, stale)
         self._write(rec)
         self.decisions.append(rec)  # its latency counts, as it does when the round is restored from the log
-
-    def _decide(self, obs: Observation) -> Decision | BaseException:
-        """The controller's answer, or the exception it raised: a controller bug must not end the round (the
-        LR is kept and the error logged by _apply_decision)."""
-        try:
-            return self.controller.decide(obs)
-        except Exception as e:  # noqa: BLE001
-            return e
 
     def _start_probe(self, point: _Point, decision: Decision) -> bool:
         """Send the lookahead probe `decision` asks for to the trainer (which waits at this decision point), every
@@ -854,7 +812,7 @@ class _Round:
             return False
         lr_now, lrs, reasons = point.obs.lr, [], []
         for x in decision.probe_lrs:
-            c = guard.clamp_lr(x, lr_now, self.g, lower_only=self.cfg.lr_may_only_fall)
+            c = self.core.bound_lr(x, lr_now)
             reasons += [f"probe lr {x:.6g}: {r}" for r in c.reasons]
             if c.lr not in lrs:
                 lrs.append(c.lr)
@@ -884,7 +842,7 @@ class _Round:
             "branches": [{"lr": r.lr, "end_loss": r.end_loss, "mean_loss": finite_mean(r.losses)} for r in results],
         }  # fmt: skip
         t2 = time.monotonic()
-        decision = self._decide(again.obs)
+        decision = self.core.decide(again.obs)
         if isinstance(decision, Decision) and decision.probe_lrs:
             record["second_request_ignored"] = True
         self._apply_decision(again, decision, time.monotonic() - t2 + (t2 - t), extra={"probe": record})
@@ -892,96 +850,39 @@ class _Round:
     def _apply_decision(
         self, point: _Point, decision: Decision | BaseException, latency: float, extra: dict[str, Any] | None = None
     ) -> None:
-        """Guard a controller's answer and send it; an exception from decide() keeps the current LR."""
-        lr_now = point.obs.lr
-        if not isinstance(decision, Decision):
-            why = (
-                f"controller error: {decision.__class__.__name__}: {str(decision)[:300]}"
-                if isinstance(decision, BaseException)
-                else f"controller returned {type(decision).__name__}, not a Decision"
-            )
-            self._send(point, guard.clamp_lr(lr_now, lr_now, self.g).lr, None, kind="fallback",
-                       reasoning=f"{why}; kept the current LR", latency_s=latency, **(extra or {}))  # fmt: skip
-            return
-        lower_only = self.cfg.lr_may_only_fall
-        clamp = guard.clamp_lr(decision.lr, lr_now, self.g, lower_only=lower_only)
-        reasons = list(clamp.reasons)
-        plan = None
-        if decision.plan is not None:
-            bounded = guard.clamp_plan(decision.plan, self.g, current=lr_now, lower_only=lr_now if lower_only else None)
-            reasons += bounded.reasons
-            plan = bounded.plan or None
-        fields: dict[str, Any] = {"raw_reply": decision.raw} if decision.raw is not None else {}
-        fields.update(extra or {})
-        if decision.meta:
-            fields["meta"] = decision.meta
-        if decision.rollback_to_step is not None:
-            to, path, why = self._grant_agent_rollback(point, decision.rollback_to_step)
-            fields["rollback_to_step"] = decision.rollback_to_step
-            if path is not None:
-                raise _AgentRollback(point, to, path, clamp.lr, {
-                    "reasoning": decision.reason, "raw_lr_request": decision.lr, "clamped": bool(reasons),
-                    "clamp_reasons": reasons, "latency_s": latency, "rollback_reason": why, **fields,
-                })  # fmt: skip
-            fields["rollback_refused"] = why
-            reasons.append(why)
-        self._send(
-            point,
-            clamp.lr,
-            plan,
-            kind="fallback" if (decision.fallback or clamp.fallback) else "decision",
-            reasoning=decision.reason,
-            raw_lr_request=decision.lr,
-            clamped=bool(reasons),
-            clamp_reasons=reasons,
-            latency_s=latency,
-            **fields,
-        )
+        """Guard a controller's answer (lrpilot.decision.DecisionCore.guard) and send it; a granted agent
+        rollback unwinds to the main loop (_AgentRollback)."""
+        cmd = self.core.guard(point, decision, latency, extra=extra, grant=self._grant)
+        if cmd.kind == "agent_rollback":
+            assert cmd.rollback_to is not None
+            raise _AgentRollback(point, cmd.rollback_to, cmd.rollback_handle, cmd.new_lr,
+                                 {"reasoning": cmd.reasoning, **cmd.fields})  # fmt: skip
+        self._send(point, cmd)
 
-    def _send(self, point: _Point, new_lr: float, plan: Sequence[tuple[int, float]] | None, **fields: Any) -> None:
-        """Send the LR decided at point to the trainer; its record waits in `pending` for the `applied` event."""
+    def _grant(self, point: _Point, requested: Any) -> tuple[int | None, str, Path | None]:
+        to, path, why = self._grant_agent_rollback(point, requested)
+        return to, why, path
+
+    def _send(self, point: _Point, cmd: Command) -> None:
+        """Send the command decided at point to the trainer; its record waits in `pending` for the `applied`
+        event."""
         assert self.writer is not None and self.sent_log is not None
         seq = self.writer.next_seq
         # the trainer waits from its observe event until this command arrives (blocking controllers only)
         t_obs = point.t_observed
         wait = max(0.0, time.time() - t_obs) if self.blocking and math.isfinite(t_obs) else 0.0
         self.last_seen = time.monotonic()  # time spent deciding is not the trainer hanging
-        if point.skipped:
-            fields["skipped_observes"] = list(point.skipped)
-        rec = self._record(point, new_lr, seq=seq, wait_s=wait, plan=_plan_summary(plan), **fields)
+        rec = self.core.command_record(point, cmd, seq=seq, wait_s=wait, plan=_plan_summary(cmd.plan))
         self.sent_log.append(rec)  # write-ahead: a restarted supervisor still logs it (see _restore_history)
-        if self.writer.send(point.obs.step, new_lr, plan) != seq:
+        if self.writer.send(point.obs.step, cmd.new_lr, cmd.plan) != seq:
             raise SupervisorError(f"{self.run_dir / CONTROL_FILE}: another process writes control commands")
         self.pending[seq] = rec
         self.decisions.append(rec)
         self._emit({"event": "decision", "source": "supervisor", **rec})
 
     def _record(self, point: _Point, new_lr: float, *, kind: str, reasoning: str, **fields: Any) -> dict[str, Any]:
-        """A decision-log record: the published fields first, then ours, then the campaign's (logs.extra)."""
-        rec: dict[str, Any] = {
-            "run_start_iso": self.run_start_iso,
-            "step": point.obs.step,
-            "loss": point.obs.loss,
-            "trend": point.trend,
-            "old_lr": point.obs.lr,
-            "new_lr": new_lr,
-            "raw_lr_request": fields.pop("raw_lr_request", new_lr if kind == "emergency" else None),
-            "clamped": fields.pop("clamped", False),
-            "reasoning": reasoning,
-            "timestamp": now_iso(),
-            "effective_step": None,
-            "kind": kind,
-            "clamp_reasons": list(fields.pop("clamp_reasons", ())),
-            "latency_s": fields.pop("latency_s", None),
-            "wait_s": fields.pop("wait_s", 0.0),
-            "seq": fields.pop("seq", None),
-            "plan": fields.pop("plan", None),
-            "launch": point.launch,
-            **fields,
-        }
-        for k, v in self.logs.extra.items():
-            rec.setdefault(k, v)
-        return rec
+        """A decision-log record (lrpilot.decision.decision_record), stamped with the campaign's logs.extra."""
+        return self.core.record(point, new_lr, kind=kind, reasoning=reasoning, **fields)
 
     def _on_applied(self, step: int, ev: dict[str, Any]) -> None:
         seq = ev.get("seq")
