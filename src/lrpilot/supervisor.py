@@ -44,6 +44,10 @@ A question to a non-blocking controller still open when the round ends is logged
 from the latest verified checkpoint with the same run_start_iso, and a finished one returns its stored result.
 A run directory whose config.json differs from the config given (other than lrpilot.config.RESUMABLE_FIELDS)
 is refused before anything is written (SupervisorError naming the field).
+
+The round (_Round) dispatches the telemetry and keeps the decisions; the launches (TrainerProcess), the
+branch history and its restore from the logs (BranchHistory) and the crash recovery (CrashRecovery) are
+objects of lrpilot.supervision that own their state (docs/architecture.md, "Inside the round supervisor").
 """
 
 from __future__ import annotations
