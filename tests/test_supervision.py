@@ -99,10 +99,11 @@ def test_history_claims_are_the_decisions_the_final_branch_trained_with(crashed)
     h = restored(crashed)
     to = crashed.rollback["rolled_back_to_step"]
     assert h.rollback_points == [(1, to)]
-    claims = h.claims(0, crashed.decisions)
-    # one claim per decision point of the final branch (those of the abandoned branch after `to` excluded) ...
-    assert [c["effective_step"] for c in claims] == list(range(10, 60, 10))
-    assert all(c["launch"] == 2 or c["effective_step"] <= to for c in claims)
+    claims = h.claims(to, crashed.decisions)
+    # one claim per decision point of the final branch after `to` (the abandoned branch's excluded) ...
+    assert [c["effective_step"] for c in claims] == [s for s in range(10, 60, 10) if s > to]
+    assert all(c["launch"] == 2 for c in claims)
+    assert any(d["launch"] == 1 and d["effective_step"] > to for d in crashed.decisions)
     # ... and each is the LR the trainer used from its effective step on
     for c in claims:
         assert h.lrs[c["effective_step"] + 1] == pytest.approx(c["new_lr"], rel=1e-9)
