@@ -296,10 +296,12 @@ def test_process_launches_a_real_trainer_kills_its_group_and_ignores_it_after(tm
     cfg = smoke("train.total_steps=100000")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    cfg.save(run_dir / "config.json")  # the trainer reads its config from the run directory
     p = TrainerProcess(cfg, run_dir, blocking=False, first_launch_args=["--inject-nan-at-step", "99999"])
     reader, notes = TelemetryReader(run_dir), []
 
     def first_step():  # every line goes through follows(), the start event first
+        assert p.poll() is None, (run_dir / "trainer.log").read_text()[-2000:]
         return next((e for e in reader.poll() if p.follows(e) and e.get("event") == "step"), None)
 
     with open(run_dir / "trainer.log", "ab") as log:
