@@ -340,8 +340,8 @@ def test_late_answers_after_an_emergency_or_a_rollback_are_logged_not_sent(tmp_p
     ctrl.release.clear()
     _interval(rnd, 30, 5.0, 9e-4)  # asked; answer held
     _interval(rnd, 40, 4.9, 9e-4)  # still out: this point is skipped
-    launch_asked = rnd.launches
-    rnd.launches += 1  # as a relaunch after a crash does
+    launch_asked = rnd.proc.launches
+    rnd.proc.launches += 1  # as a relaunch after a crash does
     ctrl.release.set()
     rnd._on_reply(rnd.replies.get(timeout=60))
     rnd._flush_pending()

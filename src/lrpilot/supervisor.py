@@ -44,6 +44,10 @@ A question to a non-blocking controller still open when the round ends is logged
 from the latest verified checkpoint with the same run_start_iso, and a finished one returns its stored result.
 A run directory whose config.json differs from the config given (other than lrpilot.config.RESUMABLE_FIELDS)
 is refused before anything is written (SupervisorError naming the field).
+
+The round (_Round) dispatches the telemetry and keeps the decisions; the launches (TrainerProcess), the
+branch history and its restore from the logs (BranchHistory) and the crash recovery (CrashRecovery) are
+objects of lrpilot.supervision that own their state (docs/architecture.md, "Inside the round supervisor").
 """
 
 from __future__ import annotations
@@ -53,12 +57,8 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import queue
-import re
 import signal
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,22 +71,24 @@ from lrpilot.checkpoint import list_checkpoints, verify_checkpoint
 from lrpilot.config import ConfigError, RunConfig, check_same_config
 from lrpilot.controllers.base import BaseController, Decision, Observation, ProbeResult, RollbackRecord
 from lrpilot.decision import Command, DecisionCore, Point, RunShape
-from lrpilot.errors import DISK_ERRNOS, DiskWriteError, LrpilotError, is_disk_error, writing
-from lrpilot.launcher import kill_launch, start_launch, trainer_command
+from lrpilot.errors import writing
 from lrpilot.locks import RUN_LOCK, DirLock
 from lrpilot.logs import (
     JsonlLog,
-    append_jsonl,
     as_float,
     finite_mean,
     is_positive_finite,
     iter_jsonl,
     now_iso,
-    temp_name,
     write_json_atomic,
 )
 from lrpilot.lr import warmup_target
 from lrpilot.records import RoundResult  # moved to lrpilot.records; still importable from here
+from lrpilot.supervision import SupervisorError
+from lrpilot.supervision.history import SENT_FILE, BranchHistory, read_round_file
+from lrpilot.supervision.process import Crash as _Crash
+from lrpilot.supervision.process import TrainerProcess, sigterm_as_exit
+from lrpilot.supervision.recovery import CrashRecovery, Relaunch
 
 #: fields of the published decision log, in its order
 DECISION_FIELDS = (
@@ -110,25 +112,12 @@ ROLLBACK_FIELDS = (
     "crash_reason",
     "crash_count_in_run",
 )
-#: RUN/decisions_sent.jsonl: each decision record as its command is sent (a write-ahead log; the decision log
-#: proper gets the record once the trainer applied the command)
-SENT_FILE = "decisions_sent.jsonl"
-#: crash reason for a trainer that wrote no telemetry for guard.hang_timeout_s
-HANG = "hang"
-#: the one-line disk error of the trainer (lrpilot.errors.DiskWriteError), as it appears in trainer.log
-_CANNOT_WRITE = re.compile(r"error: cannot write (.+) \(([^()]+)\); ")
-_DISK_STRERROR = {os.strerror(code): code for code in DISK_ERRNOS}
 #: how often telemetry is polled
 POLL_S = 0.05
 #: batches after a probe branch on which its loss is measured, forward only (ProbeResult.after)
 PROBE_AFTER_BATCHES = 4
 #: at most this many points in RoundResult.lr_trajectory / loss_trajectory
 TRAJECTORY_POINTS = 500
-
-
-class SupervisorError(LrpilotError):
-    """The round cannot be run as asked (a used run directory without resume=True or with other settings, or
-    a trainer that rejects its config, data, flags or checkpoint: exit code 2 is never retried)."""
 
 
 @dataclass(frozen=True)
@@ -189,15 +178,6 @@ class _AgentRollback(Exception):
         self.point, self.to_step, self.path, self.new_lr, self.fields = point, to_step, path, new_lr, fields
 
 
-class _Crash(Exception):
-    """Internal: the current launch crashed (reason is a crash code, detail its words)."""
-
-    def __init__(self, reason: str, detail: str = "", step: int | None = None) -> None:
-        super().__init__(reason)
-        #: the step of the bad telemetry line; None = the last step the launch reported
-        self.reason, self.detail, self.step = reason, detail, step
-
-
 # ------------------------------------------------------------------------------------------- the round
 
 
@@ -206,8 +186,10 @@ _Point = Point
 
 
 class _Round:
-    """State of one run under supervision: the trainer launch, the branch of the trajectory the trainer
-    is on (losses and LRs per step, decision-point history), the decisions and crashes so far."""
+    """One run under supervision: reads the telemetry and dispatches it, and wires the parts that own their
+    state: the trainer launches (self.proc, TrainerProcess), the branch of the trajectory the trainer is on
+    (self.history, BranchHistory), the crashes and rollbacks (self.recovery, CrashRecovery); the decisions so
+    far and the questions in flight are its own."""
 
     def __init__(
         self,
@@ -229,10 +211,7 @@ class _Round:
         self.controller, self.logs = controller, logs
         self.memory_brief, self.round_index = memory_brief, round_index
         self.on_event = on_event
-        self.trainer_args = list(trainer_args)
-        self.first_launch_args = list(trainer_args_first_launch)
         self.poll_s = poll_s
-        self.wait = wait  # the fast-crash back-off's pause (injectable: tests record it instead of sleeping)
         self.blocking = bool(getattr(controller, "blocking", True))
         #: the decision desk: observation -> controller -> guard rules -> command -> record (lrpilot.decision)
         self.core = DecisionCore(
@@ -254,34 +233,22 @@ class _Round:
         self.new_run_start_iso = ""  # the identity a fresh run takes (default: now); a resumed run keeps its own
         self.t0 = time.monotonic()
         self.wall_before = 0.0
-        # launch
-        self.proc: subprocess.Popen | None = None
-        self.launches = 0  # over the whole run (across supervisor sessions)
-        self.session_launches = 0
-        self.token = ""  # LRPILOT_LAUNCH of the live launch
-        self.launch_pid: int | None = None  # rank-0 trainer pid, from its start event
-        self.stepped = False  # the live launch reported its first step (until then start_timeout_s applies)
-        self.phase: str | None = None  # a slow phase the trainer announced, until its next line
-        self.dead_pids: set[int] = set()  # rank-0 pids of launches already ended
-        self.launch_start_step = 0
+        # the trainer launches; the branch the trainer is on; crashes and rollbacks
+        self.proc = TrainerProcess(
+            cfg, self.run_dir, trainer_args=trainer_args, first_launch_args=trainer_args_first_launch,
+            blocking=self.blocking,
+        )  # fmt: skip
+        self.history = BranchHistory(cfg.schedule.warmup_steps)
+        # wait: the fast-crash back-off's pause (injectable: tests record it instead of sleeping)
+        self.recovery = CrashRecovery(cfg, self.run_dir, logs.rollbacks, logs.extra, note=self._note, emit=self._emit,
+                                      skipped=self._skipped_checkpoint, wait=wait)  # fmt: skip
         self.last_step = 0
         #: the LR in force: the LR of the last update, or during warmup the LR the warmup is heading to
         #: (what the trainer's --lr sets, so what a rollback halves)
         self.current_lr = cfg.schedule.init_lr
-        self.last_seen = time.monotonic()
         self.done: dict[str, Any] | None = None
         self.last_eval: dict[str, Any] | None = None
-        # the branch the trainer is on: dense per-step values and one entry per decision point
-        self.losses: dict[int, float] = {}
-        self.lrs: dict[int, float] = {}
-        self.loss_history: list[tuple[int, float]] = []
-        self.lr_history: list[tuple[int, float]] = []
-        self.peak_lr, self.min_lr = -math.inf, math.inf
-        # decisions and crashes
         self.pending: dict[int, dict[str, Any]] = {}  # seq -> record not yet written (waits for `applied`)
-        self.rollbacks: list[RollbackRecord] = []
-        self.rollback_points: list[tuple[int, int]] = []  # (launch that crashed, step rolled back to)
-        self.counter = guard.CrashCounter()
         # decisions, questions in flight and replies: self.core (decisions / asked / inflight / replies below)
         #: a lookahead probe sent to the waiting trainer: (point, seq, clamped LRs, clamp reasons, first latency)
         self.probing: tuple[_Point, int, list[float], list[str], float] | None = None
@@ -292,11 +259,6 @@ class _Round:
         self.backlog: collections.deque = collections.deque()  # events read but not handled yet
         self.draining = False  # handling a dead launch's last lines: record them, decide nothing
         self.trainer_log = None
-        # a resumed run (supervisor restarted): decision points after the checkpoint already answered on the
-        # branch being re-trained -> None (its command is re-sent with at_step) or the record of a decision
-        # sent but never applied (sent again when the trainer gets there, logged when applied)
-        self.answered: dict[int, dict[str, Any] | None] = {}
-        self.unapplied_sent: list[dict[str, Any]] = []  # restored: sent, never applied, not yet logged
 
     # ------------------------------------------------------------------------------ public entry
 
@@ -317,7 +279,7 @@ class _Round:
                 return RoundResult.from_dict(json.loads(result_file.read_text()))
             except (ValueError, KeyError, TypeError):
                 result_file.rename(result_file.with_suffix(".json.corrupt"))  # keep it; run the rest again
-        prior = self._read_round_file(round_file)
+        prior = read_round_file(round_file)
         if prior is not None and not resume:
             raise SupervisorError(
                 f"run dir {self.run_dir} was already used (round.json exists); pass resume=True "
@@ -327,13 +289,13 @@ class _Round:
         self.cfg.save(self.run_dir / "config.json")
         if prior is not None:
             self.run_start_iso = str(prior["run_start_iso"])
-            self.launches = int(prior.get("launches", 0))
+            self.proc.launches = int(prior.get("launches", 0))
             self.wall_before = float(prior.get("wall_time_s", 0.0))
         else:
             self.run_start_iso = self.new_run_start_iso or now_iso()
         self._save_round_file(resumed=prior is not None)
 
-        old_handler = self._install_sigterm()
+        old_handler = sigterm_as_exit()
         try:
             self._open(restore=prior is not None)
             self.controller.start_round(self.round_index, self.memory_brief)
@@ -346,10 +308,7 @@ class _Round:
             self._emit({"event": "result", **result.to_dict()})
             return result
         finally:
-            if self.proc is not None and self.proc.poll() is None:
-                kill_launch(self.proc, self.token)
-            elif self.proc is not None:
-                kill_launch(self.proc, self.token, timeout=5.0)  # stragglers of an exited launcher
+            self.proc.stop()
             with contextlib.suppress(OSError):  # a disk that refuses them: decisions_sent.jsonl has them
                 self._drain_applied()
                 self._flush_pending()
@@ -380,17 +339,6 @@ class _Round:
 
     # ---------------------------------------------------------------------------- round.json
 
-    def _read_round_file(self, path: Path) -> dict[str, Any] | None:
-        if not path.exists():
-            return None
-        try:
-            d = json.loads(path.read_text())
-            if isinstance(d, dict) and d.get("run_start_iso"):
-                return d
-        except (ValueError, OSError):
-            pass
-        raise SupervisorError(f"{path}: unreadable round record; delete the run directory to start the round again")
-
     def _save_round_file(self, resumed: bool) -> None:
         write_json_atomic(
             self.run_dir / "round.json",
@@ -404,27 +352,11 @@ class _Round:
                 "guard": dataclasses.asdict(self.g),
                 # where this run's decisions and rollbacks are logged (lrpilot status / progress read them)
                 "logs": {"decisions": str(self.logs.decisions), "rollbacks": str(self.logs.rollbacks)},
-                "launches": self.launches,
+                "launches": self.proc.launches,
                 "resumed": resumed,
                 "wall_time_s": self.wall_before + (time.monotonic() - self.t0),
             },
         )
-
-    # ------------------------------------------------------------------------------- signals
-
-    def _install_sigterm(self) -> Any:
-        """SIGTERM becomes SystemExit(143) while the round runs, so the finally clause kills the trainer's
-        group (it has its own session and would otherwise outlive us). Main thread only, and only when
-        nobody else handles SIGTERM."""
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return None
-
-        def _raise(signum: int, frame: Any) -> None:
-            raise SystemExit(128 + signum)
-
-        return signal.signal(signal.SIGTERM, _raise)
 
     # ------------------------------------------------------------------------------- events
 
@@ -440,52 +372,23 @@ class _Round:
 
     # ------------------------------------------------------------------------------- launch
 
-    def _trainer_error(self) -> str:
-        """The trainer's own one-line error: the last non-supervisor line of trainer.log."""
-        try:
-            lines = (self.run_dir / "trainer.log").read_text(errors="replace").splitlines()
-        except OSError:
-            return "see trainer.log"
-        mine = [ln for ln in lines if ln.strip() and not ln.startswith("[supervisor")]
-        return mine[-1].strip() if mine else f"see {self.run_dir / 'trainer.log'}"
-
     def _launch(self, resume: Path | None, lr: float | None, start_step: int = 0, min_seq: int | None = None) -> None:
         assert self.writer is not None and self.trainer_log is not None
-        extra = list(self.trainer_args)
-        if self.session_launches == 0:
-            extra += self.first_launch_args
-        cmd, env = trainer_command(
-            self.cfg,
-            self.run_dir,
-            resume=resume,
-            lr=lr,
-            min_seq=self.writer.next_seq if min_seq is None else min_seq,
-            wait_for_decisions=self.blocking,
-            extra_args=extra,
-        )
-        self.launches += 1
-        self.session_launches += 1
-        if self.launch_pid is not None:
-            self.dead_pids.add(self.launch_pid)
-        self.launch_pid = None
-        self.stepped, self.phase = False, None
-        self.token = f"{os.getpid()}-{self.launches}-{time.time_ns()}"
-        self.launch_start_step = start_step
+        min_seq = self.writer.next_seq if min_seq is None else min_seq
+        cmd = self.proc.launch(resume, lr, start_step, min_seq, self.trainer_log, self._note)
         self.last_step = start_step
         self.done = None
-        self._note(f"launch {self.launches}: {' '.join(cmd)}")
-        self.proc = start_launch(cmd, env, self.token, self.trainer_log)
-        self.last_seen = time.monotonic()
-        self._save_round_file(resumed=self.launches > self.session_launches)
+        self._save_round_file(resumed=self.proc.launches > self.proc.session_launches)
+        assert self.proc.popen is not None
         self._emit(
             {
                 "event": "launch",
                 "source": "supervisor",
-                "pid": self.proc.pid,
-                "pgid": self.proc.pid,
+                "pid": self.proc.popen.pid,
+                "pgid": self.proc.popen.pid,
                 "cmd": cmd,
-                "token": self.token,
-                "launch_index": self.launches,
+                "token": self.proc.token,
+                "launch_index": self.proc.launches,
                 "resume": str(resume) if resume else None,
                 "lr": lr,
                 "start_step": start_step,
@@ -495,8 +398,8 @@ class _Round:
     def _launch_resumed(self) -> None:
         """Continue a run whose supervisor stopped: the latest complete, verified checkpoint (its own LR) on
         the branch the trainer was on (a later one left by a rolled-back branch is not its past)."""
-        head = max(self.losses, default=0)
-        bad_from = guard.first_bad_loss_step(self.losses.items(), self.g)
+        head = self.history.head()
+        bad_from = guard.first_bad_loss_step(self.history.losses.items(), self.g)
         for info in reversed(list_checkpoints(self.run_dir)):
             if info.step > head:
                 why = f"step {info.step} is past step {head}, the last one of the branch being resumed"
@@ -505,11 +408,11 @@ class _Round:
             else:
                 why = info.reason if not info.complete else verify_checkpoint(info.path)
             if why is None:
-                self._truncate_branch(info.step)
+                self.history.truncate(info.step)
                 self._resume_branch(info.step, resume=info.path)
                 return
             self._skipped_checkpoint(info.step, info.path, why, "resume: ")
-        self._truncate_branch(0)
+        self.history.truncate(0)
         self._resume_branch(0, resume=None)
 
     def _skipped_checkpoint(self, step: int, path: Path, why: str, prefix: str = "") -> None:
@@ -517,21 +420,6 @@ class _Round:
         self._note(f"{prefix}checkpoint {path.name} skipped ({why})")
         self._emit({"event": "checkpoint_skipped", "source": "supervisor", "step": step, "path": str(path),
                     "reason": why})  # fmt: skip
-
-    def _branch_claims(self, step: int) -> list[dict[str, Any]]:
-        """Decision records of this run that say the trainer used their LR from an update after `step` on the
-        branch being resumed (an emergency cut, a rollback's relaunch and any later rollback of it excluded)."""
-        out = []
-        for rec in self.decisions:
-            eff = rec.get("effective_step")
-            if rec.get("kind") not in ("decision", "fallback", "emergency") or not isinstance(eff, int) or eff <= step:
-                continue
-            launch = rec.get("launch") if isinstance(rec.get("launch"), int) else 0
-            # a rollback after the decision that went back before its effective step abandoned it
-            if any(launch <= rb_launch and to < eff for rb_launch, to in self.rollback_points):
-                continue
-            out.append(rec)
-        return sorted(out, key=lambda r: (r["effective_step"], r.get("seq") or 0))
 
     def _resume_branch(self, step: int, resume: Path | None) -> None:
         """Relaunch a run whose supervisor stopped, from the checkpoint at `step` (None: from scratch), so that it
@@ -541,24 +429,7 @@ class _Round:
         trainer reaches its decision point) and logged once applied."""
         assert self.writer is not None
         min_seq = self.writer.next_seq
-        commands = {c.get("seq"): c for c in iter_jsonl(self.run_dir / CONTROL_FILE)}
-        resend: list[tuple[dict[str, Any], dict[str, Any]]] = []
-        for rec in self._branch_claims(step):
-            cmd = commands.get(rec.get("seq"))
-            if cmd is None or not is_positive_finite(cmd.get("lr")):
-                self._note(f"resume: command seq={rec.get('seq')} of the decision at step {rec['step']} not in "
-                           f"{CONTROL_FILE}; not re-applied")  # fmt: skip
-                continue
-            resend.append((rec, cmd))
-            if int(rec["step"]) > step:
-                self.answered[int(rec["step"])] = None
-        now = []
-        for rec in self.unapplied_sent:
-            if int(rec["step"]) > step and int(rec["step"]) not in self.answered:
-                self.answered[int(rec["step"])] = rec
-            else:
-                now.append(rec)
-        self.unapplied_sent = []
+        resend, now = self.history.plan_resume(step, self.decisions, self.run_dir, self._note)
         self._launch(resume=resume, lr=None, start_step=step, min_seq=min_seq)
         for rec, cmd in resend:
             self.writer.send(int(cmd["decided_at_step"]), float(cmd["lr"]), cmd.get("plan"),
@@ -575,7 +446,8 @@ class _Round:
         assert self.writer is not None and self.sent_log is not None
         commands = {c.get("seq"): c for c in iter_jsonl(self.run_dir / CONTROL_FILE)}
         cmd = commands.get(rec.get("seq"), {})
-        rec = {**rec, "resent_from_seq": rec.get("seq"), "seq": self.writer.next_seq, "resent_in_launch": self.launches}
+        rec = {**rec, "resent_from_seq": rec.get("seq"), "seq": self.writer.next_seq,
+               "resent_in_launch": self.proc.launches}  # fmt: skip
         self.sent_log.append(rec)
         self.writer.send(int(rec["step"]), float(rec["new_lr"]), cmd.get("plan"))
         self.pending[rec["seq"]] = rec
@@ -599,7 +471,6 @@ class _Round:
 
     def _watch(self) -> None:
         """Follow the current launch until it finishes (return) or crashes (raise _Crash)."""
-        assert self.proc is not None
         while True:
             self._pump()
             rc = self.proc.poll()
@@ -609,40 +480,18 @@ class _Round:
                     if rc != 0:
                         self._note(f"trainer exited {rc} after its done event; the run is complete")
                     return
-                if rc < 0:
-                    raise _Crash(
-                        f"signal_{signal.Signals(-rc).name}" if -rc in signal.valid_signals() else f"exit_code_{rc}",
-                        f"trainer killed by signal {-rc}",
-                    )
-                if rc == 0:
-                    raise _Crash("exit_without_done", "trainer exited 0 without a done event")
                 if rc == EXIT_DISK:
-                    raise self._disk_failure() or SupervisorError(
+                    raise self.recovery.disk_failure() or SupervisorError(
                         f"the trainer could not write in {self.run_dir} (exit code {EXIT_DISK}; see trainer.log); "
                         "free space and run the same command again"
                     )
-                if rc == 2:
-                    # the trainer rejected its config, data, flags or checkpoint (a usage error): retrying at
-                    # half the LR cannot help, and counting it as a crash would store a diverged run
-                    self._note(f"trainer exited 2 (usage error): {self._trainer_error()}")
-                    raise SupervisorError(f"trainer refused to start: {self._trainer_error()}")
-                raise _Crash(f"exit_code_{rc}", f"trainer exited with code {rc}")
-            # until the launch's first step (compiling it may take long) and in an announced slow phase
-            # (eval, checkpoint) only start_timeout_s means a hang
-            started = self.launch_pid is not None and self.stepped and self.phase is None
-            if guard.is_hung(time.monotonic() - self.last_seen, self.g, started=started):
+                raise self.proc.exit_error(rc, self._note)
+            if self.proc.hung():
                 if self.done is not None:  # finished, but stuck tearing down (e.g. a collective)
                     self._note("trainer silent after its done event; killed, the run is complete")
-                    kill_launch(self.proc, self.token)
+                    self.proc.kill()
                     return
-                limit = f"hang_timeout_s={self.g.hang_timeout_s:g}"
-                if self.launch_pid is None:
-                    limit = f"no start event yet; start_timeout_s={self.g.start_timeout_s:g}"
-                elif not self.stepped:
-                    limit = f"no first step yet; start_timeout_s={self.g.start_timeout_s:g}"
-                elif self.phase is not None:
-                    limit = f"in phase {self.phase}; start_timeout_s={self.g.start_timeout_s:g}"
-                raise _Crash(HANG, f"no telemetry for {time.monotonic() - self.last_seen:.1f}s ({limit})")
+                raise self.proc.hang()
             try:  # the wait between polls doubles as the wait for a non-blocking controller's reply
                 reply = self.replies.get(timeout=self.poll_s)
             except queue.Empty:
@@ -661,23 +510,18 @@ class _Round:
 
     def _handle(self, ev: dict[str, Any]) -> None:
         kind = ev.get("event")
-        launch = ev.get("launch")
-        if kind == "start" and self.launch_pid is None and launch not in self.dead_pids:
-            self.launch_pid = launch
-        elif self.launch_pid is None or launch != self.launch_pid:
+        if not self.proc.follows(ev):
             return  # a line from a launch that is already dead (or from before this launch's start)
-        self.last_seen = time.monotonic()
-        self.phase = str(ev.get("phase")) if kind == "phase" else None
         self._emit(ev)
         step = ev.get("step")
         step = int(step) if isinstance(step, int) and not isinstance(step, bool) else self.last_step
         if kind == "start":
-            self.launch_start_step = step
+            self.proc.start_step = step
             self.last_step = step
             if is_positive_finite(ev.get("lr")):
                 self.current_lr = self._in_force(float(ev["lr"]), update=step)
         elif kind == "step":
-            self.stepped = True
+            self.proc.stepped = True
             self._on_step(step, ev)
         elif kind == "observe":
             self._on_observe(step, ev)
@@ -699,15 +543,8 @@ class _Round:
         return warmup_target(lr, update, self.cfg.schedule.warmup_steps)
 
     def _track_step(self, step: int, ev: dict[str, Any]) -> tuple[float, float]:
-        """Record a step event on the trajectory (live and when restoring); returns its (loss, lr)."""
-        loss, lr = as_float(ev.get("loss")), as_float(ev.get("lr"))
-        self.losses[step] = loss
-        if is_positive_finite(lr):
-            self.lrs[step] = lr
-            self.peak_lr = max(self.peak_lr, lr)  # warmup included: the LRs actually trained at
-            if step > self.cfg.schedule.warmup_steps:  # update number step-1 is past the warmup
-                self.min_lr = min(self.min_lr, lr)
-        return loss, lr
+        """Record a step event on the trajectory; returns its (loss, lr)."""
+        return self.history.track_step(step, ev)
 
     def _on_step(self, step: int, ev: dict[str, Any]) -> None:
         loss, lr = self._track_step(step, ev)
@@ -735,29 +572,23 @@ class _Round:
             step,
             lr,
             recent,
-            loss_history=self.loss_history,
-            lr_history=self.lr_history,
+            loss_history=self.history.loss_history,
+            lr_history=self.history.lr_history,
             grad_norm=as_float(ev.get("grad_norm")),
             tokens_per_s=as_float(ev.get("tokens_per_s")),
-            rollbacks=self.rollbacks,
+            rollbacks=self.recovery.rollbacks,
             rollback_steps=guard.agent_rollback_steps(
-                step, self.cfg.train.total_steps, self._checkpoint_infos(), used, self.g
+                step, self.cfg.train.total_steps, self.recovery.checkpoint_infos(), used, self.g
             ),
             agent_rollbacks_used=len(used),
         )
 
     def _track_observe(self, step: int, ev: dict[str, Any]) -> tuple[list[float], float, float]:
-        """Record a decision point on the trajectory (live and when restoring); returns (losses, mean, lr)."""
-        raw = ev.get("losses")
-        recent = [as_float(x) for x in raw] if isinstance(raw, list) else []
-        lr = as_float(ev.get("lr"))
-        lr = lr if is_positive_finite(lr) else self.current_lr
-        mean = finite_mean(recent)
-        self._record_point(step, mean, lr)
-        return recent, mean, lr
+        """Record a decision point on the trajectory; returns (losses, mean, lr)."""
+        return self.history.track_observe(step, ev, self.current_lr)
 
     def _on_observe(self, step: int, ev: dict[str, Any]) -> None:
-        prev = next((v for s, v in reversed(self.loss_history) if s < step), math.nan)
+        prev = next((v for s, v in reversed(self.history.loss_history) if s < step), math.nan)
         recent, mean, lr = self._track_observe(step, ev)
         if self.draining:
             return  # the launch is dead: nobody would apply a decision
@@ -765,10 +596,10 @@ class _Round:
             obs=self._observation(step, lr, recent, ev),  # its history includes this decision point
             trend=_trend(prev, mean),
             t_observed=as_float(ev.get("time")),
-            launch=self.launches,
+            launch=self.proc.launches,
         )
-        if step in self.answered:  # re-trained after a resume: this point was answered on this branch already
-            rec = self.answered.pop(step)
+        if step in self.history.answered:  # re-trained after a resume: this point was answered on this branch already
+            rec = self.history.answered.pop(step)
             if rec is not None:
                 self._resend(rec)
             self._emit({"event": "observe_answered", "source": "supervisor", "step": step,
@@ -795,7 +626,7 @@ class _Round:
         """A non-blocking controller answered: send it, unless the trainer moved on to another branch, an
         emergency cut came first or the round is over (`stale`; the answer is only logged, as kind "superseded")."""
         point, decision, latency = reply
-        stale = self.core.answered(reply, self.launches, stale)
+        stale = self.core.answered(reply, self.proc.launches, stale)
         if stale is None:
             self._apply_decision(point, decision, latency)
             return
@@ -860,7 +691,7 @@ class _Round:
         self._send(point, cmd)
 
     def _grant(self, point: _Point, requested: Any) -> tuple[int | None, str, Path | None]:
-        to, path, why = self._grant_agent_rollback(point, requested)
+        to, path, why = self.recovery.grant_agent_rollback(point.obs.step, requested, self.decisions)
         return to, why, path
 
     def _send(self, point: _Point, cmd: Command) -> None:
@@ -871,7 +702,7 @@ class _Round:
         # the trainer waits from its observe event until this command arrives (blocking controllers only)
         t_obs = point.t_observed
         wait = max(0.0, time.time() - t_obs) if self.blocking and math.isfinite(t_obs) else 0.0
-        self.last_seen = time.monotonic()  # time spent deciding is not the trainer hanging
+        self.proc.last_seen = time.monotonic()  # time spent deciding is not the trainer hanging
         rec = self.core.command_record(point, cmd, seq=seq, wait_s=wait, plan=_plan_summary(cmd.plan))
         self.sent_log.append(rec)  # write-ahead: a restarted supervisor still logs it (see _restore_history)
         if self.writer.send(point.obs.step, cmd.new_lr, cmd.plan) != seq:
@@ -904,7 +735,7 @@ class _Round:
             self.backlog.extend(self.reader.poll())
         while self.backlog:
             ev = self.backlog.popleft()
-            if ev.get("event") == "applied" and ev.get("launch") == self.launch_pid and isinstance(ev.get("step"), int):
+            if ev.get("event") == "applied" and ev.get("launch") == self.proc.pid and isinstance(ev.get("step"), int):
                 self._on_applied(ev["step"], ev)
 
     def _flush_unanswered(self, why: str) -> None:
@@ -937,260 +768,87 @@ class _Round:
         for seq in sorted(self.pending):
             self._write(self.pending[seq])
         self.pending.clear()
-        for step in sorted(self.answered):  # sent before a resume, never sent again: never applied
-            rec = self.answered[step]
+        for step in sorted(self.history.answered):  # sent before a resume, never sent again: never applied
+            rec = self.history.answered[step]
             if rec is not None:
                 self._write(rec)
                 self.decisions.append(rec)
-        self.answered.clear()
+        self.history.answered.clear()
 
-    # ------------------------------------------------------------------------------- history
-
-    def _record_point(self, step: int, mean: float, lr: float) -> None:
-        """One entry per decision point on the current branch (a re-observed point replaces the old one,
-        unless it has no losses of its own, as right after a resume from that very step)."""
-        old = next((v for s, v in self.loss_history if s == step), math.nan)
-        self.loss_history = [(s, v) for s, v in self.loss_history if s < step]
-        self.lr_history = [(s, v) for s, v in self.lr_history if s < step]
-        self.loss_history.append((step, mean if math.isfinite(mean) else old))
-        self.lr_history.append((step, lr))
-
-    def _truncate_branch(self, step: int) -> None:
-        """The trainer goes back to `step`: what happened after it is no longer the run's trajectory."""
-        self.losses = {s: v for s, v in self.losses.items() if s <= step}
-        self.lrs = {s: v for s, v in self.lrs.items() if s <= step}
-        self.loss_history = [(s, v) for s, v in self.loss_history if s <= step]
-        self.lr_history = [(s, v) for s, v in self.lr_history if s <= step]
+    # ------------------------------------------------------------------------------- restore
 
     def _restore_history(self, telemetry: Path) -> None:
         """Rebuild the round's state from its own records after the supervisor itself was restarted."""
-        applied: dict[Any, int] = {}  # seq -> step the trainer first used it
-        for ev in iter_jsonl(telemetry):
-            kind, step = ev.get("event"), ev.get("step")
-            if not isinstance(step, int):
-                continue
-            if kind == "start":
-                self._truncate_branch(step)
-            elif kind == "step":
-                self._track_step(step, ev)
-            elif kind == "observe":
-                self._track_observe(step, ev)
-            elif kind == "applied":
-                applied.setdefault(ev.get("seq"), step)
-            elif kind == "eval":
-                self.last_eval = ev
+        applied, last_eval = self.history.replay(telemetry, self.current_lr)
+        if last_eval is not None:
+            self.last_eval = last_eval
         self.decisions = [d for d in iter_jsonl(self.logs.decisions) if d.get("run_start_iso") == self.run_start_iso]
-        # decisions sent but not yet logged when the supervisor died: log them now, applied or not
-        logged = {d.get("seq") for d in self.decisions}
-        sent = {c.get("seq") for c in iter_jsonl(self.run_dir / CONTROL_FILE)}
-        ahead = list(iter_jsonl(self.run_dir / SENT_FILE))
-        resent = {r.get("resent_from_seq") for r in ahead if r.get("resent_from_seq") is not None}
-        for rec in ahead:
-            seq = rec.get("seq")
-            if rec.get("run_start_iso") != self.run_start_iso or seq in logged or seq not in sent or seq in resent:
-                continue
-            rec["effective_step"] = applied.get(seq)
-            logged.add(seq)
-            if rec["effective_step"] is None and isinstance(rec.get("step"), int):
-                self.unapplied_sent.append(rec)  # sent again on resume (_resume_branch), logged once applied
-                continue
+        # decisions sent but not yet logged when the supervisor died: log them now if applied (those never
+        # applied are sent again on resume, _resume_branch, and logged once applied)
+        for rec in self.history.restore_sent(self.run_dir, self.run_start_iso, self.decisions, applied):
             self._write(rec)
             self.decisions.append(rec)
-        for d in self.decisions:  # granted agent rollbacks are decisions, not crashes
-            if d.get("kind") == "agent_rollback" and isinstance(d.get("rollback_to_step"), int):
-                self.rollbacks.append(RollbackRecord(int(d["step"]), as_float(d.get("old_lr")),
-                                                     int(d["rollback_to_step"]), as_float(d.get("new_lr")),
-                                                     "agent_request"))  # fmt: skip
-        for r in iter_jsonl(self.logs.rollbacks):
-            if r.get("run_start_iso") != self.run_start_iso:
-                continue
-            self.counter = self.counter.record(int(r.get("crash_step") or 0), int(r.get("launch_start_step") or 0))
-            if isinstance(r.get("rolled_back_to_step"), int):
-                self.rollback_points.append((int(r.get("launch") or 0), int(r["rolled_back_to_step"])))
-            if isinstance(r.get("rolled_back_to_step"), int):
-                self.rollbacks.append(
-                    RollbackRecord(
-                        crash_step=int(r["crash_step"]),
-                        lr_at_crash=as_float(r.get("lr_at_crash")),
-                        rolled_back_to_step=int(r["rolled_back_to_step"]),
-                        new_lr=as_float(r.get("new_lr")),
-                        crash_reason=str(r.get("crash_reason", "")),
-                    )
-                )
+        self.recovery.restore(self.run_start_iso, self.decisions)
+        self.history.restore_rollback_points(self.logs.rollbacks, self.run_start_iso)
 
     # ------------------------------------------------------------------------------- crashes
 
-    def _on_crash(self, crash: _Crash) -> str | None:
-        """Kill the launch, record the crash, relaunch from the guard's checkpoint. Returns the failure
-        reason when the round is given up, else None."""
-        assert self.proc is not None and self.reader is not None
-        kill_launch(self.proc, self.token)
-        disk = self._disk_failure()
-        if disk is not None:  # a write the disk refused is not a training crash: stop, change no LR
-            raise disk
+    def _stop_launch(self) -> None:
+        """Kill the launch and handle what it wrote before it died (steps and applied decisions still count;
+        nothing is decided); its unapplied decisions are logged and any question or probe in flight is stale."""
+        assert self.reader is not None
         self.backlog.extend(self.reader.poll())
         self.draining = True
         try:
-            while self.backlog:  # lines written before it died: steps and applied decisions still count
+            while self.backlog:
                 with contextlib.suppress(_Crash):
                     self._handle(self.backlog.popleft())
         finally:
             self.draining = False
         self._flush_pending()
-        self.inflight = None  # its reply, if any, is stale (the relaunch changes self.launches)
+        self.inflight = None  # its reply, if any, is stale (the relaunch changes proc.launches)
         self.probing = None
+
+    def _on_crash(self, crash: _Crash) -> str | None:
+        """Kill the launch, record the crash, relaunch from the guard's checkpoint. Returns the failure
+        reason when the round is given up, else None."""
+        self.proc.kill()
+        disk = self.recovery.disk_failure()
+        if disk is not None:  # a write the disk refused is not a training crash: stop, change no LR
+            raise disk
+        self._stop_launch()
         # a bad loss crashes at its own step (the trainer may have gone on a little before it was killed)
         crash_step = crash.step if crash.step is not None else self.last_step
-        lr_used = self.lrs.get(crash_step, self.current_lr)
-        lr_at_crash = self._in_force(lr_used, crash_step - 1) if crash_step in self.lrs else self.current_lr
+        lrs = self.history.lrs
+        lr_used = lrs.get(crash_step, self.current_lr)
+        lr_at_crash = self._in_force(lr_used, crash_step - 1) if crash_step in lrs else self.current_lr
         self.last_step = crash_step
         if not is_positive_finite(lr_at_crash):
             lr_at_crash = self.cfg.schedule.init_lr
-        self.counter = self.counter.record(crash_step, self.launch_start_step)
-        n = self.counter.total
-        self._note(f"crash {n}: {crash.reason} at step {crash_step} ({crash.detail})")
-
-        def record(to_step: int | None, new_lr: float | None, **more: Any) -> None:
-            self._append_rollback({
-                "run_start_iso": self.run_start_iso, "crash_step": crash_step, "lr_at_crash": lr_at_crash,
-                "lr_used_at_crash": lr_used, "rolled_back_to_step": to_step, "new_lr": new_lr,
-                "crash_reason": crash.reason, "crash_count_in_run": n, "crash_detail": crash.detail,
-                "launch_start_step": self.launch_start_step, **more,
-            })  # fmt: skip
-
-        if self.counter.give_up(self.g):
-            fast = self.counter.consecutive_fast(self.g)
-            failure = (
-                f"gave up after {fast} consecutive quick crashes (max_fast_crash={self.g.max_fast_crash}, "
-                f"each within {self.g.fast_crash_steps} steps of its start); last: {crash.reason} at step "
-                f"{crash_step}"
-            )
-            record(None, None, gave_up=True, skipped_checkpoints=[])
-            self._note(failure)
-            return failure
-
-        plan, skipped = self._choose_checkpoint(crash_step, lr_at_crash)
-        new_lr = plan.new_lr if plan is not None else guard.crash_lr(lr_at_crash, self.g)
-        to_step = plan.to_step if plan is not None else 0
-        backoff = self.counter.backoff_s(self.g)
-        record(
-            to_step,
-            new_lr,
-            checkpoint=plan.checkpoint.path if plan is not None else None,
-            skipped_checkpoints=skipped,
-            rollback_reason=plan.reason if plan is not None else "no usable checkpoint: restart from step 0",
-            backoff_s=backoff,
-        )
-        self.rollback_points.append((self.launches, to_step))
-        self.rollbacks.append(
-            RollbackRecord(
-                crash_step=crash_step,
-                lr_at_crash=lr_at_crash,
-                rolled_back_to_step=to_step,
-                new_lr=new_lr,
-                crash_reason=crash.reason,
-            )
-        )
-        self._truncate_branch(to_step)
-        if backoff > 0:
-            fast = self.counter.consecutive_fast(self.g)
-            self._note(f"back-off: {backoff:g}s before the relaunch ({fast} consecutive quick crashes)")
-            self._emit({"event": "backoff", "source": "supervisor", "seconds": backoff, "consecutive_fast": fast})
-            self.wait(backoff)
-        self._launch(resume=Path(plan.checkpoint.path) if plan is not None else None, lr=new_lr, start_step=to_step)
+        outcome = self.recovery.on_crash(
+            crash.reason, crash.detail, crash_step=crash_step, lr_at_crash=lr_at_crash, lr_used=lr_used,
+            start_step=self.proc.start_step, losses=self.history.losses.items(), run_start_iso=self.run_start_iso,
+            launch=self.proc.launches,
+        )  # fmt: skip
+        if not isinstance(outcome, Relaunch):
+            return outcome
+        self.history.rollback_points.append((self.proc.launches, outcome.to_step))
+        self.history.truncate(outcome.to_step)
+        self._launch(resume=outcome.checkpoint, lr=outcome.new_lr, start_step=outcome.to_step)
         return None
-
-    def _disk_failure(self) -> DiskWriteError | None:
-        """Why the launch that just ended could not go on, when it is the disk: the trainer's own `cannot write`
-        line in trainer.log (this launch's part; torchrun hides the trainer's exit code), or a probe write to the
-        run directory that the disk refuses (full, read-only). None when the disk takes writes."""
-        try:
-            lines = (self.run_dir / "trainer.log").read_text(errors="replace").splitlines()
-        except OSError:
-            lines = []
-        start = max((i for i, ln in enumerate(lines) if ln.startswith("[supervisor") and "] launch " in ln), default=-1)
-        for ln in reversed(lines[start + 1 :]):
-            m = _CANNOT_WRITE.search(ln)
-            if m and m.group(2) in _DISK_STRERROR:
-                return DiskWriteError(m.group(1), OSError(_DISK_STRERROR[m.group(2)], m.group(2)))
-        probe = temp_name(self.run_dir / ".write-probe")
-        try:
-            with open(probe, "wb") as f:
-                f.write(b"\0" * 65536)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            if is_disk_error(e):
-                return DiskWriteError(self.run_dir, e)
-        finally:
-            with contextlib.suppress(OSError):
-                probe.unlink(missing_ok=True)
-        return None
-
-    def _choose_checkpoint(self, crash_step: int, lr_at_crash: float) -> tuple[guard.RollbackPlan | None, list]:
-        """The guard's choice among the checkpoints on disk; one that turns out incomplete or corrupt is
-        marked unhealthy and the guard chooses again (so the one before it is used). Returns the plan and
-        the skipped checkpoints (step, path, reason)."""
-        infos = {c.step: c for c in list_checkpoints(self.run_dir)}
-        bad: dict[int, str] = {}
-        skipped: list[dict[str, Any]] = []
-        # a checkpoint written at or after the branch's first bad loss holds what that update did to the weights
-        bad_from = guard.first_bad_loss_step(self.losses.items(), self.g)
-        while True:
-            cands = [guard.CheckpointInfo(step=s, healthy=s not in bad, path=str(c.path)) for s, c in infos.items()]
-            plan = guard.choose_rollback(cands, crash_step, lr_at_crash, self.g, bad_from=bad_from)
-            if plan is None:
-                return None, skipped
-            info = infos[plan.to_step]
-            why = info.reason if not info.complete else verify_checkpoint(info.path)
-            if why is None:
-                return plan, skipped
-            bad[info.step] = why
-            skipped.append({"step": info.step, "path": str(info.path), "reason": why})
-            self._skipped_checkpoint(info.step, info.path, why)
 
     # ------------------------------------------------------------------------------- agent rollbacks
 
-    def _checkpoint_infos(self) -> list[guard.CheckpointInfo]:
-        """The complete checkpoints on disk as the guard sees them (verified only when one is chosen)."""
-        return [guard.CheckpointInfo(c.step, c.complete, str(c.path)) for c in list_checkpoints(self.run_dir)]
-
     def _agent_rollbacks_used(self) -> list[int]:
         """Steps this round's granted agent rollbacks went back to."""
-        return [int(d["rollback_to_step"]) for d in self.decisions if d.get("kind") == "agent_rollback"]
-
-    def _grant_agent_rollback(self, point: _Point, requested: Any) -> tuple[int | None, Path | None, str]:
-        """The guard's verdict on the controller's request, plus the checkpoint's integrity: (step, path,
-        reason) when granted, (None, None, why not) when refused."""
-        infos = self._checkpoint_infos()
-        verdict = guard.check_agent_rollback(
-            requested, point.obs.step, self.cfg.train.total_steps, infos, self._agent_rollbacks_used(), self.g
-        )
-        if not verdict.ok or verdict.to_step is None:
-            return None, None, verdict.reason
-        path = Path(next(c.path for c in infos if c.step == verdict.to_step))
-        why = verify_checkpoint(path)
-        if why is not None:
-            return None, None, f"rollback to step {verdict.to_step} refused: its checkpoint is unusable ({why})"
-        return verdict.to_step, path, verdict.reason
+        return CrashRecovery.agent_rollbacks_used(self.decisions)
 
     def _on_agent_rollback(self, req: _AgentRollback) -> None:
         """Kill the launch, log the decision (kind agent_rollback) and relaunch from the granted checkpoint at
         the LR the controller set (guard-clamped). Not a crash: the crash counter and rollbacks.jsonl are
         untouched."""
-        assert self.proc is not None and self.reader is not None
-        kill_launch(self.proc, self.token)
-        self.backlog.extend(self.reader.poll())
-        self.draining = True
-        try:
-            while self.backlog:  # what the launch wrote before it was stopped still counts
-                with contextlib.suppress(_Crash):
-                    self._handle(self.backlog.popleft())
-        finally:
-            self.draining = False
-        self._flush_pending()
-        self.inflight = None
-        self.probing = None
+        self.proc.kill()
+        self._stop_launch()
         point, to = req.point, req.to_step
         fields = dict(req.fields)
         reasoning = fields.pop("reasoning", "")
@@ -1200,17 +858,10 @@ class _Round:
         self._write(rec)
         self.decisions.append(rec)
         self._emit({"event": "decision", "source": "supervisor", **rec})
-        self.rollbacks.append(RollbackRecord(point.obs.step, point.obs.lr, to, req.new_lr, "agent_request"))
+        self.recovery.rollbacks.append(RollbackRecord(point.obs.step, point.obs.lr, to, req.new_lr, "agent_request"))
         self._note(f"agent rollback at step {point.obs.step} to step {to}, lr {req.new_lr:.6g}")
-        self._truncate_branch(to)
+        self.history.truncate(to)
         self._launch(resume=req.path, lr=req.new_lr, start_step=to)
-
-    def _append_rollback(self, rec: dict[str, Any]) -> None:
-        rec = {**rec, "timestamp": now_iso(), "launch": self.launches}
-        for k, v in self.logs.extra.items():
-            rec.setdefault(k, v)
-        append_jsonl(self.logs.rollbacks, rec)
-        self._emit({"event": "rollback", "source": "supervisor", **rec})
 
     # ------------------------------------------------------------------------------- result
 
@@ -1240,18 +891,18 @@ class _Round:
             final_eval_ppl=ppl,
             final_eval_tokens=tokens,
             update_step=step,
-            crash_count=self.counter.total,
+            crash_count=self.recovery.counter.total,
             total_decisions=len(counted),
-            peak_lr_seen=self.peak_lr if math.isfinite(self.peak_lr) else math.nan,
-            min_lr_seen=self.min_lr if math.isfinite(self.min_lr) else math.nan,
+            peak_lr_seen=self.history.peak_lr if math.isfinite(self.history.peak_lr) else math.nan,
+            min_lr_seen=self.history.min_lr if math.isfinite(self.history.min_lr) else math.nan,
             wall_time_s=self.wall_before + (time.monotonic() - self.t0),
             wait_s=sum(as_float(d.get("wait_s")) for d in counted if math.isfinite(as_float(d.get("wait_s")))),
             decision_latency_s=[as_float(d["latency_s"]) for d in asked if d.get("latency_s") is not None],
             effect_delay_steps=[
                 int(d["effective_step"]) - int(d["step"]) for d in counted if isinstance(d.get("effective_step"), int)
             ],
-            lr_trajectory=_sample(self.lrs),
-            loss_trajectory=_sample(self.losses),
+            lr_trajectory=_sample(self.history.lrs),
+            loss_trajectory=_sample(self.history.losses),
             failure_reason=failure,
             unanswered_decisions=sum(d.get("kind") == "unanswered" for d in self.decisions),
             fallback_decisions=fallbacks,
