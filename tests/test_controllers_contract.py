@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from toy_components import toy_controller  # noqa: F401 - registers toy-halfway, covered as registry:toy-halfway
 
 from lrpilot.config import RunConfig, ScheduleConfig, TrainConfig

@@ -25,5 +25,6 @@ class HalfwayController(BaseController):
         return Decision(lr=lr, reason=f"toy: {lr:.3e}, 10% of the way to {target:.3e}")
 
 
-CONTROLLERS.add("toy-halfway", ControllerSpec(build=lambda ctx: HalfwayController()), help="toy: glide to half the peak")
-
+CONTROLLERS.add(
+    "toy-halfway", ControllerSpec(build=lambda ctx: HalfwayController()), help="toy: glide to half the peak"
+)
