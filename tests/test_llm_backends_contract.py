@@ -82,6 +82,12 @@ def test_unknown_backend_is_one_line_naming_the_field_and_the_choices():
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("agent.backend 'opena1': unknown LLM backend")
     assert all(n in msg for n in LLM_BACKENDS.names())
+    # a config naming one (--set agent.backend=...) fails before anything runs, in the same line
+    from lrpilot.config import apply_overrides, load_config
+    from lrpilot.preflight import check_run
+
+    with pytest.raises(ConfigError, match=r"^agent.backend 'opena1': unknown LLM backend; choose one of: openai"):
+        check_run(apply_overrides(load_config("cpu-smoke"), ["agent.backend=opena1"]))
 
 
 def test_backends_are_imported_only_when_chosen():
