@@ -16,7 +16,8 @@ class StepController(ScheduleController):
     name = "toy-step"
 
     def _after_warmup(self, step: int) -> float:
-        return self.peak_lr if self._progress(step) < 0.5 else self.peak_lr / 3
+        done = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)  # 0 at warmup, 1 at the end
+        return self.peak_lr if done < 0.5 else self.peak_lr / 3
 
 
 SCHEDULES.add("toy-step", StepController, help="toy: the peak, then a third of it")
