@@ -9,6 +9,10 @@ ceiling, the first or the last decision point, rollbacks present):
   * be deterministic when `blocking` (the same observation gives the same decision);
   * reset in start_round(): reused for a second round it decides like a fresh controller;
   * describe() itself as a JSON-serialisable dict with "controller".
+
+Besides the hand-made factories below, every controller in the CONTROLLERS registry is built the way a
+campaign builds it (its ControllerSpec.build on a ControllerContext) and checked as `registry:NAME`, so a
+controller registered in its own file (tests/toy_components/toy_controller.py) is covered with no edit here.
 """
 
 from __future__ import annotations
@@ -18,20 +22,29 @@ import json
 import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from toy_components import toy_controller  # noqa: F401 - registers toy-halfway, covered as registry:toy-halfway
 
 from lrpilot.config import RunConfig, ScheduleConfig, TrainConfig
-from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
+from lrpilot.controllers import CONTROLLERS
+from lrpilot.controllers.base import (
+    BaseController,
+    ControllerContext,
+    Decision,
+    DecisionRecord,
+    Observation,
+    RollbackRecord,
+)
 from lrpilot.controllers.replay import ReplayController
 from lrpilot.controllers.rules import RuleController, RuleParams
 from lrpilot.controllers.schedules import make_schedule
 from lrpilot.llm.base import LLMBackend, Reply
-from lrpilot.logs import dumps
+from lrpilot.logs import append_jsonl, dumps
 
 
 @dataclass(frozen=True)
@@ -48,13 +61,16 @@ class Shape:
         return list(range(self.warmup, self.total, self.every))
 
 
+def _config(s: Shape) -> RunConfig:
+    return RunConfig(
+        train=TrainConfig(total_steps=s.total),
+        schedule=ScheduleConfig(init_lr=s.init_lr, warmup_steps=s.warmup, decision_every=s.every),
+    )
+
+
 def _schedule(name: str) -> Callable[[Shape], BaseController]:
     def build(s: Shape) -> BaseController:
-        cfg = RunConfig(
-            train=TrainConfig(total_steps=s.total),
-            schedule=ScheduleConfig(init_lr=s.init_lr, warmup_steps=s.warmup, decision_every=s.every),
-        )
-        return make_schedule(name, s.init_lr, cfg)
+        return make_schedule(name, s.init_lr, _config(s))
 
     return build
 
@@ -75,6 +91,10 @@ def _optuna_params() -> tuple[RuleParams, ...]:
 
 
 def _replay(s: Shape) -> BaseController:
+    return ReplayController(_replay_records(s), source="generated")
+
+
+def _replay_records(s: Shape) -> list[dict]:
     """A logged round: a record at most decision points, some with an async delay, a guard record that is
     not replayed, and a second visit of a step after a rollback."""
     recs = []
@@ -89,7 +109,7 @@ def _replay(s: Shape) -> BaseController:
             recs.append({"step": step, "new_lr": s.init_lr * 0.3, "kind": "emergency"})
     if recs:
         recs.append({**recs[0], "new_lr": s.init_lr * 0.25, "kind": "decision"})  # revisit after a rollback
-    return ReplayController(recs, source="generated")
+    return recs
 
 
 class _CannedLLM(LLMBackend):
@@ -121,7 +141,27 @@ def _llm(s: Shape) -> BaseController:
     return LLMController(_CannedLLM())
 
 
-# To put another controller under this contract, add a factory here: that is all it takes. The LLM
+_LOGS = tempfile.TemporaryDirectory(prefix="lrpilot-contract-")
+
+
+def _registered(name: str) -> Callable[[Shape], BaseController]:
+    """CONTROLLERS[name] built as a campaign's round 1 builds it: the shape's config, the LLM on canned replies,
+    a replay of a generated decisions.jsonl (round 1) in a campaign directory."""
+
+    def build(s: Shape) -> BaseController:
+        ctx = ControllerContext(_config(s), round_index=1, backend=_CannedLLM())
+        if name == "replay":
+            d = Path(tempfile.mkdtemp(dir=_LOGS.name))
+            for rec in _replay_records(s):
+                append_jsonl(d / "decisions.jsonl", {**rec, "round": 1})
+            ctx = replace(ctx, replay_from=str(d))
+        return CONTROLLERS.get(name).build(ctx)
+
+    return build
+
+
+# To put another controller under this contract, register it (CONTRIBUTING.md, Extending): the registry
+# entries are appended below. A factory here is for a variant the registry does not build. The LLM
 # controller (lrpilot.controllers.llm, blocking=False) joins with a factory that builds it on a backend
 # (its determinism checks are skipped because it is not blocking).
 FACTORIES: list[tuple[str, Callable[[Shape], BaseController]]] = [
@@ -138,6 +178,7 @@ FACTORIES: list[tuple[str, Callable[[Shape], BaseController]]] = [
     ("replay", _replay),
     ("llm-scripted", _llm),
 ]
+FACTORIES += [(f"registry:{name}", _registered(name)) for name in CONTROLLERS.names()]
 
 # ------------------------------------------------------------------------------------ observations
 

@@ -42,10 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.config import ConfigError, RunConfig, apply_overrides, load_config
+from lrpilot.controllers.schedules import SCHEDULES
 from lrpilot.errors import LrpilotError
 from lrpilot.logs import as_float, now_iso, read_jsonl, write_json_atomic
 from lrpilot.lr import is_positive_finite
 
+#: the built-in fixed schedules (sweeps over --peaks); parse_method accepts every SCHEDULES name
 FIXED = ("cosine", "wsd", "d2z", "constant")
 #: schedulefree.AdamWScheduleFree's default lr; prodigyopt.Prodigy's default lr (a multiplier of its estimate)
 SCHEDULEFREE_LR = 2.5e-3
@@ -144,7 +146,7 @@ def parse_method(spec: str) -> Method:
     spec."""
     s = spec.strip()
     name, _, arg = s.partition(":")
-    if s in FIXED:
+    if s in SCHEDULES:  # FIXED and any schedule registered since (lrpilot.controllers.schedules.SCHEDULES)
         return Method(s, "sweep", schedule=s)
     if name == "schedulefree":
         return Method(s, "single", optimizer="schedulefree_adamw", lr=_lr(s, arg) if arg else SCHEDULEFREE_LR)
@@ -163,7 +165,7 @@ def parse_method(spec: str) -> Method:
     if name == "replay" and arg:
         return Method(s, "campaign", controller="replay", rounds=replay_rounds(arg), replay_from=arg)
     raise BenchError(
-        f"--methods {spec!r}: unknown method; choose from cosine, wsd, d2z, constant, schedulefree[:LR], "
+        f"--methods {spec!r}: unknown method; choose from {', '.join(SCHEDULES.names())}, schedulefree[:LR], "
         "prodigy[:LR], rules, rules:KEY=V, rules+optuna:K, llm, llm+memory:K, replay:DIR"
     )
 

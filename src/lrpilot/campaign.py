@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.config import ConfigError, RunConfig
+from lrpilot.controllers import CONTROLLERS
+from lrpilot.controllers.base import ControllerContext
 from lrpilot.engine import Engine, LocalEngine, wait_first
 from lrpilot.errors import LrpilotError
 from lrpilot.locks import DirLock
 from lrpilot.logs import append_jsonl, as_float, now_iso, read_jsonl, write_atomic
+from lrpilot.memory.base import MEMORIES, Memory, MemoryContext
 from lrpilot.records import BriefRecord, FinalResult, RoundResult
-
-CONTROLLERS = ("llm", "rules", "replay")
-MEMORIES = ("llm", "optuna", "none")
 
 
 class CampaignError(LrpilotError, RuntimeError):
@@ -76,10 +76,8 @@ class CampaignSettings:
                 raise ConfigError(
                     "--script runs rules or llm rounds; for a replay give your Pilot controller='replay:PLAN'"
                 )
-        if self.controller not in CONTROLLERS:
-            raise ConfigError(f"--controller {self.controller!r}: choose one of {', '.join(CONTROLLERS)}")
-        if self.memory not in MEMORIES:
-            raise ConfigError(f"--memory {self.memory!r}: choose one of {', '.join(MEMORIES)}")
+        CONTROLLERS.entry(self.controller)  # an unknown name: the registry's one-line error naming the choices
+        MEMORIES.entry(self.memory)
         if self.memory == "optuna" and self.controller != "rules":
             raise ConfigError("--memory optuna tunes the rule controller: use it with --controller rules")
         if self.memory == "llm" and self.controller != "llm":
@@ -247,11 +245,10 @@ def run_campaign(
         _check_settings(directory, settings)
         done = _completed_rounds(directory)
         parallel = engine is not None and engine.slots > 1
-        mem = _optuna(cfg, directory, settings, parallel) if settings.memory == "optuna" else None
-        if mem is not None:
-            # the campaign may have died between a round's result line and telling Optuna: tell it now
-            for r, rec in done.items():
-                mem.record(r, _ppl(rec), rec.get("status") != "ok")
+        mem = MEMORIES.get(settings.memory)(MemoryContext(cfg, directory, settings, parallel))
+        # the campaign may have died between a round's result line and telling the memory (Optuna): tell it now
+        for r, rec in done.items():
+            mem.record(r, _ppl(rec), rec.get("status") != "ok")
         best = min((_ppl(r) for r in done.values() if math.isfinite(_ppl(r))), default=math.inf)
         if done:
             echo("\n".join(round_lines([done[r] for r in sorted(done) if r <= rounds])))  # finished before this run
@@ -281,36 +278,22 @@ def run_campaign(
 def _make_controller(
     cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int, params: Any, run_start_iso: str = ""
 ):
-    if settings.controller == "rules":
-        from lrpilot.controllers.rules import RuleController
-
-        return RuleController(params)  # Optuna's proposal, or settings.rules_for (see _run_one_round)
-    if settings.controller == "replay":
-        from lrpilot.controllers.replay import ReplayController
-
-        return ReplayController.from_log(Path(settings.replay_from) / "decisions.jsonl", round=r)
-    from lrpilot.controllers.llm import LLMController
-    from lrpilot.llm.base import make_backend
-
-    backend = make_backend(cfg.agent, "controller", directory / "llm_calls.jsonl", _call_fields(r, run_start_iso))
-    return LLMController(backend, guard=cfg.guard, blocking=cfg.agent.wait_for_decisions)
-
-
-def _optuna(cfg: RunConfig, directory: Path, settings: CampaignSettings, parallel: bool = False):
-    """The campaign's Optuna study over the rule controller's parameters, scaled to the preset's init_lr;
-    parallel: rounds are proposed while others still run (TPE's constant liar counts them as pending)."""
-    from lrpilot.controllers.rules import RuleParams
-    from lrpilot.memory.optuna_memory import OptunaMemory
-
-    init_lr = cfg.schedule.init_lr
-    space = {k: r for k, r in RuleParams.search_space(init_lr).items() if k not in settings.rule_params}
-    return OptunaMemory(
-        directory,
-        seed=settings.optuna_seed,
-        search_space=space,
-        defaults=settings.rules_for(init_lr),
-        constant_liar=parallel,
+    """Round r's controller, built by its CONTROLLERS entry (rules: `params`, Optuna's proposal or
+    settings.rules_for, see _run_one_round; an LLM's calls audited to DIR/llm_calls.jsonl)."""
+    ctx = ControllerContext(
+        cfg,
+        round_index=r,
+        params=params,
+        replay_from=settings.replay_from,
+        audit_path=directory / "llm_calls.jsonl",
+        audit_extra=_call_fields(r, run_start_iso),
     )
+    return CONTROLLERS.get(settings.controller).build(ctx)
+
+
+def _uses_llm(settings: CampaignSettings) -> bool:
+    """The controller talks to an LLM (its ControllerSpec.uses_llm): rounds record backend and model."""
+    return CONTROLLERS.get(settings.controller).uses_llm
 
 
 def _call_fields(r: int, run_start_iso: str) -> dict[str, Any]:
@@ -328,55 +311,32 @@ def _run_start_iso(run_dir: Path) -> str:
 
 
 def _memory_brief(
-    cfg: RunConfig,
-    directory: Path,
-    settings: CampaignSettings,
-    r: int,
-    mem: Any,
-    prior: dict[str, Any] | None,
-    run_start_iso: str = "",
-    running: tuple[int, ...] = (),
+    mem: Memory, r: int, prior: dict[str, Any] | None, run_start_iso: str = "", running: tuple[int, ...] = ()
 ) -> tuple[str, Any, dict]:
-    """(brief text, rule params or None, record for briefs.jsonl). mem: the Optuna memory (--memory optuna);
+    """(brief text, rule params or None, record for briefs.jsonl) from the campaign's memory (MEMORIES);
     prior: the brief already written for this round, if the round is being resumed; running: rounds started
     and not finished yet (--parallel), which the LLM brief names."""
-    if mem is not None:
-        params = mem.propose(r)
-        text = mem.brief()
-        return text, params, {"params": dataclasses.asdict(params)}
-    if settings.memory == "llm":
-        if prior is not None:
-            return str(prior.get("brief", "")), None, {}
-        from lrpilot.campaign_logs import load_campaign
-        from lrpilot.llm.base import make_backend
-        from lrpilot.memory.llm_memory import LLMMemory
-
-        backend = make_backend(cfg.agent, "memory", directory / "llm_calls.jsonl", _call_fields(r, run_start_iso))
-        brief = LLMMemory(backend, cfg.agent).brief(load_campaign(directory), r, running=running)
-        marks = {"truncated": bool(brief.truncated_by), "truncated_by": brief.truncated_by}
-        extra = {"running": list(running)} if running else {}
-        return brief.text, None, {"fallback": brief.fallback, "words": brief.words, **marks, **extra}
-    return "", None, {}
+    b = mem.brief(r, prior=prior, running=running, run_start_iso=run_start_iso)
+    return b.text, b.params, b.extra
 
 
-def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSettings, mem: Any) -> dict[str, Any]:
+def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSettings, mem: Memory) -> dict[str, Any]:
     t0 = time.time()
     brief, params, iso = _prepare_round(cfg, directory, r, settings, mem)
     rec = _runner(settings)(cfg, directory, r, settings, brief, params, iso, t0)
-    if mem is not None:
-        mem.record(r, rec["final_eval_ppl"], rec["status"] != "ok")
+    mem.record(r, rec["final_eval_ppl"], rec["status"] != "ok")
     return rec
 
 
 def _prepare_round(
-    cfg: RunConfig, directory: Path, r: int, settings: CampaignSettings, mem: Any, running: tuple[int, ...] = ()
+    cfg: RunConfig, directory: Path, r: int, settings: CampaignSettings, mem: Memory, running: tuple[int, ...] = ()
 ) -> tuple[str, Any, str]:
     """The driver's part of round r: its brief (written to briefs.jsonl once) and rule parameters, and its
     run_start_iso. Returns (brief, params or None, run_start_iso)."""
     run_dir = directory / "rounds" / f"round_{r:03d}"
     prior = _brief_for(directory, r)
     iso = _run_start_iso(run_dir)
-    brief, params, extra = _memory_brief(cfg, directory, settings, r, mem, prior, iso, running)
+    brief, params, extra = _memory_brief(mem, r, prior, iso, running)
     if prior is None:
         append_jsonl(
             directory / "briefs.jsonl",
@@ -448,8 +408,8 @@ def _commit(
         "seed": cfg.train.seed,
         "controller": settings.controller,
         "memory": settings.memory,
-        "backend": settings.backend if settings.controller == "llm" else "",
-        "model": settings.model if settings.controller == "llm" else "",
+        "backend": settings.backend if _uses_llm(settings) else "",
+        "model": settings.model if _uses_llm(settings) else "",
         "preset": settings.preset,
         "final_eval_tokens": res.final_eval_tokens,
         "update_step": res.update_step,
@@ -530,7 +490,7 @@ def execute_script_round(
     }
     if params is not None:
         pilot["rule_params"] = dataclasses.asdict(params)
-    if settings.controller == "llm":
+    if _uses_llm(settings):
         pilot["agent"] = dataclasses.asdict(cfg.agent)  # names the key's variable, never the key
     write_atomic(run_dir / "pilot.json", (json.dumps(pilot, indent=2) + "\n").encode())
     argv = shlex.split(settings.script)
@@ -603,7 +563,7 @@ def _run_rounds_on(
     cfg: RunConfig,
     directory: Path,
     settings: CampaignSettings,
-    mem: Any,
+    mem: Memory,
     todo: list[int],
     done: dict[int, dict[str, Any]],
     best: float,
@@ -634,8 +594,7 @@ def _run_rounds_on(
                     echo(f"round {r:>3}  failed to run: {type(e).__name__}: {e}")
                     continue
                 done[r] = rec
-                if mem is not None:
-                    mem.record(r, _ppl(rec), rec.get("status") != "ok")
+                mem.record(r, _ppl(rec), rec.get("status") != "ok")
                 if math.isfinite(_ppl(rec)):
                     best = min(best, _ppl(rec))
                 echo(summary_line(rec, best))

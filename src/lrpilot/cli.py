@@ -23,13 +23,38 @@ import contextlib
 import re
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from lrpilot.argtypes import non_negative_int, positive_float, positive_int, rule_param
-from lrpilot.campaign import CONTROLLERS, MEMORIES
-from lrpilot.config import PRESETS, RunConfig, load_config
+from lrpilot.config import PRESETS, ConfigError, RunConfig, load_config
+from lrpilot.controllers import CONTROLLERS
 from lrpilot.controllers.schedules import SCHEDULES
 from lrpilot.errors import LrpilotError, disk_error, is_disk_error
+from lrpilot.llm import LLM_BACKENDS
+from lrpilot.memory.base import MEMORIES
+from lrpilot.registry import Registry
+
+
+def _named(registry: Registry) -> Callable[[str], str]:
+    """An argparse `type` that accepts a name of `registry` (its choices are the registry's, read when the
+    command line is parsed, so a component registered in its own file is accepted) and refuses any other
+    with the registry's one-line error: `argument --controller: 'x': unknown controller; choose one of: ...`."""
+
+    def check(name: str) -> str:
+        try:
+            registry.entry(name)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{registry.field} ")) from None
+        return name
+
+    check.__name__ = registry.kind
+    return check
+
+
+def _choices(registry: Registry, extra: str = "") -> str:
+    """`registry`'s help text ('name: help; ...') for an argparse help string, then `extra`."""
+    return registry.help_text() + (f"; {extra}" if extra else "")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str = "cpu-small") -> None:
@@ -157,7 +182,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def _campaign_settings(args: argparse.Namespace, cfg: RunConfig):
     from lrpilot.campaign import CampaignSettings
 
-    memory = args.memory or {"llm": "llm", "rules": "optuna", "replay": "none"}[args.controller]
+    memory = args.memory or CONTROLLERS.get(args.controller).default_memory
     return CampaignSettings(
         preset=args.preset,
         overrides=tuple(_overrides(args)),
@@ -190,9 +215,8 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     settings = _campaign_settings(args, cfg)
     check_campaign(cfg, args.rounds, settings)
     engine = _engine(args, args.parallel)  # a bad --resources or a missing Ray fails here, before any LLM ping
-    roles = [
-        r for r, used in (("controller", settings.controller == "llm"), ("memory", settings.memory == "llm")) if used
-    ]
+    uses = (CONTROLLERS.get(settings.controller).uses_llm, MEMORIES.get(settings.memory).uses_llm)
+    roles = [r for r, used in zip(("controller", "memory"), uses, strict=True) if used]
     if roles:
         from lrpilot.llm.base import ping_backends
 
@@ -367,7 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one pre-training run with a fixed schedule, through the supervisor")
     _add_config_args(p)
     p.add_argument("--dir", required=True, help="output directory (result json and the run directory)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="LR schedule after warmup (default cosine)")
+    p.add_argument(
+        "--schedule",
+        type=_named(SCHEDULES),
+        default="cosine",
+        metavar="NAME",
+        help=f"LR schedule after warmup (default cosine): {', '.join(SCHEDULES.names())}",
+    )
     p.add_argument("--peak", type=positive_float, default=None, help="peak LR (default: the preset's schedule.init_lr)")
     p.set_defaults(func=cmd_train)
 
@@ -375,9 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument(
         "--schedule",
-        choices=SCHEDULES,
+        type=_named(SCHEDULES),
         default="cosine",
-        help="cosine (to 0.1x peak, the reference), d2z (linear to zero), wsd, constant",
+        metavar="NAME",
+        help=_choices(SCHEDULES),
     )
     p.add_argument("--peaks", type=positive_float, nargs="+", required=True, help="peak LRs, e.g. 1e-3 3e-3 1e-2")
     p.add_argument("--out", required=True, help="output directory; re-running skips finished peaks")
@@ -393,22 +424,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=positive_int, required=True, help="total rounds, >= 1 (finished ones are skipped)")
     p.add_argument(
         "--controller",
-        choices=CONTROLLERS,
+        type=_named(CONTROLLERS),
         default="rules",
-        help="llm (an LLM agent), rules (no-LLM heuristic), replay (re-play another campaign)",
+        metavar="NAME",
+        help=_choices(CONTROLLERS),
     )
     p.add_argument(
         "--memory",
-        choices=MEMORIES,
+        type=_named(MEMORIES),
         default=None,
-        help="cross-round memory: llm brief (for llm), optuna TPE over rule parameters (for rules), "
-        "none; default llm for --controller llm, optuna for rules",
+        metavar="NAME",
+        help="cross-round memory: " + _choices(MEMORIES, "default llm for --controller llm, optuna for rules"),
     )
     p.add_argument(
         "--backend",
-        choices=("openai", "local"),
+        type=_named(LLM_BACKENDS),
         default=None,
-        help="LLM backend: openai (any OpenAI-compatible endpoint) or local (llama-cpp-python)",
+        metavar="NAME",
+        help="LLM backend: " + _choices(LLM_BACKENDS),
     )
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: DashScope compatible mode)")
     p.add_argument("--model", default=None, help="Controller model name (default qwen3.6-plus-2026-04-02)")
@@ -467,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peaks", type=positive_float, nargs="*", default=[], help="sweep peak LRs, e.g. 1e-3 3e-3 1e-2")
     p.add_argument("--out", required=True, help="bench directory; run the same command again to resume")
     p.add_argument("--jobs", type=int, default=1, help="trainers at once (each uses train.num_threads threads)")
-    p.add_argument("--backend", choices=("openai", "local"), default=None, help="LLM backend (llm methods)")
+    p.add_argument(
+        "--backend", type=_named(LLM_BACKENDS), default=None, metavar="NAME", help="LLM backend (llm methods)"
+    )
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (llm methods)")
     p.add_argument("--model", default=None, help="Controller model name (llm methods)")
     p.add_argument("--memory-model", default=None, help="Memory agent model (llm+memory)")

@@ -320,7 +320,9 @@ class AgentConfig:
     memory_max_tokens: int = 320
 
     def __post_init__(self) -> None:
-        _check(self.backend in ("openai", "local"), "agent.backend", "must be openai or local")
+        # agent.backend names an entry of lrpilot.llm.LLM_BACKENDS: checked by preflight.check_run and make_backend
+        # (config cannot import that registry: lrpilot.registry imports this module)
+        _check(isinstance(self.backend, str) and bool(self.backend.strip()), "agent.backend", "must be a backend name")
         _check(self.timeout_s > 0, "agent.timeout_s", "must be > 0")
         _check(self.retries >= 0, "agent.retries", "must be >= 0")
         _check(self.max_cross_run_history >= 1, "agent.max_cross_run_history", "must be >= 1")

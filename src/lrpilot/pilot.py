@@ -240,19 +240,12 @@ def make_controller(
 
         path = name.split(":", 1)[1]
         return ReplayController(load_schedule(path), source=path)
-    if key in ("cosine", "d2z", "linear", "wsd", "constant"):
-        from lrpilot.controllers import schedules as sch
+    from lrpilot.controllers import schedules as sch
 
+    if key in sch.SCHEDULES or key in sch.SCHEDULE_ALIASES:  # a registered baseline schedule (or linear = d2z)
         if warmup_steps >= total_steps:
             raise PilotError(f"controller {name}: warmup_steps ({warmup_steps}) must be < total_steps ({total_steps})")
-        cls = {
-            "cosine": sch.CosineController,
-            "d2z": sch.LinearDecayController,
-            "linear": sch.LinearDecayController,
-            "wsd": sch.WSDController,
-            "constant": sch.ConstantController,
-        }[key]
-        return cls(init_lr, total_steps, warmup_steps)
+        return sch.SCHEDULES.get(sch.SCHEDULE_ALIASES.get(key, key))(init_lr, total_steps, warmup_steps)
     if key == "llm":
         from lrpilot.config import AgentConfig
         from lrpilot.controllers.llm import LLMController

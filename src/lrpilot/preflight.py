@@ -17,17 +17,19 @@ import importlib.util
 from pathlib import Path
 
 from lrpilot.config import ConfigError, RunConfig
+from lrpilot.llm import LLM_BACKENDS
 
 
 def check_run(cfg: RunConfig) -> None:
     """Raise a one-line LrpilotError (ConfigError, DataError, TrainerError) for a setting the trainer would
-    refuse at launch, or that the docs require of a run: checkpoint.keep for the rollback distance, batch
-    geometry for launch.devices, data.path, data.tokenizer vs model.vocab_size,
+    refuse at launch, or that the docs require of a run: agent.backend (a LLM_BACKENDS name), checkpoint.keep
+    for the rollback distance, batch geometry for launch.devices, data.path, data.tokenizer vs model.vocab_size,
     train.loggers extras, train.device=cuda without CUDA. Reads file names, never file contents."""
     from lrpilot.data import c4_local_files, check_vocab, embedded_files, get_tokenizer, resolve_files
     from lrpilot.trainer import batch_geometry
 
     batch_geometry(cfg, cfg.launch.nproc)
+    LLM_BACKENDS.entry(cfg.agent.backend)  # a registered backend name (agent.backend; imports nothing)
     every, back = cfg.checkpoint_every, cfg.guard.rollback_back_steps
     need = -(-back // every) + 2  # docs/architecture.md: keep >= rollback_back_steps / checkpoint_every + 2
     if cfg.checkpoint.keep < need:

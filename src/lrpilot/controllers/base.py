@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lrpilot.logs import finite_mean
@@ -154,3 +156,37 @@ class BaseController(ABC):
     def describe(self) -> dict[str, Any]:
         """Settings recorded with each round."""
         return {"controller": self.name}
+
+
+@dataclass(frozen=True)
+class ControllerContext:
+    """What a campaign (or a test) hands a registered controller's `build` for one round.
+
+    cfg: the round's RunConfig (its schedule, guard and agent settings); round_index: 1-based round number;
+    params: the rule parameters chosen for the round (Optuna's proposal or `--rule`; None = the controller's
+    defaults); replay_from: `--replay-from` DIR; audit_path / audit_extra: where an LLM controller appends its
+    calls (DIR/llm_calls.jsonl) and the fields each line carries; backend: an LLM backend to use instead of
+    the one cfg.agent describes (tests, in-process hosts)."""
+
+    cfg: Any
+    round_index: int = 1
+    params: Any = None
+    replay_from: str = ""
+    audit_path: Path | None = None
+    audit_extra: dict[str, Any] = field(default_factory=dict)
+    backend: Any = None
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    """A registered controller (lrpilot.controllers.CONTROLLERS): how to build it for a round, the campaign
+    memory it gets when `--memory` is not given (a MEMORIES name), and whether it talks to an LLM (then the
+    campaign pings cfg.agent's backend before round 1 and records backend/model with each round)."""
+
+    build: Callable[[ControllerContext], BaseController]
+    default_memory: str = "none"
+    uses_llm: bool = False
+
+    def __post_init__(self) -> None:
+        if not callable(self.build):
+            raise TypeError(f"ControllerSpec.build must be callable, got {self.build!r}")

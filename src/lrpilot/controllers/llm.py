@@ -26,9 +26,9 @@ import re
 from typing import Any
 
 from lrpilot.config import GuardConfig
-from lrpilot.controllers.base import BaseController, Decision, Observation
+from lrpilot.controllers.base import BaseController, ControllerContext, ControllerSpec, Decision, Observation
 from lrpilot.controllers.rules import loss_change_z
-from lrpilot.llm.base import LLMBackend, parse_json_object, split_reasoning
+from lrpilot.llm.base import LLMBackend, make_backend, parse_json_object, split_reasoning
 from lrpilot.logs import finite_mean
 from lrpilot.lr import fmt_lr, is_positive_finite
 from lrpilot.records import Kind
@@ -410,3 +410,14 @@ class LLMController(BaseController):
         if rb_err:
             meta["rollback_error"] = rb_err  # the LR stands; the malformed request is only logged
         return Decision(lr, reason=reason, raw=reply.text, meta=meta, rollback_to_step=to_step)
+
+
+def _build(ctx: ControllerContext) -> LLMController:
+    """The LLM Controller on ctx.backend, else on the backend cfg.agent describes (audited to ctx.audit_path)."""
+    agent = ctx.cfg.agent
+    backend = ctx.backend or make_backend(agent, "controller", ctx.audit_path, ctx.audit_extra or None)
+    return LLMController(backend, guard=ctx.cfg.guard, blocking=agent.wait_for_decisions)
+
+
+#: `--controller llm` (registered in lrpilot.controllers.CONTROLLERS); its memory is the LLM Memory agent
+SPEC = ControllerSpec(build=_build, default_memory="llm", uses_llm=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.campaign_logs import decision_applied
-from lrpilot.controllers.base import BaseController, Decision, Observation
+from lrpilot.controllers.base import BaseController, ControllerContext, ControllerSpec, Decision, Observation
 from lrpilot.errors import LrpilotError
 from lrpilot.logs import as_float, is_positive_finite, read_jsonl
 from lrpilot.records import Kind
@@ -258,3 +258,12 @@ class ReplayController(BaseController):
         return Decision(
             lr=new_lr, reason=reason, raw=rec["raw"] if self._parse is not None else None, plan=plan, meta=meta
         )
+
+
+def _build(ctx: ControllerContext) -> ReplayController:
+    """Round `ctx.round_index` of the campaign in `ctx.replay_from` (its decisions.jsonl), re-played."""
+    return ReplayController.from_log(Path(ctx.replay_from) / "decisions.jsonl", round=ctx.round_index)
+
+
+#: `--controller replay --replay-from DIR` (registered in lrpilot.controllers.CONTROLLERS)
+SPEC = ControllerSpec(build=_build)

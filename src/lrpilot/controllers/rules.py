@@ -82,7 +82,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from lrpilot import config
-from lrpilot.controllers.base import BaseController, Decision, Observation
+from lrpilot.controllers.base import BaseController, ControllerContext, ControllerSpec, Decision, Observation
 from lrpilot.logs import finite_mean, is_positive_finite
 
 
@@ -439,3 +439,13 @@ class RuleController(BaseController):
         if plan:
             reason += f" (plan to {plan[-1][1]:.3e} at step {plan[-1][0]})"
         return out("cooldown", new, reason, plan=plan or None)
+
+
+def _build(ctx: ControllerContext) -> RuleController:
+    """The round's rule controller: the campaign's parameters (Optuna's proposal or `--rule`), else the
+    defaults scaled to the preset's init_lr (RuleParams.for_init_lr)."""
+    return RuleController(ctx.params if ctx.params is not None else RuleParams.for_init_lr(ctx.cfg.schedule.init_lr))
+
+
+#: `--controller rules` (registered in lrpilot.controllers.CONTROLLERS); its memory is Optuna over RuleParams
+SPEC = ControllerSpec(build=_build, default_memory="optuna")

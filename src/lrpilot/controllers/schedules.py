@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from lrpilot.config import ConfigError, RunConfig, _check
-from lrpilot.controllers.base import BaseController, Decision, Observation
+from lrpilot.controllers.base import BaseController, ControllerSpec, Decision, Observation
 from lrpilot.lr import (
     COSINE_MIN_RATIO,
     WSD_DECAY_FRACTION,
@@ -34,6 +34,7 @@ from lrpilot.lr import (
     wsd_decay_start,
     wsd_lr,
 )
+from lrpilot.registry import Registry
 
 
 class ScheduleController(BaseController):
@@ -186,23 +187,37 @@ class ConstantController(ScheduleController):
         return super().decide(obs)
 
 
-SCHEDULES = ("cosine", "d2z", "wsd", "constant")
-_ALIASES = {"linear": "d2z"}
+#: the baseline schedules by name: `lrpilot train/baseline --schedule NAME`, `bench --methods NAME`. A new one is a
+#: ScheduleController subclass taking (peak_lr, total_steps, warmup_steps) in its own file and one line here
+#: (CONTRIBUTING.md, Extending); add a ControllerSpec line in lrpilot.controllers to run it as a campaign controller.
+SCHEDULES: Registry[type[ScheduleController]] = Registry("schedule", field="--schedule")
+SCHEDULES.add("cosine", CosineController, help="cosine to 0.1x peak (the reference)")
+SCHEDULES.add("d2z", LinearDecayController, help="linear to zero")
+SCHEDULES.add("wsd", WSDController, help="warmup-stable-decay (the last fifth linear to zero)")
+SCHEDULES.add("constant", ConstantController, help="the peak after warmup")
+SCHEDULE_ALIASES = {"linear": "d2z"}
 
 
 def make_schedule(name: str, peak: float, cfg: RunConfig) -> BaseController:
-    """The baseline controller `name` (cosine, d2z (alias linear), wsd, constant) at peak LR `peak`."""
-    key = _ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
-    total, warmup = cfg.train.total_steps, cfg.schedule.warmup_steps
-    if key == "cosine":
-        return CosineController(peak, total, warmup)
-    if key == "d2z":
-        return LinearDecayController(peak, total, warmup)
-    if key == "wsd":
-        return WSDController(peak, total, warmup)
-    if key == "constant":
-        return ConstantController(peak, total, warmup)
-    raise ConfigError(f"schedule {name!r}: unknown; choose one of cosine, d2z (alias linear), wsd, constant")
+    """The baseline controller `name` (a SCHEDULES name, or the alias linear = d2z; any case) at peak LR `peak`,
+    over cfg's total_steps and warmup_steps. Raises ConfigError (one line, naming the choices) for another name."""
+    key = SCHEDULE_ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
+    if key not in SCHEDULES:
+        choices = ", ".join(f"{n} (alias {a})" if a else n for n, a in ((n, _alias_of(n)) for n in SCHEDULES))
+        raise ConfigError(f"schedule {name!r}: unknown; choose one of {choices}")
+    return SCHEDULES.get(key)(peak, cfg.train.total_steps, cfg.schedule.warmup_steps)
+
+
+def _alias_of(name: str) -> str:
+    return ", ".join(a for a, n in SCHEDULE_ALIASES.items() if n == name)
+
+
+def _schedule_spec(name: str) -> ControllerSpec:
+    """Schedule `name` as a campaign controller (lrpilot.controllers.CONTROLLERS) at the preset's init_lr."""
+    return ControllerSpec(build=lambda ctx: make_schedule(name, ctx.cfg.schedule.init_lr, ctx.cfg))
+
+
+COSINE_SPEC, D2Z_SPEC, WSD_SPEC, CONSTANT_SPEC = (_schedule_spec(n) for n in ("cosine", "d2z", "wsd", "constant"))
 
 
 def baseline_config(cfg: RunConfig, schedule: str, peak: float) -> RunConfig:

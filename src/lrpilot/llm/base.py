@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.errors import LrpilotError
+from lrpilot.llm import LLM_BACKENDS
 from lrpilot.logs import JsonlLog, now_iso
 from lrpilot.records import LLMCallRecord
 
@@ -97,6 +98,14 @@ class LLMBackend(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": type(self).__name__, "model": self.model}
+
+    @classmethod
+    def from_agent(cls, agent: Any, role: str) -> LLMBackend:
+        """This backend as AgentConfig `agent` describes it for `role` ("controller" | "memory"; see
+        model_for_role and max_tokens_for_role). Each registered backend (lrpilot.llm.LLM_BACKENDS) overrides it."""
+        raise NotImplementedError(
+            f"{cls.__name__}.from_agent: a registered LLM backend must build itself from AgentConfig"
+        )
 
     def secret_values(self) -> tuple[str, ...]:
         """Strings that must never reach a log (the API key); the audit wrapper masks them."""
@@ -360,37 +369,19 @@ def ping_backends(agent: Any, roles: list[str]) -> None:
             raise LLMError(f"{who}: {e}") from e
 
 
+def max_tokens_for_role(agent: Any, role: str) -> int:
+    """The reply budget of `role`: agent.memory_max_tokens for the Memory agent, agent.max_tokens otherwise."""
+    return agent.memory_max_tokens if role == "memory" else agent.max_tokens
+
+
 def make_backend(agent: Any, role: str, audit_path: str | Path | None = None, extra: dict | None = None) -> LLMBackend:
-    """The backend that AgentConfig `agent` describes for `role` ("controller" | "memory"), wrapped so that
-    each call is appended to `audit_path` (llm_calls.jsonl) when given, with the fields of `extra` (a
-    campaign passes `round` and `run_start_iso`, so calls join their round like every other log)."""
-    model = model_for_role(agent, role)
-    max_tokens = agent.memory_max_tokens if role == "memory" else agent.max_tokens
-    if agent.backend == "openai":
-        from lrpilot.llm.openai_backend import OpenAIBackend
-
-        backend: LLMBackend = OpenAIBackend(
-            base_url=agent.base_url,
-            model=model,
-            api_key_env=agent.api_key_env,
-            timeout_s=agent.timeout_s,
-            retries=agent.retries,
-            temperature=agent.temperature,
-            max_tokens=max_tokens,
-            model_field=model_field(agent, role),
-        )
-    elif agent.backend == "local":
-        from lrpilot.llm.local_backend import LocalBackend
-
-        backend = LocalBackend(
-            model_path=agent.local_model_path or None,
-            n_threads=agent.local_threads,
-            temperature=agent.temperature,
-            max_tokens=max_tokens,
-            timeout_s=agent.timeout_s,
-        )
-    else:
-        raise LLMError(f"agent.backend: unknown backend {agent.backend!r}; use openai or local")
+    """The backend that AgentConfig `agent` describes for `role` ("controller" | "memory"): the class that
+    LLM_BACKENDS registers as `agent.backend` (lrpilot.llm), built by its `from_agent`; wrapped so that each call
+    is appended to `audit_path` (llm_calls.jsonl) when given, with the fields of `extra` (a campaign passes
+    `round` and `run_start_iso`, so calls join their round like every other log). Raises LLMError for an unknown
+    role, ConfigError (one line, naming agent.backend and the choices) for an unknown backend."""
+    model_for_role(agent, role)  # an unknown role fails first, whatever the backend
+    backend = LLM_BACKENDS.get(agent.backend).from_agent(agent, role)
     if audit_path is None:
         return backend
     return AuditedBackend(backend, role, audit_path, extra)

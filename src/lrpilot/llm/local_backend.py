@@ -26,6 +26,7 @@ from lrpilot.llm.base import (
     LLMError,
     Reply,
     answer_only_error,
+    max_tokens_for_role,
     split_reasoning,
     truncation_error,
     try_parse,
@@ -105,6 +106,18 @@ def _load(path: Path, n_ctx: int, n_threads: int, seed: int) -> tuple[Any, threa
 
 class LocalBackend(LLMBackend):
     """A GGUF chat model run in this process by llama-cpp-python; never raises from generate()."""
+
+    @classmethod
+    def from_agent(cls, agent: Any, role: str) -> LocalBackend:
+        """`agent.backend = "local"`: agent.local_model_path (empty = the SmolLM2 wheel's file), local_threads,
+        temperature and timeout, with `role`'s reply budget (lrpilot.llm.base.max_tokens_for_role)."""
+        return cls(
+            model_path=agent.local_model_path or None,
+            n_threads=agent.local_threads,
+            temperature=agent.temperature,
+            max_tokens=max_tokens_for_role(agent, role),
+            timeout_s=agent.timeout_s,
+        )
 
     def __init__(
         self,

@@ -32,6 +32,9 @@ from lrpilot.llm.base import (
     Reply,
     answer_only_error,
     get_secret,
+    max_tokens_for_role,
+    model_field,
+    model_for_role,
     split_reasoning,
     truncation_error,
     try_parse,
@@ -97,6 +100,21 @@ def _retry_after(e: Any) -> float | None:
 class OpenAIBackend(LLMBackend):
     """Chat completions against an OpenAI-compatible endpoint; retries transient failures, never raises
     from generate()."""
+
+    @classmethod
+    def from_agent(cls, agent: AgentConfig, role: str) -> OpenAIBackend:
+        """`agent.backend = "openai"`: agent's endpoint, key variable, timeout, retries and temperature, with
+        `role`'s model and reply budget (lrpilot.llm.base.model_for_role, max_tokens_for_role)."""
+        return cls(
+            base_url=agent.base_url,
+            model=model_for_role(agent, role),
+            api_key_env=agent.api_key_env,
+            timeout_s=agent.timeout_s,
+            retries=agent.retries,
+            temperature=agent.temperature,
+            max_tokens=max_tokens_for_role(agent, role),
+            model_field=model_field(agent, role),
+        )
 
     def __init__(
         self,

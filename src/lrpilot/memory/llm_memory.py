@@ -18,10 +18,12 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lrpilot.campaign_logs import CampaignLogs, fmt_lr
-from lrpilot.llm.base import LLMBackend, split_reasoning, strip_code_fence
+from lrpilot.llm.base import LLMBackend, make_backend, split_reasoning, strip_code_fence
+from lrpilot.memory.base import Memory, MemoryContext, RoundBrief
 from lrpilot.memory.evidence import Evidence, build_evidence
 
 log = logging.getLogger(__name__)
@@ -165,3 +167,35 @@ class LLMMemory:
         if cut_at_max:
             log.warning("memory brief for round %d: the reply was cut at agent.memory_max_tokens", round_index)
         return Brief(text, count_words(text), raw, fallback=False, truncated=cut, cut_at_max_tokens=cut_at_max)
+
+
+class LLMCampaignMemory(Memory):
+    """`--memory llm` (lrpilot.memory.base.MEMORIES): the Memory agent's brief before each round, on the
+    backend cfg.agent describes for the "memory" role, each call audited to DIR/llm_calls.jsonl. A resumed
+    round keeps the brief it started with (no second call)."""
+
+    uses_llm = True
+
+    def __init__(self, ctx: MemoryContext) -> None:
+        self.ctx = ctx
+
+    def brief(
+        self,
+        round_index: int,
+        *,
+        prior: dict[str, Any] | None = None,
+        running: tuple[int, ...] = (),
+        run_start_iso: str = "",
+    ) -> RoundBrief:
+        if prior is not None:
+            return RoundBrief(str(prior.get("brief", "")))
+        from lrpilot.campaign_logs import load_campaign
+
+        agent, directory = self.ctx.cfg.agent, Path(self.ctx.directory)
+        # each llm_calls.jsonl line joins its round as decisions do (campaign._call_fields)
+        extra = {"round": round_index, "run_start_iso": run_start_iso}
+        backend = make_backend(agent, "memory", directory / "llm_calls.jsonl", extra)
+        brief = LLMMemory(backend, agent).brief(load_campaign(directory), round_index, running=running)
+        marks = {"truncated": bool(brief.truncated_by), "truncated_by": brief.truncated_by}
+        more = {"running": list(running)} if running else {}
+        return RoundBrief(brief.text, None, {"fallback": brief.fallback, "words": brief.words, **marks, **more})

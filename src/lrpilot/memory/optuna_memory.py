@@ -32,6 +32,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import warnings
@@ -45,6 +46,7 @@ from optuna.trial import TrialState
 
 from lrpilot.controllers.rules import ParamRange, RuleParams
 from lrpilot.errors import LrpilotError
+from lrpilot.memory.base import Memory, MemoryContext, RoundBrief
 
 STUDY_NAME = "lrpilot_rules"
 JOURNAL_FILE = "optuna_journal.log"
@@ -231,3 +233,34 @@ class OptunaMemory:
         best = min(ok, key=lambda h: h["ppl"])
         params = ", ".join(f"{k}={v:.3g}" for k, v in sorted(best["params"].items()))
         return f"{head} Best ppl {best['ppl']:.4g} (round {best['round']}) with {params}."
+
+
+class OptunaCampaignMemory(Memory):
+    """`--memory optuna` (lrpilot.memory.base.MEMORIES): the campaign's OptunaMemory over the rule controller's
+    parameters, scaled to the preset's init_lr, without those fixed by `--rule`; parallel rounds are proposed
+    while others run (TPE's constant liar counts them as pending). Each round's brief is the study's summary."""
+
+    def __init__(self, ctx: MemoryContext) -> None:
+        init_lr, settings = ctx.cfg.schedule.init_lr, ctx.settings
+        space = {k: r for k, r in RuleParams.search_space(init_lr).items() if k not in settings.rule_params}
+        self.study = OptunaMemory(
+            ctx.directory,
+            seed=settings.optuna_seed,
+            search_space=space,
+            defaults=settings.rules_for(init_lr),
+            constant_liar=ctx.parallel,
+        )
+
+    def brief(
+        self,
+        round_index: int,
+        *,
+        prior: dict[str, Any] | None = None,
+        running: tuple[int, ...] = (),
+        run_start_iso: str = "",
+    ) -> RoundBrief:
+        params = self.study.propose(round_index)  # the same trial again for a resumed round
+        return RoundBrief(self.study.brief(), params, {"params": dataclasses.asdict(params)})
+
+    def record(self, round_index: int, final_ppl: float, failed: bool) -> None:
+        self.study.record(round_index, final_ppl, failed)
