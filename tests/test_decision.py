@@ -184,3 +184,31 @@ def test_guard_rules_registry_names_and_one_line_errors():
         build_guard_rules(["clmap"])
     with pytest.raises(ValueError, match="layout"):
         DecisionCore(Fixed(1.0), GuardConfig(), SHAPE, layout="other")
+
+
+def test_a_pilot_logs_the_same_trend_words_as_the_supervisor(tmp_path):
+    """Both hosts of the core log `trend` through decision.interval_trend (the Pilot used to write
+    'decreasing'/'flat' while the supervisor wrote 'down -0.123'), and sample trajectories the same way."""
+    import torch
+
+    from lrpilot.decision import interval_trend, sample_trajectory
+    from lrpilot.logs import read_jsonl
+    from lrpilot.pilot import Pilot
+
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=1e-3)
+    pilot = Pilot(opt, controller="rules", total_steps=40, warmup_steps=4, decision_every=8, init_lr=1e-3,
+                  run_dir=tmp_path / "run")  # fmt: skip
+    for step in range(40):
+        pilot.step(4.0 - 0.05 * step)  # a loss falling 0.4 per interval
+        opt.step()
+    pilot.finish(final_eval_loss=2.0)
+    recs = [r for r in read_jsonl(tmp_path / "run" / "decisions.jsonl") if r.get("kind") == "decision"]
+    assert recs, "the rules answered at least one decision point"
+    trends = [r["trend"] for r in recs]
+    assert trends[0] == "insufficient data" and trends[-1] == "down -0.400", trends
+    assert all(t == "insufficient data" or t.startswith("down -0.") for t in trends), trends
+    assert interval_trend(3.0, 2.6) == "down -0.400" and interval_trend(float("nan"), 1.0) == "insufficient data"
+    pts = {s: float(s) for s in range(1203)}
+    sampled = sample_trajectory(pts)
+    assert len(sampled) <= 500 and sampled[0] == (0, 0.0) and sampled[-1] == (1202, 1202.0)

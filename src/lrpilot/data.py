@@ -58,6 +58,7 @@ import torch
 
 from lrpilot.config import DataConfig
 from lrpilot.errors import LrpilotError
+from lrpilot.logs import perplexity
 
 
 class DataError(LrpilotError, ValueError):
@@ -983,8 +984,7 @@ def evaluate(
     if count == 0:
         raise DataError("eval.tokens: the validation split produced no batches; lower data.seq_len or add data")
     loss = (total / count).item()
-    ppl = math.nan if math.isnan(loss) else math.inf if loss > 700 else math.exp(loss)
-    return {"eval_loss": loss, "eval_ppl": ppl, "eval_tokens": count}
+    return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": count}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,10 +38,46 @@ from lrpilot import guard
 from lrpilot.config import GuardConfig
 from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
 from lrpilot.logs import finite_mean, now_iso
+from lrpilot.records import COUNTED_KINDS  # noqa: F401 - the kinds an Observation's `decisions` keeps
 from lrpilot.registry import Registry
 
-#: the decision kinds an Observation's `decisions` (the controller's view of its history) keeps
-COUNTED_KINDS = ("decision", "emergency", "fallback", "agent_rollback")
+#: at most this many (step, value) points of a run's LR and loss in its result (lr_trajectory, loss_trajectory)
+TRAJECTORY_POINTS = 500
+
+
+def interval_trend(prev: float, cur: float) -> str:
+    """The decision record's `trend`: 'down -0.123' / 'up +0.050' / 'flat +0.000' (|change| < 5e-4) between two
+    interval mean losses (nats), or 'insufficient data' when either is not finite."""
+    if not (math.isfinite(prev) and math.isfinite(cur)):
+        return "insufficient data"
+    d = cur - prev
+    word = "flat" if abs(d) < 5e-4 else ("down" if d < 0 else "up")
+    return f"{word} {d:+.3f}"
+
+
+def sample_trajectory(points: dict[int, float], n: int = TRAJECTORY_POINTS) -> list[tuple[int, float]]:
+    """At most n (step, value) points of `points`, evenly spaced by stride, the last step always included."""
+    steps = sorted(points)
+    if len(steps) > n:
+        stride = math.ceil(len(steps) / n)
+        keep = steps[::stride]
+        if keep[-1] != steps[-1]:
+            keep = keep[: n - 1] + [steps[-1]]
+        steps = keep
+    return [(s, points[s]) for s in steps]
+
+
+def plan_summary(plan: Sequence[Sequence[float]] | None) -> dict[str, Any] | None:
+    """A plan as the decision record logs it: its number of knots and its first and last (step, lr), not every
+    knot."""
+    if not plan:
+        return None
+    return {
+        "knots": len(plan),
+        "first": [int(plan[0][0]), float(plan[0][1])],
+        "last": [int(plan[-1][0]), float(plan[-1][1])],
+    }
+
 
 # ------------------------------------------------------------------------------------------ guard rules
 

@@ -136,6 +136,11 @@ def as_float(v: Any) -> float:
         return math.nan
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss) for a mean cross-entropy loss in nats; inf above 700 nats (exp overflows), NaN for NaN."""
+    return math.nan if math.isnan(loss) else math.inf if loss > 700 else math.exp(loss)
+
+
 def finite_mean(xs: Any) -> float:
     """Mean of the finite values of xs; NaN if there are none."""
     ys = [x for x in xs if math.isfinite(x)]

@@ -72,7 +72,16 @@ from lrpilot import guard as safety
 from lrpilot.channel import LRState, warmup_lr
 from lrpilot.config import GuardConfig
 from lrpilot.controllers.base import BaseController, Observation, RollbackRecord
-from lrpilot.decision import DEFAULT_GUARD_RULES, GUARD_RULES, Command, DecisionCore, Point, RunShape
+from lrpilot.decision import (
+    DEFAULT_GUARD_RULES,
+    GUARD_RULES,
+    Command,
+    DecisionCore,
+    Point,
+    RunShape,
+    interval_trend,
+    sample_trajectory,
+)
 from lrpilot.errors import LrpilotError
 from lrpilot.logs import (
     JsonlLog,
@@ -81,16 +90,17 @@ from lrpilot.logs import (
     finite_mean,
     iter_jsonl,
     now_iso,
+    perplexity,
     write_atomic,
     write_json_atomic,
 )
 from lrpilot.lr import is_positive_finite
+from lrpilot.records import ANSWER_KINDS, COUNTED_KINDS, Kind
 from lrpilot.schedule_export import SCHEDULE_FORMAT
 
 #: the environment variable `Pilot.from_env()` reads: a JSON object of Pilot keyword arguments (or @FILE)
 ENV_SETTINGS = "LRPILOT_PILOT"
 #: RUN/result.json and final_results.jsonl keep at most this many (step, value) points per trajectory
-TRAJECTORY_POINTS = 500
 
 
 class PilotError(LrpilotError, ValueError):
@@ -110,24 +120,6 @@ class StepInfo:
     rolled_back: bool = False
     #: the decision-log kind of a decision made at this step (decision, fallback, emergency), else None
     decision: str | None = None
-
-
-def _trend(prev: float, cur: float) -> str:
-    if not (math.isfinite(prev) and math.isfinite(cur)):
-        return "unknown"
-    if cur < prev - 1e-3:
-        return "decreasing"
-    if cur > prev + 1e-3:
-        return "increasing"
-    return "flat"
-
-
-def _sample(points: dict[int, float], n: int = TRAJECTORY_POINTS) -> list[list[float]]:
-    items = sorted(points.items())
-    if len(items) > n:
-        stride = len(items) / n
-        items = [items[int(i * stride)] for i in range(n - 1)] + [items[-1]]
-    return [[s, v] for s, v in items]
 
 
 def _clone(obj: Any) -> Any:
@@ -713,7 +705,7 @@ class Pilot:
             self.pending.append((at, float(rec["new_lr"]), rec.get("plan_knots"), {**rec, "_logged": True}))
             self.decisions.append(rec)
             return str(rec.get("kind"))
-        point = Point(obs=self._observation(step, lr, recent), trend=_trend(prev, mean), launch=self._launch)
+        point = Point(obs=self._observation(step, lr, recent), trend=interval_trend(prev, mean), launch=self._launch)
         cmd = self.core.pre_empt(point, prev)  # the published emergency rule comes first
         if cmd is not None:
             self._command(point, cmd, step)
@@ -1038,14 +1030,12 @@ class Pilot:
 
     def result(self, final_eval_loss: float = math.nan, final_eval_tokens: int = 0, status: str = "ok") -> dict:
         """The run's result (RUN/result.json's fields: lrpilot.supervisor.RoundResult's)."""
-        counted = [
-            d for d in self.decisions if d.get("kind") in ("decision", "emergency", "fallback", "agent_rollback")
-        ]
-        answers = [d for d in counted if d.get("kind") in ("decision", "fallback")]
-        fallbacks = sum(d.get("kind") == "fallback" for d in answers)
+        counted = [d for d in self.decisions if d.get("kind") in COUNTED_KINDS]
+        answers = [d for d in counted if d.get("kind") in ANSWER_KINDS]
+        fallbacks = sum(d.get("kind") == Kind.FALLBACK for d in answers)
         after = [v for s, v in self.lrs.items() if s > self.warmup_steps]
         loss = float(final_eval_loss)
-        ppl = math.nan if math.isnan(loss) else math.inf if loss > 700 else math.exp(loss)
+        ppl = perplexity(loss)
         return {
             "status": status,
             "run_start_iso": self.run_start_iso,
@@ -1063,8 +1053,8 @@ class Pilot:
             "effect_delay_steps": [
                 int(d["effective_step"]) - int(d["step"]) for d in counted if isinstance(d.get("effective_step"), int)
             ],
-            "lr_trajectory": _sample(self.lrs),
-            "loss_trajectory": _sample(self.losses),
+            "lr_trajectory": sample_trajectory(self.lrs),
+            "loss_trajectory": sample_trajectory(self.losses),
             "failure_reason": None if status == "ok" else status,
             "unanswered_decisions": 0,
             "fallback_decisions": fallbacks,

@@ -73,6 +73,10 @@ class Kind(str, enum.Enum):
 
 #: kinds that are the controller's own answers (counted for `mostly_fallback`)
 ANSWER_KINDS = (Kind.DECISION, Kind.FALLBACK)
+#: the kinds that count as the round's decisions (total_decisions, an Observation's history)
+COUNTED_KINDS = (Kind.DECISION, Kind.EMERGENCY, Kind.FALLBACK, Kind.AGENT_ROLLBACK)
+#: the kinds that are a controller's reply (so have a latency): answers, superseded replies, agent rollbacks
+ASKED_KINDS = (Kind.DECISION, Kind.FALLBACK, Kind.SUPERSEDED, Kind.AGENT_ROLLBACK)
 #: kinds whose answer set no LR (a Pilot's or a supervisor's log: never sent to the trainer)
 NO_LR_KINDS = (Kind.SUPERSEDED, Kind.UNANSWERED)
 
@@ -571,6 +575,8 @@ RECORD_FOR_FILE: dict[str, type[_Record]] = {
 
 __all__ = [
     "ANSWER_KINDS",
+    "ASKED_KINDS",
+    "COUNTED_KINDS",
     "NO_LR_KINDS",
     "RECORD_FOR_FILE",
     "BaselineResult",

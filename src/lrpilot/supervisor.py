@@ -70,7 +70,7 @@ from lrpilot.channel import CONTROL_FILE, EXIT_DISK, TELEMETRY_FILE, ControlWrit
 from lrpilot.checkpoint import list_checkpoints, verify_checkpoint
 from lrpilot.config import ConfigError, RunConfig, check_same_config
 from lrpilot.controllers.base import BaseController, Decision, Observation, ProbeResult, RollbackRecord
-from lrpilot.decision import Command, DecisionCore, Point, RunShape
+from lrpilot.decision import Command, DecisionCore, Point, RunShape, interval_trend, plan_summary, sample_trajectory
 from lrpilot.errors import writing
 from lrpilot.locks import RUN_LOCK, DirLock
 from lrpilot.logs import (
@@ -83,7 +83,13 @@ from lrpilot.logs import (
     write_json_atomic,
 )
 from lrpilot.lr import warmup_target
-from lrpilot.records import RoundResult  # moved to lrpilot.records; still importable from here
+from lrpilot.records import (  # moved to lrpilot.records; still importable from here
+    ANSWER_KINDS,
+    ASKED_KINDS,
+    COUNTED_KINDS,
+    Kind,
+    RoundResult,
+)
 from lrpilot.supervision import SupervisorError
 from lrpilot.supervision.history import SENT_FILE, BranchHistory, read_round_file
 from lrpilot.supervision.process import Crash as _Crash
@@ -117,7 +123,6 @@ POLL_S = 0.05
 #: batches after a probe branch on which its loss is measured, forward only (ProbeResult.after)
 PROBE_AFTER_BATCHES = 4
 #: at most this many points in RoundResult.lr_trajectory / loss_trajectory
-TRAJECTORY_POINTS = 500
 
 
 @dataclass(frozen=True)
@@ -136,38 +141,6 @@ class RoundLogs:
 def is_mostly_fallback(fallbacks: int, answers: int) -> bool:
     """More than half of a round's controller answers (kinds decision + fallback) fell back."""
     return answers > 0 and 2 * fallbacks > answers
-
-
-def _trend(prev: float, cur: float) -> str:
-    """'down -0.123' / 'up +0.050' / 'flat +0.000' / 'insufficient data' (interval means)."""
-    if not (math.isfinite(prev) and math.isfinite(cur)):
-        return "insufficient data"
-    d = cur - prev
-    word = "flat" if abs(d) < 5e-4 else ("down" if d < 0 else "up")
-    return f"{word} {d:+.3f}"
-
-
-def _plan_summary(plan: Sequence[Sequence[float]] | None) -> dict[str, Any] | None:
-    """A plan as logged: its length and endpoints, not every knot."""
-    if not plan:
-        return None
-    return {
-        "knots": len(plan),
-        "first": [int(plan[0][0]), float(plan[0][1])],
-        "last": [int(plan[-1][0]), float(plan[-1][1])],
-    }
-
-
-def _sample(points: dict[int, float], n: int = TRAJECTORY_POINTS) -> list[tuple[int, float]]:
-    """At most n (step, value) points, evenly spaced, the last step always included."""
-    steps = sorted(points)
-    if len(steps) > n:
-        stride = math.ceil(len(steps) / n)
-        keep = steps[::stride]
-        if keep[-1] != steps[-1]:
-            keep = keep[: n - 1] + [steps[-1]]
-        steps = keep
-    return [(s, points[s]) for s in steps]
 
 
 class _AgentRollback(Exception):
@@ -594,7 +567,7 @@ class _Round:
             return  # the launch is dead: nobody would apply a decision
         point = _Point(
             obs=self._observation(step, lr, recent, ev),  # its history includes this decision point
-            trend=_trend(prev, mean),
+            trend=interval_trend(prev, mean),
             t_observed=as_float(ev.get("time")),
             launch=self.proc.launches,
         )
@@ -703,7 +676,7 @@ class _Round:
         t_obs = point.t_observed
         wait = max(0.0, time.time() - t_obs) if self.blocking and math.isfinite(t_obs) else 0.0
         self.proc.last_seen = time.monotonic()  # time spent deciding is not the trainer hanging
-        rec = self.core.command_record(point, cmd, seq=seq, wait_s=wait, plan=_plan_summary(cmd.plan))
+        rec = self.core.command_record(point, cmd, seq=seq, wait_s=wait, plan=plan_summary(cmd.plan))
         self.sent_log.append(rec)  # write-ahead: a restarted supervisor still logs it (see _restore_history)
         if self.writer.send(point.obs.step, cmd.new_lr, cmd.plan) != seq:
             raise SupervisorError(f"{self.run_dir / CONTROL_FILE}: another process writes control commands")
@@ -878,12 +851,10 @@ class _Round:
             tokens, step = int(ev.get("eval_tokens") or 0), self.last_step
         else:
             loss, ppl, tokens, step = math.nan, math.nan, 0, self.last_step
-        counted = [
-            d for d in self.decisions if d.get("kind") in ("decision", "emergency", "fallback", "agent_rollback")
-        ]
-        asked = [d for d in self.decisions if d.get("kind") in ("decision", "fallback", "superseded", "agent_rollback")]
-        answers = [d for d in counted if d.get("kind") in ("decision", "fallback")]
-        fallbacks = sum(d.get("kind") == "fallback" for d in answers)
+        counted = [d for d in self.decisions if d.get("kind") in COUNTED_KINDS]
+        asked = [d for d in self.decisions if d.get("kind") in ASKED_KINDS]
+        answers = [d for d in counted if d.get("kind") in ANSWER_KINDS]
+        fallbacks = sum(d.get("kind") == Kind.FALLBACK for d in answers)
         return RoundResult(
             status=status,
             run_start_iso=self.run_start_iso,
@@ -901,8 +872,8 @@ class _Round:
             effect_delay_steps=[
                 int(d["effective_step"]) - int(d["step"]) for d in counted if isinstance(d.get("effective_step"), int)
             ],
-            lr_trajectory=_sample(self.history.lrs),
-            loss_trajectory=_sample(self.history.losses),
+            lr_trajectory=sample_trajectory(self.history.lrs),
+            loss_trajectory=sample_trajectory(self.history.losses),
             failure_reason=failure,
             unanswered_decisions=sum(d.get("kind") == "unanswered" for d in self.decisions),
             fallback_decisions=fallbacks,
