@@ -88,3 +88,21 @@ def test_unknown_names_fail_in_one_line_with_the_registry_choices(capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("lrpilot ") and ": error: argument --" in err, err
         assert words in err and "choose one of:" in err and err.count("\n") == 1, err
+
+
+def test_a_registered_toy_controller_steers_a_pilot_loop_by_name(tmp_path):
+    """The Pilot finds controllers in the same registry as `lrpilot campaign` (it used to know only its own
+    names and refused 'toy-halfway')."""
+    import torch
+
+    from lrpilot.pilot import Pilot, PilotError
+
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=1e-3)
+    pilot = Pilot(opt, controller="toy-halfway", total_steps=30, warmup_steps=2, decision_every=5, init_lr=1e-3)
+    for step in range(30):
+        pilot.step(3.0 - 0.01 * step)
+        opt.step()
+    assert pilot.lr < 1e-3 * 0.9  # the toy glides toward half the peak
+    with pytest.raises(PilotError, match="toy-halfway"):  # the unknown-name error lists the registry
+        Pilot(opt, controller="nope", total_steps=30, warmup_steps=2, decision_every=5, init_lr=1e-3)

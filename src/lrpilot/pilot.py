@@ -71,7 +71,7 @@ import torch
 from lrpilot import guard as safety
 from lrpilot.channel import LRState, warmup_lr
 from lrpilot.config import GuardConfig
-from lrpilot.controllers.base import BaseController, Observation, RollbackRecord
+from lrpilot.controllers.base import BaseController, ControllerContext, Observation, RollbackRecord
 from lrpilot.decision import (
     DEFAULT_GUARD_RULES,
     GUARD_RULES,
@@ -248,9 +248,32 @@ def make_controller(
         return LLMController(
             make_backend(agent, "controller", audit), guard=guard_cfg, blocking=agent.wait_for_decisions
         )
+    from lrpilot.controllers import CONTROLLERS
+
+    if name in CONTROLLERS:  # any other registered controller (CONTRIBUTING.md, Extending), built for this loop
+        return CONTROLLERS.get(name).build(
+            ControllerContext(_loop_config(init_lr, total_steps, warmup_steps, guard_cfg, agent), audit_path=None)
+        )
     raise PilotError(
-        f"controller {spec!r}: unknown; choose rules, cosine, d2z, wsd, constant, llm, replay:PLAN.json "
-        "or pass a BaseController"
+        f"controller {spec!r}: unknown; choose one of {', '.join(n for n in CONTROLLERS.names() if n != 'replay')}, "
+        "replay:PLAN.json, or pass a BaseController"
+    )
+
+
+def _loop_config(init_lr: float, total_steps: int, warmup_steps: int, guard_cfg: GuardConfig, agent: Any) -> Any:
+    """The RunConfig a registered controller's build() reads (lrpilot.controllers.base.ControllerContext.cfg) for
+    a loop the Pilot steers: the loop's steps, warmup, peak, guard and agent; the other sections are defaults."""
+    from dataclasses import replace
+
+    from lrpilot.config import AgentConfig, RunConfig
+
+    base = RunConfig()
+    return replace(
+        base,
+        train=replace(base.train, total_steps=total_steps),
+        schedule=replace(base.schedule, init_lr=init_lr, warmup_steps=warmup_steps),
+        guard=guard_cfg,
+        agent=agent if agent is not None else AgentConfig(),
     )
 
 
