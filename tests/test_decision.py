@@ -180,7 +180,7 @@ def test_one_record_function_with_each_hosts_field_order():
 def test_guard_rules_registry_names_and_one_line_errors():
     assert list(DEFAULT_GUARD_RULES) == ["emergency", "clamp", "lower_only"]
     assert all(n in GUARD_RULES for n in DEFAULT_GUARD_RULES)
-    with pytest.raises(ConfigError, match="guard_rules 'clmap': unknown guard rule; choose one of: emergency"):
+    with pytest.raises(ConfigError, match="guard.rules 'clmap': unknown guard rule; choose one of: emergency"):
         build_guard_rules(["clmap"])
     with pytest.raises(ValueError, match="layout"):
         DecisionCore(Fixed(1.0), GuardConfig(), SHAPE, layout="other")

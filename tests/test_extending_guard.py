@@ -49,3 +49,45 @@ def test_an_unknown_guard_rule_is_a_one_line_error_naming_the_choices(smoke_conf
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     with pytest.raises(PilotError, match="guard_rules: .*choose from: emergency, clamp, lower_only"):
         Pilot(opt, total_steps=10, guard_rules=("emergency", "nope"))
+
+
+SMOKE = ["--set", "train.total_steps=30", "--set", "schedule.warmup_steps=10", "--set", "schedule.decision_every=10"]
+
+
+@pytest.mark.slow
+def test_a_campaign_round_applies_the_guard_rules_its_config_names(tmp_path):
+    """guard.rules (config) reaches the supervisor's decision core: a round of the constant schedule at
+    3e-3 with the toy rule appended never sends more than TOY_CAP, and the records give the toy's reason."""
+    from lrpilot.cli import main
+
+    d = tmp_path / "camp"
+    rules = ",".join((*DEFAULT_GUARD_RULES, "toy_cap"))
+    rc = main(["campaign", "--preset", "cpu-smoke", *SMOKE, "--set", f"guard.rules={rules}", "--rounds", "1",
+               "--controller", "constant", "--dir", str(d)])  # fmt: skip
+    assert rc == 0
+    decisions = [x for x in read_jsonl(d / "decisions.jsonl") if x.get("kind") == "decision"]
+    assert len(decisions) == 2
+    assert all(x["new_lr"] <= TOY_CAP and any("toy cap" in r for r in x["clamp_reasons"]) for x in decisions)
+
+
+def test_a_campaign_naming_an_unknown_guard_rule_fails_in_one_line_and_writes_nothing(tmp_path, capsys):
+    from lrpilot.cli import main
+
+    d = tmp_path / "camp"
+    rc = main(
+        [
+            "campaign",
+            "--preset",
+            "cpu-smoke",
+            *SMOKE,
+            "--set",
+            "guard.rules=emergency,clmap",
+            "--rounds",
+            "1",
+            "--dir",
+            str(d),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and not d.exists()
+    assert err == "lrpilot: error: guard.rules 'clmap': unknown guard rule; choose one of: " + ", ".join(GUARD_RULES)

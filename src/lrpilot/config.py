@@ -256,8 +256,20 @@ class GuardConfig:
     #: agent_rollback_end_fraction of the run
     agent_rollbacks: int = 2
     agent_rollback_end_fraction: float = 0.2
+    #: the guard rules a round applies between the controller and the trainer, in order, comma-separated
+    #: names in lrpilot.decision.GUARD_RULES (a new rule: CONTRIBUTING.md, Extending > Guard rule)
+    rules: str = "emergency,clamp,lower_only"
+
+    def rule_names(self) -> tuple[str, ...]:
+        """`rules` as a tuple of names, in order."""
+        return tuple(n.strip() for n in self.rules.split(","))
 
     def __post_init__(self) -> None:
+        _check(
+            isinstance(self.rules, str) and all(n and " " not in n for n in self.rule_names()),
+            "guard.rules",
+            "must be comma-separated rule names, e.g. emergency,clamp,lower_only",
+        )
         _check(0 < self.min_ratio <= 1, "guard.min_ratio", "must be in (0, 1]")
         _check(self.max_ratio >= 1, "guard.max_ratio", "must be >= 1")
         _check(0 < self.floor < self.ceiling, "guard.floor/ceiling", "need 0 < floor < ceiling")

@@ -160,7 +160,7 @@ class LowerOnlyRule(GuardRule):
 
 
 #: guard rules by name (`DecisionCore(rules=...)`, `Pilot(guard_rules=...)`)
-GUARD_RULES: Registry[type[GuardRule]] = Registry("guard rule", field="guard_rules")
+GUARD_RULES: Registry[type[GuardRule]] = Registry("guard rule", field="guard.rules")
 GUARD_RULES.add("emergency", EmergencyRule, help="cut the LR on a loss jump or a high loss, before asking")
 GUARD_RULES.add("clamp", ClampRule, help="[min_ratio x, max_ratio x] the current LR, then [floor, ceiling]")
 GUARD_RULES.add("lower_only", LowerOnlyRule, help="schedule-free optimizers: the LR may only fall")

@@ -17,12 +17,13 @@ import importlib.util
 from pathlib import Path
 
 from lrpilot.config import ConfigError, RunConfig
+from lrpilot.decision import GUARD_RULES
 from lrpilot.llm import LLM_BACKENDS
 
 
 def check_run(cfg: RunConfig) -> None:
     """Raise a one-line LrpilotError (ConfigError, DataError, TrainerError) for a setting the trainer would
-    refuse at launch, or that the docs require of a run: agent.backend (a LLM_BACKENDS name), checkpoint.keep
+    refuse at launch, or that the docs require of a run: agent.backend (a LLM_BACKENDS name), guard.rules (GUARD_RULES names), checkpoint.keep
     for the rollback distance, batch geometry for launch.devices, data.path, data.tokenizer vs model.vocab_size,
     train.loggers extras, train.device=cuda without CUDA. Reads file names, never file contents."""
     from lrpilot.data import c4_local_files, check_vocab, embedded_files, get_tokenizer, resolve_files
@@ -30,6 +31,8 @@ def check_run(cfg: RunConfig) -> None:
 
     batch_geometry(cfg, cfg.launch.nproc)
     LLM_BACKENDS.entry(cfg.agent.backend)  # a registered backend name (agent.backend; imports nothing)
+    for name in cfg.guard.rule_names():  # registered guard rules (guard.rules)
+        GUARD_RULES.entry(name)
     every, back = cfg.checkpoint_every, cfg.guard.rollback_back_steps
     need = -(-back // every) + 2  # docs/architecture.md: keep >= rollback_back_steps / checkpoint_every + 2
     if cfg.checkpoint.keep < need:

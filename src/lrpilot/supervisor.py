@@ -199,6 +199,7 @@ class _Round:
                 round_index=round_index,
             ),
             lower_only=cfg.lr_may_only_fall,
+            rules=cfg.guard.rule_names(),
             stamp=logs.extra,
             layout="supervisor",
         )
