@@ -374,10 +374,10 @@ class RoundResult(_Record):
     agent_rollbacks: int = 0
     #: extra training updates spent in lookahead probes (Decision.probe_lrs), beyond update_step
     probe_steps: int = 0
-    #: status "pruned": the last update the trainer ran before it stopped (written only for a pruned round)
+    #: status "pruned": the last update the trainer ran before it stopped (None for any other status)
     pruned_at_step: int | None = None
-    #: status "pruned": train.total_steps - pruned_at_step, the updates the stop saved (only for a pruned round)
-    steps_saved: int | None = None
+    #: status "pruned": train.total_steps - pruned_at_step, the updates the stop saved (0 for any other status)
+    steps_saved: int = 0
 
     FILE: ClassVar[str] = "result.json"
     TYPES: ClassVar[dict[str, str]] = {
@@ -387,10 +387,9 @@ class RoundResult(_Record):
         "decision_latency_s": "list", "effect_delay_steps": "list", "lr_trajectory": "pairs",
         "loss_trajectory": "pairs", "failure_reason": "str?", "unanswered_decisions": "int",
         "fallback_decisions": "int", "mostly_fallback": "bool", "agent_rollbacks": "int", "probe_steps": "int",
-        "pruned_at_step": "int?", "steps_saved": "int?",
+        "pruned_at_step": "int?", "steps_saved": "int",
     }  # fmt: skip
     ORDER: ClassVar[tuple[str, ...]] = tuple(TYPES)
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"pruned_at_step", "steps_saved"})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RoundResult:

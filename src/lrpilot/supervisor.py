@@ -910,7 +910,7 @@ class _Round:
                 int(d["probe"].get("probe_steps") or 0) for d in self.decisions if isinstance(d.get("probe"), dict)
             ),
             pruned_at_step=self.last_step if status == "pruned" else None,
-            steps_saved=max(0, self.cfg.train.total_steps - self.last_step) if status == "pruned" else None,
+            steps_saved=max(0, self.cfg.train.total_steps - self.last_step) if status == "pruned" else 0,
         )
 
 
