@@ -42,7 +42,8 @@ def _trials(d) -> list[optuna.trial.FrozenTrial]:
 def test_a_hopeless_round_is_pruned_counted_and_kept_on_resume(tmp_path, capsys):
     d = tmp_path / "camp"
     assert _campaign(d, 2, "--prune", "median,startup=1") == 0
-    out = capsys.readouterr().out
+    cap = capsys.readouterr()
+    out = cap.out
     r1, r2 = read_jsonl(d / "final_results.jsonl")
     assert r1["status"] == "ok" and "pruned_at_step" not in r1 and "steps_saved" not in r1
     assert r2["status"] == "pruned" and r2["failure_reason"] is None
@@ -62,6 +63,7 @@ def test_a_hopeless_round_is_pruned_counted_and_kept_on_resume(tmp_path, capsys)
     # the summary: "pruned at step S", kept out of the best, counted in the totals
     assert f"pruned at step {r2['pruned_at_step']}" in out and f"{r2['steps_saved']} steps saved" in out
     assert f"pruned 1 ({r2['steps_saved']} steps saved)" in out
+    assert f"[round 2] pruned at step {r2['pruned_at_step']} ({r2['steps_saved']} steps saved)" in cap.out + cap.err
     assert f"best ppl {r1['final_eval_ppl']:.3f}" in totals_line([r1, r2])
     assert f"best so far {r1['final_eval_ppl']:.3f}" in summary_line(r2, r1["final_eval_ppl"])
 
