@@ -14,10 +14,12 @@ import pytest
 from toy_components import toy_memory  # noqa: F401 - registers --memory toy-hopeless
 
 from lrpilot.campaign import CampaignSettings, summary_line, totals_line
+from lrpilot.campaign_logs import load_campaign
 from lrpilot.cli import main
 from lrpilot.config import ConfigError
 from lrpilot.logs import read_jsonl
 from lrpilot.memory.optuna_memory import JOURNAL_FILE, STUDY_NAME, PruneSpec
+from lrpilot.report.tables import analyse, summary_table
 
 TOTAL = 60
 SMOKE = ["--set", f"train.total_steps={TOTAL}", "--set", "schedule.warmup_steps=10", "--set",
@@ -66,6 +68,10 @@ def test_a_hopeless_round_is_pruned_counted_and_kept_on_resume(tmp_path, capsys)
     assert f"[round 2] pruned at step {r2['pruned_at_step']} ({r2['steps_saved']} steps saved)" in cap.out + cap.err
     assert f"best ppl {r1['final_eval_ppl']:.3f}" in totals_line([r1, r2])
     assert f"best so far {r1['final_eval_ppl']:.3f}" in summary_line(r2, r1["final_eval_ppl"])
+    # the report: counted as pruned (not failed), never the best round, not a catastrophic outlier
+    a = analyse(load_campaign(d))
+    assert a.pruned == [2] and a.failed == [] and a.best_round.round == 1 and 2 not in a.outliers
+    assert "1 pruned" in summary_table(a).rows[0][1]
 
     # resumed: nothing re-run, nothing told twice
     assert _campaign(d, 2, "--prune", "median,startup=1") == 0
