@@ -118,3 +118,24 @@ def test_prune_specs_and_their_optuna_pruners():
     assert isinstance(PruneSpec.parse("none").pruner(10), optuna.pruners.NopPruner)
     with pytest.raises(ConfigError, match="--script"):
         CampaignSettings("cpu-smoke", (), "rules", "optuna", script="python x.py", prune="median")
+
+
+def test_optuna_memory_reports_prunes_and_records_a_pruned_round_once(tmp_path):
+    """OptunaMemory.prune/record_pruned on a real study (journal in tmp_path), without training."""
+    from lrpilot.memory.optuna_memory import OptunaMemory
+
+    mem = OptunaMemory(tmp_path, pruner=PruneSpec.parse("median,startup=1,warmup=0").pruner(10))
+    mem.propose(1)
+    assert mem.prune(1, 10, 3.0) is False  # no completed round yet: nothing to compare with
+    mem.record(1, 20.0, False)
+    p2 = mem.propose(2)
+    assert mem.prune(2, 10, math.nan) is False  # a non-finite loss is the guard's business
+    assert mem.prune(2, 10, 3.5) is True  # worse than round 1's 3.0 at step 10
+    mem.record_pruned(2, 11)
+    mem.record_pruned(2, 99)  # a resumed campaign tells it again: the first stays
+    assert mem.prune(2, 20, 9.0) is False  # no longer running
+    hist = mem.history()
+    assert [h["state"] for h in hist] == ["COMPLETE", "PRUNED"] and hist[1]["ppl"] is None
+    assert _trials(tmp_path)[1].user_attrs["pruned_at_step"] == 11
+    assert mem.propose(2) == p2 and len(mem.history()) == 2  # never proposed (re-run) again
+    assert "1 pruned" in mem.brief() and "0 running" in mem.brief()
