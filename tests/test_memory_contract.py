@@ -9,7 +9,8 @@ rounds (tests/data/seed-experiments, imported), must:
   * brief a resumed round (prior = the briefs.jsonl line it wrote) with the same text and params, in this
     process and in a new one (a campaign killed and run again);
   * take record() for a finished round, the same round again (a resumed campaign tells every finished round),
-    and a failed round with a NaN ppl, without raising.
+    and a failed round with a NaN ppl, without raising; answer prune() with a bool and take record_pruned()
+    twice (`campaign --prune`).
 The llm memory talks to a real HTTP server on 127.0.0.1 (tests/llm_servers.py) through agent.backend=openai.
 A memory registered in its own file is covered with no edit here (CONTROLLER_OF names the controller a memory
 needs when CampaignSettings allows only one).
@@ -87,6 +88,15 @@ def test_memory_contract(name, server, tmp_path, monkeypatch):
     nxt = mem.brief(r + 1)
     assert isinstance(nxt.text, str)
     mem.record(r + 1, math.nan, True)  # a failed round: no ppl
+
+    # the optional pruning hooks (campaign --prune): a bool for an eval of a running round; a pruned round told
+    # twice without raising (a memory that does not override prune never prunes)
+    nxt2 = mem.brief(r + 2)
+    assert isinstance(nxt2.text, str)
+    said = mem.prune(r + 2, 10, 3.0)
+    assert isinstance(said, bool) and (said is False or type(mem).can_prune())
+    mem.record_pruned(r + 2, 11, 3.0)
+    mem.record_pruned(r + 2, 11, 3.0)
 
 
 def test_every_memory_is_documented_in_the_cli_help():

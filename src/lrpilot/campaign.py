@@ -63,6 +63,9 @@ class CampaignSettings:
     rule_params: dict[str, float | str] = field(default_factory=dict)
     #: `--script`: the user's training command, run once per round (see execute_script_round); "" = lrpilot's trainer
     script: str = ""
+    #: `--prune SPEC`: the memory may stop a hopeless round from its intermediate evals ("" = never; the
+    #: memory must override Memory.prune, e.g. --memory optuna: lrpilot.memory.optuna_memory.PruneSpec)
+    prune: str = ""
 
     def __post_init__(self) -> None:
         if self.script:
@@ -78,6 +81,19 @@ class CampaignSettings:
                 )
         CONTROLLERS.entry(self.controller)  # an unknown name: the registry's one-line error naming the choices
         MEMORIES.entry(self.memory)
+        if self.prune:
+            if self.script:
+                raise ConfigError("--prune stops rounds of lrpilot's own trainer; it does not work with --script")
+            if not getattr(MEMORIES.get(self.memory), "can_prune", lambda: False)():
+                raise ConfigError(
+                    f"--prune needs a memory that can stop a round (--memory optuna); --memory {self.memory} cannot"
+                )
+            from lrpilot.memory.optuna_memory import PruneSpec
+
+            try:
+                PruneSpec.parse(self.prune)
+            except LrpilotError as e:
+                raise ConfigError(str(e)) from None
         if self.memory == "optuna" and self.controller != "rules":
             raise ConfigError("--memory optuna tunes the rule controller: use it with --controller rules")
         if self.memory == "llm" and self.controller != "llm":
@@ -127,6 +143,8 @@ def _check_settings(directory: Path, settings: CampaignSettings) -> None:
         del mine["rule_params"]  # campaigns without --rule keep the settings they were created with
     if not settings.script:
         del mine["script"]  # likewise for campaigns of lrpilot's own trainer
+    if not settings.prune:
+        del mine["prune"]  # and for campaigns without --prune
     if path.exists():
         try:
             theirs = json.loads(path.read_text()).get("settings", {})
@@ -164,6 +182,20 @@ def _ppl(rec: dict[str, Any]) -> float:
     return as_float(rec.get("final_eval_ppl"))
 
 
+def _final_ppl(rec: dict[str, Any]) -> float:
+    """The round's final ppl, NaN for a pruned round (its ppl is that of an intermediate eval: no final result)."""
+    return math.nan if rec.get("status") == "pruned" else _ppl(rec)
+
+
+def _tell(mem: Memory, r: int, rec: dict[str, Any]) -> None:
+    """Tell the memory how round r ended: record_pruned for a pruned round, else record."""
+    if rec.get("status") == "pruned":
+        step = rec.get("pruned_at_step")
+        mem.record_pruned(r, int(step) if isinstance(step, int) else 0, as_float(rec.get("final_eval_loss")))
+    else:
+        mem.record(r, _ppl(rec), rec.get("status") != "ok")
+
+
 def _fmt_ppl(x: float) -> str:
     """3 decimals; a huge finite ppl (the trainer logs up to ~1e307) in exponent form, not 300 digits."""
     return f"{x:.3f}" if not math.isfinite(x) or abs(x) < 1e9 else f"{x:.3g}"
@@ -172,6 +204,13 @@ def _fmt_ppl(x: float) -> str:
 def summary_line(rec: dict[str, Any], best: float) -> str:
     f = {k: as_float(rec.get(k)) for k in ("peak_lr_seen", "min_lr_seen", "wall_time_s")}
     ppl = _ppl(rec)
+    if rec.get("status") == "pruned":  # its ppl is an intermediate eval's, not a final result
+        return (
+            f"round {rec.get('round')!s:>3}  pruned peak_lr {f['peak_lr_seen']:.2e}  "
+            f"min_lr {f['min_lr_seen']:.2e}  crashes {rec.get('crash_count', 0)!s:>2}  "
+            f"pruned at step {rec.get('pruned_at_step')} (eval ppl {_fmt_ppl(ppl)}, {rec.get('steps_saved')} steps "
+            f"saved)  best so far {_fmt_ppl(best)}  ({f['wall_time_s']:.0f} s)" + fallback_note(rec)
+        )
     return (
         f"round {rec.get('round')!s:>3}  {rec.get('status', 'ok')!s:<6} peak_lr {f['peak_lr_seen']:.2e}  "
         f"min_lr {f['min_lr_seen']:.2e}  crashes {rec.get('crash_count', 0)!s:>2}  "
@@ -190,14 +229,17 @@ def fallback_note(rec: dict[str, Any]) -> str:
 
 def totals_line(recs: list[dict[str, Any]]) -> str:
     """'3 rounds: best ppl ..., median ..., failed ..., wall time ... min' ('' when no round has a ppl)."""
-    ppls = [_ppl(r) for r in recs if math.isfinite(_ppl(r))]
+    ppls = [_final_ppl(r) for r in recs if math.isfinite(_final_ppl(r))]
     if not ppls:
         return ""
+    pruned = [r for r in recs if r.get("status") == "pruned"]
+    saved = sum(int(r.get("steps_saved") or 0) for r in pruned)
     return (
         f"{len(recs)} round{'s' * (len(recs) != 1)}: best ppl {_fmt_ppl(min(ppls))}, "
         f"median {_fmt_ppl(statistics.median(ppls))}, "
         f"failed {sum(r.get('status') == 'failed' for r in recs)}, "
-        f"wall time {sum(as_float(r.get('wall_time_s', 0)) for r in recs) / 60:.1f} min"
+        + (f"pruned {len(pruned)} ({saved} steps saved), " if pruned else "")
+        + f"wall time {sum(as_float(r.get('wall_time_s', 0)) for r in recs) / 60:.1f} min"
     )
 
 
@@ -205,7 +247,7 @@ def round_lines(recs: list[dict[str, Any]]) -> list[str]:
     """The summary line of every round, in order, with the best ppl so far."""
     lines, best = [], math.inf
     for rec in recs:
-        p = _ppl(rec)
+        p = _final_ppl(rec)
         if math.isfinite(p):
             best = min(best, p)
         lines.append(summary_line(rec, best))
@@ -248,8 +290,8 @@ def run_campaign(
         mem = MEMORIES.get(settings.memory)(MemoryContext(cfg, directory, settings, parallel))
         # the campaign may have died between a round's result line and telling the memory (Optuna): tell it now
         for r, rec in done.items():
-            mem.record(r, _ppl(rec), rec.get("status") != "ok")
-        best = min((_ppl(r) for r in done.values() if math.isfinite(_ppl(r))), default=math.inf)
+            _tell(mem, r, rec)
+        best = min((_final_ppl(r) for r in done.values() if math.isfinite(_final_ppl(r))), default=math.inf)
         if done:
             echo("\n".join(round_lines([done[r] for r in sorted(done) if r <= rounds])))  # finished before this run
         todo = [r for r in range(1, rounds + 1) if r not in done]
@@ -257,8 +299,8 @@ def run_campaign(
             for r in todo:  # one round after another, in this process: lrpilot's behaviour before engines
                 rec = _run_one_round(cfg, directory, r, settings, mem)
                 done[r] = rec
-                if math.isfinite(_ppl(rec)):
-                    best = min(best, _ppl(rec))
+                if math.isfinite(_final_ppl(rec)):
+                    best = min(best, _final_ppl(rec))
                 echo(summary_line(rec, best))
         else:
             best = _run_rounds_on(engine, cfg, directory, settings, mem, todo, done, best, echo)
@@ -324,7 +366,7 @@ def _run_one_round(cfg: RunConfig, directory: Path, r: int, settings: CampaignSe
     t0 = time.time()
     brief, params, iso = _prepare_round(cfg, directory, r, settings, mem)
     rec = _runner(settings)(cfg, directory, r, settings, brief, params, iso, t0)
-    mem.record(r, rec["final_eval_ppl"], rec["status"] != "ok")
+    _tell(mem, r, rec)
     return rec
 
 
@@ -375,8 +417,20 @@ def execute_round(
         rollbacks=directory / "rollbacks.jsonl",
         extra={"round": r, "controller": settings.controller},
     )
-    res = run_round(cfg, run_dir, controller, logs, memory_brief=brief, round_index=r, resume=resume, run_start_iso=iso)
+    res = run_round(
+        cfg, run_dir, controller, logs, memory_brief=brief, round_index=r, resume=resume, run_start_iso=iso,
+        prune=_round_pruner(cfg, directory, settings, r),
+    )  # fmt: skip
     return _commit(cfg, directory, r, settings, res, params, t0)
+
+
+def _round_pruner(cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int) -> Any:
+    """`--prune`: round r's prune(step, eval_loss) callback for the supervisor, from a memory built here (in
+    the process that runs the round; its state is in DIR, e.g. Optuna's journal); None without --prune."""
+    if not settings.prune:
+        return None
+    mem = MEMORIES.get(settings.memory)(MemoryContext(cfg, directory, settings))
+    return lambda step, loss: mem.prune(r, step, loss)
 
 
 def _commit(
@@ -433,6 +487,8 @@ def _commit(
         rec["rule_params"] = dataclasses.asdict(params)
     if settings.script:
         rec["script"] = settings.script
+    if res.status == "pruned":
+        rec["pruned_at_step"], rec["steps_saved"] = res.pruned_at_step, res.steps_saved
     rec = FinalResult.from_dict(rec).to_dict()  # the schema's types checked before the commit point
     append_jsonl(directory / "final_results.jsonl", rec)
     return rec
@@ -594,9 +650,9 @@ def _run_rounds_on(
                     echo(f"round {r:>3}  failed to run: {type(e).__name__}: {e}")
                     continue
                 done[r] = rec
-                mem.record(r, _ppl(rec), rec.get("status") != "ok")
-                if math.isfinite(_ppl(rec)):
-                    best = min(best, _ppl(rec))
+                _tell(mem, r, rec)
+                if math.isfinite(_final_ppl(rec)):
+                    best = min(best, _final_ppl(rec))
                 echo(summary_line(rec, best))
     except BaseException:
         engine.cancel_all()

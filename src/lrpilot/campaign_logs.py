@@ -132,7 +132,7 @@ class RoundSummary(_FallbackCounts):
     min_lr: float
     crash_count: int
     total_decisions: int
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "failed" | "pruned" (stopped early by `campaign --prune`: not ok, not failed)
     controller: str  # "" if unknown
     wall_time_s: float | None
     init_lr: float
@@ -391,6 +391,8 @@ def round_from_records(
     ppl = as_float(rec.get("final_eval_ppl"))
     raw_status = rec.get("status")
     status = "ok" if raw_status in (None, "ok") and math.isfinite(ppl) else "failed"
+    if raw_status == "pruned":
+        status = "pruned"
     warmup = _int(rec.get("warmup_steps"))
     init_lr = as_float(rec.get("init_lr"))
     lrs = [as_float(d.get("new_lr")) for d in decisions] + ([init_lr] if math.isfinite(init_lr) else [])
@@ -508,15 +510,20 @@ class PhaseStats:
 
 
 def campaign_median(rounds: Sequence[RoundSummary]) -> float:
-    """Median final ppl over the rounds with a finite ppl (NaN when there are none)."""
-    vals = [r.final_eval_ppl for r in rounds if math.isfinite(r.final_eval_ppl)]
+    """Median final ppl over the rounds with a finite ppl, pruned rounds left out (their ppl is an intermediate
+    eval's); NaN when there are none."""
+    vals = [r.final_eval_ppl for r in rounds if math.isfinite(r.final_eval_ppl) and r.status != "pruned"]
     return statistics.median(vals) if vals else math.nan
 
 
 def outlier_rounds(rounds: Sequence[RoundSummary], factor: float = CATASTROPHIC_FACTOR) -> list[int]:
     """Rounds whose ppl is catastrophic: > factor x the campaign median."""
     med = campaign_median(rounds)
-    return [r.round for r in rounds if math.isfinite(r.final_eval_ppl) and r.final_eval_ppl > factor * med]
+    return [
+        r.round
+        for r in rounds
+        if r.status != "pruned" and math.isfinite(r.final_eval_ppl) and r.final_eval_ppl > factor * med
+    ]
 
 
 def best_round(rounds: Iterable[RoundSummary]) -> RoundSummary | None:

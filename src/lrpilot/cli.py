@@ -194,6 +194,7 @@ def _campaign_settings(args: argparse.Namespace, cfg: RunConfig):
         optuna_seed=args.optuna_seed,
         rule_params=dict(args.rule),
         script=_script(args),
+        prune="" if args.prune in (None, "none") else args.prune,
     )
 
 
@@ -472,6 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         help="rounds at once, >= 1 (default 1: one after another); each new round starts as one finishes",
+    )
+    p.add_argument(
+        "--prune",
+        default=None,
+        metavar="SPEC",
+        help="stop a hopeless round early from its intermediate evals (eval.every), with Optuna's pruners "
+        "(--memory optuna; default: never): median, percentile:P, none; options ,startup=N (completed rounds "
+        "first, default 5) ,warmup=STEPS (default the warmup). Pruned rounds and the steps saved are counted",
     )
     p.add_argument(
         "--script",

@@ -335,6 +335,11 @@ def event_line(watch: RunWatch, ev: dict[str, Any]) -> str:
         more = f", back-off {wait:g}s" if math.isfinite(wait) and wait > 0 else ""
         return f"[{s.label}] crash at step {ev.get('crash_step')} ({ev.get('crash_reason')}): {where}{more}"
     status = ev.get("status", "?")
+    if status == "pruned":  # campaign --prune: its ppl is an intermediate eval's
+        return (
+            f"[{s.label}] pruned at step {ev.get('pruned_at_step')} ({ev.get('steps_saved')} steps saved): "
+            f"eval ppl {as_float(ev.get('final_eval_ppl')):.3f}"
+        )
     return f"[{s.label}] {'finished' if status == 'ok' else status}: ppl {as_float(ev.get('final_eval_ppl')):.3f}"
 
 

@@ -341,7 +341,7 @@ class RoundResult(_Record):
     """How one run ended; RUN/result.json. Every field is written (a missing one reads as its default:
     NaN for numbers, 0 for counts, [] for lists)."""
 
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "failed" | "pruned" (the campaign's memory stopped it early, --prune)
     run_start_iso: str
     final_eval_loss: float
     final_eval_ppl: float
@@ -374,6 +374,10 @@ class RoundResult(_Record):
     agent_rollbacks: int = 0
     #: extra training updates spent in lookahead probes (Decision.probe_lrs), beyond update_step
     probe_steps: int = 0
+    #: status "pruned": the last update the trainer ran before it stopped (None for any other status)
+    pruned_at_step: int | None = None
+    #: status "pruned": train.total_steps - pruned_at_step, the updates the stop saved (0 for any other status)
+    steps_saved: int = 0
 
     FILE: ClassVar[str] = "result.json"
     TYPES: ClassVar[dict[str, str]] = {
@@ -383,6 +387,7 @@ class RoundResult(_Record):
         "decision_latency_s": "list", "effect_delay_steps": "list", "lr_trajectory": "pairs",
         "loss_trajectory": "pairs", "failure_reason": "str?", "unanswered_decisions": "int",
         "fallback_decisions": "int", "mostly_fallback": "bool", "agent_rollbacks": "int", "probe_steps": "int",
+        "pruned_at_step": "int?", "steps_saved": "int",
     }  # fmt: skip
     ORDER: ClassVar[tuple[str, ...]] = tuple(TYPES)
 
@@ -407,7 +412,8 @@ class FinalResult(_Record):
 
     Published fields: timestamp, run_start_iso, final_eval_ppl, final_eval_loss, total_decisions, crash_count,
     peak_lr_seen, min_lr_seen, warmup_steps, decision_every, init_lr, optimizer. lrpilot's campaign adds the
-    rest (docs/architecture.md); `rule_params` and `script` only when set."""
+    rest (docs/architecture.md); `rule_params`, `script`, `pruned_at_step` and `steps_saved` only when set
+    (the last two for a round of status "pruned", `campaign --prune`)."""
 
     run_start_iso: str
     final_eval_ppl: float | None = None
@@ -445,6 +451,8 @@ class FinalResult(_Record):
     settings: dict[str, Any] | None = None
     rule_params: dict[str, Any] | None = None
     script: str | None = None
+    pruned_at_step: int | None = None
+    steps_saved: int | None = None
 
     FILE: ClassVar[str] = "final_results.jsonl"
     ORDER: ClassVar[tuple[str, ...]] = (
@@ -453,9 +461,9 @@ class FinalResult(_Record):
         "probe_steps", "peak_lr_seen", "min_lr_seen", "warmup_steps", "decision_every", "init_lr", "optimizer",
         "round", "status", "failure_reason", "seed", "controller", "memory", "backend", "model", "preset",
         "final_eval_tokens", "update_step", "wall_time_s", "round_wall_time_s", "wait_s", "decision_latency_s",
-        "effect_delay_steps", "settings", "rule_params", "script",
+        "effect_delay_steps", "settings", "rule_params", "script", "pruned_at_step", "steps_saved",
     )  # fmt: skip
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"rule_params", "script"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"rule_params", "script", "pruned_at_step", "steps_saved"})
     TYPES: ClassVar[dict[str, str]] = {
         "run_start_iso": "str", "final_eval_ppl": "float?", "final_eval_loss": "float?", "timestamp": "str?",
         "total_decisions": "int?", "unanswered_decisions": "int?", "fallback_decisions": "int?",
@@ -466,6 +474,7 @@ class FinalResult(_Record):
         "preset": "str?", "final_eval_tokens": "int?", "update_step": "int?", "wall_time_s": "float?",
         "round_wall_time_s": "float?", "wait_s": "float?", "decision_latency_s": "float?",
         "effect_delay_steps": "float?", "settings": "dict?", "rule_params": "dict?", "script": "str?",
+        "pruned_at_step": "int?", "steps_saved": "int?",
     }  # fmt: skip
 
 

@@ -178,8 +178,13 @@ class _Round:
         trainer_args_first_launch: Sequence[str],
         poll_s: float,
         wait: Callable[[float], Any] = time.sleep,
+        prune: Callable[[int, float], bool] | None = None,
     ) -> None:
         self.cfg, self.g = cfg, cfg.guard
+        #: prune(step, eval_loss) -> stop the round now (run_round's `prune`); None: never
+        self.prune = prune
+        #: the step of the eval at which `prune` said stop (the stop command was sent); None: not pruned
+        self.pruned_at_eval: int | None = None
         self.run_dir = Path(run_dir)
         self.controller, self.logs = controller, logs
         self.memory_brief, self.round_index = memory_brief, round_index
@@ -434,6 +439,10 @@ class _Round:
             try:
                 self._watch()
             except _Crash as crash:
+                if self.pruned_at_eval is not None:  # stopping anyway: no rollback, no relaunch
+                    self.proc.kill()
+                    self._stop_launch()
+                    return self._result("pruned", None)
                 failure = self._on_crash(crash)
                 if failure is not None:
                     return self._result("failed", failure)
@@ -441,7 +450,7 @@ class _Round:
             except _AgentRollback as req:
                 self._on_agent_rollback(req)
                 continue
-            return self._result("ok", None)
+            return self._result("pruned" if self.done is None and self.pruned_at_eval is not None else "ok", None)
 
     def _watch(self) -> None:
         """Follow the current launch until it finishes (return) or crashes (raise _Crash)."""
@@ -453,6 +462,8 @@ class _Round:
                 if self.done is not None:
                     if rc != 0:
                         self._note(f"trainer exited {rc} after its done event; the run is complete")
+                    return
+                if rc == 0 and self.pruned_at_eval is not None:  # it obeyed the stop sent by _on_eval
                     return
                 if rc == EXIT_DISK:
                     raise self.recovery.disk_failure() or SupervisorError(
@@ -507,9 +518,24 @@ class _Round:
             self._on_probe(step, ev)
         elif kind == "eval":
             self.last_eval = ev
+            self._on_eval(step, ev)
         elif kind == "done":
             self.done = ev
             self.last_step = step
+
+    def _on_eval(self, step: int, ev: dict[str, Any]) -> None:
+        """An intermediate eval: ask `prune` (campaign --prune) whether to stop the round; if so, send the
+        trainer the stop command (it checkpoints after its next update and exits 0; the round ends "pruned")."""
+        if self.prune is None or self.pruned_at_eval is not None or self.draining:
+            return
+        loss = as_float(ev.get("eval_loss"))
+        if not self.prune(step, loss):
+            return
+        assert self.writer is not None
+        self.pruned_at_eval = step
+        self.writer.stop()
+        self._note(f"pruned at the eval of step {step} (eval loss {loss:.4f}): the trainer was told to stop")
+        self._emit({"event": "pruned", "source": "supervisor", "step": step, "eval_loss": loss})
 
     def _in_force(self, lr: float, update: int) -> float:
         """The LR in force given the LR of update number `update`: during warmup the trainer used
@@ -883,6 +909,8 @@ class _Round:
             probe_steps=sum(
                 int(d["probe"].get("probe_steps") or 0) for d in self.decisions if isinstance(d.get("probe"), dict)
             ),
+            pruned_at_step=self.last_step if status == "pruned" else None,
+            steps_saved=max(0, self.cfg.train.total_steps - self.last_step) if status == "pruned" else 0,
         )
 
 
@@ -901,6 +929,7 @@ def run_round(
     poll_s: float = POLL_S,
     wait: Callable[[float], Any] = time.sleep,
     run_start_iso: str = "",
+    prune: Callable[[int, float], bool] | None = None,
 ) -> RoundResult:
     """Run one pre-training run under supervision and return how it ended (also in RUN/result.json).
 
@@ -913,6 +942,10 @@ def run_round(
     time.sleep; tests pass a recorder).     run_start_iso: the identity of a fresh run (default now_iso()), so that a campaign can stamp the LLM calls
     made before the run starts (the Memory agent's) with it; a resumed run keeps the one in its round.json.
     SIGTERM / KeyboardInterrupt kill the trainer's process group and propagate.
+    prune(step, eval_loss) (optional; `campaign --prune`): asked at every intermediate eval (eval.every) with
+    its step and loss (nats); True sends the trainer the stop command, and the round ends with status "pruned",
+    pruned_at_step (the trainer's last update) and steps_saved (total_steps - pruned_at_step); the eval loss is
+    the round's last (not a final result). A crash after that ends the round the same way, without a rollback.
     """
     rnd = _Round(
         cfg,
@@ -926,6 +959,7 @@ def run_round(
         trainer_args_first_launch=trainer_args_first_launch,
         poll_s=poll_s,
         wait=wait,
+        prune=prune,
     )
     rnd.new_run_start_iso = run_start_iso
     return rnd.run(resume)

@@ -6,11 +6,13 @@ A memory carries what a campaign learned from its earlier rounds into the next o
 round's controller reads; the LLM Memory agent writes one) and/or the round's rule parameters (Optuna's
 proposal). `MEMORIES` maps `--memory NAME` to a class built from a `MemoryContext`; a new memory is one file
 with a `Memory` subclass and one `MEMORIES.add_lazy(...)` line below (CONTRIBUTING.md, Extending). The base
-is small on purpose, after Optuna's `BasePruner`: one abstract method and one optional hook.
+is small on purpose, after Optuna's `BasePruner`: one abstract method and a few optional hooks (`record`, and
+`prune` / `record_pruned` for `campaign --prune`, which a memory supports by overriding `prune`).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +69,24 @@ class Memory(ABC):
     def record(self, round_index: int, final_ppl: float, failed: bool) -> None:  # noqa: B027
         """Round `round_index` ended with final eval ppl `final_ppl` (NaN if none); failed: status != ok.
         Default: nothing (the campaign's logs hold the results)."""
+
+    def prune(self, round_index: int, step: int, eval_loss: float) -> bool:
+        """`campaign --prune`: round `round_index` made an intermediate evaluation with loss `eval_loss` (nats)
+        after update `step`; True stops the round now (status "pruned"). Called during the round, in the
+        process that runs it (a fresh memory built from the same MemoryContext), so state must live in the
+        campaign directory. Default: never prune (a memory that does not override this cannot take --prune)."""
+        return False
+
+    def record_pruned(self, round_index: int, step: int, eval_loss: float) -> None:
+        """Round `round_index` was pruned after update `step` (its last eval loss `eval_loss`, NaN if none):
+        like `record`, told again when a campaign resumes. Default: record it as failed with ppl NaN (a
+        pruned round has no final result)."""
+        self.record(round_index, math.nan, True)
+
+    @classmethod
+    def can_prune(cls) -> bool:
+        """Whether this memory overrides `prune` (what `campaign --prune` needs)."""
+        return cls.prune is not Memory.prune
 
 
 class NoMemory(Memory):

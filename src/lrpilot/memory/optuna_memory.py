@@ -28,6 +28,10 @@ Choices worth knowing:
   * a failed or diverged round (or one without a finite ppl) is told as ppl = FAILED_PPL (1e9) with the
     user attr failed=True, not as Optuna's FAIL state: TPE ignores FAIL trials and would propose the
     crashing region again, while a (rank-based) worst value steers it away. The brief's "best" skips them.
+  * pruning (opt-in, `campaign --prune median`; off by default): during a round each intermediate eval loss
+    is reported to the round's trial (`trial.report(loss, step)`) and Optuna's pruner (MedianPruner or
+    PercentilePruner, see PruneSpec) may stop it; the trial is then told TrialState.PRUNED (TPE ranks pruned
+    trials behind the completed ones by how far they got, Optuna's own rule) with user attr pruned_at_step.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import math
 import random
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +64,77 @@ class OptunaMemoryError(LrpilotError, ValueError):
     """The Optuna memory was used out of order or with a bad search space; the message says how to fix it."""
 
 
+#: Optuna's default n_startup_trials for MedianPruner / PercentilePruner (optuna.pruners docs): no pruning
+#: until this many rounds completed, so the median is taken over more than one or two curves
+PRUNE_STARTUP = 5
+PRUNE_NAMES = ("none", "median", "percentile")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """`campaign --prune SPEC`: NAME[:PERCENTILE][,startup=N][,warmup=STEPS].
+
+    name: "none" (never prune), "median" (optuna.pruners.MedianPruner: stop a round whose best eval loss so
+    far is worse than the median of the completed rounds' eval losses at the same step) or "percentile"
+    (optuna.pruners.PercentilePruner with `percentile` in (0, 100): worse than that percentile; 75 prunes
+    less than the median). startup: completed rounds before any pruning (default PRUNE_STARTUP = 5, Optuna's
+    documented default). warmup: no pruning before this update step (default None = the schedule's
+    warmup_steps: during warmup every round of the rule controller runs the same LR, so a difference there is
+    noise; Optuna's n_warmup_steps, whose own default is 0). A round that climbs to a higher LR may sit behind
+    mid-run and win after its cool-down, so the median prunes only what looks worse than half the earlier
+    rounds at the same step; `percentile:90` is the cautious choice."""
+
+    name: str = "none"
+    percentile: float = 50.0
+    startup: int = PRUNE_STARTUP
+    warmup: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in PRUNE_NAMES:
+            raise OptunaMemoryError(f"--prune {self.name!r}: unknown pruner; choose one of {', '.join(PRUNE_NAMES)}")
+        if not (0.0 < self.percentile < 100.0):
+            raise OptunaMemoryError(f"--prune percentile:{self.percentile:g}: the percentile must be in (0, 100)")
+        if self.startup < 0:
+            raise OptunaMemoryError(f"--prune startup={self.startup}: must be >= 0 completed rounds")
+        if self.warmup is not None and self.warmup < 0:
+            raise OptunaMemoryError(f"--prune warmup={self.warmup}: must be >= 0 update steps")
+
+    @classmethod
+    def parse(cls, spec: str) -> PruneSpec:
+        """PruneSpec from `--prune`'s text, e.g. "median", "percentile:75,startup=2", "median,warmup=100".
+        Raises OptunaMemoryError (one line naming --prune and the form) for anything else."""
+        form = "use NAME[:PERCENTILE][,startup=N][,warmup=STEPS], e.g. median or percentile:75,startup=2"
+        head, *opts = [p.strip() for p in str(spec).split(",")]
+        name, _, pct = head.partition(":")
+        kwargs: dict[str, Any] = {"name": name.strip().lower()}
+        try:
+            if pct:
+                if kwargs["name"] != "percentile":
+                    raise ValueError
+                kwargs["percentile"] = float(pct)
+            for opt in opts:
+                key, eq, value = opt.partition("=")
+                if not eq or key.strip() not in ("startup", "warmup"):
+                    raise ValueError
+                kwargs[key.strip()] = int(value)
+        except ValueError:
+            raise OptunaMemoryError(f"--prune {spec!r}: cannot read it; {form}") from None
+        if kwargs["name"] == "percentile" and not pct:
+            raise OptunaMemoryError(f"--prune {spec!r}: percentile needs its value, e.g. percentile:75")
+        return cls(**kwargs)
+
+    def pruner(self, warmup_steps: int) -> optuna.pruners.BasePruner:
+        """The Optuna pruner (NopPruner for "none"); warmup_steps: the schedule's, used when warmup is None."""
+        warmup = warmup_steps if self.warmup is None else self.warmup
+        if self.name == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=self.startup, n_warmup_steps=warmup)
+        if self.name == "percentile":
+            return optuna.pruners.PercentilePruner(
+                self.percentile, n_startup_trials=self.startup, n_warmup_steps=warmup
+            )
+        return optuna.pruners.NopPruner()
+
+
 class OptunaMemory:
     """Rule parameters per round from a seeded TPE study stored in the campaign directory."""
 
@@ -71,6 +146,7 @@ class OptunaMemory:
         defaults: RuleParams | None = None,
         n_startup_trials: int = 5,
         constant_liar: bool = False,
+        pruner: optuna.pruners.BasePruner | None = None,
     ) -> None:
         self.dir = Path(campaign_dir)
         self.seed = int(seed)
@@ -78,6 +154,8 @@ class OptunaMemory:
         self.defaults = defaults if defaults is not None else RuleParams()
         self.n_startup_trials = int(n_startup_trials)
         self.constant_liar = bool(constant_liar)
+        #: asked by prune(); None = Optuna's NopPruner (never prunes)
+        self.pruner = pruner
         self._check_space()
         self.dir.mkdir(parents=True, exist_ok=True)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "Trial n finished" lines in the campaign output
@@ -120,7 +198,12 @@ class OptunaMemory:
                 constant_liar=self.constant_liar,
             )
         return optuna.create_study(
-            study_name=STUDY_NAME, storage=self.storage, sampler=sampler, direction="minimize", load_if_exists=True
+            study_name=STUDY_NAME,
+            storage=self.storage,
+            sampler=sampler,
+            pruner=self.pruner or optuna.pruners.NopPruner(),
+            direction="minimize",
+            load_if_exists=True,
         )
 
     @staticmethod
@@ -199,6 +282,36 @@ class OptunaMemory:
         self.storage.set_trial_user_attr(trial._trial_id, "final_ppl", None if not math.isfinite(ppl) else ppl)
         study.tell(trial.number, FAILED_PPL if bad else ppl, skip_if_finished=True)
 
+    def prune(self, round_index: int, step: int, eval_loss: float) -> bool:
+        """Report round `round_index`'s eval loss after update `step` to its trial and ask the pruner whether to
+        stop it. False for a non-finite loss (the guard handles those), or a round not running in the study."""
+        if not math.isfinite(eval_loss):
+            return False
+        study = self._study(round_index)
+        old = self._trial_of(study.get_trials(deepcopy=False), round_index)
+        if old is None or old.state != TrialState.RUNNING:
+            return False
+        trial = optuna.trial.Trial(study, old._trial_id)
+        with warnings.catch_warnings():  # a resumed round reports a step again: Optuna keeps the first, warns
+            warnings.simplefilter("ignore")
+            trial.report(float(eval_loss), int(step))
+        return bool(trial.should_prune())
+
+    def record_pruned(self, round_index: int, step: int) -> None:
+        """Tell the study that round `round_index` was pruned after update `step` (TrialState.PRUNED, user attr
+        pruned_at_step). Told twice (a resumed campaign), the first stays."""
+        study = self._study(round_index)
+        trial = self._trial_of(study.get_trials(deepcopy=False), round_index)
+        if trial is None:
+            raise OptunaMemoryError(
+                f"record_pruned: round {round_index} was never proposed; call propose({round_index}) first"
+            )
+        if trial.state != TrialState.RUNNING:
+            return
+        self.storage.set_trial_user_attr(trial._trial_id, "failed", False)
+        self.storage.set_trial_user_attr(trial._trial_id, "pruned_at_step", int(step))
+        study.tell(trial.number, state=TrialState.PRUNED, skip_if_finished=True)
+
     def history(self) -> list[dict[str, Any]]:
         """One dict per trial: round, state, ppl (None if failed/running), failed, params."""
         out = []
@@ -221,10 +334,13 @@ class OptunaMemory:
         hist = [h for h in self.history() if h["round"] is not None]
         done = [h for h in hist if h["state"] == "COMPLETE"]
         ok = [h for h in done if not h["failed"]]
+        pruned = sum(h["state"] == "PRUNED" for h in hist)
         head = (
             f"Optuna TPE memory (seed {self.seed}): {len(done)} round(s) told ({len(ok)} ok, "
-            f"{len(done) - len(ok)} failed), {len(hist) - len(done)} running."
+            f"{len(done) - len(ok)} failed), {len(hist) - len(done) - pruned} running."
         )
+        if pruned:  # only with --prune: the brief of a campaign without it reads as before
+            head += f" {pruned} pruned."
         if not ok:
             return head + (
                 " No successful round yet; the first round uses the default rule parameters, the next ones "
@@ -249,6 +365,7 @@ class OptunaCampaignMemory(Memory):
             search_space=space,
             defaults=settings.rules_for(init_lr),
             constant_liar=ctx.parallel,
+            pruner=_pruner(getattr(settings, "prune", ""), ctx.cfg.schedule.warmup_steps),
         )
 
     def brief(
@@ -264,3 +381,14 @@ class OptunaCampaignMemory(Memory):
 
     def record(self, round_index: int, final_ppl: float, failed: bool) -> None:
         self.study.record(round_index, final_ppl, failed)
+
+    def prune(self, round_index: int, step: int, eval_loss: float) -> bool:
+        return self.study.prune(round_index, step, eval_loss)
+
+    def record_pruned(self, round_index: int, step: int, eval_loss: float) -> None:
+        self.study.record_pruned(round_index, step)
+
+
+def _pruner(spec: str, warmup_steps: int) -> optuna.pruners.BasePruner | None:
+    """The campaign's `--prune` pruner (None without it: Optuna's NopPruner, the campaign as before)."""
+    return PruneSpec.parse(spec).pruner(warmup_steps) if spec else None

@@ -188,6 +188,8 @@ class Analysis:
     sweep_steps: int | None
     sweep_wall_s: float | None
     selected_rounds: dict[str, RoundSummary] = field(default_factory=dict)
+    #: rounds stopped early by `campaign --prune` (not in `failed`; never the best round)
+    pruned: list[int] = field(default_factory=list)
 
     def baseline_at(self, peak_lr: float, schedule: str = "cosine") -> BaselineResult | None:
         """The baseline run of `schedule` at this peak (relative match 1e-6)."""
@@ -294,7 +296,8 @@ def analyse(logs: CampaignLogs, extra_baselines: Sequence[BaselineResult] = ()) 
         campaign_median=med,
         outlier_threshold=OUTLIER_FACTOR * med,
         outliers=outlier_rounds(rounds, OUTLIER_FACTOR),
-        failed=[r.round for r in rounds if not r.ok],
+        failed=[r.round for r in rounds if not r.ok and r.status != "pruned"],
+        pruned=[r.round for r in rounds if r.status == "pruned"],
         best_round=best,
         best_baseline=best_b,
         near_best_baselines=near,
@@ -689,7 +692,12 @@ def summary_table(a: Analysis) -> Table:
     br, bb = a.best_round, a.best_baseline
     near = [b for b in a.near_best_baselines if b is not bb]
     rows = [
-        ["rounds", f"{len(a.rounds)} ({len(a.failed)} failed, {len(a.outliers)} catastrophic)"],
+        [
+            "rounds",
+            f"{len(a.rounds)} ({len(a.failed)} failed, "
+            + (f"{len(a.pruned)} pruned, " if a.pruned else "")
+            + f"{len(a.outliers)} catastrophic)",
+        ],
         [
             "best agent round",
             f"round {br.round}: ppl {fmt_ppl(br.final_eval_ppl)} at peak {fmt_lr(br.peak_lr)}" if br else "—",
