@@ -41,6 +41,9 @@ from lrpilot.logs import finite_mean, now_iso
 from lrpilot.records import COUNTED_KINDS  # noqa: F401 - the kinds an Observation's `decisions` keeps
 from lrpilot.registry import Registry
 
+#: decisions.jsonl's own fields (records.DecisionRecord.ORDER), which a host's `fields` may set
+_DECISION_FIELDS = frozenset(DecisionRecord.ORDER) - {"reasoning"}
+
 #: at most this many (step, value) points of a run's LR and loss in its result (lr_trajectory, loss_trajectory)
 TRAJECTORY_POINTS = 500
 
@@ -228,32 +231,29 @@ def decision_record(
     """The one place a decision-log record is built: the published fields first (supervisor.DECISION_FIELDS),
     then ours, then `fields`; `stamp` (e.g. round, controller) goes right after `launch` (stamp_first, the
     Pilot's order) or at the end without overriding a field (the supervisor's order)."""
-    rec: dict[str, Any] = {
-        "run_start_iso": run_start_iso,
-        "step": point.obs.step,
-        "loss": point.obs.loss,
-        "trend": point.trend,
-        "old_lr": point.obs.lr,
-        "new_lr": new_lr,
-        "raw_lr_request": fields.pop("raw_lr_request", new_lr if kind == "emergency" else None),
-        "clamped": fields.pop("clamped", False),
-        "reasoning": reasoning,
-        "timestamp": now_iso(),
-        "effective_step": None,
-        "kind": kind,
-        "clamp_reasons": list(fields.pop("clamp_reasons", ())),
-        "latency_s": fields.pop("latency_s", None),
-        "wait_s": fields.pop("wait_s", 0.0),
-        "seq": fields.pop("seq", None),
-        "plan": fields.pop("plan", None),
-        "launch": point.launch,
-    }
-    if stamp_first:
-        return {**rec, **(stamp or {}), **fields}
-    rec.update(fields)
-    for k, v in (stamp or {}).items():
-        rec.setdefault(k, v)
-    return rec
+    known = {k: fields.pop(k) for k in list(fields) if k in _DECISION_FIELDS}
+    if stamp_first:  # the Pilot's order: stamp, then the other fields
+        extra = {**(stamp or {}), **fields}
+    else:  # the supervisor's order: the other fields, then the stamp where no field has its name
+        extra = {**fields, **{k: v for k, v in (stamp or {}).items() if k not in fields and k not in known}}
+    rec = DecisionRecord(
+        run_start_iso=run_start_iso,
+        step=point.obs.step,
+        loss=point.obs.loss,
+        trend=point.trend,
+        old_lr=point.obs.lr,
+        new_lr=new_lr,
+        raw_lr_request=known.pop("raw_lr_request", new_lr if kind == "emergency" else None),
+        clamped=known.pop("clamped", False),
+        reason=reasoning,
+        timestamp=now_iso(),
+        kind=kind,
+        clamp_reasons=list(known.pop("clamp_reasons", ())),
+        launch=point.launch,
+        **{"effective_step": None, "latency_s": None, "wait_s": 0.0, "seq": None, "plan": None, **known},
+        extra=extra,
+    )
+    return rec.to_dict()  # records.DecisionRecord: the schema's field names, order and types
 
 
 # ------------------------------------------------------------------------------------------ the core
