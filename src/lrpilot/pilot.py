@@ -992,7 +992,8 @@ class Pilot:
 
     def _append_rollback(self, rec: dict[str, Any]) -> None:
         if self.run_dir is not None and self.writer:
-            append_jsonl(self.run_dir / "rollbacks.jsonl", rec)
+            # records.RollbackRecord's types; the line as built
+            append_jsonl(self.run_dir / "rollbacks.jsonl", RollbackRecord.from_dict(rec).to_dict())
 
     # ------------------------------------------------------------------------------------------ resume
 

@@ -162,6 +162,7 @@ class CrashRecovery:
         rec = {**rec, "timestamp": now_iso(), "launch": launch}
         for k, v in self.extra.items():
             rec.setdefault(k, v)
+        rec = RollbackRecord.from_dict(rec).to_dict()  # records.RollbackRecord's types; the line as built
         append_jsonl(self.rollbacks_log, rec)
         self.emit({"event": "rollback", "source": "supervisor", **rec})
 
