@@ -378,17 +378,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="lrpilot",
-        description="LLM agents discover learning-rate schedules for LM pre-training; plain code keeps the run alive.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_info_command(sub: argparse._SubParsersAction) -> None:
+    """`lrpilot info`."""
     p = sub.add_parser("info", help="print a preset's resolved config and the model's parameter count")
     _add_config_args(p)
     p.set_defaults(func=cmd_info)
 
+
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
+    """`lrpilot train`."""
     p = sub.add_parser("train", help="one pre-training run with a fixed schedule, through the supervisor")
     _add_config_args(p)
     p.add_argument("--dir", required=True, help="output directory (result json and the run directory)")
@@ -402,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak", type=positive_float, default=None, help="peak LR (default: the preset's schedule.init_lr)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_baseline_command(sub: argparse._SubParsersAction) -> None:
+    """`lrpilot baseline`."""
     p = sub.add_parser("baseline", help="sweep a schedule over peak LRs; one result json per peak")
     _add_config_args(p)
     p.add_argument(
@@ -419,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.set_defaults(func=cmd_baseline)
 
+
+def _add_campaign_command(sub: argparse._SubParsersAction) -> None:
+    """`lrpilot campaign`."""
     p = sub.add_parser("campaign", help="run N rounds in DIR, each steered by a controller with memory")
     _add_config_args(p)
     p.add_argument("--dir", required=True, help="campaign directory; run the same command again to resume")
@@ -492,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.set_defaults(func=cmd_campaign)
 
+
+def _add_bench_command(sub: argparse._SubParsersAction) -> None:
+    """`lrpilot bench`."""
     p = sub.add_parser(
         "bench", help="methods x seeds at one step budget: fixed-schedule sweeps, LR-free optimizers, campaigns"
     )
@@ -527,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.set_defaults(func=cmd_bench)
 
+
+def _add_report_command(sub: argparse._SubParsersAction) -> None:
+    """`lrpilot report`."""
     p = sub.add_parser("report", help="tables and figures from a campaign's logs (never imports torch)")
     p.add_argument("dir", help="campaign directory")
     p.add_argument("--baselines", nargs="*", default=[], help="directories of baseline result jsons")
@@ -543,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for report.html, report.md and PNGs")
     p.set_defaults(func=cmd_report)
 
+
+def _add_export_schedule_command(sub: argparse._SubParsersAction) -> None:
+    """`lrpilot export-schedule`."""
     p = sub.add_parser(
         "export-schedule", help="a round's LR decisions as plan.json, for Pilot(controller='replay:plan.json')"
     )
@@ -551,11 +564,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the plan file to write (json)")
     p.set_defaults(func=cmd_export_schedule)
 
+
+def _add_import_logs_command(sub: argparse._SubParsersAction) -> None:
+    """`lrpilot import-logs`."""
     p = sub.add_parser("import-logs", help="turn the published study's log files into a campaign directory")
     p.add_argument("src", help="directory with final_results_log_*.jsonl, decisions_log_*, rollback_log_*")
     p.add_argument("--dir", required=True, help="destination campaign directory")
     p.set_defaults(func=cmd_import_logs)
 
+
+def _add_demo_command(sub: argparse._SubParsersAction) -> None:
+    """`lrpilot demo`."""
     p = sub.add_parser("demo", help="the embedded default end to end: campaign + cosine sweep + report")
     _add_config_args(p, default="cpu-small")
     p.add_argument("--dir", default="runs/demo", help="output directory (default runs/demo)")
@@ -569,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
+
+def _add_status_command(sub: argparse._SubParsersAction) -> None:
+    """`lrpilot status`."""
     p = sub.add_parser("status", help="where every run of a campaign, sweep or bench stands, from its logs only")
     p.add_argument("dir", help="a campaign directory, a sweep's --out directory, a bench directory or one run")
     p.add_argument(
@@ -581,6 +603,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="redraw every SECONDS (default 5) until Ctrl-C",
     )
     p.set_defaults(func=cmd_status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lrpilot",
+        description="LLM agents discover learning-rate schedules for LM pre-training; plain code keeps the run alive.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_info_command(sub)
+    _add_train_command(sub)
+    _add_baseline_command(sub)
+    _add_campaign_command(sub)
+    _add_bench_command(sub)
+    _add_report_command(sub)
+    _add_export_schedule_command(sub)
+    _add_import_logs_command(sub)
+    _add_demo_command(sub)
+    _add_status_command(sub)
     for each in (parser, *sub.choices.values()):
         # "-1e-3" is a (negative) number, not an option, so --peaks -1e-3 reaches positive_float and is refused
         # as non-positive (argparse's own pattern misses exponents, and there are no numeric options)
