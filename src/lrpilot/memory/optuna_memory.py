@@ -265,16 +265,22 @@ class OptunaMemory:
         trial.set_user_attr("round_index", round_index)
         return self._params_of(trial)
 
-    def record(self, round_index: int, final_ppl: float | None, failed: bool) -> None:
-        """Tell the study how round `round_index` went. Failed, diverged or ppl-less rounds are told as
-        FAILED_PPL with user attr failed=True. Recording a round twice keeps the first result."""
+    def _running_trial(self, round_index: int, caller: str) -> tuple[optuna.Study, Any]:
+        """(study, the trial of round `round_index`), the trial None once it is finished (told before: the
+        first result stays). Raises OptunaMemoryError when the round was never proposed."""
         study = self._study(round_index)
         trial = self._trial_of(study.get_trials(deepcopy=False), round_index)
         if trial is None:
             raise OptunaMemoryError(
-                f"record: round {round_index} was never proposed; call propose({round_index}) first"
+                f"{caller}: round {round_index} was never proposed; call propose({round_index}) first"
             )
-        if trial.state != TrialState.RUNNING:
+        return study, (trial if trial.state == TrialState.RUNNING else None)
+
+    def record(self, round_index: int, final_ppl: float | None, failed: bool) -> None:
+        """Tell the study how round `round_index` went. Failed, diverged or ppl-less rounds are told as
+        FAILED_PPL with user attr failed=True. Recording a round twice keeps the first result."""
+        study, trial = self._running_trial(round_index, "record")
+        if trial is None:
             return
         ppl = math.nan if final_ppl is None else float(final_ppl)
         bad = bool(failed) or not (math.isfinite(ppl) and ppl > 0)
@@ -300,13 +306,8 @@ class OptunaMemory:
     def record_pruned(self, round_index: int, step: int) -> None:
         """Tell the study that round `round_index` was pruned after update `step` (TrialState.PRUNED, user attr
         pruned_at_step). Told twice (a resumed campaign), the first stays."""
-        study = self._study(round_index)
-        trial = self._trial_of(study.get_trials(deepcopy=False), round_index)
+        study, trial = self._running_trial(round_index, "record_pruned")
         if trial is None:
-            raise OptunaMemoryError(
-                f"record_pruned: round {round_index} was never proposed; call propose({round_index}) first"
-            )
-        if trial.state != TrialState.RUNNING:
             return
         self.storage.set_trial_user_attr(trial._trial_id, "failed", False)
         self.storage.set_trial_user_attr(trial._trial_id, "pruned_at_step", int(step))
