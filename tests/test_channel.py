@@ -19,8 +19,8 @@ from lrpilot.channel import (
     TelemetryReader,
     TelemetryWriter,
     max_seq,
-    warmup_lr,
 )
+from lrpilot.lr import warmup_lr
 
 lrs = st.floats(min_value=1e-6, max_value=1.0, allow_nan=False)
 knots = st.lists(st.tuples(st.integers(0, 1000), st.floats(0.0, 1.0)), min_size=1, max_size=8)

@@ -4,7 +4,7 @@
 
 Every registered schedule, built by `make_schedule(NAME, peak, cfg)` as `lrpilot baseline --schedule NAME` builds
 it, must: be a blocking ScheduleController whose describe() names it; follow the trainer's own warmup
-(lrpilot.channel.warmup_lr) before warmup_steps and start at the peak at warmup_steps; stay finite and in
+(lrpilot.lr.warmup_lr) before warmup_steps and start at the peak at warmup_steps; stay finite and in
 [0, peak] over the whole run; answer each decision point with a positive LR and a plan whose knots are its own
 lr_at for every step up to the next decision point (so the trainer follows the curve, not a staircase); and be
 deterministic (a fresh instance answers the same).
@@ -18,10 +18,10 @@ import math
 import pytest
 from toy_components import toy_schedule  # noqa: F401 - registers toy-step
 
-from lrpilot.channel import warmup_lr
 from lrpilot.config import RunConfig, ScheduleConfig, TrainConfig
 from lrpilot.controllers.base import Observation
 from lrpilot.controllers.schedules import SCHEDULES, ScheduleController, make_schedule
+from lrpilot.lr import warmup_lr
 
 #: (total_steps, warmup_steps, decision_every, peak): a tiny run, no warmup, a long warmup, an odd interval
 SHAPES = [(30, 10, 10, 3e-3), (100, 0, 7, 1e-3), (1000, 900, 50, 1e-2), (601, 61, 37, 6e-4)]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.logs import JsonlFollower, JsonlLog, iter_jsonl
-from lrpilot.lr import check_lr, plan_lr, warmup_lr  # noqa: F401 - warmup_lr re-exported (trainer, pilot)
+from lrpilot.lr import check_lr, plan_lr
 
 TELEMETRY_FILE = "telemetry.jsonl"
 CONTROL_FILE = "control.jsonl"

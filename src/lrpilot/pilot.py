@@ -69,7 +69,7 @@ from typing import Any
 import torch
 
 from lrpilot import guard as safety
-from lrpilot.channel import LRState, warmup_lr
+from lrpilot.channel import LRState
 from lrpilot.config import GuardConfig
 from lrpilot.controllers.base import BaseController, ControllerContext, Observation, RollbackRecord
 from lrpilot.decision import (
@@ -94,7 +94,7 @@ from lrpilot.logs import (
     write_atomic,
     write_json_atomic,
 )
-from lrpilot.lr import is_positive_finite
+from lrpilot.lr import is_positive_finite, warmup_lr
 from lrpilot.records import ANSWER_KINDS, COUNTED_KINDS, Kind
 from lrpilot.schedule_export import SCHEDULE_FORMAT
 

@@ -67,13 +67,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from lrpilot.argtypes import non_negative_int, positive_float, positive_int
-from lrpilot.channel import EXIT_DISK, ControlReader, LRState, TelemetryWriter, warmup_lr
+from lrpilot.channel import EXIT_DISK, ControlReader, LRState, TelemetryWriter
 from lrpilot.checkpoint import FORMAT, CheckpointError, fingerprint, load_checkpoint, save_checkpoint
 from lrpilot.config import RunConfig
 from lrpilot.data import DataError, build_data, check_vocab, evaluate
 from lrpilot.errors import LrpilotError, disk_error, is_disk_error
 from lrpilot.logs import write_atomic
-from lrpilot.lr import is_positive_finite
+from lrpilot.lr import is_positive_finite, warmup_lr
 from lrpilot.model import LLaMA
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE = 0, 1, 2
