@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 from lrpilot.channel import TELEMETRY_FILE
 from lrpilot.config import load_config
 from lrpilot.controllers.base import Decision, Observation
 from lrpilot.controllers.rules import RuleController, RuleParams
 from lrpilot.controllers.schedules import ConstantController
 from lrpilot.logs import read_jsonl
+from lrpilot.lr import SWEEP_DIVERGED, sweep_lrs
 from lrpilot.supervisor import RoundLogs, run_round
 
 PROBE_AT, PROBE_STEPS = 20, 5
@@ -126,3 +129,134 @@ def test_a_branch_that_diverges_leaves_the_run_untouched(tmp_path):
     assert bad or max(wild["losses"]) > 2 * max(calm["losses"])
     (again,) = [o for o in ctrl.observations if o.step == PROBE_AT and o.probes]
     assert again.probes[0].end_loss < again.probes[1].end_loss or not math.isfinite(again.probes[1].end_loss)
+
+
+# ------------------------------------------------------------------------------------------- LR range test
+
+SWEEP_STEPS = 8
+
+
+class SweepingConstant(ProbingConstant):
+    """A constant LR that, if `probe`, asks at step PROBE_AT for an LR range test from the LR in force to `top`
+    and then ignores its result (so the run must equal the run without the test)."""
+
+    def __init__(self, cfg, probe: bool, top: float, steps: int = SWEEP_STEPS) -> None:
+        super().__init__(cfg, probe)
+        self.top, self.steps = top, steps
+
+    def decide(self, obs: Observation) -> Decision:
+        self.observations.append(obs)
+        d = ConstantController.decide(self, obs)
+        if self.probe and obs.step == PROBE_AT and not obs.probes:
+            lrs = (self.peak_lr, self.top)
+            return Decision(lr=d.lr, plan=d.plan, probe_lrs=lrs, probe_steps=self.steps, probe_sweep=True)
+        return d
+
+
+def test_a_range_test_restores_the_run_the_guard_bounds_its_ends_and_its_updates_are_counted(tmp_path):
+    """One branch whose LR rises geometrically (lrpilot.lr.sweep_lrs) from the LR in force to the requested top,
+    which the guard's ceiling bounds (not its x2 ratio band: the run's LR does not change); the run goes on
+    exactly as without the test; the curve is in the decision log and its updates are counted as compute."""
+    cfg = load_config("cpu-smoke", ["train.total_steps=40"])
+    lr0 = cfg.schedule.init_lr
+    _, plain, t_plain, _ = _round(tmp_path, "plain", SweepingConstant(cfg, probe=False, top=1.0))
+    ctrl = SweepingConstant(cfg, probe=True, top=1.0)
+    _, swept, t_swept, decisions = _round(tmp_path, "swept", ctrl)
+    assert plain.status == swept.status == "ok"
+    assert _step_losses(t_swept) == _step_losses(t_plain) and swept.final_eval_loss == plain.final_eval_loss
+
+    (ev,) = [e for e in t_swept if e["event"] == "probe"]
+    assert ev["step"] == PROBE_AT and ev["sweep"] is True
+    (branch,) = ev["branches"]
+    n = len(branch["losses"])
+    assert 2 <= n <= SWEEP_STEPS and branch["lrs"] == sweep_lrs(lr0, cfg.guard.ceiling, SWEEP_STEPS)[:n]
+    assert ev["probe_steps"] == n == swept.probe_steps and plain.probe_steps == 0
+    # the test's first update is the run's own next update (same state, batch and LR): the same loss
+    assert branch["losses"][0] == _step_losses(t_plain)[PROBE_AT + 1]
+
+    (again,) = [o for o in ctrl.observations if o.step == PROBE_AT and o.probes]
+    assert again.probes[0].lrs == tuple(branch["lrs"]) and again.probes[0].losses == tuple(branch["losses"])
+    (rec,) = [d for d in decisions if d.get("probe")]
+    assert rec["probe"]["lrs"] == [lr0, cfg.guard.ceiling]  # 1.0 is above guard.ceiling: clamped to it
+    assert len(rec["probe"]["clamp_reasons"]) == 1 and "ceiling" in rec["probe"]["clamp_reasons"][0]
+    assert rec["probe"]["sweep"] == [{"lrs": branch["lrs"], "losses": branch["losses"]}]
+
+
+def test_a_range_test_that_diverges_stops_early_and_leaves_the_run_untouched(tmp_path):
+    """A sweep into LRs that blow the model up (a wide guard) stops once the loss passes SWEEP_DIVERGED x its
+    best or turns non-finite: fewer updates, all counted, and the run's losses are those without the test."""
+    wide = ["train.total_steps=40", "guard.ceiling=1e5"]
+    cfg = load_config("cpu-smoke", wide)
+    steps = 40
+    _, plain, t_plain, _ = _round(tmp_path, "plain", SweepingConstant(cfg, False, 1e5, steps), *wide)
+    _, swept, t_swept, _ = _round(tmp_path, "swept", SweepingConstant(cfg, True, 1e5, steps), *wide)
+    assert plain.status == swept.status == "ok" and swept.crash_count == 0
+    assert _step_losses(t_swept) == _step_losses(t_plain) and swept.final_eval_loss == plain.final_eval_loss
+    (ev,) = [e for e in t_swept if e["event"] == "probe"]
+    losses = ev["branches"][0]["losses"]
+    assert len(losses) < steps and swept.probe_steps == len(losses)
+    last, best = losses[-1], min(losses[:-1])
+    assert not (isinstance(last, float) and math.isfinite(last) and last <= SWEEP_DIVERGED * best)
+
+
+def test_rules_with_a_range_test_climb_to_the_ceiling_it_found(tmp_path):
+    """RuleParams.range_steps: the rules ask for the test at the end of warmup (once), set the round's ceiling
+    from it (meta["range_ceiling"], in [floor, probe ceiling]) and later decisions climb to that ceiling."""
+    cfg = load_config("cpu-smoke", ["train.total_steps=40"])
+    lr0, warmup = cfg.schedule.init_lr, cfg.schedule.warmup_steps
+    p = RuleParams.for_init_lr(lr0, decay_start=1.0, range_steps=SWEEP_STEPS)  # no cool-down: the ceiling shows
+    _, res, telemetry, decisions = _round(tmp_path, "rules", RuleController(p))
+    assert res.status == "ok"
+    assert [e["step"] for e in telemetry if e["event"] == "probe"] == [warmup]
+    (rec,) = [d for d in decisions if d.get("probe")]
+    assert rec["probe"]["lrs"] == [lr0, min(lr0 * p.range_factor, cfg.guard.ceiling)]
+    found = rec["meta"]["range_ceiling"]
+    assert cfg.guard.floor <= found <= p.ceiling * p.probe_ceiling_factor and "range test" in rec["reasoning"]
+    assert res.probe_steps == len(rec["probe"]["sweep"][0]["losses"]) > 0
+    later = [d for d in decisions if d["step"] > rec["step"]]
+    assert later and all("range test ceiling" in d["reasoning"] for d in later if "ceiling" in d["reasoning"])
+    assert max(d["new_lr"] for d in decisions) <= found * (1 + 1e-12)
+
+
+@pytest.mark.llm
+def test_an_llm_controller_sees_the_range_test_in_its_prompt(tmp_path, monkeypatch):
+    """agent.range_steps: the LLM Controller (behind a real OpenAI-compatible server on 127.0.0.1) asks for the
+    range test at the end of warmup without calling the model, and its first prompt carries the curve and the
+    rules' pick (rules.range_suggestion): the LLM and the rules see the same evidence."""
+    pytest.importorskip("openai", reason="needs the `openai` extra")
+    from llm_servers import ScriptedServer, chat_body
+
+    from lrpilot.campaign import CampaignSettings, run_campaign
+    from lrpilot.config import apply_overrides
+
+    for name in ("DASHSCOPE_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    srv = ScriptedServer(script=[(200, chat_body('{"reason": "hold", "lr": 0.003}'), {})])
+    smoke = ["train.total_steps=40"]
+    try:
+        agent = [f"agent.base_url={srv.base_url}", "agent.model=scripted", "agent.wait_for_decisions=true",
+                 "agent.retries=0", f"agent.range_steps={SWEEP_STEPS}"]  # fmt: skip
+        cfg = apply_overrides(load_config("cpu-smoke", smoke), agent)
+        settings = CampaignSettings(preset="cpu-smoke", overrides=(*smoke, *agent), controller="llm",
+                                    memory="none", backend="openai", model="scripted")  # fmt: skip
+        run_campaign(cfg, tmp_path / "camp", 1, settings, echo=lambda _: None)
+    finally:
+        srv.stop()
+    warmup = cfg.schedule.warmup_steps
+    decisions = read_jsonl(tmp_path / "camp" / "decisions.jsonl", strict=True)
+    (rec,) = [d for d in decisions if d.get("probe")]
+    assert rec["step"] == warmup and rec["probe"]["sweep"] and rec["probe"]["probe_steps"] >= 5
+    # one model call per decision point: the range test itself asked the model nothing
+    prompts = [r["json"]["messages"][-1]["content"] for r in srv.requests if r["path"].endswith("/chat/completions")]
+    assert len(prompts) == len(decisions)
+    assert "LR range test at this step" in prompts[0] and "the rule controller would climb to" in prompts[0]
+    assert not any("LR range test" in p for p in prompts[1:])
+
+
+def test_range_steps_for_the_llm_needs_wait_for_decisions():
+    from lrpilot.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"agent\.range_steps.*wait_for_decisions=true"):
+        load_config("cpu-smoke", ["agent.range_steps=20"])
+    with pytest.raises(ConfigError, match=r"agent\.range_steps"):
+        load_config("cpu-smoke", ["agent.range_steps=3", "agent.wait_for_decisions=true"])

@@ -230,14 +230,21 @@ class ControlWriter:
             rec["replays_seq"] = int(replays_seq)
         return self._append(rec)
 
-    def probe(self, at_step: int, lrs: Sequence[float], steps: int, after_batches: int) -> int:
+    def probe(self, at_step: int, lrs: Sequence[float], steps: int, after_batches: int, sweep: bool = False) -> int:
         """Ask the trainer, waiting at decision point `at_step`, for a lookahead probe: `steps` updates at each
         LR from its current state, then `after_batches` forward-only batches, state restored after each branch;
-        it answers with a `probe` telemetry event and keeps waiting for the decision. Returns the seq."""
+        with `sweep`, lrs = [lo, hi] and one LR range test branch instead (lrpilot.lr.sweep_lrs). The trainer
+        answers with a `probe` telemetry event and keeps waiting for the decision. Returns the seq."""
         lrs = [_positive_lr(x, "ControlWriter.probe") for x in lrs]
-        return self._append(
-            {"probe": {"at_step": int(at_step), "lrs": lrs, "steps": int(steps), "after_batches": int(after_batches)}}
-        )
+        req: dict[str, Any] = {
+            "at_step": int(at_step),
+            "lrs": lrs,
+            "steps": int(steps),
+            "after_batches": int(after_batches),
+        }
+        if sweep:
+            req["sweep"] = True
+        return self._append({"probe": req})
 
     def stop(self) -> int:
         """Ask the trainer to checkpoint and exit 0; returns the seq."""

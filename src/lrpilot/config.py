@@ -330,6 +330,10 @@ class AgentConfig:
     wait_for_decisions: bool = False
     #: reply budget of the Memory agent (a brief is <= brief_words words)
     memory_max_tokens: int = 320
+    #: an LR range test of this many updates at the end of warmup, shown to the Controller in its prompt
+    #: (lrpilot.controllers.rules, rule 5a: the same test the rules can run); 0 = none. Needs
+    #: wait_for_decisions (the trainer waits at the decision point while the test runs)
+    range_steps: int = 0
 
     def __post_init__(self) -> None:
         # agent.backend names an entry of lrpilot.llm.LLM_BACKENDS: checked by preflight.check_run and make_backend
@@ -353,6 +357,16 @@ class AgentConfig:
         )
         _check(self.temperature >= 0, "agent.temperature", "must be >= 0")
         _check(self.local_threads >= 1, "agent.local_threads", "must be >= 1")
+        _check(
+            self.range_steps == 0 or 5 <= self.range_steps <= 1000,
+            "agent.range_steps",
+            "must be 0 (no range test) or a whole number of updates in [5, 1000]",
+        )
+        _check(
+            self.range_steps == 0 or self.wait_for_decisions,
+            "agent.range_steps",
+            "needs agent.wait_for_decisions=true (the trainer must wait at the decision point while the test runs)",
+        )
 
 
 @dataclass(frozen=True)

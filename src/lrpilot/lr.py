@@ -238,3 +238,17 @@ def band_sort_key(name: str) -> float:
         return float(name.split("..")[0])
     except ValueError:
         return math.inf
+
+
+# ------------------------------------------------------------------------------------------- range test
+#: a range test stops once an update's loss exceeds this multiple of the lowest loss so far (or is NaN/Inf):
+#: the LR-finder's usual stop (fastai's lr_find stops at 4x the best smoothed loss)
+SWEEP_DIVERGED = 4.0
+
+
+def sweep_lrs(lo: float, hi: float, n: int) -> list[float]:
+    """The LRs of an n-update range test: geometric from lo (update 0) to hi (update n-1), as in Smith 2017,
+    "Cyclical Learning Rates for Training Neural Networks" (sec. 3.3) with an exponential ramp."""
+    if n == 1:
+        return [lo]
+    return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]

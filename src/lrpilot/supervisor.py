@@ -641,16 +641,22 @@ class _Round:
         assert self.writer is not None and decision.probe_lrs is not None
         if not self.blocking or self.cfg.launch.nproc > 1:
             return False
-        lr_now, lrs, reasons = point.obs.lr, [], []
+        lr_now, lrs, reasons, sweep = point.obs.lr, [], [], decision.probe_sweep
         for x in decision.probe_lrs:
-            c = self.core.bound_lr(x, lr_now)
+            # a range test's ends only meet [floor, ceiling] (bounded around themselves): the run's LR stays put
+            c = self.core.bound_lr(x, x if sweep else lr_now)
             reasons += [f"probe lr {x:.6g}: {r}" for r in c.reasons]
             if c.lr not in lrs:
                 lrs.append(c.lr)
-        seq = self.writer.probe(point.obs.step, lrs, decision.probe_steps, PROBE_AFTER_BATCHES)
+        if sweep and (len(lrs) != 2 or lrs[0] >= lrs[1]):
+            self._emit({"event": "probe_skipped", "source": "supervisor", "step": point.obs.step, "lrs": lrs,
+                        "clamp_reasons": reasons, "why": "the guard's limits leave no range to sweep"})  # fmt: skip
+            return False
+        after = 0 if sweep else PROBE_AFTER_BATCHES
+        seq = self.writer.probe(point.obs.step, lrs, decision.probe_steps, after, sweep=sweep)
         self.probing = (point, seq, lrs, reasons, time.monotonic())
         self._emit({"event": "probe_sent", "source": "supervisor", "step": point.obs.step, "seq": seq, "lrs": lrs,
-                    "steps": decision.probe_steps, "clamp_reasons": reasons})  # fmt: skip
+                    "steps": decision.probe_steps, "sweep": sweep, "clamp_reasons": reasons})  # fmt: skip
         return True
 
     def _on_probe(self, step: int, ev: dict[str, Any]) -> None:
@@ -665,13 +671,16 @@ class _Round:
             if isinstance(b, dict) and is_positive_finite(b.get("lr")):
                 losses = tuple(as_float(x) for x in b.get("losses") or [])
                 results.append(ProbeResult(lr=float(b["lr"]), losses=losses, after=as_float(b.get("after")),
-                                           after_batches=int(b.get("after_batches") or 0)))  # fmt: skip
+                                           after_batches=int(b.get("after_batches") or 0),
+                                           lrs=tuple(as_float(x) for x in b.get("lrs") or [])))  # fmt: skip
         again = dataclasses.replace(point, obs=dataclasses.replace(point.obs, probes=tuple(results)))
         record = {
             "seq": seq, "lrs": lrs, "clamp_reasons": reasons, "steps": ev.get("steps"),
             "probe_steps": int(ev.get("probe_steps") or 0), "seconds": ev.get("seconds"), "error": ev.get("error"),
             "branches": [{"lr": r.lr, "end_loss": r.end_loss, "mean_loss": finite_mean(r.losses)} for r in results],
         }  # fmt: skip
+        if ev.get("sweep"):  # a range test: keep its curve (a few dozen numbers) for the report and the brief
+            record["sweep"] = [{"lrs": list(r.lrs), "losses": list(r.losses)} for r in results]
         t2 = time.monotonic()
         decision = self.core.decide(again.obs)
         if isinstance(decision, Decision) and decision.probe_lrs:

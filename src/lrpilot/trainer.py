@@ -73,7 +73,7 @@ from lrpilot.config import RunConfig
 from lrpilot.data import DataError, build_data, check_vocab, evaluate
 from lrpilot.errors import LrpilotError, disk_error, is_disk_error
 from lrpilot.logs import write_atomic
-from lrpilot.lr import is_positive_finite, warmup_lr
+from lrpilot.lr import SWEEP_DIVERGED, is_positive_finite, sweep_lrs, warmup_lr
 from lrpilot.model import LLaMA
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE = 0, 1, 2
@@ -794,8 +794,11 @@ class Trainer:
         if nothing happened (the same losses as a run without the probe). Raises ValueError on a bad request."""
         lrs = [float(x) for x in req["lrs"]]
         n, after_n = int(req["steps"]), int(req.get("after_batches", 0))
+        sweep = req.get("sweep", False) is True
         if not lrs or n < 1 or after_n < 0 or not all(is_positive_finite(x) for x in lrs):
             raise ValueError(f"lrs {lrs!r}, steps {n}, after_batches {after_n}")
+        if sweep and not (len(lrs) == 2 and lrs[0] < lrs[1]):
+            raise ValueError(f"a sweep needs lrs [lo, hi] with lo < hi, got {lrs!r}")
         n = min(n, self.total - step)  # never past the end of the run's batches
         self.telemetry.emit("phase", step, phase="probe")  # a long silent phase: not a hang
         t0 = time.perf_counter()
@@ -812,22 +815,31 @@ class Trainer:
             data.load_state_dict(copy.deepcopy(snap_data))
 
         branches = []
-        for lr_b in lrs:
+        plans = [sweep_lrs(lrs[0], lrs[1], n)] if sweep else [[lr_b] * n for lr_b in lrs]
+        for plan in plans:
             try:
-                branches.append(self._probe_branch(step, lr_b, n, after_n))
+                branches.append(self._probe_branch(step, plan, after_n, stop_on_divergence=sweep))
             finally:  # whatever happened, the next branch and the run start from the decision point's state
                 restore()
+        spent = sum(len(b["losses"]) for b in branches)
         self.telemetry.emit(
-            "probe", step, branches=branches, steps=n, probe_steps=n * len(lrs), seconds=time.perf_counter() - t0
+            "probe", step, branches=branches, steps=n, probe_steps=spent, sweep=sweep, seconds=time.perf_counter() - t0
         )
 
-    def _probe_branch(self, step: int, lr_b: float, n: int, after_n: int) -> dict[str, Any]:
-        """One probe branch from the current state: `n` updates at `lr_b` on batches step .. step+n-1, then the
-        mean forward-only loss of the next `after_n` batches. Leaves the state changed (probe() restores it)."""
+    def _probe_branch(
+        self, step: int, plan: list[float], after_n: int, stop_on_divergence: bool = False
+    ) -> dict[str, Any]:
+        """One probe branch from the current state: update step+i at LR plan[i] on batches step ..
+        step+len(plan)-1, then the mean forward-only loss of the next `after_n` batches. With
+        `stop_on_divergence` (a range test) it stops after an update whose loss is not finite or above
+        SWEEP_DIVERGED x the lowest so far. Leaves the state changed (probe() restores it)."""
         accum, micro_bs, device, optimizer = self.accum, self.micro_bs, self.device, self.optimizer
         grad_clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         losses: list[float] = []
-        for t in range(step, step + n):
+        for i, lr_b in enumerate(plan):
+            t = step + i
+            if stop_on_divergence and losses and not (losses[-1] <= SWEEP_DIVERGED * min(losses)):
+                break  # diverged (or NaN): the rest of the sweep would only cost time
             for group in optimizer.param_groups:
                 group["lr"] = lr_b
             loss_sum = 0.0
@@ -843,14 +855,18 @@ class Trainer:
             losses.append(loss_sum)
         after = []
         with torch.no_grad():
-            for t in range(step + n, min(step + n + after_n, self.total)):
+            end = step + len(plan)
+            for t in range(end, min(end + after_n, self.total)):
                 for micro in range(accum):
                     x, y = self.data.train_batch(t, micro, micro_bs)
                     with self.autocast:
                         _, loss = self.model(x.to(device), y.to(device))
                     after.append(loss.float().item())
-        return {"lr": lr_b, "losses": losses, "after": sum(after) / len(after) if after else None,
-                "after_batches": len(after) // max(accum, 1)}  # fmt: skip
+        out = {"lr": plan[0], "losses": losses, "after": sum(after) / len(after) if after else None,
+               "after_batches": len(after) // max(accum, 1)}  # fmt: skip
+        if stop_on_divergence:
+            out["lrs"] = plan[: len(losses)]
+        return out
 
 
 def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | None) -> int:

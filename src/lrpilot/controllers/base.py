@@ -36,6 +36,9 @@ class ProbeResult:
     losses: tuple[float, ...]
     after: float = math.nan
     after_batches: int = 0
+    #: an LR range test branch (Decision.probe_sweep): the LR of each update, oldest first (losses[i] was
+    #: trained at lrs[i]); empty for a branch at the fixed LR `lr`
+    lrs: tuple[float, ...] = ()
 
     @property
     def end_loss(self) -> float:
@@ -119,6 +122,11 @@ class Decision:
     #: Observation.probes; `lr` is used if the probe cannot run (probes off, a non-blocking controller).
     probe_lrs: tuple[float, ...] | None = None
     probe_steps: int = 0
+    #: with probe_lrs = (lo, hi), lo < hi: one LR range test branch instead (Smith 2017, "Cyclical Learning
+    #: Rates for Training Neural Networks", sec. 3.3): `probe_steps` updates whose LR rises geometrically from lo
+    #: to hi, stopped early once the loss diverges; each end goes through the guard's [floor, ceiling] (not
+    #: its ratio band: the run's own LR does not change), and the state is restored as after any probe
+    probe_sweep: bool = False
 
     def __post_init__(self) -> None:
         if self.probe_lrs is not None:
@@ -126,6 +134,10 @@ class Decision:
                 raise ValueError(f"Decision.probe_lrs: 1..8 positive finite LRs, got {self.probe_lrs!r}")
             if isinstance(self.probe_steps, bool) or not isinstance(self.probe_steps, int) or self.probe_steps < 1:
                 raise ValueError(f"Decision.probe_steps: a positive int with probe_lrs, got {self.probe_steps!r}")
+            if self.probe_sweep and not (len(self.probe_lrs) == 2 and self.probe_lrs[0] < self.probe_lrs[1]):
+                raise ValueError(f"Decision.probe_lrs: (lo, hi) with lo < hi for probe_sweep, got {self.probe_lrs!r}")
+        if self.probe_sweep and self.probe_lrs is None:
+            raise ValueError("Decision.probe_sweep needs probe_lrs = (lo, hi)")
         r = self.rollback_to_step
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"Decision.rollback_to_step must be None or a non-negative int step, got {r!r}")

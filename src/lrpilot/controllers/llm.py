@@ -27,7 +27,7 @@ from typing import Any
 
 from lrpilot.config import GuardConfig
 from lrpilot.controllers.base import BaseController, ControllerContext, ControllerSpec, Decision, Observation
-from lrpilot.controllers.rules import loss_change_z
+from lrpilot.controllers.rules import RuleParams, loss_change_z, range_suggestion
 from lrpilot.llm.base import LLMBackend, make_backend, parse_json_object, split_reasoning
 from lrpilot.logs import finite_mean
 from lrpilot.lr import fmt_lr, is_positive_finite
@@ -175,9 +175,12 @@ class LLMController(BaseController):
         max_history: int = 30,
         max_decisions: int = 10,
         blocking: bool = False,
+        range_steps: int = 0,
     ) -> None:
         self.backend = backend
         self.blocking = blocking
+        #: updates of the LR range test at the end of warmup (0: none; only a blocking controller gets one)
+        self.range_steps = range_steps
         self.guard = guard
         self.dense_samples = dense_samples
         self.max_history = max_history
@@ -282,7 +285,9 @@ class LLMController(BaseController):
                 )
         else:
             out.append("latest interval: no losses")
-        if obs.probes:
+        if obs.probes and obs.probes[0].lrs:
+            out.append(self._range_test(obs))
+        elif obs.probes:
             out.append(
                 f"lookahead probe at this step: from the current state the trainer trained {len(obs.probes[0].losses)} "
                 "updates at each LR on the run's next batches, measured the loss on the batches after them, and "
@@ -384,10 +389,36 @@ class LLMController(BaseController):
         a = sum(after) / len(after)
         return f"{head}; loss {_loss(d.loss)} before -> {_loss(a)} after ({a - d.loss:+.3f})"
 
+    @staticmethod
+    def _range_test(obs: Observation) -> str:
+        """The LR range test's evidence, the numbers the rules use (lrpilot.controllers.rules.range_suggestion)."""
+        r, p = obs.probes[0], RuleParams()
+        found, at, why = range_suggestion(r.lrs, r.losses, p.range_divisor)
+        pts = [(x, y) for x, y in zip(r.lrs, r.losses, strict=False)]
+        every = max(1, len(pts) // 10)
+        curve = ", ".join(f"{_lr(x)}: {_loss(y)}" for x, y in pts[::every])
+        head = (
+            f"LR range test at this step: from the current state the trainer trained {len(pts)} updates with the "
+            "LR rising geometrically, then restored the state (your LR still applies from this step). "
+            f"Curve (LR: loss): {curve}. "
+        )
+        if not is_positive_finite(found):
+            return head + why
+        return head + f"{why} = {_lr(found)} (the rule controller would climb to that LR)"
+
     # ---------------------------------------------------------------------------------- decide
 
     def decide(self, obs: Observation) -> Decision:
         current = obs.lr if is_positive_finite(obs.lr) else obs.init_lr
+        if self.range_steps and self.blocking and obs.step == obs.warmup_steps and not obs.probes:
+            top = current * RuleParams().range_factor
+            return Decision(
+                current,
+                reason=f"range test first: {self.range_steps} updates from {_lr(current)} to {_lr(top)}",
+                probe_lrs=(current, top),
+                probe_steps=self.range_steps,
+                probe_sweep=True,
+            )
         try:
             messages = self.build_prompt(obs)
         except Exception as e:  # odd telemetry must not stop the round
@@ -416,7 +447,7 @@ def _build(ctx: ControllerContext) -> LLMController:
     """The LLM Controller on ctx.backend, else on the backend cfg.agent describes (audited to ctx.audit_path)."""
     agent = ctx.cfg.agent
     backend = ctx.backend or make_backend(agent, "controller", ctx.audit_path, ctx.audit_extra or None)
-    return LLMController(backend, guard=ctx.cfg.guard, blocking=agent.wait_for_decisions)
+    return LLMController(backend, guard=ctx.cfg.guard, blocking=agent.wait_for_decisions, range_steps=agent.range_steps)
 
 
 #: `--controller llm` (registered in lrpilot.controllers.CONTROLLERS); its memory is the LLM Memory agent

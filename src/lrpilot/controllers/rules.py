@@ -34,6 +34,22 @@ The heuristic, evaluated at each decision point in this order (the first rule th
                  beyond rise_z noise units during the cool-down scales the curve by cut_factor.
 5. `hold`        the first interval after a rollback (its loss comparison straddles the crash), or no
                  loss data at all.
+5a. `range`     only with range_steps > 0 (off by default): an LR range test at the end of warmup (Smith 2017,
+                 "Cyclical Learning Rates for Training Neural Networks", sec. 3.3; the LR-finder of fastai):
+                 the decision there comes with a request (Decision.probe_sweep) for one probe branch of
+                 range_steps updates whose LR rises geometrically from the LR in force to range_factor x it
+                 (the guard's ceiling caps the top; the branch stops once the loss passes 4 x its best). The
+                 state is restored and the controller asked again with the curve: its losses smoothed by a
+                 centred 5-update mean (no lag, unlike an EMA), the LR of the lowest smoothed loss / range_divisor
+                 becomes the round's ceiling (in [floor, probe_ceiling_factor x ceiling]; kept in the decision's
+                 meta["range_ceiling"], which later decisions read back from Observation.decisions, so the
+                 controller stays stateless). Then rules 6-8 apply from here (a `range` cut if the LR in force is
+                 already above it). Measured at the end of warmup, seed 42, 50 updates from 3e-4 to 3e-2: on
+                 cpu-small the lowest smoothed loss was at 6.1e-3 (the loss jumped at 1.4e-2), giving 2.0e-3,
+                 where that workload's WSD sweeps found 1e-3 and 3e-3 about equal; on cpu-bpe at 3.8e-3, giving
+                 1.3e-3, where WSD's best peak was 1e-3 and 3e-3 was 7% worse (lrpilot issue 15). The divisor 3
+                 (not fastai's 10) comes from those two curves: a 50-update test starts from a model still
+                 learning fast, so its minimum sits closer to the best peak than a test from initialisation.
 5b. `probe`     only with probe_steps > 0 (off by default): at the end of warmup and every probe_every-th
                  decision point of the stable phase (unless the loss rose), the decision rules 6-8 would give
                  comes with a request for a lookahead probe (Decision.probe_lrs) at the current LR and one
@@ -134,6 +150,12 @@ class RuleParams:
     probe_ceiling_factor: float = 10.0
     #: the cool-down's shape: 1-sqrt, linear or geometric (module docstring)
     decay_shape: str = "linear"
+    #: LR range test at the end of warmup (module docstring, rule 5a): updates in the sweep; 0 = none (default)
+    range_steps: float = 0
+    #: the range test sweeps from the LR in force to range_factor x it
+    range_factor: float = 100.0
+    #: the ceiling becomes the LR of the range test's lowest smoothed loss / range_divisor
+    range_divisor: float = 3.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -168,6 +190,13 @@ class RuleParams:
             float(self.probe_every).is_integer() and self.probe_every >= 1, "probe_every", "must be a whole number >= 1"
         )
         _check(self.probe_ceiling_factor >= 1, "probe_ceiling_factor", "must be >= 1 (a multiple of ceiling)")
+        _check(
+            float(self.range_steps).is_integer() and (self.range_steps == 0 or 5 <= self.range_steps <= 1000),
+            "range_steps",
+            "must be 0 (no range test) or a whole number of updates in [5, 1000]",
+        )
+        _check(self.range_factor > 1, "range_factor", "must be > 1 (the sweep's end is range_factor x its start)")
+        _check(self.range_divisor >= 1, "range_divisor", "must be >= 1 (the ceiling is the best LR / range_divisor)")
 
     @staticmethod
     def search_space(init_lr: float = 3e-4) -> dict[str, ParamRange]:
@@ -235,6 +264,46 @@ def _z(delta: float, se: float) -> float:
     return math.copysign(math.inf, delta) if delta else 0.0
 
 
+#: half-width of the centred moving mean that smooths a range test's losses (a centred window has no lag, so
+#: unlike an EMA it does not push the minimum to a higher LR)
+RANGE_SMOOTH = 2
+
+
+def range_suggestion(lrs: tuple[float, ...], losses: tuple[float, ...], divisor: float) -> tuple[float, float, str]:
+    """(suggested ceiling, LR of the lowest smoothed loss, why) from one LR range test (ProbeResult.lrs, .losses):
+    the losses smoothed by a centred moving mean of 2 x RANGE_SMOOTH + 1 updates, the LR at their minimum, that
+    LR / `divisor` (the LR-finder's pick below the minimum: Smith 2017, "Cyclical Learning Rates for Training
+    Neural Networks", sec. 3.3; fastai's lr_find "minimum / 10"). NaN for both LRs when fewer than 5 finite
+    points came back."""
+    pts = [(x, y) for x, y in zip(lrs, losses, strict=False) if is_positive_finite(x) and math.isfinite(y)]
+    if len(pts) < 5:
+        return math.nan, math.nan, f"range test gave {len(pts)} finite points (< 5)"
+    ys = [y for _, y in pts]
+    smooth = []
+    for i in range(len(ys)):
+        w = ys[max(0, i - RANGE_SMOOTH) : i + RANGE_SMOOTH + 1]
+        smooth.append(sum(w) / len(w))
+    i = min(range(len(smooth)), key=smooth.__getitem__)
+    at = pts[i][0]
+    edge = " (at the sweep's end: the loss never turned up)" if i == len(pts) - 1 else ""
+    why = (
+        f"range test {pts[0][0]:.3e}..{pts[-1][0]:.3e} over {len(pts)} updates: lowest smoothed loss "
+        f"{smooth[i]:.4f} at lr {at:.3e}{edge}, / {divisor:g}"
+    )
+    return at / divisor, at, why
+
+
+def range_ceiling(obs: Observation) -> float:
+    """The ceiling an earlier range test of this round set (the latest decision's meta["range_ceiling"]),
+    NaN if none: the controller stays stateless, its memory is the decision log."""
+    for rec in reversed(obs.decisions):
+        meta = rec.extra.get("meta")
+        if isinstance(meta, dict) and "range_ceiling" in meta:
+            x = meta["range_ceiling"]
+            return float(x) if is_positive_finite(x) else math.nan
+    return math.nan
+
+
 def rule_of(d: Decision) -> str:
     """The rule that made a RuleController decision (meta["rule"]), "" for another controller's."""
     return str(d.meta.get("rule", ""))
@@ -270,6 +339,8 @@ class RuleController(BaseController):
     def _ceiling(self, obs: Observation, base: float | None = None) -> tuple[float, str]:
         """Effective ceiling and why: params (or `base`), the guard's ceiling, and below any LR that crashed."""
         ceil, why = (self.params.ceiling, "rules ceiling") if base is None else (base, "probe ceiling")
+        if base is None and is_positive_finite(found := range_ceiling(obs)):
+            ceil, why = found, "range test ceiling"
         if is_positive_finite(obs.ceiling) and obs.ceiling < ceil:
             ceil, why = obs.ceiling, "guard ceiling"
         crash_lrs = [r.lr_at_crash for r in obs.rollbacks if is_positive_finite(r.lr_at_crash)]
@@ -319,7 +390,7 @@ class RuleController(BaseController):
 
         ceiling, ceiling_why = self._ceiling(obs)  # where the rules climb to on their own
         hard, hard_why = ceiling, ceiling_why  # above this they cut; with probes, a probe may go up to it
-        if p.probe_steps > 0:
+        if p.probe_steps > 0 or p.range_steps > 0:  # a probe or the range test may take it above the ceiling
             hard, hard_why = self._ceiling(obs, p.ceiling * p.probe_ceiling_factor)
         meta.update(ceiling=ceiling, hard_ceiling=hard)
         losses = [x for x in obs.recent_losses if isinstance(x, (int, float))]
@@ -354,10 +425,21 @@ class RuleController(BaseController):
         last_rb = obs.rollbacks[-1].rolled_back_to_step if obs.rollbacks else None  # the latest rollback
         if last_rb is not None and 0 <= obs.step - last_rb <= every:
             return decided("hold", lr, f"first interval after a rollback to step {last_rb}, {change}, hold")
+        k, off = divmod(obs.step - obs.warmup_steps, every)
+        if p.range_steps > 0 and obs.probes and obs.probes[0].lrs:
+            return self._after_range(obs, lr, hard, z, change, decided, meta)
         d = self._stable(obs, lr, ceiling, ceiling_why, z, change, decided)
         if p.probe_steps > 0 and obs.probes:
             return self._choose_probe(obs, lr, d, decided)
-        k, off = divmod(obs.step - obs.warmup_steps, every)
+        if p.range_steps > 0 and k == 0 and off == 0 and not obs.probes:
+            return replace(
+                d,
+                probe_lrs=(lr, lr * p.range_factor),
+                probe_steps=int(p.range_steps),
+                probe_sweep=True,
+                reason=f"{d.reason}; range test first: {int(p.range_steps)} updates from {lr:.3e} to "
+                f"{lr * p.range_factor:.3e}",
+            )
         up = self._limit(obs, lr, max(lr * p.climb_factor, d.lr), hard)
         if p.probe_steps > 0 and off == 0 and k % int(p.probe_every) == 0 and up > lr and rule_of(d) != "rise":
             return replace(
@@ -367,6 +449,27 @@ class RuleController(BaseController):
                 reason=f"{d.reason}; probe first: {int(p.probe_steps)} updates at {lr:.3e} and at {up:.3e}",
             )
         return d
+
+    def _after_range(
+        self, obs: Observation, lr: float, hard: float, z: float, change: str, decided: Any, meta: dict[str, Any]
+    ) -> Decision:
+        """Rule 5a: the range test came back; its suggestion (range_suggestion) becomes the round's ceiling (in
+        [floor, hard ceiling]; kept in meta["range_ceiling"] for the later decisions), then rules 6-8 from here.
+        A test with too few points leaves the rules' own ceiling (meta["range_ceiling"] = None)."""
+        p, r = self.params, obs.probes[0]
+        found, at, why = range_suggestion(r.lrs, r.losses, p.range_divisor)
+        if is_positive_finite(found):
+            found = min(found, hard)
+            if is_positive_finite(obs.floor):
+                found = max(found, obs.floor)
+        meta.update(range_ceiling=found if is_positive_finite(found) else None, range_lr_at_min=at)
+        if not is_positive_finite(found):
+            own = self._stable(obs, lr, *self._ceiling(obs), z, change, decided)
+            return replace(own, reason=f"{own.reason}; {why}: ceiling kept")
+        d = self._stable(obs, lr, found, "range test ceiling", z, change, decided)
+        if lr > found:  # the test says the LR in force is already too high
+            d = decided("range", found, f"{why}: ceiling {found:.3e} below the LR in force")
+        return replace(d, reason=f"{d.reason}; {why}: ceiling {found:.3e}")
 
     def _choose_probe(self, obs: Observation, lr: float, own: Decision, decided: Any) -> Decision:
         """Rule 5b: go to the higher probe branch if its loss after the branch (ProbeResult.end_loss) is lower than
