@@ -260,3 +260,61 @@ def test_probes_are_asked_for_at_their_decision_points_and_only_ever_raise_the_l
     # with probes the rules hold an LR a probe took above their ceiling (without, they cut it back)
     assert rule(c.decide(obs(lr=2e-3, prev=4.0, cur=3.99, noise=0.5))) == "hold"
     assert rule(RuleController().decide(obs(lr=2e-3, prev=4.0, cur=3.99, noise=0.5))) == "over-ceiling"
+
+
+# ------------------------------------------------------------------------------------------- LR range test (5a)
+
+
+def test_range_suggestion_is_the_lowest_smoothed_loss_over_the_divisor():
+    from lrpilot.controllers.rules import range_suggestion
+    from lrpilot.lr import sweep_lrs
+
+    lrs = tuple(sweep_lrs(1e-4, 1e-1, 31))
+    # a valley at index 20 (with one low outlier at index 5 that a 5-update centred mean smooths away)
+    losses = tuple(3.0 + 0.01 * (i - 20) ** 2 - (1.0 if i == 5 else 0.0) for i in range(31))
+    found, at, why = range_suggestion(lrs, losses, 3.0)
+    assert at == lrs[20] and found == pytest.approx(lrs[20] / 3) and "never turned up" not in why
+    # a curve that only falls: the minimum is the sweep's end, and the reason says so
+    found, at, why = range_suggestion(lrs, tuple(5.0 - 0.1 * i for i in range(31)), 3.0)
+    assert at == lrs[-1] and "never turned up" in why
+    # NaN/Inf and bad LRs are dropped; fewer than 5 finite points give no suggestion
+    bad = (math.nan, math.inf, 2.0, 1.9, 1.8, 1.7)
+    assert math.isnan(range_suggestion((1e-3, 2e-3, 3e-3, 4e-3, 5e-3, -1.0), bad, 3.0)[0])
+    assert range_suggestion(lrs[:6], (math.nan, 2.0, 1.9, 1.8, 1.7, 1.6), 3.0)[1] == lrs[5]
+
+
+def test_rules_ask_for_one_range_test_at_the_end_of_warmup_and_read_its_ceiling_back():
+    from lrpilot.controllers.base import ProbeResult
+    from lrpilot.lr import sweep_lrs
+    from lrpilot.records import DecisionRecord
+
+    p = RuleParams(range_steps=20, range_factor=100.0, range_divisor=3.0)
+    ctrl = RuleController(p)
+    first = ctrl.decide(obs(step=WARMUP, prev=None, noise=0.01))
+    assert first.probe_sweep and first.probe_lrs == (3e-4, pytest.approx(3e-2)) and first.probe_steps == 20
+    # not at another decision point, and not without range_steps
+    assert ctrl.decide(obs(step=WARMUP + EVERY, noise=0.01)).probe_lrs is None
+    assert RuleController(RuleParams()).decide(obs(step=WARMUP, prev=None, noise=0.01)).probe_lrs is None
+
+    lrs = tuple(sweep_lrs(3e-4, 3e-2, 20))
+    curve = tuple(3.0 + 0.01 * (i - 12) ** 2 for i in range(20))
+    probed = obs(step=WARMUP, prev=None, noise=0.01, probes=(ProbeResult(lr=3e-4, losses=curve, lrs=lrs),))
+    d = ctrl.decide(probed)
+    assert d.probe_lrs is None and d.meta["range_ceiling"] == pytest.approx(lrs[12] / 3)
+    assert "range test" in d.reason and d.lr <= d.meta["range_ceiling"]
+    # a later decision reads the ceiling back from the decision log (the controller keeps no state)
+    rec = DecisionRecord(step=WARMUP, old_lr=3e-4, new_lr=d.lr, loss=3.0, extra={"meta": d.meta})
+    later = ctrl.decide(obs(step=WARMUP + EVERY, lr=d.meta["range_ceiling"] / 1.5, prev=4.0, cur=3.0, decisions=(rec,)))
+    assert later.lr == pytest.approx(d.meta["range_ceiling"]) and "range test ceiling" in later.reason
+    # the LR in force above the found ceiling is cut to it
+    high = obs(step=WARMUP, lr=2e-3, prev=None, noise=0.01, probes=(ProbeResult(lr=2e-3, losses=curve, lrs=lrs),))
+    cut = ctrl.decide(high)
+    assert cut.lr == pytest.approx(max(lrs[12] / 3, 2e-3 * 0.5)) and cut.meta["rule"] == "range"
+
+
+@pytest.mark.parametrize(
+    "field, value", [("range_steps", 3), ("range_steps", 2.5), ("range_factor", 1.0), ("range_divisor", 0.5)]
+)
+def test_bad_range_test_settings_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"rules.{field}"):
+        RuleParams(**{field: value})
