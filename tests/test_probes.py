@@ -260,3 +260,36 @@ def test_range_steps_for_the_llm_needs_wait_for_decisions():
         load_config("cpu-smoke", ["agent.range_steps=20"])
     with pytest.raises(ConfigError, match=r"agent\.range_steps"):
         load_config("cpu-smoke", ["agent.range_steps=3", "agent.wait_for_decisions=true"])
+
+
+def test_the_report_draws_a_campaigns_range_tests_and_reads_odd_records_safely(tmp_path):
+    """A real 1-round rules campaign with a range test: the report (which reads only the logs) gets section (g)
+    with the curve and the ceiling; a campaign without one has no such section; garbage in a sweep record is
+    skipped, not fatal."""
+    from lrpilot.campaign import CampaignSettings, run_campaign
+    from lrpilot.campaign_logs import load_campaign
+    from lrpilot.report.report import build_report
+
+    smoke = ["train.total_steps=40"]
+    cfg = load_config("cpu-smoke", smoke)
+    for name, rule in (("ranged", {"range_steps": float(SWEEP_STEPS)}), ("plain", {})):
+        settings = CampaignSettings(preset="cpu-smoke", overrides=tuple(smoke), controller="rules", memory="none",
+                                    rule_params=rule)  # fmt: skip
+        run_campaign(cfg, tmp_path / name, 1, settings, echo=lambda _: None)
+    (rnd,) = load_campaign(tmp_path / "ranged").rounds
+    (test,) = rnd.range_tests()
+    assert test.step == cfg.schedule.warmup_steps and len(test.lrs) == len(test.losses) >= 2
+    assert test.ceiling > 0 and test.lrs[0] < test.lrs[-1]
+    md = build_report(tmp_path / "ranged", [], tmp_path / "rep1").md_path.read_text()
+    assert "(g) LR range tests" in md and (tmp_path / "rep1" / "range_tests.png").stat().st_size > 0
+    md0 = build_report(tmp_path / "plain", [], tmp_path / "rep0").md_path.read_text()
+    assert "range test" not in md0 and not (tmp_path / "rep0" / "range_tests.png").exists()
+
+    # odd records: not a list, a list of garbage, mismatched lengths, too few points
+    import dataclasses
+
+    odd = [{"probe": {"sweep": "x"}}, {"probe": {"sweep": [{"lrs": "a", "losses": None}]}},
+           {"probe": {"sweep": [{"lrs": [1e-3, "b", 3e-3], "losses": [2.0, 1.0]}]}, "meta": "m"},
+           {"step": 7, "probe": {"sweep": [{"lrs": [1e-3, 2e-3, -1], "losses": [2.0, "nan", 1.0]}]}}]  # fmt: skip
+    (kept,) = dataclasses.replace(rnd, decisions=tuple(odd)).range_tests()
+    assert kept.step == 7 and kept.lrs == (1e-3, 2e-3) and math.isnan(kept.losses[1]) and math.isnan(kept.ceiling)

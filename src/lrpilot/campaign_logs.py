@@ -227,6 +227,41 @@ class RoundSummary(_FallbackCounts):
         """Updates run twice because of rollbacks: crash_step - rolled_back_to_step summed over rollbacks."""
         return sum(max(_int(r.get("crash_step")) - _int(r.get("rolled_back_to_step")), 0) for r in self.rollbacks)
 
+    def range_tests(self) -> list[RangeTest]:
+        """The LR range tests of this round (a decision record's `probe.sweep`, docs/architecture.md), oldest
+        first; a curve whose numbers are unreadable or with fewer than 2 points is left out."""
+        out = []
+        for rec in self.decisions:
+            probe, meta = rec.get("probe"), rec.get("meta")
+            sweep = probe.get("sweep") if isinstance(probe, dict) else None
+            if not isinstance(sweep, list) or not sweep or not isinstance(sweep[0], dict):
+                continue
+            pts = [
+                (as_float(x), as_float(y))
+                for x, y in zip(sweep[0].get("lrs") or [], sweep[0].get("losses") or [], strict=False)
+            ]
+            pts = [(x, y) for x, y in pts if x > 0 and math.isfinite(x)]  # a NaN loss stays: the curve blew up
+            if len(pts) < 2:
+                continue
+            meta = meta if isinstance(meta, dict) else {}
+            out.append(RangeTest(self.round, _int(rec.get("step")), tuple(x for x, _ in pts),
+                                 tuple(y for _, y in pts), as_float(meta.get("range_ceiling")),
+                                 as_float(meta.get("range_lr_at_min"))))  # fmt: skip
+        return out
+
+
+@dataclass(frozen=True)
+class RangeTest:
+    """One LR range test of a round, read from its decision record: the LR and training loss of each update of
+    the sweep, and (rules only; NaN otherwise) the LR of the lowest smoothed loss and the ceiling it set."""
+
+    round: int
+    step: int
+    lrs: tuple[float, ...]
+    losses: tuple[float, ...]
+    ceiling: float = math.nan
+    lr_at_min: float = math.nan
+
 
 @dataclass(frozen=True)
 class BaselineResult(_FallbackCounts):

@@ -714,6 +714,31 @@ def fig_side_by_side(s: SideBySide, out: Path) -> Figure:
     return Figure("side_by_side", title, caption, _save(fig, out / "side_by_side.png"))
 
 
+def fig_range_tests(a: Analysis, out: Path) -> Figure:
+    """Training loss against LR (log axis) of every LR range test of the campaign, each with the ceiling it set."""
+    title = "LR range tests: training loss of each update against its LR"
+    tests = [t for r in a.rounds for t in r.range_tests()]
+    if not tests:
+        return Figure("range_tests", title, "No round ran an LR range test.")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
+    for i, t in enumerate(tests):
+        color = plt.get_cmap("tab10")(i % 10)
+        ax.plot(t.lrs, t.losses, color=color, lw=1.2, label=f"round {t.round}, step {t.step}")
+        if _plottable_lr(t.ceiling):
+            ax.axvline(t.ceiling, color=color, ls="--", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("LR of the update")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8, loc="best")
+    caption = (
+        "Each curve is one range test: from the state at the end of warmup the trainer swept the LR upward, one "
+        "update per LR, then restored the state. Dashed: the ceiling the rules set from it (the LR of the lowest "
+        "smoothed loss / range_divisor)."
+    )
+    return Figure("range_tests", title, caption, _save(fig, out / "range_tests.png"))
+
+
 def safe_figure(name: str, fn, *args) -> Figure:
     """fn(*args), or a note (with a warning) when it fails on odd data instead of losing the report."""
     try:
@@ -736,7 +761,7 @@ def all_figures(a: Analysis, out: Path) -> list[Figure]:
             ("landscape", fig_landscape),
             ("loss_curves", fig_loss_curves),
         )
-    ]
+    ] + ([safe_figure("range_tests", fig_range_tests, a, out)] if any(r.range_tests() for r in a.rounds) else [])
 
 
 __all__ = ["Figure", "all_figures", "cosine_curve", "fig_side_by_side", "ppl_limits", "safe_figure"]

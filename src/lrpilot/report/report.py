@@ -94,6 +94,7 @@ def _sections(d: ReportData) -> list[tuple[str, list[Table | Figure | str]]]:
         ("(d) Exploration landscape", [figs["landscape"]]),
         ("(e) Loss curves", [figs["loss_curves"]]),
         ("(f) Survival per peak band", [t["survival"]]),
+        *([("(g) LR range tests", [figs["range_tests"]])] if "range_tests" in figs else []),
         ("All rounds", [t["rounds"]]),
     ]
 
