@@ -332,7 +332,8 @@ class AgentConfig:
     memory_max_tokens: int = 320
     #: an LR range test of this many updates at the end of warmup, shown to the Controller in its prompt
     #: (lrpilot.controllers.rules, rule 5a: the same test the rules can run); 0 = none. Needs
-    #: wait_for_decisions (the trainer waits at the decision point while the test runs)
+    #: wait_for_decisions (the trainer waits at the decision point while the test runs). lrpilot's trainer
+    #: only: a Pilot in your own loop runs no probes, so there the Controller holds the LR at that point
     range_steps: int = 0
 
     def __post_init__(self) -> None:
