@@ -38,6 +38,7 @@ from lrpilot.controllers.base import (
     Decision,
     DecisionRecord,
     Observation,
+    ProbeResult,
     RollbackRecord,
 )
 from lrpilot.controllers.replay import ReplayController
@@ -175,6 +176,7 @@ FACTORIES: list[tuple[str, Callable[[Shape], BaseController]]] = [
     ("rules-optuna-b", lambda s: RuleController(_optuna_params()[1])),
     ("rules-probes", lambda s: RuleController(RuleParams.for_init_lr(s.init_lr, probe_steps=3, probe_every=1))),
     ("rules-linear", lambda s: RuleController(RuleParams(decay_shape="linear", decay_start=0.5))),
+    ("rules-range", lambda s: RuleController(RuleParams.for_init_lr(s.init_lr, range_steps=10))),
     ("replay", _replay),
     ("llm-scripted", _llm),
 ]
@@ -232,8 +234,39 @@ def observations(draw, s: Shape) -> Observation:
                 effective_step=st.one_of(st.none(), st.integers(0, s.total)),
                 kind=st.sampled_from(["decision", "emergency", "fallback", "rollback"]),
                 reason=st.text(max_size=20),
+                # an earlier range test's ceiling (rules rule 5a), odd values included
+                extra=st.one_of(
+                    st.just({}),
+                    st.fixed_dictionaries(
+                        {
+                            "meta": st.fixed_dictionaries(
+                                {
+                                    "range_ceiling": st.one_of(
+                                        lrs, st.none(), st.sampled_from([math.nan, -1.0, 0.0, "x"])
+                                    )
+                                }
+                            )
+                        }
+                    ),
+                ),  # fmt: skip
             ),
             max_size=3,
+        )
+    )
+    # results of a probe (fixed-LR branches) or of a range test (one branch with per-update LRs)
+    probe_losses = st.lists(odd_floats, max_size=12).map(tuple)
+    probes = draw(
+        st.one_of(
+            st.just(()),
+            st.lists(st.builds(ProbeResult, lr=lrs, losses=probe_losses, after=odd_floats), min_size=1, max_size=3),
+            st.integers(0, 12).flatmap(
+                lambda n: st.builds(
+                    ProbeResult,
+                    lr=lrs,
+                    losses=st.lists(odd_floats, min_size=n, max_size=n).map(tuple),
+                    lrs=st.lists(st.one_of(lrs, st.sampled_from([math.nan, -1.0])), min_size=n, max_size=n).map(tuple),
+                ).map(lambda r: [r])
+            ),
         )
     )
     return Observation(
@@ -254,6 +287,7 @@ def observations(draw, s: Shape) -> Observation:
         floor=floor,
         ceiling=ceiling,
         round_index=draw(st.integers(0, 5)),
+        probes=tuple(probes),
     )
 
 
