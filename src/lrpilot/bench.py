@@ -482,7 +482,7 @@ def _run_row(rec: dict[str, Any], label: str, seed: int, peak: float | None = No
         "status": "ok" if rec.get("status", "ok") == "ok" and math.isfinite(ppl) else "failed",
         "wall_time_s": as_float(rec.get("wall_time_s", 0.0)),
         "seed": int(rec.get("seed", seed)),
-        #: extra updates spent in lookahead probes (rules with probe_steps > 0): training compute too
+        #: extra updates spent in lookahead probes and range tests (rules with probe_steps or range_steps > 0): compute too
         "probe_steps": int(rec.get("probe_steps", 0) or 0),
     }
 

@@ -372,7 +372,7 @@ class RoundResult(_Record):
     mostly_fallback: bool = False
     #: rollbacks the controller asked for and the guard granted (decisions of kind agent_rollback)
     agent_rollbacks: int = 0
-    #: extra training updates spent in lookahead probes (Decision.probe_lrs), beyond update_step
+    #: extra training updates spent in lookahead probes and LR range tests (Decision.probe_lrs), beyond update_step
     probe_steps: int = 0
     #: status "pruned": the last update the trainer ran before it stopped (None for any other status)
     pruned_at_step: int | None = None
