@@ -249,7 +249,10 @@ def test_an_llm_controller_sees_the_range_test_in_its_prompt(tmp_path, monkeypat
     # one model call per decision point: the range test itself asked the model nothing
     prompts = [r["json"]["messages"][-1]["content"] for r in srv.requests if r["path"].endswith("/chat/completions")]
     assert len(prompts) == len(decisions)
-    assert "LR range test at this step" in prompts[0] and "the rule controller would climb to" in prompts[0]
+    assert (
+        "LR range test at this step" in prompts[0]
+        and "the rule controller would take that as its ceiling" in prompts[0]
+    )
     assert not any("LR range test" in p for p in prompts[1:])
 
 
@@ -290,6 +293,60 @@ def test_the_report_draws_a_campaigns_range_tests_and_reads_odd_records_safely(t
 
     odd = [{"probe": {"sweep": "x"}}, {"probe": {"sweep": [{"lrs": "a", "losses": None}]}},
            {"probe": {"sweep": [{"lrs": [1e-3, "b", 3e-3], "losses": [2.0, 1.0]}]}, "meta": "m"},
+           {"probe": {"sweep": [{"lrs": 5, "losses": [1.0]}]}}, {"probe": {"sweep": [{"lrs": [1e-3], "losses": True}]}},
            {"step": 7, "probe": {"sweep": [{"lrs": [1e-3, 2e-3, -1], "losses": [2.0, "nan", 1.0]}]}}]  # fmt: skip
     (kept,) = dataclasses.replace(rnd, decisions=tuple(odd)).range_tests()
     assert kept.step == 7 and kept.lrs == (1e-3, 2e-3) and math.isnan(kept.losses[1]) and math.isnan(kept.ceiling)
+
+
+def test_review_fixes_range_ceiling_is_enforced_tested_once_and_odd_events_are_safe():
+    """After a range test lowered the ceiling below the LR in force, later decisions cut down to it
+    (over-ceiling); a round asks for one test only, also when it comes back to the end of warmup after a
+    rollback; a malformed probe event's lists and counts read as empty/zero; a bad sweep record is skipped."""
+    from lrpilot.records import DecisionRecord
+    from lrpilot.supervisor import _count, _floats
+
+    p = RuleParams(range_steps=20)
+    rec = DecisionRecord(step=100, old_lr=3e-4, new_lr=1.5e-4, loss=3.0, extra={"meta": {"range_ceiling": 1e-4}})
+    base = dict(total_steps=1000, warmup_steps=100, decision_every=50, init_lr=3e-4, loss_history=(),
+                lr_history=(), decisions=(rec,))  # fmt: skip
+    later = RuleController(p).decide(Observation(step=150, lr=1.5e-4, recent_losses=(3.0,) * 50, **base))
+    assert later.lr == pytest.approx(1e-4) and later.meta["rule"] == "over-ceiling"
+    again = RuleController(p).decide(Observation(step=100, lr=3e-4, recent_losses=(3.0, 2.9, 2.8), **base))
+    assert again.probe_lrs is None  # tested once per round
+    assert _floats(5) == () and _floats(None) == () and _floats([1, "x"])[0] == 1.0 and math.isnan(_floats([1, "x"])[1])
+    assert _count("7") == 7 and _count(-1) == 0 and _count(2.5) == 0 and _count(None) == 0 and _count(True) == 0
+
+
+def test_an_llm_whose_range_test_was_refused_asks_the_model(tmp_path):
+    """The LLM Controller (real HTTP on 127.0.0.1) asks for the range test once per round; if it comes back
+    without results (the trainer refused it), the re-ask goes to the model instead of holding the LR."""
+    pytest.importorskip("openai", reason="needs the `openai` extra")
+    from llm_servers import ScriptedServer, chat_body
+
+    from lrpilot.config import AgentConfig
+    from lrpilot.controllers.llm import LLMController
+    from lrpilot.llm.base import make_backend
+
+    srv = ScriptedServer(script=[(200, chat_body('{"reason": "up", "lr": 0.0006}'), {})])
+    try:
+        agent = AgentConfig(base_url=srv.base_url, model="scripted", retries=0, wait_for_decisions=True,
+                            range_steps=20)  # fmt: skip
+        ctrl = LLMController(make_backend(agent, "controller", tmp_path / "calls.jsonl"), blocking=True,
+                             range_steps=agent.range_steps)  # fmt: skip
+        ctrl.start_round()
+        o = Observation(step=100, total_steps=1000, warmup_steps=100, decision_every=50, lr=3e-4, init_lr=3e-4,
+                        recent_losses=(3.0, 2.9, 2.8), loss_history=(), lr_history=())  # fmt: skip
+        first = ctrl.decide(o)
+        assert first.probe_sweep and not srv.requests
+        refused = ctrl.decide(o)  # asked again with no probe results
+        assert refused.probe_lrs is None and refused.lr == pytest.approx(6e-4) and len(srv.requests) == 1
+    finally:
+        srv.stop()
+
+
+def test_range_steps_for_the_llm_needs_one_process():
+    from lrpilot.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"agent\.range_steps.*one trainer process"):
+        load_config("cpu-smoke", ["agent.range_steps=20", "agent.wait_for_decisions=true", "launch.devices=cpu:2"])

@@ -236,10 +236,10 @@ class RoundSummary(_FallbackCounts):
             sweep = probe.get("sweep") if isinstance(probe, dict) else None
             if not isinstance(sweep, list) or not sweep or not isinstance(sweep[0], dict):
                 continue
-            pts = [
-                (as_float(x), as_float(y))
-                for x, y in zip(sweep[0].get("lrs") or [], sweep[0].get("losses") or [], strict=False)
-            ]
+            xs, ys = sweep[0].get("lrs"), sweep[0].get("losses")
+            if not isinstance(xs, list) or not isinstance(ys, list):
+                continue
+            pts = [(as_float(x), as_float(y)) for x, y in zip(xs, ys, strict=False)]
             pts = [(x, y) for x, y in pts if x > 0 and math.isfinite(x)]  # a NaN loss stays: the curve blew up
             if len(pts) < 2:
                 continue

@@ -332,8 +332,9 @@ class AgentConfig:
     memory_max_tokens: int = 320
     #: an LR range test of this many updates at the end of warmup, shown to the Controller in its prompt
     #: (lrpilot.controllers.rules, rule 5a: the same test the rules can run); 0 = none. Needs
-    #: wait_for_decisions (the trainer waits at the decision point while the test runs). lrpilot's trainer
-    #: only: a Pilot in your own loop runs no probes, so there the Controller holds the LR at that point
+    #: wait_for_decisions (the trainer waits at the decision point while the test runs) and one process
+    #: (launch.devices cpu or cuda). lrpilot's trainer only: a Pilot in your own loop runs no probes, so there
+    #: (or if the LR in force is already at guard.ceiling) the Controller holds the LR at that point
     range_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -421,6 +422,12 @@ class RunConfig:
             self.data.seq_len <= self.model.max_sequence_length,
             "data.seq_len",
             f"must be <= model.max_sequence_length ({self.model.max_sequence_length})",
+        )
+        _check(
+            self.agent.range_steps == 0 or self.launch.nproc == 1,
+            "agent.range_steps",
+            f"runs in one trainer process only, but launch.devices={self.launch.devices!r} starts "
+            f"{self.launch.nproc}; use --set agent.range_steps=0 or one device",
         )
         # the warmup trains at init_lr before the guard sees any decision, so it must be an LR the guard allows
         lr, g = self.schedule.init_lr, self.guard

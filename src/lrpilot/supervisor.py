@@ -669,17 +669,16 @@ class _Round:
         results = []
         for b in ev.get("branches") or []:
             if isinstance(b, dict) and is_positive_finite(b.get("lr")):
-                losses = tuple(as_float(x) for x in b.get("losses") or [])
-                results.append(ProbeResult(lr=float(b["lr"]), losses=losses, after=as_float(b.get("after")),
-                                           after_batches=int(b.get("after_batches") or 0),
-                                           lrs=tuple(as_float(x) for x in b.get("lrs") or [])))  # fmt: skip
+                results.append(ProbeResult(lr=float(b["lr"]), losses=_floats(b.get("losses")),
+                                           after=as_float(b.get("after")), after_batches=_count(b.get("after_batches")),
+                                           lrs=_floats(b.get("lrs"))))  # fmt: skip
         again = dataclasses.replace(point, obs=dataclasses.replace(point.obs, probes=tuple(results)))
         record = {
             "seq": seq, "lrs": lrs, "clamp_reasons": reasons, "steps": ev.get("steps"),
-            "probe_steps": int(ev.get("probe_steps") or 0), "seconds": ev.get("seconds"), "error": ev.get("error"),
+            "probe_steps": _count(ev.get("probe_steps")), "seconds": ev.get("seconds"), "error": ev.get("error"),
             "branches": [{"lr": r.lr, "end_loss": r.end_loss, "mean_loss": finite_mean(r.losses)} for r in results],
         }  # fmt: skip
-        if ev.get("sweep"):  # a range test: keep its curve (a few dozen numbers) for the report and the brief
+        if ev.get("sweep"):  # a range test: keep its curve (a few dozen numbers) for the report
             record["sweep"] = [{"lrs": list(r.lrs), "losses": list(r.losses)} for r in results]
         t2 = time.monotonic()
         decision = self.core.decide(again.obs)
@@ -916,7 +915,7 @@ class _Round:
             mostly_fallback=is_mostly_fallback(fallbacks, len(answers)),
             agent_rollbacks=len(self._agent_rollbacks_used()),
             probe_steps=sum(
-                int(d["probe"].get("probe_steps") or 0) for d in self.decisions if isinstance(d.get("probe"), dict)
+                _count(d["probe"].get("probe_steps")) for d in self.decisions if isinstance(d.get("probe"), dict)
             ),
             pruned_at_step=self.last_step if status == "pruned" else None,
             steps_saved=max(0, self.cfg.train.total_steps - self.last_step) if status == "pruned" else 0,
@@ -972,6 +971,17 @@ def run_round(
     )
     rnd.new_run_start_iso = run_start_iso
     return rnd.run(resume)
+
+
+def _floats(v: Any) -> tuple[float, ...]:
+    """A telemetry list of numbers as floats (garbage -> NaN); () unless it is a list (an untrusted event)."""
+    return tuple(as_float(x) for x in v) if isinstance(v, list) else ()
+
+
+def _count(v: Any) -> int:
+    """A telemetry count; 0 unless it is a non-negative whole number (an untrusted event)."""
+    x = as_float(v)
+    return int(x) if math.isfinite(x) and x >= 0 and x.is_integer() else 0
 
 
 __all__ = [

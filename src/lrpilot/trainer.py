@@ -790,8 +790,10 @@ class Trainer:
         """A lookahead probe at decision point `step` (rank 0, one process): from the current state, for each
         LR train `steps` updates on the run's own next batches (step .. step+steps-1), then measure the mean loss
         of the `after_batches` batches after them, forward only; restore model, optimizer, RNG and data
-        position exactly after each branch. One `probe` event carries every branch; the run then continues as
-        if nothing happened (the same losses as a run without the probe). Raises ValueError on a bad request."""
+        position exactly after each branch. With req["sweep"] (an LR range test) there is one branch instead, its
+        LR rising geometrically from lrs[0] to lrs[1] (lrpilot.lr.sweep_lrs), stopped once the loss diverges.
+        One `probe` event carries every branch; the run then continues as if nothing happened (the same losses
+        as a run without the probe). Raises ValueError on a bad request."""
         lrs = [float(x) for x in req["lrs"]]
         n, after_n = int(req["steps"]), int(req.get("after_batches", 0))
         sweep = req.get("sweep", False) is True

@@ -36,8 +36,9 @@ class ProbeResult:
     losses: tuple[float, ...]
     after: float = math.nan
     after_batches: int = 0
-    #: an LR range test branch (Decision.probe_sweep): the LR of each update, oldest first (losses[i] was
-    #: trained at lrs[i]); empty for a branch at the fixed LR `lr`
+    #: an LR range test branch (Decision.probe_sweep): the LR of each update, oldest first; losses[i] is that
+    #: update's training loss, taken before its step (so it shows the effect of lrs[:i], as in fastai's
+    #: lr_find); empty for a branch at the fixed LR `lr`
     lrs: tuple[float, ...] = ()
 
     @property

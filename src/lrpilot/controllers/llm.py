@@ -181,6 +181,8 @@ class LLMController(BaseController):
         self.blocking = blocking
         #: updates of the LR range test at the end of warmup (0: none; only a blocking controller gets one)
         self.range_steps = range_steps
+        #: asked for this round's range test already (once per round; a refused test then goes to the model)
+        self._range_asked = False
         self.guard = guard
         self.dense_samples = dense_samples
         self.max_history = max_history
@@ -189,6 +191,7 @@ class LLMController(BaseController):
 
     def start_round(self, round_index: int = 0, memory_brief: str = "") -> None:
         self.memory_brief = memory_brief
+        self._range_asked = False
 
     def describe(self) -> dict[str, Any]:
         return {"controller": self.name, **self.backend.describe()}
@@ -396,7 +399,8 @@ class LLMController(BaseController):
         found, at, why = range_suggestion(r.lrs, r.losses, p.range_divisor)
         pts = [(x, y) for x, y in zip(r.lrs, r.losses, strict=False)]
         every = max(1, len(pts) // 10)
-        curve = ", ".join(f"{_lr(x)}: {_loss(y)}" for x, y in pts[::every])
+        shown = pts[::every] + ([pts[-1]] if (len(pts) - 1) % every else [])  # the last (diverging) point too
+        curve = ", ".join(f"{_lr(x)}: {_loss(y)}" for x, y in shown)
         head = (
             f"LR range test at this step: from the current state the trainer trained {len(pts)} updates with the "
             "LR rising geometrically, then restored the state (your LR still applies from this step). "
@@ -404,13 +408,14 @@ class LLMController(BaseController):
         )
         if not is_positive_finite(found):
             return head + why
-        return head + f"{why} = {_lr(found)} (the rule controller would climb to that LR)"
+        return head + f"{why} = {_lr(found)} (the rule controller would take that as its ceiling)"
 
     # ---------------------------------------------------------------------------------- decide
 
     def decide(self, obs: Observation) -> Decision:
         current = obs.lr if is_positive_finite(obs.lr) else obs.init_lr
-        if self.range_steps and self.blocking and obs.step == obs.warmup_steps and not obs.probes:
+        if self.range_steps and self.blocking and obs.step == obs.warmup_steps and not self._range_asked:
+            self._range_asked = True
             top = current * RuleParams().range_factor
             return Decision(
                 current,

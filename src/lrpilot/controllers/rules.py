@@ -293,6 +293,12 @@ def range_suggestion(lrs: tuple[float, ...], losses: tuple[float, ...], divisor:
     return at / divisor, at, why
 
 
+def range_tested(obs: Observation) -> bool:
+    """Whether an earlier decision of this round already took a range test's result (its meta holds
+    "range_ceiling", None when the test gave too few points): one test per round, also after a rollback."""
+    return any(isinstance(m := rec.extra.get("meta"), dict) and "range_ceiling" in m for rec in obs.decisions)
+
+
 def range_ceiling(obs: Observation) -> float:
     """The ceiling an earlier range test of this round set (the latest decision's meta["range_ceiling"]),
     NaN if none: the controller stays stateless, its memory is the decision log."""
@@ -390,7 +396,8 @@ class RuleController(BaseController):
 
         ceiling, ceiling_why = self._ceiling(obs)  # where the rules climb to on their own
         hard, hard_why = ceiling, ceiling_why  # above this they cut; with probes, a probe may go up to it
-        if p.probe_steps > 0 or p.range_steps > 0:  # a probe or the range test may take it above the ceiling
+        ranged = p.range_steps > 0 and bool(obs.probes) and bool(obs.probes[0].lrs)  # the range test came back
+        if p.probe_steps > 0 or ranged:  # a probe or the range test may take it above the ceiling
             hard, hard_why = self._ceiling(obs, p.ceiling * p.probe_ceiling_factor)
         meta.update(ceiling=ceiling, hard_ceiling=hard)
         losses = [x for x in obs.recent_losses if isinstance(x, (int, float))]
@@ -426,12 +433,12 @@ class RuleController(BaseController):
         if last_rb is not None and 0 <= obs.step - last_rb <= every:
             return decided("hold", lr, f"first interval after a rollback to step {last_rb}, {change}, hold")
         k, off = divmod(obs.step - obs.warmup_steps, every)
-        if p.range_steps > 0 and obs.probes and obs.probes[0].lrs:
+        if ranged:
             return self._after_range(obs, lr, hard, z, change, decided, meta)
         d = self._stable(obs, lr, ceiling, ceiling_why, z, change, decided)
         if p.probe_steps > 0 and obs.probes:
             return self._choose_probe(obs, lr, d, decided)
-        if p.range_steps > 0 and k == 0 and off == 0 and not obs.probes:
+        if p.range_steps > 0 and k == 0 and off == 0 and not obs.probes and not range_tested(obs):
             return replace(
                 d,
                 probe_lrs=(lr, lr * p.range_factor),
