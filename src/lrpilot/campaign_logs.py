@@ -31,6 +31,7 @@ from lrpilot.lr import (  # noqa: F401 - fmt_lr and the peak bands are re-export
     band_sort_key,
     bands_between,
     fmt_lr,
+    is_positive_finite,
     peak_band,
     peak_band_range,
     warmup_lr,
@@ -240,7 +241,7 @@ class RoundSummary(_FallbackCounts):
             if not isinstance(xs, list) or not isinstance(ys, list):
                 continue
             pts = [(as_float(x), as_float(y)) for x, y in zip(xs, ys, strict=False)]
-            pts = [(x, y) for x, y in pts if x > 0 and math.isfinite(x)]  # a NaN loss stays: the curve blew up
+            pts = [(x, y) for x, y in pts if is_positive_finite(x)]  # a NaN loss stays: the curve blew up
             if len(pts) < 2:
                 continue
             meta = meta if isinstance(meta, dict) else {}

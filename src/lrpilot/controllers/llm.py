@@ -397,7 +397,7 @@ class LLMController(BaseController):
         """The LR range test's evidence, the numbers the rules use (lrpilot.controllers.rules.range_suggestion)."""
         r, p = obs.probes[0], RuleParams()
         found, at, why = range_suggestion(r.lrs, r.losses, p.range_divisor)
-        pts = [(x, y) for x, y in zip(r.lrs, r.losses, strict=False)]
+        pts = list(zip(r.lrs, r.losses, strict=False))
         every = max(1, len(pts) // 10)
         shown = pts[::every] + ([pts[-1]] if (len(pts) - 1) % every else [])  # the last (diverging) point too
         curve = ", ".join(f"{_lr(x)}: {_loss(y)}" for x, y in shown)

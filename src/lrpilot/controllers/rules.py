@@ -296,21 +296,16 @@ def range_suggestion(lrs: tuple[float, ...], losses: tuple[float, ...], divisor:
     return at / divisor, at, why
 
 
-def range_tested(obs: Observation) -> bool:
-    """Whether an earlier decision of this round already took a range test's result (its meta holds
-    "range_ceiling", None when the test gave too few points): one test per round, also after a rollback."""
-    return any(isinstance(m := rec.extra.get("meta"), dict) and "range_ceiling" in m for rec in obs.decisions)
-
-
-def range_ceiling(obs: Observation) -> float:
-    """The ceiling an earlier range test of this round set (the latest decision's meta["range_ceiling"]),
-    NaN if none: the controller stays stateless, its memory is the decision log."""
+def range_ceiling(obs: Observation) -> float | None:
+    """The ceiling an earlier range test of this round set (the latest decision's meta["range_ceiling"]): None
+    if no decision took a test's result yet, NaN if one did but the test gave no ceiling. The controller stays
+    stateless: its memory is the decision log (so one test per round, also after a rollback)."""
     for rec in reversed(obs.decisions):
         meta = rec.extra.get("meta")
         if isinstance(meta, dict) and "range_ceiling" in meta:
             x = meta["range_ceiling"]
             return float(x) if is_positive_finite(x) else math.nan
-    return math.nan
+    return None
 
 
 def rule_of(d: Decision) -> str:
@@ -348,7 +343,7 @@ class RuleController(BaseController):
     def _ceiling(self, obs: Observation, base: float | None = None) -> tuple[float, str]:
         """Effective ceiling and why: params (or `base`), the guard's ceiling, and below any LR that crashed."""
         ceil, why = (self.params.ceiling, "rules ceiling") if base is None else (base, "probe ceiling")
-        if base is None and is_positive_finite(found := range_ceiling(obs)):
+        if base is None and is_positive_finite(found := range_ceiling(obs) or math.nan):
             ceil, why = found, "range test ceiling"
         if is_positive_finite(obs.ceiling) and obs.ceiling < ceil:
             ceil, why = obs.ceiling, "guard ceiling"
@@ -441,7 +436,7 @@ class RuleController(BaseController):
         d = self._stable(obs, lr, ceiling, ceiling_why, z, change, decided)
         if p.probe_steps > 0 and obs.probes:
             return self._choose_probe(obs, lr, d, decided)
-        if p.range_steps > 0 and k == 0 and off == 0 and not obs.probes and not range_tested(obs):
+        if p.range_steps > 0 and k == 0 and off == 0 and not obs.probes and range_ceiling(obs) is None:
             return replace(
                 d,
                 probe_lrs=(lr, lr * p.range_factor),

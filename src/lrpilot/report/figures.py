@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lrpilot.campaign_logs import (
     BaselineResult,
+    RangeTest,
     RoundSummary,
     band_sort_key,
     bands_between,
@@ -714,12 +715,10 @@ def fig_side_by_side(s: SideBySide, out: Path) -> Figure:
     return Figure("side_by_side", title, caption, _save(fig, out / "side_by_side.png"))
 
 
-def fig_range_tests(a: Analysis, out: Path) -> Figure:
-    """Training loss against LR (log axis) of every LR range test of the campaign, each with the ceiling it set."""
+def fig_range_tests(tests: list[RangeTest], out: Path) -> Figure:
+    """Training loss against LR (log axis) of the campaign's LR range tests (at least one), each with the
+    ceiling it set."""
     title = "LR range tests: training loss of each update against its LR"
-    tests = [t for r in a.rounds for t in r.range_tests()]
-    if not tests:
-        return Figure("range_tests", title, "No round ran an LR range test.")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(WIDTH_IN, HEIGHT_IN))
     for i, t in enumerate(tests):
@@ -752,7 +751,9 @@ def safe_figure(name: str, fn, *args) -> Figure:
 
 
 def all_figures(a: Analysis, out: Path) -> list[Figure]:
-    """Every figure; one that fails on odd data becomes a note (with a warning) instead of losing the report."""
+    """Every figure (the range tests' only when a round ran one); one that fails on odd data becomes a note
+    (with a warning) instead of losing the report."""
+    tests = [t for r in a.rounds for t in r.range_tests()]
     return [
         safe_figure(name, fn, a, out)
         for name, fn in (
@@ -761,7 +762,7 @@ def all_figures(a: Analysis, out: Path) -> list[Figure]:
             ("landscape", fig_landscape),
             ("loss_curves", fig_loss_curves),
         )
-    ] + ([safe_figure("range_tests", fig_range_tests, a, out)] if any(r.range_tests() for r in a.rounds) else [])
+    ] + ([safe_figure("range_tests", fig_range_tests, tests, out)] if tests else [])
 
 
 __all__ = ["Figure", "all_figures", "cosine_curve", "fig_side_by_side", "ppl_limits", "safe_figure"]
