@@ -46,6 +46,7 @@ export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 $PY -c 'import torch, optuna, schedulefree, prodigyopt; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' || exit 1
 
 left() { echo $((BUDGET_S - ($(date +%s) - start))); }
+tag() { basename "$1" .json; }  # a preset's directory and log name (a path preset: its file name)
 peaks_of() { if [ "$1" = "$BPE" ]; then echo "$PEAKS_B"; else echo "$PEAKS"; fi; }
 bench() {  # bench NAME PRESET SEEDS JOBS METHODS...: run under the remaining budget
     local name=$1 preset=$2 seeds=$3 jobs=$4; shift 4
@@ -54,7 +55,7 @@ bench() {  # bench NAME PRESET SEEDS JOBS METHODS...: run under the remaining bu
     if [ "$t" -le 5 ]; then echo "$name: no time left"; return 0; fi
     # shellcheck disable=SC2086
     timeout -s TERM -k 10 "$t" $PY -m lrpilot bench --preset "$preset" $DEVICE $EXTRA --methods "$@" --seeds "$seeds" \
-        --peaks $peaks --out "$WORK/$preset" --jobs "$jobs" >>"$OUT/$name.log" 2>&1
+        --peaks $peaks --out "$WORK/$(tag "$preset")" --jobs "$jobs" >>"$OUT/$name.log" 2>&1
     echo "$name: exit $? after $(($(date +%s) - start)) s"
 }
 
@@ -62,17 +63,18 @@ METHODS=${METHODS:-rules rules:range_steps=50 wsd d2z cosine schedulefree prodig
 # shellcheck disable=SC2086
 bench A "$SMALL" 3 "$JOBS_A" $METHODS &
 # O joins A's directory once A has written its settings (so the two never write bench_settings.json at once)
-until [ -f "$WORK/$SMALL/bench_settings.json" ] || [ "$(left)" -le 5 ]; do sleep 0.2; done
+until [ -f "$WORK/$(tag "$SMALL")/bench_settings.json" ] || [ "$(left)" -le 5 ]; do sleep 0.2; done
 bench O "$SMALL" 1 1 rules+optuna:8 &
 # shellcheck disable=SC2086
 bench B "$BPE" 3 "$JOBS_B" $METHODS &
 wait
 
 for preset in "$SMALL" "$BPE"; do
-    [ -d "$WORK/$preset" ] || continue
+    dir="$WORK/$(tag "$preset")"
+    [ -d "$dir" ] || continue
     # shellcheck disable=SC2086
-    $PY -m lrpilot bench --preset "$preset" $DEVICE $EXTRA --methods $METHODS rules+optuna:8 --seeds 3 --peaks $(peaks_of "$preset") --out "$WORK/$preset" --summarise-only >"$OUT/summary_$preset.log" 2>&1
-    tail -n 14 "$OUT/summary_$preset.log"
+    $PY -m lrpilot bench --preset "$preset" $DEVICE $EXTRA --methods $METHODS rules+optuna:8 --seeds 3 --peaks $(peaks_of "$preset") --out "$dir" --summarise-only >"$OUT/summary_$(tag "$preset").log" 2>&1
+    tail -n 14 "$OUT/summary_$(tag "$preset").log"
 done
 tar -C "$WORK" --exclude='*.pt' --exclude='checkpoints' --exclude='ckpt_*' -czf "$OUT/bench_gpu.tar.gz" .
 ls -la "$OUT"

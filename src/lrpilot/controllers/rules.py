@@ -50,9 +50,10 @@ The heuristic, evaluated at each decision point in this order (the first rule th
                  1.3e-3, where WSD's best peak was 1e-3 and 3e-3 was 7% worse (lrpilot issue 15). The divisor 3
                  (not fastai's 10) comes from those two curves: a 50-update test starts from a model still
                  learning fast, so its minimum sits closer to the best peak than a test from initialisation.
-                 Off by default: with it the rules ended at a mean ppl of 4.692 on cpu-small over 3 seeds,
-                 against 4.668 without it (worse on 2 of 3 seeds), and at 89.73 against 90.95 on cpu-bpe (one
-                 seed) (docs/bench/README.md, section 3).
+                 Off by default: over 3 seeds with it the rules ended at a mean ppl of 4.692 against 4.668
+                 without it on cpu-small (worse on 2 of 3 seeds), and at 90.40 against 90.86 on cpu-bpe (better
+                 on 2 of 3): half a percent each way, inside the intervals, for 50 extra updates
+                 (docs/bench/README.md, section 3).
 5b. `probe`     only with probe_steps > 0 (off by default): at the end of warmup and every probe_every-th
                  decision point of the stable phase (unless the loss rose), the decision rules 6-8 would give
                  comes with a request for a lookahead probe (Decision.probe_lrs) at the current LR and one
