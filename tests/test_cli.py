@@ -231,3 +231,30 @@ def test_every_config_command_takes_set_and_a_bad_field_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith("lrpilot: error: --set bad.field: unknown section 'bad'")
     assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`lrpilot info | head -1`: the reader closes the pipe before lrpilot writes; lrpilot must end quietly
+    (Python docs, "Note on SIGPIPE"), not print a BrokenPipeError traceback."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "lrpilot", "info", "--preset", "cpu-smoke"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    p.stdout.close()  # the read end is gone before the child writes anything: its first write fails with EPIPE
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_broken_pipe_that_is_not_stdouts_still_raises(monkeypatch):
+    """Only a reader leaving stdout is quiet: a broken pipe to a subprocess or a socket is a real error."""
+    from lrpilot import cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["info", "--preset", "cpu-smoke"])

@@ -629,6 +629,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_gone() -> bool:
+    """True if stdout is a pipe whose reader has left (`lrpilot info | head -1`: poll reports POLLERR on the
+    write end); then stdout is pointed at /dev/null so the interpreter's final flush is quiet too (the Python
+    docs' "Note on SIGPIPE", signal module). False where poll is missing (Windows)."""
+    import os
+    import select
+
+    if not hasattr(select, "poll"):
+        return False
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError):  # no real stdout (closed, or replaced by an object without a descriptor)
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return gone
+
+
 def main(argv: list[str] | None = None) -> int:
     from lrpilot.logs import setup_cli_logging
 
@@ -643,6 +664,10 @@ def main(argv: list[str] | None = None) -> int:
     except LrpilotError as e:
         print(f"lrpilot: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # a pipe other than stdout (a subprocess's, a socket's): a real error
+        return 1
     except OSError as e:  # a write no lrpilot writer wrapped (a library's): the same one line
         if not is_disk_error(e):
             raise
