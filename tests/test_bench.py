@@ -289,6 +289,15 @@ def test_summarise_only_trains_nothing_and_summarises_what_finished(tmp_path):
     assert changed.returncode == 2 and "different peaks" in changed.stderr
 
 
+def test_summarise_only_on_a_directory_without_a_bench_is_refused_and_creates_nothing(tmp_path):
+    """A mistyped --out with --summarise-only: one line naming --out, and no new directory (it used to write
+    an empty bench.md there)."""
+    out = tmp_path / "typo"
+    p = _cli("bench", "--preset", "cpu-smoke", "--methods", "rules", "--out", str(out), "--summarise-only")
+    assert p.returncode == 2 and "--out" in p.stderr and "no bench here" in p.stderr, p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_rule_parameters_of_a_method_reach_the_campaign_and_are_checked(tmp_path):
     """`rules:KEY=V` fixes those rule parameters in the method's campaign (its directory named by the spec); an
     unknown parameter or a non-number is refused before anything trains."""

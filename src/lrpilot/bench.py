@@ -357,8 +357,8 @@ def run_bench(
     missing ones are left out and counted in the echoed line).
 
     Raises BenchError / ConfigError (one line) before any training for bad methods, peaks, seeds, config
-    overrides, a replay directory without rounds, a changed setting on a reused OUT, or an LLM endpoint that
-    does not answer. A run that fails leaves the others running; the first error is raised at the end, after
+    overrides, a replay directory without rounds, a changed setting on a reused OUT, an LLM endpoint that
+    does not answer, or (train=False) an OUT that holds no bench. A run that fails leaves the others running; the first error is raised at the end, after
     the results of everything that finished are written."""
     out = Path(out)
     base = load_config(settings.preset, list(settings.overrides))
@@ -368,6 +368,12 @@ def run_bench(
         from lrpilot.llm.base import make_backend
 
         make_backend(base.agent, "controller", None).ping()  # fail fast on a wrong endpoint, model or key
+    if not train and not (out / SETTINGS_FILE).is_file() and not (out / "runs").is_dir():
+        # a mistyped --out would otherwise get a new directory with an empty bench.md
+        raise BenchError(
+            f"--out {out}: no bench here (neither {SETTINGS_FILE} nor runs/); check the path, or drop "
+            "--summarise-only to run the bench"
+        )
     check_settings(out, settings)
     lock = threading.Lock()
 
