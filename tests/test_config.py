@@ -55,6 +55,9 @@ def test_overrides_apply_in_any_order():
         ("launch.devices=gpu0", "launch.devices"),
         ("train.total_steps", "section.key=value"),
         ("schedule.warmup_steps=999999", "schedule.warmup_steps"),
+        # numpy's seeding takes 0 .. 2**32 - 1: the trainer used to crash 5 times and the run read "diverged"
+        ("train.seed=-1", "train.seed"),
+        ("train.seed=4294967296", "train.seed"),
     ],
 )
 def test_bad_overrides_name_the_field(override, fragment):

@@ -159,6 +159,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.total_steps >= 1, "train.total_steps", "must be >= 1")
+        # numpy.random.seed takes 0 .. 2**32 - 1 (the trainer seeds random, numpy and torch with it)
+        _check(0 <= self.seed < 2**32, "train.seed", f"must be in [0, 2**32 - 1], got {self.seed}")
         _check(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0 (0 = no accumulation)")
