@@ -4,7 +4,8 @@
 #   BUDGET_S=480 OUT=/tmp/out bash benchmarks/bench_gpu.sh
 #
 # What it runs (docs/bench/README.md gives the CPU commands; these are the same benches with the device set):
-#   A  cpu-small, seeds 42-44: rules, rules with the LR range test, wsd, d2z, cosine (peaks 1e-3 3e-3 1e-2),
+#   A  cpu-small, seeds 42-44: rules, rules with the LR range test, rules with lookahead probes (one step up),
+#      wsd, d2z, cosine (peaks 1e-3 3e-3 1e-2),
 #      schedulefree, prodigy
 #   O  cpu-small, seed 42: rules+optuna:8 (8 rounds in order), beside A in the same bench directory
 #   B  cpu-bpe, seeds 42-44: the same methods as A (peaks PEAKS_B: 5e-4 added, its best WSD peak was the
@@ -59,7 +60,7 @@ bench() {  # bench NAME PRESET SEEDS JOBS METHODS...: run under the remaining bu
     echo "$name: exit $? after $(($(date +%s) - start)) s"
 }
 
-METHODS=${METHODS:-rules rules:range_steps=50 wsd d2z cosine schedulefree prodigy}
+METHODS=${METHODS:-rules rules:range_steps=50 rules:probe_steps=20 wsd d2z cosine schedulefree prodigy}
 # shellcheck disable=SC2086
 bench A "$SMALL" 3 "$JOBS_A" $METHODS &
 # O joins A's directory once A has written its settings (so the two never write bench_settings.json at once)
