@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from lrpilot.argtypes import output_dir, output_file
 from lrpilot.cli import build_parser
 
 SMOKE = ["--set", "train.total_steps=30", "--set", "schedule.warmup_steps=10", "--set", "schedule.decision_every=10"]
@@ -231,6 +232,48 @@ def test_every_config_command_takes_set_and_a_bad_field_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith("lrpilot: error: --set bad.field: unknown section 'bad'")
     assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
+def _path_actions():
+    """(command, option, action) for every argument of every subcommand that names a directory or file to write."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if {"--dir", "--out"} & set(action.option_strings):
+                yield name, action.option_strings[0], action
+
+
+def test_every_output_path_flag_is_checked_before_anything_runs():
+    seen = {(name, opt): action.type for name, opt, action in _path_actions()}
+    assert len(seen) == 8, seen  # train, baseline, campaign, bench, report, export-schedule, import-logs, demo
+    assert all(t in (output_dir, output_file) for t in seen.values()), seen
+    assert seen[("export-schedule", "--out")] is output_file
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["campaign", "--preset", "cpu-smoke", "--rounds", "1", "--dir", "{file}"], "is a file, not a directory"),
+        (["train", "--preset", "cpu-smoke", "--dir", "{file}/run"], "which is a file, not a directory"),
+        (["baseline", "--preset", "cpu-smoke", "--peaks", "1e-3", "--out", ""], "argument --out: empty"),
+        (["report", "{tmp}", "--out", "{file}"], "is a file, not a directory"),
+        (["export-schedule", "{tmp}", "--out", "{tmp}"], "is a directory; give a file name"),
+        (["campaign", "--preset", "cpu-smoke", "--rounds", "-1", "--dir", "{tmp}/c"], "must be >= 1, got -1"),
+    ],
+)
+def test_a_file_where_a_directory_goes_or_an_empty_path_is_one_line(tmp_path, args, message):
+    """These gave FileExistsError / NotADirectoryError tracebacks, or (an empty --dir, as an unset shell variable
+    gives) wrote a campaign into the current directory."""
+    (tmp_path / "f").write_text("keep me\n")
+    argv = [a.format(file=tmp_path / "f", tmp=tmp_path) for a in args]
+    before = sorted(tmp_path.rglob("*"))
+    r = subprocess.run(
+        [sys.executable, "-m", "lrpilot", *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "f").read_text() == "keep me\n"
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback():

@@ -208,7 +208,7 @@ def test_example_nan_gives_one_rollback_a_finite_loss_and_a_report(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (out / "report.html").is_file()
     # replay of the finished run (exported schedule) reproduces its LR at every step, rollback included
-    plan = tmp_path / "plan.json"
+    plan = tmp_path / "plans" / "plan.json"  # a folder that does not exist yet: export-schedule makes it
     e = subprocess.run([sys.executable, "-m", "lrpilot", "export-schedule", str(run), "--round", "1", "--out",
                         str(plan)], env=_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
     assert e.returncode == 0, e.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from lrpilot.lr import is_positive_finite
 
@@ -29,10 +30,48 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_int(text: str) -> int:
-    v = non_negative_int(text)
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first existing path among `path` and its parents that is not a directory (None: all are)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def output_dir(text: str) -> str:
+    """A directory to create or reuse (--dir, --out). Refused: "" (it would mean the current directory, as
+    an unset shell variable gives), and a path that is, or lies under, an existing file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a directory, e.g. runs/mine")
+    bad = _blocking_file(Path(text))
+    if bad is not None:
+        what = "is a file" if bad == Path(text) else f"lies under {str(bad)!r}, which is a file"
+        raise argparse.ArgumentTypeError(f"{text!r} {what}, not a directory; give a new or existing directory")
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file to write (export-schedule --out): refused when "", an existing directory, or under a file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a file name, e.g. plan.json")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a directory; give a file name, e.g. {text.rstrip('/')}/plan.json"
+        )
+    bad = _blocking_file(path.parent)
+    if bad is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} lies under {str(bad)!r}, which is a file; give another path")
+    return text
 
 
 def rule_param(text: str) -> tuple[str, float]:

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from lrpilot.argtypes import non_negative_int, positive_float, positive_int, rule_param
+from lrpilot.argtypes import non_negative_int, output_dir, output_file, positive_float, positive_int, rule_param
 from lrpilot.config import PRESETS, ConfigError, RunConfig, load_config
 from lrpilot.controllers import CONTROLLERS
 from lrpilot.controllers.schedules import SCHEDULES
@@ -389,7 +389,7 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     """`lrpilot train`."""
     p = sub.add_parser("train", help="one pre-training run with a fixed schedule, through the supervisor")
     _add_config_args(p)
-    p.add_argument("--dir", required=True, help="output directory (result json and the run directory)")
+    p.add_argument("--dir", type=output_dir, required=True, help="output directory (result json and the run directory)")
     p.add_argument(
         "--schedule",
         type=_named(SCHEDULES),
@@ -413,7 +413,7 @@ def _add_baseline_command(sub: argparse._SubParsersAction) -> None:
         help=_choices(SCHEDULES),
     )
     p.add_argument("--peaks", type=positive_float, nargs="+", required=True, help="peak LRs, e.g. 1e-3 3e-3 1e-2")
-    p.add_argument("--out", required=True, help="output directory; re-running skips finished peaks")
+    p.add_argument("--out", type=output_dir, required=True, help="output directory; re-running skips finished peaks")
     p.add_argument(
         "--jobs", type=positive_int, default=1, help="runs at once, >= 1 (each uses train.num_threads threads)"
     )
@@ -425,7 +425,9 @@ def _add_campaign_command(sub: argparse._SubParsersAction) -> None:
     """`lrpilot campaign`."""
     p = sub.add_parser("campaign", help="run N rounds in DIR, each steered by a controller with memory")
     _add_config_args(p)
-    p.add_argument("--dir", required=True, help="campaign directory; run the same command again to resume")
+    p.add_argument(
+        "--dir", type=output_dir, required=True, help="campaign directory; run the same command again to resume"
+    )
     p.add_argument("--rounds", type=positive_int, required=True, help="total rounds, >= 1 (finished ones are skipped)")
     p.add_argument(
         "--controller",
@@ -515,7 +517,9 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds per method: train.seed, train.seed+1, ... (default 3)")
     p.add_argument("--peaks", type=positive_float, nargs="*", default=[], help="sweep peak LRs, e.g. 1e-3 3e-3 1e-2")
-    p.add_argument("--out", required=True, help="bench directory; run the same command again to resume")
+    p.add_argument(
+        "--out", type=output_dir, required=True, help="bench directory; run the same command again to resume"
+    )
     p.add_argument("--jobs", type=int, default=1, help="trainers at once (each uses train.num_threads threads)")
     p.add_argument(
         "--backend", type=_named(LLM_BACKENDS), default=None, metavar="NAME", help="LLM backend (llm methods)"
@@ -551,7 +555,7 @@ def _add_report_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--bench", nargs="+", default=[], metavar="DIR", help="`lrpilot bench` directories to link (bench.md)"
     )
-    p.add_argument("--out", required=True, help="output directory for report.html, report.md and PNGs")
+    p.add_argument("--out", type=output_dir, required=True, help="output directory for report.html, report.md and PNGs")
     p.set_defaults(func=cmd_report)
 
 
@@ -562,7 +566,9 @@ def _add_export_schedule_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dir", help="a campaign directory or a Pilot's run directory")
     p.add_argument("--round", type=positive_int, default=None, help="the round to export (default: the only one)")
-    p.add_argument("--out", required=True, help="the plan file to write (json)")
+    p.add_argument(
+        "--out", required=True, type=output_file, help="the plan file to write (json); missing folders are created"
+    )
     p.set_defaults(func=cmd_export_schedule)
 
 
@@ -570,7 +576,7 @@ def _add_import_logs_command(sub: argparse._SubParsersAction) -> None:
     """`lrpilot import-logs`."""
     p = sub.add_parser("import-logs", help="turn the published study's log files into a campaign directory")
     p.add_argument("src", help="directory with final_results_log_*.jsonl, decisions_log_*, rollback_log_*")
-    p.add_argument("--dir", required=True, help="destination campaign directory")
+    p.add_argument("--dir", type=output_dir, required=True, help="destination campaign directory")
     p.set_defaults(func=cmd_import_logs)
 
 
@@ -578,7 +584,7 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     """`lrpilot demo`."""
     p = sub.add_parser("demo", help="the embedded default end to end: campaign + cosine sweep + report")
     _add_config_args(p, default="cpu-small")
-    p.add_argument("--dir", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--dir", type=output_dir, default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--rounds", type=positive_int, default=3, help="campaign rounds, >= 1 (default 3)")
     p.add_argument(
         "--peaks",

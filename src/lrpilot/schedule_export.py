@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lrpilot.errors import LrpilotError
+from lrpilot.errors import LrpilotError, writing
 from lrpilot.logs import iter_jsonl, now_iso, write_json_atomic
 
 SCHEDULE_FORMAT = "lrpilot-schedule"
@@ -69,5 +69,7 @@ def export_schedule(directory: str | Path, round: int | None, out: str | Path) -
         "total_steps": settings.get("total_steps", rec.get("update_step")),
         "decisions": decisions,
     }
+    with writing(out):
+        Path(out).parent.mkdir(parents=True, exist_ok=True)  # export-schedule --out plans/p.json: plans/ is made
     write_json_atomic(out, plan)
     return plan
