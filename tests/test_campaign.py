@@ -138,6 +138,39 @@ def test_changed_settings_on_an_existing_campaign_are_refused(tmp_path):
         _check_settings(d, s2)
 
 
+def test_an_edited_preset_file_is_refused_when_the_campaign_resumes(tmp_path):
+    """A --preset FILE edited between runs mixed rounds of two workloads in one campaign (the same change
+    through --set was refused)."""
+    from lrpilot.campaign import _check_settings
+
+    preset = tmp_path / "mine.json"
+    _cfg().save(preset)
+    original = preset.read_bytes()
+    d = tmp_path / "camp"
+    d.mkdir()
+    settings = CampaignSettings(preset=str(preset), overrides=(), controller="rules", memory="none")
+    _check_settings(d, settings)
+    preset.write_text(preset.read_text().replace('"total_steps": 40', '"total_steps": 80'))
+    assert preset.read_bytes() != original
+    with pytest.raises(CampaignError, match=r"--preset .*mine.json: the file changed since"):
+        _check_settings(d, settings)
+    preset.write_bytes(original)
+    _check_settings(d, settings)  # the original file back: resumes
+
+
+def test_a_campaign_in_an_imported_directory_is_refused(tmp_path):
+    """A campaign appended cpu-smoke rounds to the published 60M study's logs and reported them side by side."""
+    from lrpilot.importer import import_published
+
+    d = tmp_path / "published"
+    import_published(Path(__file__).parent / "data" / "seed-experiments", d)
+    before = sorted(p.name for p in d.iterdir())
+    settings = CampaignSettings(preset="cpu-smoke", overrides=tuple(SMOKE), controller="rules", memory="none")
+    with pytest.raises(CampaignError, match="import-logs brought in"):
+        run_campaign(_cfg(), d, 41, settings)
+    assert sorted(p.name for p in d.iterdir()) == before
+
+
 def test_second_process_is_refused(tmp_path):
     d = tmp_path / "camp"
     holder = subprocess.Popen(

@@ -122,6 +122,7 @@ def test_a_script_that_keeps_crashing_fails_its_round_after_max_fast_crash(tmp_p
     (fin,) = read_jsonl(d / "final_results.jsonl")
     assert fin["status"] == "failed" and fin["crash_count"] == 3  # the first launch and 2 relaunches
     assert "exited with code 3" in fin["failure_reason"] and "boom" in fin["failure_reason"]
+    assert f"reason: {fin['failure_reason']}" in res.stdout  # the round's line says why, not only the log
     log = (d / "rounds" / "round_001" / "script.log").read_text()
     assert log.count("boom") == 3
 
@@ -132,6 +133,8 @@ def test_a_script_that_keeps_crashing_fails_its_round_after_max_fast_crash(tmp_p
         ("  ", (), "--script: empty"),
         ("python 'a", (), "--script"),
         ("python a.py", ("--controller", "replay", "--replay-from", "x"), "--script runs rules or llm"),
+        # a mistyped program failed every round silently (the reason only in final_results.jsonl) and exited 0
+        ("nonexistent_cmd_xyz train.py", (), "--script: 'nonexistent_cmd_xyz' is not a command on PATH"),
     ],
 )
 def test_bad_script_settings_are_refused_in_one_line(tmp_path, script, extra, field):

@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 
-from lrpilot.campaign_logs import load_campaign
+from lrpilot.campaign_logs import load_baselines, load_campaign
+from lrpilot.cli import main
 from lrpilot.importer import LogImportError, import_published, main_import
 
 SEED = Path(__file__).parent / "data" / "seed-experiments"
@@ -99,3 +101,47 @@ def test_missing_source_or_files_is_one_line_error(tmp_path, capsys):
     (src / "cosine_baselines" / "cosine_best.json").unlink()
     s = import_published(src, tmp_path / "d")  # no rollback log: a campaign without crashes
     assert (s.rounds, s.decisions, s.rollbacks, s.baselines) == (40, 1230, 0, 0)
+
+
+def test_a_baseline_that_diverged_to_infinity_imports_as_diverged(tmp_path):
+    """json.loads reads `Infinity`; writing it back raised "Out of range float values are not JSON compliant"."""
+    src = tmp_path / "src"
+    shutil.copytree(SEED, src)
+    path = src / "cosine_baselines" / "cosine_lr1e-2_60m_final.json"
+    rec = json.loads(path.read_text())
+    rec["final_eval_ppl"] = math.inf
+    path.write_text(json.dumps(rec))  # Python writes Infinity, as the published trainer would
+    s = import_published(src, tmp_path / "d")
+    assert s.baselines == len(list((SEED / "cosine_baselines").glob("*.json")))
+    (b,) = [b for b in load_baselines(tmp_path / "d" / "baselines") if b.peak_lr == 1e-2]
+    assert not b.ok and b.final_eval_ppl == math.inf
+    json.loads((tmp_path / "d" / "baselines" / path.name).read_text(), parse_constant=_refuse)  # strict JSON
+
+
+def _refuse(name: str) -> None:
+    raise AssertionError(f"non-standard JSON constant {name}")
+
+
+def test_several_campaigns_in_one_source_name_the_tag_flag_and_it_picks_one(tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(SEED, src)
+    shutil.copy(src / "final_results_log_agent_60m.jsonl", src / "final_results_log_other.jsonl")
+    shutil.copy(src / "decisions_log_agent_60m.jsonl", src / "decisions_log_other.jsonl")
+    assert main_import(src, tmp_path / "d") == 2
+    err = capsys.readouterr().err
+    assert "(agent_60m, other)" in err and "--tag agent_60m" in err and "tag=" not in err
+    assert main(["import-logs", str(src), "--dir", str(tmp_path / "d"), "--tag", "other"]) == 0
+    assert json.loads((tmp_path / "d" / "import.json").read_text())["tag"] == "other"
+
+
+def test_a_bad_field_is_named_once(tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(SEED, src)
+    lines = (src / "final_results_log_agent_60m.jsonl").read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["run_start_iso"] = 12
+    lines[1] = json.dumps(rec)
+    (src / "final_results_log_agent_60m.jsonl").write_text("\n".join(lines) + "\n")
+    assert main_import(src, tmp_path / "d") == 2
+    err = capsys.readouterr().err
+    assert err.count("import-logs:") == 1 and err.count("nothing imported") == 1, err

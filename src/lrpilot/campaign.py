@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -145,11 +146,21 @@ def _check_settings(directory: Path, settings: CampaignSettings) -> None:
         del mine["script"]  # likewise for campaigns of lrpilot's own trainer
     if not settings.prune:
         del mine["prune"]  # and for campaigns without --prune
+    preset_file = Path(settings.preset)
+    if settings.preset.endswith(".json") and preset_file.is_file():  # a path preset: its content is the workload
+        mine["preset_sha256"] = hashlib.sha256(preset_file.read_bytes()).hexdigest()
     if path.exists():
         try:
             theirs = json.loads(path.read_text()).get("settings", {})
         except json.JSONDecodeError:
             theirs = None
+        if theirs is not None and "preset_sha256" not in theirs:
+            mine.pop("preset_sha256", None)  # created before lrpilot stored it: nothing to compare with
+        if theirs is not None and theirs.get("preset_sha256", "") != mine.get("preset_sha256", ""):
+            raise CampaignError(
+                f"--preset {settings.preset}: the file changed since {directory} started its campaign (its rounds "
+                "would not be comparable); put the original file back to resume, or use a new --dir"
+            )
         if theirs is not None and theirs != mine:
             diff = sorted(k for k in mine if theirs.get(k) != mine[k])
             raise CampaignError(
@@ -214,7 +225,9 @@ def summary_line(rec: dict[str, Any], best: float) -> str:
     return (
         f"round {rec.get('round')!s:>3}  {rec.get('status', 'ok')!s:<6} peak_lr {f['peak_lr_seen']:.2e}  "
         f"min_lr {f['min_lr_seen']:.2e}  crashes {rec.get('crash_count', 0)!s:>2}  "
-        f"ppl {_fmt_ppl(ppl):>9}  best so far {_fmt_ppl(best)}  ({f['wall_time_s']:.0f} s)" + fallback_note(rec)
+        f"ppl {_fmt_ppl(ppl):>9}  best so far {_fmt_ppl(best)}  ({f['wall_time_s']:.0f} s)"
+        + fallback_note(rec)
+        + (f"  reason: {rec['failure_reason']}" if rec.get("status") == "failed" and rec.get("failure_reason") else "")
     )
 
 
@@ -283,6 +296,11 @@ def run_campaign(
         raise ConfigError("--rounds: must be >= 1")
     if settings.controller == "rules":
         settings.rules_for(cfg.schedule.init_lr)  # a bad --rule value fails here, before anything is written
+    if (directory / "import.json").exists():
+        raise CampaignError(
+            f"{directory} holds logs that import-logs brought in (import.json), from another workload; "
+            "run the campaign in a new --dir and compare them with lrpilot report --compare"
+        )
     with CampaignLock(directory):
         _check_settings(directory, settings)
         done = _completed_rounds(directory)

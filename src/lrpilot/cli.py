@@ -304,7 +304,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_import_logs(args: argparse.Namespace) -> int:
     from lrpilot.importer import main_import
 
-    return main_import(Path(args.src), Path(args.dir))
+    return main_import(Path(args.src), Path(args.dir), tag=args.tag)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -577,6 +577,11 @@ def _add_import_logs_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import-logs", help="turn the published study's log files into a campaign directory")
     p.add_argument("src", help="directory with final_results_log_*.jsonl, decisions_log_*, rollback_log_*")
     p.add_argument("--dir", type=output_dir, required=True, help="destination campaign directory")
+    p.add_argument(
+        "--tag",
+        default=None,
+        help="which campaign, when SRC holds several (final_results_log_<TAG>.jsonl); default: the only one",
+    )
     p.set_defaults(func=cmd_import_logs)
 
 

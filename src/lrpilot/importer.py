@@ -63,7 +63,9 @@ def _published_files(src: Path, tag: str | None) -> tuple[str, dict[str, Path | 
                 "final_results_log_<tag>.jsonl, decisions_log_<tag>.jsonl, rollback_log_<tag>.jsonl, cosine_baselines/)"
             )
         if len(tags) > 1:
-            raise LogImportError(f"import-logs: source {src} holds several campaigns ({', '.join(tags)}); pass tag=")
+            raise LogImportError(
+                f"import-logs: source {src} holds several campaigns ({', '.join(tags)}); pick one with --tag {tags[0]}"
+            )
         tag = tags[0]
     files: dict[str, Path | None] = {
         "final_results": src / f"final_results_log_{tag}.jsonl",
@@ -131,6 +133,8 @@ def _read_log(path: Path, kind: str) -> list[dict[str, Any]]:
         for n, rec in enumerate(iter_jsonl(path, strict=True), 1):
             _check_fields(rec, kind, f"{path} record {n}")
             out.append(rec)
+    except LogImportError:
+        raise  # already one line naming the record (a ValueError too, so not wrapped a second time)
     except ValueError as e:  # iter_jsonl names the file and line
         raise LogImportError(f"import-logs: {e}; fix or remove the line (nothing imported)") from None
     if kind == "final_results" and not out:
@@ -189,7 +193,7 @@ def _build(src: Path, tag: str | None) -> tuple[dict[str, bytes], ImportSummary,
                 f"import-logs: baseline {p.name}: no peak LR in the file name (expected cosine_lr<peak>_....json)"
             )
         rec = _with(rec, last={"schedule": "cosine", "peak_lr": peak})
-        out[f"baselines/{p.name}"] = (json.dumps(rec, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+        out[f"baselines/{p.name}"] = (dumps(rec, indent=2) + "\n").encode()  # a diverged run's inf ppl as "inf"
         n_base += 1
     sources = [f for f in files.values() if f is not None]
     sources += sorted(base_dir.glob("*.json")) if base_dir.is_dir() else []

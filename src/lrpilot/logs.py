@@ -121,8 +121,11 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def dumps(obj: Any) -> str:
-    """One JSON line: strict JSON (non-finite floats as strings), UTF-8 kept readable."""
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON (non-finite floats as the strings "nan"/"inf"/"-inf"), UTF-8 kept readable: one line, or
+    with `indent` a document indented that many spaces."""
+    if indent is not None:
+        return json.dumps(_clean(obj), ensure_ascii=False, allow_nan=False, indent=indent)
     return json.dumps(_clean(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 

@@ -65,8 +65,8 @@ def check_run(cfg: RunConfig) -> None:
 
 
 def check_campaign(cfg: RunConfig, rounds: int, settings: object) -> None:
-    """check_run plus what a campaign adds: rounds >= 1, the rule parameters, and for --controller replay a
-    --replay-from log that holds every round asked for."""
+    """check_run plus what a campaign adds: rounds >= 1, the rule parameters, --script's program found (on PATH
+    or an executable path), and for --controller replay a --replay-from log that holds every round asked for."""
     from lrpilot.campaign import CampaignSettings
 
     assert isinstance(settings, CampaignSettings)
@@ -75,6 +75,16 @@ def check_campaign(cfg: RunConfig, rounds: int, settings: object) -> None:
     check_run(cfg)
     if settings.controller == "rules":
         settings.rules_for(cfg.schedule.init_lr)
+    if settings.script:
+        import shlex
+        import shutil
+
+        program = shlex.split(settings.script)[0]  # CampaignSettings checked that it splits
+        if shutil.which(program) is None:  # a mistyped command failed every round, silently, and kept exit 0
+            raise ConfigError(
+                f"--script: {program!r} is not a command on PATH nor an executable file; check its spelling, "
+                'or run it through its interpreter, e.g. --script "python train.py"'
+            )
     if settings.controller == "replay":
         from lrpilot.logs import read_jsonl
 
