@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from waiting import wait_until
 
-from lrpilot.locks import DirInUseError, DirLock
+from lrpilot.locks import DirInUseError, DirLock, holder_alive, holder_line
 from lrpilot.logs import read_jsonl
 
 SMOKE = ["--set", "train.total_steps=40"]
@@ -145,3 +145,27 @@ def test_lock_is_reentrant_for_its_thread_and_refuses_other_threads(tmp_path):
     errors.clear()
     other()
     assert not errors
+
+
+def test_holder_alive_reads_the_lock_line_without_taking_the_lock(tmp_path):
+    lock = tmp_path / "run.lock"
+    assert holder_alive(lock) is None  # no lock file: cannot tell
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    me = f"pid {os.getpid()} "
+    host = socket.gethostname()
+    cases = {
+        "": False,  # a clean release
+        "\n": False,
+        holder_line().replace(me, f"pid {dead.pid} ", 1): False,  # a holder that died
+        holder_line(): True,
+        holder_line().replace(f" on {host} ", f" on not-{host} ", 1): None,  # another host's pid
+        holder_line().replace(me, "pid 0 ", 1): None,
+        "garbage that names no holder\n": None,
+    }
+    for text, alive in cases.items():
+        lock.write_text(text)
+        assert holder_alive(lock) is alive, text
+    with DirLock(tmp_path):
+        assert holder_alive(lock) is True
+    assert holder_alive(lock) is False

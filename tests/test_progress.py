@@ -6,18 +6,24 @@ python -m pytest -q tests/test_progress.py
 from __future__ import annotations
 
 import io
+import json
 import math
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from lrpilot.cli import main
 from lrpilot.config import load_config
 from lrpilot.controllers.base import Decision, Observation
 from lrpilot.controllers.schedules import ConstantController
+from lrpilot.locks import DirLock
 from lrpilot.progress import DirWatch, LiveProgress, RunWatch, find_runs, fmt_duration, run_label, status_table
 from lrpilot.supervisor import RoundLogs, run_round
 
@@ -161,3 +167,72 @@ def test_demo_prints_an_estimate_then_progress_then_each_round_once_and_the_repo
         assert any(ln.startswith(f"[round {r}] step 10/60") for ln in lines)
     url = [ln for ln in lines if ln.startswith("open: file://")]
     assert url == [f"open: {(d / 'report' / 'report.html').resolve().as_uri()}"]
+
+
+def _steps_of(run_dir: Path) -> list[int]:
+    tele = run_dir / "telemetry.jsonl"
+    lines = tele.read_text().splitlines() if tele.is_file() else []
+    return [e["step"] for e in map(json.loads, lines[:-1]) if e.get("event") == "step"]  # the last may be partial
+
+
+@pytest.mark.slow
+def test_a_run_stopped_with_ctrl_c_is_stopped_at_once_not_running(tmp_path):
+    """`lrpilot train` interrupted (SIGINT) mid-run: `status` says stopped, with no ETA, at once (its run.lock
+    was released), not "running" until the telemetry goes stale (guard.hang_timeout_s)."""
+    d = tmp_path / "t"
+    cmd = [sys.executable, "-m", "lrpilot", "train", "--preset", "cpu-smoke", "--dir", str(d),
+           "--set", "train.total_steps=2000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run_dir = d / "runs" / "cosine_lr3e-3"
+
+        def stepping() -> bool:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            return bool(_steps_of(run_dir))
+
+        wait_until(stepping, 180, "a step event in the run's telemetry")
+        watch = DirWatch([d])
+        watch.poll()
+        assert [s.state for s in watch.statuses()] == ["running"]  # its holder is alive
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 and _steps_of(run_dir)[-1] < 2000
+    watch = DirWatch([d])
+    watch.poll()
+    table = status_table(watch.statuses())
+    assert "cosine_lr3e-3  stopped" in table and "running" not in table and "ETA" not in table, table
+    assert table.splitlines()[-1] == "1 stopped"
+
+
+def test_state_follows_the_run_lock_holder(tmp_path):
+    """Fresh telemetry: running while this process holds the run's lock (or the lock names another host's
+    holder), stopped at once when the lock is released without a result, finished once result.json exists."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    now = time.time()
+    events = [{"event": "start", "step": 0, "time": now - 2}]
+    events += [{"event": "step", "step": s, "time": now - 2 + s / 10, "loss": 5.0, "lr": 1e-3} for s in (1, 10)]
+    (run_dir / "config.json").write_text(json.dumps({"train": {"total_steps": 100}}))
+    (run_dir / "telemetry.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+    def status():
+        watch = RunWatch(run_dir)
+        watch.poll()
+        return watch.status(now)
+
+    assert status().state == "running"  # no run.lock (a Pilot's run): the staleness rule alone
+    with DirLock(run_dir):
+        for _ in range(3):  # and it stays so while the holder lives
+            s = status()
+            assert s.state == "running" and math.isfinite(s.eta_s)
+    s = status()
+    assert s.state == "stopped" and math.isnan(s.eta_s) and "ETA" not in s.line()
+    (run_dir / "run.lock").write_text(f"pid 1 on not-{socket.gethostname()} since 2024-01-01T00:00:00Z: lrpilot\n")
+    assert status().state == "running"  # another host's holder: cannot tell, the staleness rule decides
+    (run_dir / "run.lock").write_text("")
+    (run_dir / "result.json").write_text(json.dumps({"status": "ok", "update_step": 100}))
+    assert status().state == "finished"

@@ -6,14 +6,16 @@
 for a run directory). The kernel releases it when the holder dies, so a lock can never be left held; the file
 keeps one line, `pid N on HOST since ISO: COMMAND`, which a second process quotes in its refusal. A clean
 release empties the file; a line left by a holder that died is noted on stderr when the next process takes
-the lock over. Within one process the lock is re-entrant for the thread that holds it (run_one holds a run's
-lock and run_round takes it again) and refuses every other thread, as it refuses other processes.
+the lock over; `holder_alive` reads that line without taking the lock (`lrpilot status`: a run whose holder is
+gone has stopped). Within one process the lock is re-entrant for the thread that holds it (run_one holds a
+run's lock and run_round takes it again) and refuses every other thread, as it refuses other processes.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
 import socket
 import sys
 import threading
@@ -45,6 +47,34 @@ def _command() -> str:
 def holder_line() -> str:
     """What a lock file says about its holder: pid, host, start time and command."""
     return f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}: {_command()}"
+
+
+_HOLDER = re.compile(r"pid (\d+) on (\S+) since ")
+
+
+def holder_alive(path: str | Path) -> bool | None:
+    """Whether the holder a lock file names is alive, from its text alone (never taking the lock, which could
+    refuse a run starting at that moment). False: the file is empty (a clean release, Ctrl-C included) or names
+    a pid on this host that no longer exists (a holder that died). True: it names a live pid on this host.
+    None, when it cannot tell: no file, unreadable, another host's pid, a line it cannot parse."""
+    try:
+        text = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text:
+        return False
+    m = _HOLDER.match(text)
+    if m is None or m.group(2) != socket.gethostname() or int(m.group(1)) <= 0:
+        return None
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, run by another user
+        return True
+    except (OSError, OverflowError):  # a pid out of range
+        return None
+    return True
 
 
 def _note(text: str) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from lrpilot.locks import RUN_LOCK, holder_alive
 from lrpilot.logs import JsonlFollower, as_float, finite_mean
 from lrpilot.records import NO_LR_KINDS, Kind
 
@@ -36,7 +37,7 @@ from lrpilot.records import NO_LR_KINDS, Kind
 #: DEMO/campaign/rounds/round_001, BENCH/<case>/runs/<run>)
 MAX_DEPTH = 4
 #: a run whose telemetry is older than this (and that has no result) is reported as stopped, unless its
-#: config's guard.hang_timeout_s is longer
+#: config's guard.hang_timeout_s is longer; one whose run.lock names no live holder is stopped at once
 STALE_S = 120.0
 #: characters of a decision's reasoning shown on a bar / in a line
 REASON_CHARS = 60
@@ -258,6 +259,9 @@ class RunWatch:
     def state(self, now: float | None = None) -> str:
         if self.result is not None:
             return "finished" if self.result.get("status") == "ok" else "failed"
+        # its supervisor released run.lock (Ctrl-C) or died; read before result.json, which is written first
+        if holder_alive(self.run_dir / RUN_LOCK) is False and not (self.run_dir / "result.json").is_file():
+            return "stopped"
         if not self.started:
             return "pending"
         if self.done:
