@@ -149,6 +149,30 @@ def test_status_of_a_missing_directory_is_one_line(tmp_path, capsys):
     assert err.startswith("lrpilot: error: status ") and err.count("\n") == 1
 
 
+def test_status_tells_apart_runs_of_the_same_name_in_two_directories(tmp_path, capsys):
+    """`lrpilot status runs` with two sweeps (or campaigns) under runs/ printed the same label twice."""
+    from lrpilot.baseline import run_sweep
+
+    for name in ("a", "b"):
+        run_sweep(smoke("train.total_steps=20", "schedule.warmup_steps=5"), "cosine", [3e-3], tmp_path / name)
+    assert main(["status", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [x.split()[0] for x in lines[:2]] == ["a/cosine_lr3e-3", "b/cosine_lr3e-3"], lines
+    assert main(["status", str(tmp_path / "a")]) == 0  # one of them alone: no folder needed
+    assert capsys.readouterr().out.split()[0] == "cosine_lr3e-3"
+
+
+def test_status_of_an_import_or_a_file_says_what_it_is(tmp_path, capsys):
+    from lrpilot.importer import import_published
+
+    d = tmp_path / "published"
+    import_published(Path(__file__).parent / "data" / "seed-experiments", d)
+    assert main(["status", str(d)]) == 0
+    assert f"holds logs brought in by import-logs; see lrpilot report {d}" in capsys.readouterr().out
+    assert main(["status", str(d / "import.json")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_demo_prints_an_estimate_then_progress_then_each_round_once_and_the_report_url(tmp_path):
     """`lrpilot demo` piped (not a terminal): the estimate first, a line per run start and decision point

@@ -239,11 +239,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     root = Path(args.dir)
     if not root.is_dir():
-        raise LrpilotError(f"status {root}: no such directory; give a campaign, sweep (--out) or bench directory")
+        what = "is a file, not a directory" if root.exists() else "no such directory"
+        raise LrpilotError(f"status {root}: {what}; give a campaign, sweep (--out) or bench directory")
     watch = DirWatch([root])
     while True:
         watch.poll()
-        table = status_table(watch.statuses())
+        statuses = watch.statuses()
+        table = status_table(statuses, root)
+        if not statuses and (root / "import.json").is_file():
+            table = f"no run directories: {root} holds logs brought in by import-logs; see lrpilot report {root}"
         if args.watch is None:
             print(table)
             return 0

@@ -19,6 +19,7 @@ through `LiveProgress.write` so they do not tear the bars.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -75,6 +76,18 @@ def run_label(run_dir: Path) -> str:
     if run_dir.parent.name == "rounds" and name.startswith("round_") and name[6:].isdigit():
         return f"round {int(name[6:])}"
     return name
+
+
+def _place(s: RunStatus, root: Path) -> str:
+    """'rules/round 1': the run's label after the folder that holds it (a round's campaign, a sweep run's --out),
+    relative to root."""
+    run_dir = Path(s.run_dir)
+    holder = run_dir.parent.parent if run_dir.parent.name in ("rounds", "runs") else run_dir.parent
+    try:
+        where = holder.relative_to(root).as_posix()
+    except ValueError:
+        where = holder.as_posix()
+    return s.label if where in ("", ".") else f"{where}/{s.label}"
 
 
 def fmt_duration(seconds: float) -> str:
@@ -347,10 +360,16 @@ def event_line(watch: RunWatch, ev: dict[str, Any]) -> str:
     return f"[{s.label}] {'finished' if status == 'ok' else status}: ppl {as_float(ev.get('final_eval_ppl')):.3f}"
 
 
-def status_table(statuses: Sequence[RunStatus]) -> str:
-    """`lrpilot status` output: one line per run and a count per state."""
+def status_table(statuses: Sequence[RunStatus], root: Path | None = None) -> str:
+    """`lrpilot status` output: one line per run and a count per state. Runs that share a label (round 1 of
+    two campaigns under `root`) are told apart by the folder, relative to `root`, that holds them."""
     if not statuses:
         return "no runs yet"
+    seen: dict[str, int] = {}
+    for s in statuses:
+        seen[s.label] = seen.get(s.label, 0) + 1
+    if root is not None:
+        statuses = [dataclasses.replace(s, label=_place(s, root)) if seen[s.label] > 1 else s for s in statuses]
     lines = [s.line() for s in statuses]
     counts: dict[str, int] = {}
     for s in statuses:
