@@ -134,14 +134,24 @@ def test_several_campaigns_in_one_source_name_the_tag_flag_and_it_picks_one(tmp_
     assert json.loads((tmp_path / "d" / "import.json").read_text())["tag"] == "other"
 
 
-def test_a_bad_field_is_named_once(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("run_start_iso", 12, "field 'run_start_iso' must be a string"),
+        ("final_eval_ppl", -5, "field 'final_eval_ppl' is -5, below 1"),  # was reported as the best round
+        ("final_eval_loss", -0.5, "field 'final_eval_loss' is -0.5, below 0"),
+    ],
+)
+def test_a_bad_field_is_named_once(tmp_path, capsys, field, value, message):
     src = tmp_path / "src"
     shutil.copytree(SEED, src)
     lines = (src / "final_results_log_agent_60m.jsonl").read_text().splitlines()
     rec = json.loads(lines[1])
-    rec["run_start_iso"] = 12
+    rec[field] = value
     lines[1] = json.dumps(rec)
     (src / "final_results_log_agent_60m.jsonl").write_text("\n".join(lines) + "\n")
     assert main_import(src, tmp_path / "d") == 2
     err = capsys.readouterr().err
     assert err.count("import-logs:") == 1 and err.count("nothing imported") == 1, err
+    assert message in err and "record 2" in err
+    assert not (tmp_path / "d").exists()

@@ -124,6 +124,14 @@ def _check_fields(rec: dict[str, Any], kind: str, where: str) -> None:
             raise LogImportError(
                 f"import-logs: {where}: field {e.field!r} {e.problem}; fix the line (nothing imported)"
             ) from None
+    for name in ("final_eval_ppl", "final_eval_loss"):  # a NaN/inf is a failed run; a negative one is impossible
+        v = as_float(rec.get(name, math.nan))
+        low = 1.0 if name == "final_eval_ppl" else 0.0  # ppl = exp(cross-entropy in nats) >= exp(0)
+        if math.isfinite(v) and v < low:
+            raise LogImportError(
+                f"import-logs: {where}: field {name!r} is {v:g}, below {low:g} (a perplexity is exp of a loss >= 0); "
+                "fix the line (nothing imported)"
+            )
 
 
 def _read_log(path: Path, kind: str) -> list[dict[str, Any]]:
