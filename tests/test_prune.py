@@ -139,3 +139,14 @@ def test_optuna_memory_reports_prunes_and_records_a_pruned_round_once(tmp_path):
     assert _trials(tmp_path)[1].user_attrs["pruned_at_step"] == 11
     assert mem.propose(2) == p2 and len(mem.history()) == 2  # never proposed (re-run) again
     assert "1 pruned" in mem.brief() and "0 running" in mem.brief()
+
+
+def test_prune_without_intermediate_evals_is_refused_in_one_line(tmp_path, capsys):
+    """--prune with eval.every=0 (the presets' default) never pruned anything, and said nothing."""
+    d = tmp_path / "c"
+    args = [a.replace("eval.every=10", "eval.every=0") for a in SMOKE]
+    rc = main(["campaign", "--preset", "cpu-smoke", *args, "--rounds", "2", "--controller", "rules",
+               "--memory", "optuna", "--prune", "median", "--dir", str(d)])  # fmt: skip
+    assert rc == 2 and not d.exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--prune median:" in err and "--set eval.every=" in err

@@ -65,8 +65,8 @@ def check_run(cfg: RunConfig) -> None:
 
 
 def check_campaign(cfg: RunConfig, rounds: int, settings: object) -> None:
-    """check_run plus what a campaign adds: rounds >= 1, the rule parameters, --script's program found (on PATH
-    or an executable path), and for --controller replay a --replay-from log that holds every round asked for."""
+    """check_run plus what a campaign adds: rounds >= 1, the rule parameters, --prune only with intermediate evals,
+    --script's program found (on PATH or an executable path), and for --controller replay a --replay-from log that holds every round asked for."""
     from lrpilot.campaign import CampaignSettings
 
     assert isinstance(settings, CampaignSettings)
@@ -75,6 +75,11 @@ def check_campaign(cfg: RunConfig, rounds: int, settings: object) -> None:
     check_run(cfg)
     if settings.controller == "rules":
         settings.rules_for(cfg.schedule.init_lr)
+    if settings.prune and cfg.eval.every == 0:  # no intermediate eval: nothing to prune on, silently
+        raise ConfigError(
+            f"--prune {settings.prune}: a round is judged at its intermediate evals, and eval.every is 0 (only a "
+            f"final eval); add --set eval.every=N, e.g. N = {max(1, cfg.train.total_steps // 10)}"
+        )
     if settings.script:
         import shlex
         import shutil
