@@ -5,6 +5,7 @@ python -m pytest -q tests/test_replay.py
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -238,3 +239,27 @@ def test_replays_a_published_round():
         assert d.lr == r["new_lr"] and d.plan is None
         lr = d.lr
     assert max(r["new_lr"] for r in mine) > 3e-4  # a trajectory that actually moves
+
+
+def test_a_replay_whose_steps_are_none_of_this_runs_decision_points_is_refused(tmp_path, capsys):
+    """Replaying the published 60M study (decisions every 100+ steps) into cpu-smoke (60 steps) held the LR at
+    every step and reported the round "ok"."""
+    from lrpilot.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "decisions.jsonl").write_text(
+        "".join(json.dumps({"round": 1, "step": s, "new_lr": 1e-3, "run_start_iso": "x"}) + "\n" for s in (100, 200))
+    )
+    args = ["campaign", "--preset", "cpu-smoke", "--rounds", "1", "--controller", "replay", "--replay-from", str(src)]
+    assert main([*args, "--dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "decided at steps 100, 200, none of this run's decision points" in err
+    assert not (tmp_path / "d").exists()
+    # the same log on a run that reaches step 200 with decisions every 10 steps passes the check
+    from lrpilot.campaign import CampaignSettings
+    from lrpilot.config import load_config
+    from lrpilot.preflight import check_campaign
+
+    cfg = load_config("cpu-smoke", ["train.total_steps=200"])
+    check_campaign(cfg, 1, CampaignSettings("cpu-smoke", (), "replay", "none", replay_from=str(src)))

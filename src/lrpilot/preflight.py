@@ -96,10 +96,26 @@ def check_campaign(cfg: RunConfig, rounds: int, settings: object) -> None:
         log = Path(settings.replay_from) / "decisions.jsonl"
         if not log.is_file():
             raise ConfigError(f"--replay-from {settings.replay_from}: no decisions.jsonl there; give a campaign --dir")
-        have = {r.get("round") for r in read_jsonl(log)}
+        records = read_jsonl(log)
+        have = {r.get("round") for r in records}
         missing = [r for r in range(1, rounds + 1) if r not in have]
         if missing:
             shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
             raise ConfigError(
                 f"--rounds {rounds}: {log} has no decisions for round(s) {shown}; lower --rounds or re-play another campaign"
+            )
+        _check_replay_steps(cfg, log, records, rounds)
+
+
+def _check_replay_steps(cfg: RunConfig, log: Path, records: list[dict], rounds: int) -> None:
+    """A replay whose logged decision steps are none of this run's decision points (multiples of
+    schedule.decision_every up to train.total_steps) would hold the LR at every step and end "ok": refused."""
+    every, total = cfg.schedule.decision_every, cfg.train.total_steps
+    for r in range(1, rounds + 1):
+        steps = sorted({s for x in records if x.get("round") == r and isinstance(s := x.get("step"), int)})
+        if steps and not any(0 < s <= total and s % every == 0 for s in steps):
+            shown = ", ".join(map(str, steps[:3])) + (" ..." if len(steps) > 3 else "")
+            raise ConfigError(
+                f"--replay-from: round {r} of {log} decided at steps {shown}, none of this run's decision points "
+                f"(every {every} steps up to {total}); replay with the preset and --set values that campaign used"
             )
