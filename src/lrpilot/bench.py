@@ -135,6 +135,11 @@ def _rule_params(spec: str, text: str) -> tuple[tuple[str, str], ...]:
         key, eq, value = item.partition("=")
         if not eq or not key.strip() or not value.strip():
             raise BenchError(f"--methods {spec}: expected KEY=VALUE pairs after ':', e.g. rules:probe_steps=20")
+        from lrpilot.controllers.rules import RuleParams
+
+        known = RuleParams().to_dict()
+        if key.strip() not in known:  # was named "--rule KEY", a flag bench does not have
+            raise BenchError(f"--methods {spec}: unknown rule parameter {key.strip()!r}; known: {', '.join(known)}")
         pairs.append((key.strip(), value.strip()))
     return tuple(pairs)
 
