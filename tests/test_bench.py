@@ -302,15 +302,15 @@ def test_rule_parameters_of_a_method_reach_the_campaign_and_are_checked(tmp_path
     """`rules:KEY=V` fixes those rule parameters in the method's campaign (its directory named by the spec); an
     unknown parameter or a non-number is refused before anything trains."""
     from lrpilot.bench import Task, _campaign_settings
-    from lrpilot.config import ConfigError, load_config
+    from lrpilot.config import load_config
 
     cfg = load_config("cpu-smoke")
     m = parse_method("rules:probe_steps=20")
     settings = _settings(peaks=(), seeds=1, methods=(m.spec,), overrides=())
     cs = _campaign_settings(Task(m, 42, tmp_path, cfg, ()), settings)
     assert cs.rule_params == {"probe_steps": 20.0} and m.slug == "rules_probe_steps=20"
-    with pytest.raises(ConfigError, match="--rule nope"):
-        _campaign_settings(Task(parse_method("rules:nope=1"), 42, tmp_path, cfg, ()), settings)
+    with pytest.raises(BenchError, match="--methods rules:nope=1: unknown rule parameter 'nope'"):
+        parse_method("rules:nope=1")
     with pytest.raises(BenchError, match="ceiling='high' is not a number"):
         _campaign_settings(Task(parse_method("rules:ceiling=high"), 42, tmp_path, cfg, ()), settings)
 
