@@ -156,6 +156,9 @@ def test_an_edited_preset_file_is_refused_when_the_campaign_resumes(tmp_path):
         _check_settings(d, settings)
     preset.write_bytes(original)
     _check_settings(d, settings)  # the original file back: resumes
+    other = CampaignSettings(preset="cpu-smoke", overrides=(), controller="rules", memory="none")
+    with pytest.raises(CampaignError, match=r"different settings \(preset"):  # another preset: not "changed"
+        _check_settings(d, other)
 
 
 def test_a_campaign_in_an_imported_directory_is_refused(tmp_path):

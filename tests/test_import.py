@@ -130,6 +130,8 @@ def test_several_campaigns_in_one_source_name_the_tag_flag_and_it_picks_one(tmp_
     assert main_import(src, tmp_path / "d") == 2
     err = capsys.readouterr().err
     assert "(agent_60m, other)" in err and "--tag agent_60m" in err and "tag=" not in err
+    assert main(["import-logs", str(src), "--dir", str(tmp_path / "d"), "--tag", "agent60m"]) == 2
+    assert "no campaign 'agent60m'; --tag one of agent_60m, other" in capsys.readouterr().err
     assert main(["import-logs", str(src), "--dir", str(tmp_path / "d"), "--tag", "other"]) == 0
     assert json.loads((tmp_path / "d" / "import.json").read_text())["tag"] == "other"
 

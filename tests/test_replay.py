@@ -261,5 +261,11 @@ def test_a_replay_whose_steps_are_none_of_this_runs_decision_points_is_refused(t
     from lrpilot.config import load_config
     from lrpilot.preflight import check_campaign
 
-    cfg = load_config("cpu-smoke", ["train.total_steps=200"])
+    cfg = load_config("cpu-smoke", ["train.total_steps=201"])
+    check_campaign(cfg, 1, CampaignSettings("cpu-smoke", (), "replay", "none", replay_from=str(src)))
+    # decision points are warmup + k x decision_every (llama_60m: 1000, 1300, ...), not multiples of it
+    (src / "decisions.jsonl").write_text(
+        "".join(json.dumps({"round": 1, "step": s, "new_lr": 1e-3, "run_start_iso": "x"}) + "\n" for s in (15, 25))
+    )
+    cfg = load_config("cpu-smoke", ["schedule.warmup_steps=15"])
     check_campaign(cfg, 1, CampaignSettings("cpu-smoke", (), "replay", "none", replay_from=str(src)))

@@ -42,8 +42,11 @@ def positive_int(text: str) -> int:
 def _blocking_file(path: Path) -> Path | None:
     """The first existing path among `path` and its parents that is not a directory (None: all are)."""
     for p in (path, *path.parents):
-        if p.exists():
-            return None if p.is_dir() else p
+        try:
+            if p.exists():
+                return None if p.is_dir() else p
+        except OSError:  # a folder this user may not search: let the command's own error name it
+            return None
     return None
 
 

@@ -154,9 +154,12 @@ def _check_settings(directory: Path, settings: CampaignSettings) -> None:
             theirs = json.loads(path.read_text()).get("settings", {})
         except json.JSONDecodeError:
             theirs = None
-        if theirs is not None and "preset_sha256" not in theirs:
-            mine.pop("preset_sha256", None)  # created before lrpilot stored it: nothing to compare with
-        if theirs is not None and theirs.get("preset_sha256", "") != mine.get("preset_sha256", ""):
+        if theirs is not None and ("preset_sha256" not in theirs or "preset_sha256" not in mine):
+            # created before lrpilot stored it, or the file is not readable from here: nothing to compare with
+            theirs.pop("preset_sha256", None)
+            mine.pop("preset_sha256", None)
+        same_preset = theirs is not None and theirs.get("preset") == mine["preset"]
+        if same_preset and theirs.get("preset_sha256") != mine.get("preset_sha256"):
             raise CampaignError(
                 f"--preset {settings.preset}: the file changed since {directory} started its campaign (its rounds "
                 "would not be comparable); put the original file back to resume, or use a new --dir"

@@ -67,6 +67,8 @@ def _published_files(src: Path, tag: str | None) -> tuple[str, dict[str, Path | 
                 f"import-logs: source {src} holds several campaigns ({', '.join(tags)}); pick one with --tag {tags[0]}"
             )
         tag = tags[0]
+    elif tags and tag not in tags:
+        raise LogImportError(f"import-logs: source {src} has no campaign {tag!r}; --tag one of {', '.join(tags)}")
     files: dict[str, Path | None] = {
         "final_results": src / f"final_results_log_{tag}.jsonl",
         "decisions": src / f"decisions_log_{tag}.jsonl",

@@ -108,14 +108,17 @@ def check_campaign(cfg: RunConfig, rounds: int, settings: object) -> None:
 
 
 def _check_replay_steps(cfg: RunConfig, log: Path, records: list[dict], rounds: int) -> None:
-    """A replay whose logged decision steps are none of this run's decision points (multiples of
-    schedule.decision_every up to train.total_steps) would hold the LR at every step and end "ok": refused."""
-    every, total = cfg.schedule.decision_every, cfg.train.total_steps
+    """A replay whose logged decision steps are none of this run's decision points (trainer.is_decision_point:
+    warmup_steps + k x decision_every, below total_steps) would hold the LR at every step and end "ok": refused."""
+    from lrpilot.trainer import is_decision_point
+
+    s = cfg.schedule
     for r in range(1, rounds + 1):
-        steps = sorted({s for x in records if x.get("round") == r and isinstance(s := x.get("step"), int)})
-        if steps and not any(0 < s <= total and s % every == 0 for s in steps):
+        steps = sorted({n for x in records if x.get("round") == r and isinstance(n := x.get("step"), int)})
+        if steps and not any(is_decision_point(n, cfg) for n in steps):
             shown = ", ".join(map(str, steps[:3])) + (" ..." if len(steps) > 3 else "")
             raise ConfigError(
                 f"--replay-from: round {r} of {log} decided at steps {shown}, none of this run's decision points "
-                f"(every {every} steps up to {total}); replay with the preset and --set values that campaign used"
+                f"(from step {s.warmup_steps} every {s.decision_every} steps, below {cfg.train.total_steps}); replay "
+                "with the preset and --set values that campaign used"
             )

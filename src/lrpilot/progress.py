@@ -40,6 +40,8 @@ MAX_DEPTH = 4
 #: a run whose telemetry is older than this (and that has no result) is reported as stopped, unless its
 #: config's guard.hang_timeout_s is longer; one whose run.lock names no live holder is stopped at once
 STALE_S = 120.0
+#: a run.lock that names no live holder means stopped once it has been unchanged this long (seconds)
+LOCK_GRACE_S = 5.0
 #: characters of a decision's reasoning shown on a bar / in a line
 REASON_CHARS = 60
 
@@ -269,17 +271,26 @@ class RunWatch:
             return math.nan
         return (self.total_steps - s1) * (t1 - t0) / (s1 - s0)
 
+    def _holder_gone(self, now: float) -> bool:
+        lock = self.run_dir / RUN_LOCK
+        try:
+            quiet = now - lock.stat().st_mtime >= LOCK_GRACE_S
+        except OSError:
+            return False  # no run.lock (a Pilot's run): the staleness rule decides
+        return quiet and holder_alive(lock) is False
+
     def state(self, now: float | None = None) -> str:
         if self.result is not None:
             return "finished" if self.result.get("status") == "ok" else "failed"
-        # its supervisor released run.lock (Ctrl-C) or died; read before result.json, which is written first
-        if holder_alive(self.run_dir / RUN_LOCK) is False and not (self.run_dir / "result.json").is_file():
+        now = time.time() if now is None else now
+        # its supervisor released run.lock (Ctrl-C) or died, LOCK_GRACE_S ago or more (a lock being taken is
+        # empty for an instant); read before result.json, which is written first
+        if self._holder_gone(now) and not (self.run_dir / "result.json").is_file():
             return "stopped"
         if not self.started:
             return "pending"
         if self.done:
             return "finishing"
-        now = time.time() if now is None else now
         return "stopped" if math.isfinite(self.last_seen) and now - self.last_seen > self.stale_s else "running"
 
     def status(self, now: float | None = None) -> RunStatus:
