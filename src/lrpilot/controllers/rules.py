@@ -69,7 +69,10 @@ The heuristic, evaluated at each decision point in this order (the first rule th
                  ceiling (the idea of AutoLRS, Jin et al. 2021, "AutoLRS: Automatic Learning-Rate Schedule by
                  Bayesian Optimization on the Fly", without its Bayesian optimisation: the branches are
                  compared directly, paired on the same batches). The extra updates are counted as compute
-                 (RoundResult.probe_steps). If the probe cannot run, the rules' own decision is used.
+                 (RoundResult.probe_steps). If the probe cannot run, the rules' own decision is used. Off by
+                 default: on cpu-small, 3 seeds, every stable-phase probe found 2e-3 worse than 1e-3 after 20
+                 updates, and the runs ended at the default's ppl to the third decimal for 13% more updates
+                 (docs/bench/README.md, section 4).
 6. `rise`        the interval's mean loss rose by more than rise_z standard errors: cut (x cut_factor).
 7. `climb`       the loss fell by more than climb_z standard errors: raise x climb_factor, up to the
                  effective ceiling (`hold` at the ceiling).
@@ -86,8 +89,10 @@ different loss scale, lrpilot issue 15.)
 Defaults (lrpilot issue 15 measurements, cpu-small and a byte-level workload, 1500 steps): the best fixed
 schedules there were WSD at peak ~10/3 x init_lr (1e-3 for init 3e-4), so the ceiling is 1e-3
 (`for_init_lr` scales it as init_lr x 10/3); climb_factor 2 (the guard's max_ratio) reaches it in two
-decisions; climb_z = 2 (two standard errors: a fall that noise alone gives in ~2% of intervals);
-rise_z = 3 so a noisy interval is not taken for a divergence; decay_start 0.8 (WSD's 20% cool-down,
+decisions (so the rules reach the peak one decision interval later than a WSD warmup to it: over 5 seeds that
+slower start ended 0.99% better than the WSD sweep on cpu-small and 1.75% worse on cpu-bpe, whose early gap
+never closed; docs/bench/README.md, section 4); climb_z = 2 (two standard errors: a fall that noise alone
+gives in ~2% of intervals); rise_z = 3 so a noisy interval is not taken for a divergence; decay_start 0.8 (WSD's 20% cool-down,
 Hägele et al. 2024: 20% matches cosine, longer does slightly better); cut_factor 0.6 and crash_margin 0.7
 as before. Every result is also kept inside the guard's limits ([min_ratio, max_ratio] x LR and
 [floor, ceiling]; the cool-down plan, like the baseline schedules' plans, may fall below the floor) so the
