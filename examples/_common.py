@@ -55,6 +55,15 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def leave_process_group() -> None:
+    """After a run that ended well: destroy torch.distributed's default process group, if the framework made one.
+    Left to interpreter exit, gloo's worker threads can outlive it and the rank dies with SIGABRT ("terminate
+    called without an active exception"; pytorch/pytorch#190489, and the shutdown section of the
+    torch.distributed docs). Not on an error path, where a collective in the other ranks could wait on it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def record_lrs(run_dir: Path, step: int, optimizer: torch.optim.Optimizer) -> None:
     """Testing hook (--record-lrs): append the LR of every param group, read from the optimizer before update
     number `step` (1-based), to RUN/lrs_rank_R.jsonl (R = this process's rank)."""

@@ -20,7 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Timer, Windows, common_args, pause_here, rank, record_lrs  # noqa: E402
+from _common import Timer, Windows, common_args, leave_process_group, pause_here, rank, record_lrs  # noqa: E402
 
 from lrpilot.integrations.transformers import LRPilotCallback  # noqa: E402
 
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank() == 0:  # under torchrun: rank 0 wrote the run's logs and result
         print(f"final: step {cb.pilot.step_count} eval_loss {ev['eval_loss']:.4f} lr {cb.pilot.lr:.3e} "
               f"rollbacks {res['crash_count']}")  # fmt: skip
+    leave_process_group()
     return 0
 
 

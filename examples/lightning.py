@@ -24,7 +24,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.append(str(HERE))
-from _common import Timer, Windows, common_args, pause_here, rank, record_lrs  # noqa: E402
+from _common import Timer, Windows, common_args, leave_process_group, pause_here, rank, record_lrs  # noqa: E402
 
 from lrpilot.config import load_config  # noqa: E402
 from lrpilot.integrations.lightning import LRPilotCallback  # noqa: E402
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"final: step {cb.pilot.step_count} eval_loss {ev:.4f} lr {cb.pilot.lr:.3e} rollbacks {res['crash_count']}"
         )
+    leave_process_group()
     return 0
 
 

@@ -53,11 +53,11 @@ def _check_logs(d: Path, rounds: int) -> list[dict]:
     return sorted(finals, key=lambda f: f["round"])
 
 
-def _interrupted(d: Path, at: float) -> list[int]:
-    """Rounds 1-2 of campaign d that were stopped mid-run at time `at`: their result.json came later. (A round
-    whose result.json was written before, its final_results line not yet appended, a race under load, returns
-    its stored result on the re-run and is not resumed.)"""
-    return [r for r in (1, 2) if (d / f"rounds/round_{r:03d}/result.json").stat().st_mtime > at]
+def _interrupted(d: Path, rerun_at: float) -> list[int]:
+    """Rounds 1-2 of campaign d that the kill stopped mid-run: their result.json was written by the re-run that
+    started at `rerun_at`. Under load a round can still end while the kill or cancel takes effect (its result.json
+    written, maybe without its final_results line); the re-run returns its stored result and does not resume it."""
+    return [r for r in (1, 2) if (d / f"rounds/round_{r:03d}/result.json").stat().st_mtime > rerun_at]
 
 
 def _launches(run_dir: Path) -> dict[int, tuple[int, str]]:
@@ -130,18 +130,18 @@ def test_local_parallel_driver_killed_then_rerun_resumes_exactly(tmp_path):
     try:
         for r in (1, 2):
             wait_until(lambda r=r: (d / f"rounds/round_{r:03d}/checkpoints/step_000010.pt").exists(), 300, f"round {r}")
-        interrupted_at = time.time()
         drv.kill()
         drv.wait(30)
         for r in (1, 2):
             wait_until(lambda r=r: not _launches(d / f"rounds/round_{r:03d}"), 60, f"round {r}'s trainer to die")
     finally:
         drv.kill()
+    rerun_at = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     finals = _check_logs(d, 3)
     assert finals[0]["rule_params"] != finals[2]["rule_params"]
-    killed = _interrupted(d, interrupted_at)
+    killed = _interrupted(d, rerun_at)
     assert killed
     for r in killed:
         assert json.loads((d / f"rounds/round_{r:03d}/round.json").read_text())["resumed"] is True
@@ -271,13 +271,13 @@ def test_cli_on_a_ray_start_head_cluster_ctrl_c_then_resume(tmp_path):
                 ckpt = d / f"rounds/round_{r:03d}/checkpoints/step_000010.pt"
                 wait_until(lambda c=ckpt: drv.poll() is not None or c.exists(), 300, f"round {r}'s checkpoint")
                 assert drv.poll() is None, drv.stderr.read()[-2000:]
-            interrupted_at = time.time()
             drv.send_signal(signal.SIGINT)
             assert drv.wait(120) == 130, drv.stderr.read()[-2000:]
         finally:
             drv.kill()
         for r in (1, 2):
             wait_until(lambda r=r: not _launches(d / f"rounds/round_{r:03d}"), 60, f"round {r}'s trainer to die")
+        rerun_at = time.time()
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
     finally:
@@ -289,7 +289,7 @@ def test_cli_on_a_ray_start_head_cluster_ctrl_c_then_resume(tmp_path):
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     _check_logs(d, 3)
-    killed = _interrupted(d, interrupted_at)
+    killed = _interrupted(d, rerun_at)
     assert killed
     for r in killed:
         assert json.loads((d / f"rounds/round_{r:03d}/round.json").read_text())["resumed"] is True
