@@ -253,6 +253,7 @@ def test_cli_on_a_ray_start_head_cluster_ctrl_c_then_resume(tmp_path):
         [str(ray_bin), "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard", "false",
          "--node-ip-address", "127.0.0.1", "--port", str(port), "--temp-dir", str(ray_tmp)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # for its workers too (see below)
     )  # fmt: skip
     # `ray start --block` prints its --block notice once the head node is up
     wait_until(lambda: head.poll() is not None or b"--block" in (tmp_path / "head.log").read_bytes(), 120, "head")
@@ -264,6 +265,8 @@ def test_cli_on_a_ray_start_head_cluster_ctrl_c_then_resume(tmp_path):
     try:
         drv = subprocess.Popen(
             cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            # SIGINT at its default: a shell that started the tests in the background ignores it, and an ignored
+            # signal is inherited (POSIX), so the Ctrl-C and the cancel of the rounds would be lost
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
         try:

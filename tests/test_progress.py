@@ -202,6 +202,10 @@ def test_demo_prints_an_estimate_then_progress_then_each_round_once_and_the_repo
     assert url == [f"open: {(d / 'report' / 'report.html').resolve().as_uri()}"]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _steps_of(run_dir: Path) -> list[int]:
     tele = run_dir / "telemetry.jsonl"
     lines = tele.read_text().splitlines() if tele.is_file() else []
@@ -215,7 +219,9 @@ def test_a_run_stopped_with_ctrl_c_is_stopped_within_seconds_not_running(tmp_pat
     d = tmp_path / "t"  # 200000 steps: 2000 could end before the Ctrl-C on a loaded machine
     cmd = [sys.executable, "-m", "lrpilot", "train", "--preset", "cpu-smoke", "--dir", str(d),
            "--set", "train.total_steps=200000"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child: a CI shell that started the tests in the background ignores it, and
+    # children inherit an ignored signal (POSIX), so the Ctrl-C below would be lost
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         run_dir = d / "runs" / "cosine_lr3e-3"
 
