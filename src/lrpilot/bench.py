@@ -137,7 +137,7 @@ def _rule_params(spec: str, text: str) -> tuple[tuple[str, str], ...]:
             raise BenchError(f"--methods {spec}: expected KEY=VALUE pairs after ':', e.g. rules:probe_steps=20")
         from lrpilot.controllers.rules import RuleParams
 
-        known = RuleParams().to_dict()
+        known = RuleParams.names()
         if key.strip() not in known:  # was named "--rule KEY", a flag bench does not have
             raise BenchError(f"--methods {spec}: unknown rule parameter {key.strip()!r}; known: {', '.join(known)}")
         pairs.append((key.strip(), value.strip()))

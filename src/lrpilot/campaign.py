@@ -108,7 +108,7 @@ class CampaignSettings:
                 raise ConfigError("--rule sets the rule controller's parameters: use it with --controller rules")
             from lrpilot.controllers.rules import RuleParams
 
-            known = RuleParams().to_dict()
+            known = RuleParams.names()
             for name, value in self.rule_params.items():
                 if name not in known:
                     raise ConfigError(f"--rule {name}: unknown parameter; known: {', '.join(known)}")

@@ -234,8 +234,13 @@ class RuleParams:
         return asdict(self)
 
     @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The parameter names, in declaration order (what --rule, rules:KEY=V and a search space may name)."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RuleParams:
-        known = {f.name for f in fields(cls)}
+        known = set(cls.names())
         unknown = set(d) - known
         _check(
             not unknown, sorted(unknown)[0] if unknown else "", f"unknown parameter; known: {', '.join(sorted(known))}"

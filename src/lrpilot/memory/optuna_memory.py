@@ -169,7 +169,7 @@ class OptunaMemory:
         )
 
     def _check_space(self) -> None:
-        known = set(RuleParams().to_dict())
+        known = set(RuleParams.names())
         for name, r in self.search_space.items():
             if name not in known:
                 raise OptunaMemoryError(f"search_space: {name!r} is not a RuleParams field; known: {sorted(known)}")
