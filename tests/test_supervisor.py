@@ -112,20 +112,28 @@ class Recorder:
 
 class KillAt:
     """Kill the trainer's process group (default SIGKILL) at the step event of each step in `steps`, in order;
-    `before(run_dir, step)` runs right before each kill."""
+    `before(run_dir, step)` runs right before each kill.
+
+    One kill per launch: the supervisor reads telemetry behind the trainer, so step events that the killed
+    launch wrote before the signal landed still arrive after the kill (seen: kill at step 12, the same
+    launch's step 19 arrived next). A kill aimed at one of them would hit a dead process and be lost."""
 
     def __init__(self, rec: Recorder, steps: list[int], sig: int = signal.SIGKILL, before=None) -> None:
         self.rec, self.steps, self.sig, self.before = rec, list(steps), sig, before
         self.done: list[int] = []
+        self.killed_launches: set = set()
         rec.hooks.append(self)
 
     def __call__(self, ev: dict) -> None:
         if ev.get("event") != "step" or len(self.done) == len(self.steps):
             return
+        if ev.get("launch") in self.killed_launches:
+            return
         if ev["step"] == self.steps[len(self.done)]:
             if self.before is not None:
                 self.before(ev["step"])
             self.done.append(ev["step"])
+            self.killed_launches.add(ev.get("launch"))
             os.killpg(self.rec.pgid, self.sig)
 
 
