@@ -212,3 +212,23 @@ def test_a_pilot_logs_the_same_trend_words_as_the_supervisor(tmp_path):
     pts = {s: float(s) for s in range(1203)}
     sampled = sample_trajectory(pts)
     assert len(sampled) <= 500 and sampled[0] == (0, 0.0) and sampled[-1] == (1202, 1202.0)
+
+
+def test_the_warmup_ends_where_the_controller_says_inside_the_guards_bounds():
+    from lrpilot.controllers.rules import RuleParams
+    from lrpilot.decision import warmup_end_lr
+
+    g = GuardConfig(floor=1e-5, ceiling=5e-3)
+    # a controller without a view keeps the configured target, even outside the guard's band (the user's own)
+    assert warmup_end_lr(make_schedule("cosine", 8e-3, load_config("cpu-smoke")), 8e-3, g) == 8e-3
+    assert warmup_end_lr(RuleController(RuleParams(ceiling=1e-3)), 3e-4, g) == pytest.approx(1e-3)
+    assert warmup_end_lr(RuleController(RuleParams(ceiling=3e-2)), 3e-4, g) == 5e-3  # the guard's ceiling
+
+    class Bad(RuleController):
+        name = "bad"
+
+        def warmup_to(self, init_lr: float) -> float:
+            return float("nan")
+
+    with pytest.raises(ValueError, match=r"controller bad: warmup_to\(0.0003\) gave nan"):
+        warmup_end_lr(Bad(), 3e-4, g)

@@ -80,8 +80,10 @@ def test_lr_the_pilot_set_is_the_lr_the_optimizer_used(smoke_config, tmp_path, c
     for t, (g0, g1) in enumerate(used):
         assert tel[t + 1]["lr"] == g0, f"update {t}: telemetry {tel[t + 1]['lr']} != optimizer {g0}"
         assert g1 == pytest.approx(g0 / 3, rel=1e-12)  # the groups keep their ratio
-    # the warmup ramp, then the controller: the LR of update t < warmup is init_lr * (t + 1) / warmup
-    assert [u[0] for u in used[:5]] == pytest.approx([3e-3 * (t + 1) / 5 for t in range(5)])
+    # the warmup ramp, then the controller: the LR of update t < warmup is init_lr * (t + 1) / warmup, where
+    # init_lr is the controller's warmup end: the group's 3e-3 for cosine, the rules' ceiling 10/3 x 3e-3
+    assert pilot.init_lr == pytest.approx(1e-2 if controller == "rules" else 3e-3)
+    assert [u[0] for u in used[:5]] == pytest.approx([pilot.init_lr * (t + 1) / 5 for t in range(5)])
     decisions = read_jsonl(tmp_path / "decisions.jsonl")
     assert [d["step"] for d in decisions] == list(range(5, total, 5))
     for d in decisions:

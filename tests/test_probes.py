@@ -209,7 +209,8 @@ def test_rules_with_a_range_test_climb_to_the_ceiling_it_found(tmp_path):
     assert res.status == "ok"
     assert [e["step"] for e in telemetry if e["event"] == "probe"] == [warmup]
     (rec,) = [d for d in decisions if d.get("probe")]
-    assert rec["probe"]["lrs"] == [lr0, min(lr0 * p.range_factor, cfg.guard.ceiling)]
+    start = RuleController(p).warmup_to(lr0)  # the sweep starts at the LR in force: the warmup's end (the ceiling)
+    assert rec["probe"]["lrs"] == [start, min(start * p.range_factor, cfg.guard.ceiling)]
     found = rec["meta"]["range_ceiling"]
     assert cfg.guard.floor <= found <= p.ceiling * p.probe_ceiling_factor and "range test" in rec["reasoning"]
     assert res.probe_steps == len(rec["probe"]["sweep"][0]["losses"]) > 0

@@ -269,3 +269,36 @@ def test_a_replay_whose_steps_are_none_of_this_runs_decision_points_is_refused(t
     )
     cfg = load_config("cpu-smoke", ["schedule.warmup_steps=15"])
     check_campaign(cfg, 1, CampaignSettings("cpu-smoke", (), "replay", "none", replay_from=str(src)))
+
+
+@pytest.mark.slow
+def test_a_rule_round_warms_up_to_its_ceiling_and_its_replay_repeats_every_lr(tmp_path):
+    """Real trainer runs (cpu-smoke): the rules' warmup ends at their ceiling (10/3 x init_lr, start_ratio 1),
+    which the run's config.json carries as schedule.init_lr; a replay of its decision log warms up the same way
+    (ReplayController.warmup_to) and trains with the same LR at every update."""
+    from lrpilot.config import load_config
+    from lrpilot.controllers.rules import RuleParams
+    from lrpilot.supervisor import RoundLogs, run_round
+
+    cfg = load_config("cpu-smoke")
+    ceiling = RuleParams.for_init_lr(cfg.schedule.init_lr).ceiling
+    assert ceiling == pytest.approx(1e-2) and ceiling < cfg.guard.ceiling
+
+    def lrs(run_dir):
+        return {e["step"]: e["lr"] for e in map(json.loads, (run_dir / "telemetry.jsonl").read_text().splitlines())
+                if e["event"] == "step"}  # fmt: skip
+
+    logs = RoundLogs(tmp_path / "decisions.jsonl", tmp_path / "rollbacks.jsonl", extra={"round": 1})
+    rules = RuleController(RuleParams.for_init_lr(cfg.schedule.init_lr))
+    assert run_round(cfg, tmp_path / "rules", rules, logs).status == "ok"
+    w = cfg.schedule.warmup_steps
+    original = lrs(tmp_path / "rules")
+    assert original[w] == pytest.approx(ceiling)  # update w-1 (telemetry step w) ends the warmup
+    assert json.loads((tmp_path / "rules" / "config.json").read_text())["schedule"]["init_lr"] == pytest.approx(ceiling)
+    first = json.loads((tmp_path / "decisions.jsonl").read_text().splitlines()[0])
+    assert first["step"] == w and first["old_lr"] == pytest.approx(ceiling)
+
+    replay = ReplayController.from_log(tmp_path / "decisions.jsonl", round=1)
+    logs2 = RoundLogs(tmp_path / "replay.jsonl", tmp_path / "rollbacks2.jsonl", extra={"round": 1})
+    assert run_round(cfg, tmp_path / "replay", replay, logs2).status == "ok"
+    assert lrs(tmp_path / "replay") == original

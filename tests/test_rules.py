@@ -318,3 +318,27 @@ def test_rules_ask_for_one_range_test_at_the_end_of_warmup_and_read_its_ceiling_
 def test_bad_range_test_settings_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"rules.{field}"):
         RuleParams(**{field: value})
+
+
+def test_the_warmup_ends_at_start_ratio_times_the_ceiling():
+    """Default: straight to the ceiling (as WSD warms up to its peak); start_ratio 0.3 is the old slow start,
+    warm up to init_lr and climb (module docstring, Start)."""
+    assert RuleController(RuleParams.for_init_lr(3e-4)).warmup_to(3e-4) == pytest.approx(1e-3)
+    slow = RuleController(RuleParams.for_init_lr(3e-4, start_ratio=0.3))
+    assert slow.warmup_to(3e-4) == pytest.approx(3e-4)
+    assert RuleController(RuleParams(ceiling=2e-3, start_ratio=0.5)).warmup_to(1.0) == pytest.approx(1e-3)
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="rules.start_ratio"):
+            RuleParams(start_ratio=bad)
+    assert "start_ratio" in RuleParams.search_space() and "start_ratio" in RuleParams.names()
+
+
+def test_from_a_slow_start_the_rules_climb_to_the_ceiling_and_from_the_default_they_hold_it():
+    """The slow start (warmup to init_lr) climbs x2 per decision to the ceiling; the default start is already
+    there, so the first decisions hold it."""
+    _, slow = toy_loop(RuleController(RuleParams.for_init_lr(3e-4, start_ratio=0.3)), total=TOTAL, warmup=WARMUP,
+                       every=EVERY, init_lr=3e-4, scale=0.2, seed=0)  # fmt: skip
+    assert [round(v, 6) for _, v in slow[:3]] == [6e-4, 1e-3, 1e-3]
+    fast = RuleController(RuleParams.for_init_lr(3e-4))
+    _, lrs = toy_loop(fast, total=TOTAL, warmup=WARMUP, every=EVERY, init_lr=fast.warmup_to(3e-4), scale=0.2, seed=0)
+    assert all(math.isclose(v, 1e-3) for s, v in lrs if s < 0.8 * TOTAL)

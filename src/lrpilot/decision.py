@@ -37,7 +37,7 @@ from typing import Any
 from lrpilot import guard
 from lrpilot.config import GuardConfig
 from lrpilot.controllers.base import BaseController, Decision, DecisionRecord, Observation, RollbackRecord
-from lrpilot.logs import finite_mean, now_iso
+from lrpilot.logs import finite_mean, is_positive_finite, now_iso
 from lrpilot.records import COUNTED_KINDS  # noqa: F401 - the kinds an Observation's `decisions` keeps
 from lrpilot.registry import Registry
 
@@ -257,6 +257,20 @@ def decision_record(
 
 
 # ------------------------------------------------------------------------------------------ the core
+
+
+def warmup_end_lr(controller: BaseController, init_lr: float, cfg: GuardConfig) -> float:
+    """The LR a run's warmup ends at: `controller.warmup_to(init_lr)`, kept inside the guard's [floor, ceiling]
+    when it differs from init_lr (the configured target stays as the user set it). Both hosts (the round
+    supervisor and the Pilot) start from it, so a run warms up the same way in either. Raises ValueError,
+    naming the controller, when its answer is not a positive number."""
+    lr = controller.warmup_to(init_lr)
+    if not is_positive_finite(lr):
+        name = getattr(controller, "name", type(controller).__name__)
+        raise ValueError(f"controller {name}: warmup_to({init_lr!r}) gave {lr!r}; it must be a positive LR")
+    if lr == init_lr:
+        return init_lr
+    return min(max(float(lr), cfg.floor), cfg.ceiling)
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ from lrpilot.decision import (
     RunShape,
     interval_trend,
     sample_trajectory,
+    warmup_end_lr,
 )
 from lrpilot.errors import LrpilotError
 from lrpilot.logs import (
@@ -281,7 +282,8 @@ class Pilot:
     """Steers the LR of `optimizer` from the losses your loop reports; see the module docstring.
 
     Arguments: controller (name or instance), total_steps (updates of the run), warmup_steps, init_lr (the LR
-    the warmup reaches; default group 0's LR), decision_every (updates between decision points), guard
+    the warmup reaches; default group 0's LR; a controller may move it: the rules warm up to their ceiling,
+    start_ratio x (10/3 x init_lr)), decision_every (updates between decision points), guard
     (GuardConfig; default GuardConfig()), run_dir (None: no logs), memory_brief (text given to the controller),
     model (restored on a rollback; None: no rollback, a crash raises PilotGaveUp), extra_state ((get, set): the
     caller's state to snapshot and restore with the model, e.g. the data position and RNG), snapshot_every
@@ -378,6 +380,12 @@ class Pilot:
         )
         self.controller_name = getattr(self.controller, "name", type(self.controller).__name__)
         self.blocking = bool(getattr(self.controller, "blocking", True))
+        #: the LR the warmup reaches: the controller's choice (BaseController.warmup_to; the rules: start_ratio x
+        #: their ceiling), the configured init_lr for every other controller
+        try:
+            self.init_lr = warmup_end_lr(self.controller, self.init_lr, self.g)
+        except ValueError as e:
+            raise PilotError(f"controller: {e}") from None
         #: the decision desk: observation -> controller -> guard rules -> command -> record (lrpilot.decision)
         unknown = [n for n in guard_rules if not isinstance(n, str) or n not in GUARD_RULES]
         if isinstance(guard_rules, str) or unknown:

@@ -70,7 +70,16 @@ from lrpilot.channel import CONTROL_FILE, EXIT_DISK, TELEMETRY_FILE, ControlWrit
 from lrpilot.checkpoint import list_checkpoints, verify_checkpoint
 from lrpilot.config import ConfigError, RunConfig, check_same_config
 from lrpilot.controllers.base import BaseController, Decision, Observation, ProbeResult, RollbackRecord
-from lrpilot.decision import Command, DecisionCore, Point, RunShape, interval_trend, plan_summary, sample_trajectory
+from lrpilot.decision import (
+    Command,
+    DecisionCore,
+    Point,
+    RunShape,
+    interval_trend,
+    plan_summary,
+    sample_trajectory,
+    warmup_end_lr,
+)
 from lrpilot.errors import writing
 from lrpilot.locks import RUN_LOCK, DirLock
 from lrpilot.logs import (
@@ -954,7 +963,13 @@ def run_round(
     its step and loss (nats); True sends the trainer the stop command, and the round ends with status "pruned",
     pruned_at_step (the trainer's last update) and steps_saved (total_steps - pruned_at_step); the eval loss is
     the round's last (not a final result). A crash after that ends the round the same way, without a rollback.
+    The warmup ends at the controller's `warmup_to(schedule.init_lr)` (lrpilot.decision.warmup_end_lr): where
+    that differs from the preset's init_lr, the run's config (RUN/config.json, what the trainer reads) carries
+    it as schedule.init_lr, as a baseline at peak P runs with init_lr = P.
     """
+    start = warmup_end_lr(controller, cfg.schedule.init_lr, cfg.guard)
+    if start != cfg.schedule.init_lr:
+        cfg = dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, init_lr=start))
     rnd = _Round(
         cfg,
         Path(run_dir),

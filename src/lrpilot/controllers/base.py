@@ -58,7 +58,7 @@ class Observation:
     warmup_steps: int
     decision_every: int
     lr: float  # LR in force now
-    init_lr: float
+    init_lr: float  # the LR the warmup ended at (BaseController.warmup_to; for most controllers schedule.init_lr)
     #: dense per-step losses since the previous decision point (oldest first)
     recent_losses: tuple[float, ...]
     #: (step, mean loss over the interval ending at step), one per decision point, whole round
@@ -160,6 +160,14 @@ class BaseController(ABC):
 
     def start_round(self, round_index: int = 0, memory_brief: str = "") -> None:  # noqa: B027
         """Called once before the round's first decision; resets per-round state."""
+
+    def warmup_to(self, init_lr: float) -> float:
+        """The LR the run's linear warmup ends at (the LR in force at the first decision point), given the
+        run's configured warmup target `init_lr` (schedule.init_lr, or the Pilot's init_lr). Default: init_lr.
+        The hosts (the round supervisor, the Pilot) ask once, before the first update, and keep the answer
+        inside the guard's [floor, ceiling] (lrpilot.decision.warmup_end_lr); Observation.init_lr is then that LR.
+        Must be a pure function of the controller's settings (a resumed run asks again)."""
+        return init_lr
 
     @abstractmethod
     def decide(self, obs: Observation) -> Decision:

@@ -104,11 +104,20 @@ class ReplayController(BaseController):
             self._parse = parse_recorded_reply
         #: step -> records for that step, in log order (one per visit of the step)
         self._by_step: dict[int, list[dict[str, Any]]] = {}
+        #: (step, old_lr) of the earliest record: the LR in force at the logged round's first decision point
+        self._first: tuple[int, float] | None = None
         for n, rec in enumerate(decisions):
             where = f"{source or 'decisions'} record {n}"
             if not isinstance(rec, dict):
                 raise ReplayError(f"{where}: must be a JSON object")
             kind = str(rec.get("kind", Kind.DECISION))
+            first_step, old = as_float(rec.get("step")), as_float(rec.get("old_lr"))
+            if (
+                math.isfinite(first_step)
+                and is_positive_finite(old)
+                and (self._first is None or first_step < self._first[0])
+            ):
+                self._first = (int(first_step), old)
             if kind in _NOT_REPLAYED or kind in _NO_ANSWER:
                 continue
             step = _int_field(rec, "step", where)
@@ -164,6 +173,12 @@ class ReplayController(BaseController):
                 f"rounds in the log: {rounds}"
             )
         return cls(recs, rerun_raw=rerun_raw, source=str(p))
+
+    def warmup_to(self, init_lr: float) -> float:
+        """The logged round's warmup end: the LR in force (`old_lr`) at its earliest logged decision, so a replay
+        warms up as the logged round did (a rule round warms up to its ceiling, not to the preset's init_lr);
+        init_lr for a log without one."""
+        return self._first[1] if self._first is not None else init_lr
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -2,9 +2,10 @@
 
     python -m pytest -q tests/test_controllers_contract.py tests/test_rules.py
 
-Shape: warmup (the trainer's, to init_lr), then **climb** to the ceiling while the loss falls by more than
-the measured noise, **hold** there (the stable phase), and **cool down** to (near) zero over the last part
-of the run. Every threshold is in units of the run's own per-step loss noise, never an absolute loss
+Shape: warmup (the trainer's, linear) to start_ratio x the ceiling (`Start` below; by default the ceiling
+itself), then **climb** to the ceiling while the loss falls by more than the measured noise (when the warmup
+ended below it), **hold** there (the stable phase), and **cool down** to (near) zero over the last part of
+the run. Every threshold is in units of the run's own per-step loss noise, never an absolute loss
 change, so the same defaults work on workloads whose losses have different scales and noise.
 
 The heuristic, evaluated at each decision point in this order (the first rule that fires decides):
@@ -78,6 +79,19 @@ The heuristic, evaluated at each decision point in this order (the first rule th
                  effective ceiling (`hold` at the ceiling).
 8. `hold`        otherwise: keep the LR (the stable phase of warmup-stable-decay).
 
+Start (`start_ratio`, `warmup_to`): the warmup ends at start_ratio x ceiling; the hosts run the trainer's warmup
+to it (lrpilot.decision.warmup_end_lr). Default 1: the warmup goes straight to the ceiling, as WSD's goes to its
+peak. The old default was to warm up to init_lr (start_ratio 0.3 with the default ceiling) and climb x2 per
+decision. Over 5 seeds (docs/bench/README.md, section 5) that slow start ended 0.99% better than the WSD sweep
+on cpu-small (4 of 5 seeds) and 1.75% worse on cpu-bpe (4 of 5). The fast start ended at WSD's ppl at the same
+peak on both, which was the sweep's best on 9 of 10 seed-workload pairs. The slow start's gain on cpu-small
+showed only after ~900 of 1500 steps (seed 42): until then its training loss was above the fast start's (by
+0.97 nats at step 100). So a test over a few dozen updates at the end of warmup (the lookahead probes, the
+range test, the z-test, the noise) sees the fast start ahead on both workloads and cannot tell them apart: the
+short-horizon bias of Wu et al. 2018 ("Understanding Short-Horizon Bias in Stochastic Meta-Optimization"). The
+default takes the start that loses on neither.
+start_ratio is in Optuna's search space, so a campaign can find the slow start where it pays.
+
 Noise: sigma = the std of the per-step losses of the interval around their least-squares line (absolute,
 in loss units). The change between two interval means of n steps each has standard error
 SE = sigma * sqrt(2 / n); z = (previous mean - current mean) / SE. At the first decision point (no previous
@@ -88,12 +102,11 @@ different loss scale, lrpilot issue 15.)
 
 Defaults (lrpilot issue 15 measurements, cpu-small and a byte-level workload, 1500 steps): the best fixed
 schedules there were WSD at peak ~10/3 x init_lr (1e-3 for init 3e-4), so the ceiling is 1e-3
-(`for_init_lr` scales it as init_lr x 10/3); climb_factor 2 (the guard's max_ratio) reaches it in two
-decisions (so the rules reach the peak one decision interval later than a WSD warmup to it: over 5 seeds that
-slower start ended 0.99% better than the WSD sweep on cpu-small and 1.75% worse on cpu-bpe, whose early gap
-never closed; docs/bench/README.md, section 4); climb_z = 2 (two standard errors: a fall that noise alone
-gives in ~2% of intervals); rise_z = 3 so a noisy interval is not taken for a divergence; decay_start 0.8 (WSD's 20% cool-down,
-Hägele et al. 2024: 20% matches cosine, longer does slightly better); cut_factor 0.6 and crash_margin 0.7
+(`for_init_lr` scales it as init_lr x 10/3); start_ratio 1 (`Start` above); climb_factor 2 (the guard's
+max_ratio: after a warmup that ended below the ceiling, a cut or a rollback, one climb doubles the LR); climb_z
+= 2 (two standard errors: a fall that noise alone gives in ~2% of intervals); rise_z = 3 so a noisy interval is
+not taken for a divergence; decay_start 0.8 (WSD's 20% cool-down, Hägele et al. 2024: 20% matches cosine,
+longer does slightly better); cut_factor 0.6 and crash_margin 0.7
 as before. Every result is also kept inside the guard's limits ([min_ratio, max_ratio] x LR and
 [floor, ceiling]; the cool-down plan, like the baseline schedules' plans, may fall below the floor) so the
 guard has nothing to change. The controller keeps no state between decisions (all inputs come from the
@@ -160,6 +173,9 @@ class RuleParams:
     probe_ceiling_factor: float = 10.0
     #: the cool-down's shape: 1-sqrt, linear or geometric (module docstring)
     decay_shape: str = "linear"
+    #: the warmup ends at start_ratio x ceiling (1: straight to the ceiling, as WSD warms up to its peak;
+    #: 0.3 = init_lr with the default ceiling: the rules' old slow start, warm up to init_lr and climb)
+    start_ratio: float = 1.0
     #: LR range test at the end of warmup (module docstring, rule 5a): updates in the sweep; 0 = none (default)
     range_steps: float = 0
     #: the range test sweeps from the LR in force to range_factor x it
@@ -179,6 +195,7 @@ class RuleParams:
                 f"must be a finite number, got {v!r}",
             )
         _check(self.ceiling > 0, "ceiling", "must be > 0")
+        _check(0.0 < self.start_ratio <= 1.0, "start_ratio", "must be in (0, 1] (a fraction of the ceiling)")
         _check(1.0 < self.climb_factor <= 2.0, "climb_factor", "must be in (1, 2] (the guard allows at most x2)")
         _check(self.climb_z > 0, "climb_z", "must be > 0 (standard errors of the loss noise)")
         _check(self.rise_z > 0, "rise_z", "must be > 0 (standard errors of the loss noise)")
@@ -223,6 +240,7 @@ class RuleParams:
             "cut_factor": ParamRange(0.5, 0.7),
             "decay_start": ParamRange(0.5, 0.9),
             "final_ratio": ParamRange(0.0, 0.2),
+            "start_ratio": ParamRange(0.25, 1.0),
         }
 
     @classmethod
@@ -389,6 +407,10 @@ class RuleController(BaseController):
         return new
 
     # ------------------------------------------------------------------------------------------- decide
+
+    def warmup_to(self, init_lr: float) -> float:
+        """The warmup's end: start_ratio x ceiling (module docstring, "Start"); init_lr is not used."""
+        return self.params.start_ratio * self.params.ceiling
 
     def decide(self, obs: Observation) -> Decision:
         p = self.params
