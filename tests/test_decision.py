@@ -222,7 +222,7 @@ def test_the_warmup_ends_where_the_controller_says_inside_the_guards_bounds():
     # a controller without a view keeps the configured target, even outside the guard's band (the user's own)
     assert warmup_end_lr(make_schedule("cosine", 8e-3, load_config("cpu-smoke")), 8e-3, g) == 8e-3
     assert warmup_end_lr(RuleController(RuleParams(ceiling=1e-3)), 3e-4, g) == pytest.approx(1e-3)
-    assert warmup_end_lr(RuleController(RuleParams(ceiling=3e-2)), 3e-4, g) == 5e-3  # the guard's ceiling
+    assert warmup_end_lr(RuleController(RuleParams(ceiling=3e-2)), 3e-3, g) == 5e-3  # the guard's ceiling
 
     class Bad(RuleController):
         name = "bad"

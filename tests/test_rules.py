@@ -327,6 +327,8 @@ def test_the_warmup_ends_at_start_ratio_times_the_ceiling():
     slow = RuleController(RuleParams.for_init_lr(3e-4, start_ratio=0.3))
     assert slow.warmup_to(3e-4) == pytest.approx(3e-4)
     assert RuleController(RuleParams(ceiling=2e-3, start_ratio=0.5)).warmup_to(1.0) == pytest.approx(1e-3)
+    # a ceiling above the default one is climbed to, under the climb's test: the warmup stops at 10/3 x init_lr
+    assert RuleController(RuleParams(ceiling=3e-2)).warmup_to(3e-4) == pytest.approx(1e-3)
     for bad in (0.0, -0.5, 1.5, float("nan")):
         with pytest.raises(ConfigError, match="rules.start_ratio"):
             RuleParams(start_ratio=bad)
