@@ -60,7 +60,7 @@ bench() {  # bench NAME PRESET SEEDS JOBS METHODS...: run under the remaining bu
     echo "$name: exit $? after $(($(date +%s) - start)) s"
 }
 
-METHODS=${METHODS:-rules rules:range_steps=50 rules:probe_steps=20 wsd d2z cosine schedulefree prodigy}
+METHODS=${METHODS:-rules rules:start_ratio=0.3 wsd d2z cosine schedulefree prodigy}
 # shellcheck disable=SC2086
 bench A "$SMALL" 3 "$JOBS_A" $METHODS &
 # O joins A's directory once A has written its settings (so the two never write bench_settings.json at once)
