@@ -46,8 +46,8 @@ The heuristic, evaluated at each decision point in this order (the first rule th
                  meta["range_ceiling"], which later decisions read back from Observation.decisions, so the
                  controller stays stateless). Then rules 6-8 apply from here (a `range` cut if the LR in force is
                  already above it). Measured with the old slow start (start_ratio 0.3), seed 42, 50 updates
-                 from 3e-4 to 3e-2: on cpu-small the lowest smoothed loss was at 6.1e-3 (the loss jumped at 1.4e-2), giving 2.0e-3,
-                 where that workload's WSD sweeps found 1e-3 and 3e-3 within 0.1% on two of three seeds (3e-3 2.6%
+                 from 3e-4 to 3e-2: on cpu-small the lowest smoothed loss was at 6.1e-3 (the loss jumped at
+                 1.4e-2), giving 2.0e-3, where that workload's WSD sweeps found 1e-3 and 3e-3 within 0.1% on two of three seeds (3e-3 2.6%
                  worse on the third); on cpu-bpe at 3.8e-3, giving 1.3e-3, where WSD's best peak was 1e-3
                  and 3e-3 was 7% worse (lrpilot issue 15). The divisor 3
                  (not fastai's 10) comes from those two curves: a 50-update test starts from a model still
