@@ -369,3 +369,19 @@ def test_contract_on_a_whole_clean_round(name, factory):
         lr = d.lr
         lr_history.append((step, lr))
     assert 0 < lr < 1
+
+
+@pytest.mark.parametrize("name,factory", FACTORIES, ids=[f[0] for f in FACTORIES])
+def test_contract_warmup_end_is_a_positive_lr_and_a_pure_function(name, factory):
+    """BaseController.warmup_to: a positive, finite LR, the same for a fresh build (a resumed run asks again),
+    and what the hosts start from (decision.warmup_end_lr) inside the guard's bounds or equal to init_lr."""
+    from lrpilot.config import GuardConfig
+    from lrpilot.decision import warmup_end_lr
+
+    s = Shape(total=1500, warmup=150, every=50, init_lr=1e-3)
+    a, b = factory(s), factory(s)
+    lr = a.warmup_to(s.init_lr)
+    assert isinstance(lr, float) and math.isfinite(lr) and lr > 0 and lr == b.warmup_to(s.init_lr)
+    g = GuardConfig()
+    start = warmup_end_lr(a, s.init_lr, g)
+    assert start == s.init_lr or g.floor <= start <= g.ceiling
