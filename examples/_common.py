@@ -59,8 +59,12 @@ def leave_process_group() -> None:
     """After a run that ended well: destroy torch.distributed's default process group, if the framework made one.
     Left to interpreter exit, gloo's worker threads can outlive it and the rank dies with SIGABRT ("terminate
     called without an active exception"; pytorch/pytorch#190489, and the shutdown section of the
-    torch.distributed docs). Not on an error path, where a collective in the other ranks could wait on it."""
+    torch.distributed docs). A barrier first: gloo's barrier waits for this rank's pending work, so no rank tears
+    the group down while the other still has an operation in flight with it (seen once under load: the HF
+    example under torchrun hung at its end for 400 s). Not on an error path, where the other ranks may never
+    reach the barrier."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
