@@ -419,8 +419,8 @@ class RuleController(BaseController):
 
     def warmup_to(self, init_lr: float) -> float:
         """The warmup's end: start_ratio x ceiling, at most default_peak(init_lr) (module docstring, "Start").
-        init_lr itself where that product is init_lr up to rounding (0.3 x 10/3 x init_lr): so start_ratio=0.3
-        repeats the old default's runs exactly, and resumes a round that it started."""
+        init_lr itself where that product is init_lr up to rounding (0.3 x 10/3 x init_lr), so that start_ratio=0.3
+        repeats the old default's runs exactly."""
         lr = min(self.params.start_ratio * self.params.ceiling, default_peak(init_lr))
         return init_lr if math.isclose(lr, init_lr, rel_tol=1e-9) else lr
 
