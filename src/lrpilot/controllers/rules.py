@@ -48,7 +48,8 @@ The heuristic, evaluated at each decision point in this order (the first rule th
                  already above it). Measured with the old slow start (start_ratio 0.3), seed 42, 50 updates
                  from 3e-4 to 3e-2: on cpu-small the lowest smoothed loss was at 6.1e-3 (the loss jumped at
                  1.4e-2), giving 2.0e-3, where that workload's WSD sweeps found 1e-3 and 3e-3 within 0.1% on
-                 two of three seeds (3e-3 2.6% worse on the third); on cpu-bpe at 3.8e-3, giving 1.3e-3, where WSD's best peak was 1e-3
+                 two of three seeds (3e-3 2.6% worse on the third); on cpu-bpe at 3.8e-3, giving 1.3e-3,
+                 where WSD's best peak was 1e-3
                  and 3e-3 was 7% worse (lrpilot issue 15). The divisor 3
                  (not fastai's 10) comes from those two curves: a 50-update test starts from a model still
                  learning fast, so its minimum sits closer to the best peak than a test from initialisation.
@@ -85,7 +86,8 @@ ceiling 10/3 x init_lr (`default_peak`); the hosts run the trainer's warmup to i
 A ceiling set higher than the default (`--rule ceiling=1e-2`, or Optuna's samples up to 100 x init_lr) is
 reached by climbing, only while the loss falls by more than its noise: the test that stopped the rules at
 1.4e-2, where cosine at 3e-2 collapsed (README, cpu-small), is not skipped by a blind warmup. The old default
-was to warm up to init_lr (start_ratio 0.3 with the default ceiling) and climb x2 per decision. Over 5 seeds (docs/bench/README.md, section 5) that slow start ended 0.99% better than the WSD sweep
+was to warm up to init_lr (start_ratio 0.3 with the default ceiling) and climb x2 per decision. Over 5 seeds
+(docs/bench/README.md, section 5) that slow start ended 0.99% better than the WSD sweep
 on cpu-small (4 of 5 seeds) and 1.75% worse on cpu-bpe (4 of 5). The fast start ended at WSD's ppl at the same
 peak on both, which was the sweep's best on 9 of 10 seed-workload pairs. The slow start's gain on cpu-small
 showed only after ~900 of 1500 steps (seed 42): until then its training loss was above the fast start's (by
