@@ -85,6 +85,58 @@ def test_effective_step_reproduces_the_async_delay():
     assert c.decide(obs(800, lr=5e-4)).plan is None  # past it: nothing pending
 
 
+def test_a_pending_answer_that_lands_inside_the_next_points_interval_switches_there_first():
+    """The logged run asked at 300; the answer came while it was asking at 400 (so 400 was not skipped) and took
+    effect at 401; 400's own answer took effect at 512 (past its interval). The replay must switch to 300's LR
+    at 401, not hold 400's old LR until 512 (a CI run of test_replay_of_a_non_blocking_round_... caught it)."""
+    c = ReplayController(
+        [
+            {"step": 300, "new_lr": 2e-3, "effective_step": 401},
+            {"step": 400, "new_lr": 1.5e-3, "effective_step": 512},
+            {"step": 500, "new_lr": 8e-4, "effective_step": 530},
+        ]
+    )
+    d = c.decide(obs(300, lr=1e-3))
+    assert d.lr == 1e-3 and d.plan is None and d.meta["effective_step"] == 401  # past 300's interval: hold
+    d = c.decide(obs(400, lr=1e-3))
+    assert d.lr == 2e-3 and d.plan == ((400, 1e-3), (401, 2e-3))
+    assert [plan_lr(d.plan, s) for s in (400, 401, 499)] == [1e-3, 2e-3, 2e-3]
+    assert d.meta["pending_from_step"] == 300 and d.meta["effective_step"] == 512
+    d = c.decide(obs(500, lr=2e-3))  # 400's answer lands at 512, then 500's own at 530
+    assert d.lr == 8e-4 and d.plan == ((500, 2e-3), (511, 2e-3), (512, 1.5e-3), (529, 1.5e-3), (530, 8e-4))
+    assert [plan_lr(d.plan, s) for s in (500, 511, 512, 529, 530, 599)] == [2e-3] * 2 + [1.5e-3] * 2 + [8e-4] * 2
+
+
+def test_a_pending_answer_that_lands_right_at_the_next_point_switches_before_its_first_update():
+    """Seen in a real run: the answer asked at 300 was applied at step 400 (the trainer's `applied` event at
+    400: update 401 on uses it), and 400 was asked too; its own answer came at 455."""
+    c = ReplayController(
+        [
+            {"step": 300, "new_lr": 2e-3, "effective_step": 400},
+            {"step": 400, "new_lr": 1.5e-3, "effective_step": 455},
+        ]
+    )
+    d = c.decide(obs(300, lr=1e-3))
+    assert d.lr == 1e-3 and d.plan is None  # 400 is the next point's: hold here
+    d = c.decide(obs(400, lr=1e-3))
+    assert d.lr == 1.5e-3 and d.plan == ((400, 2e-3), (454, 2e-3), (455, 1.5e-3))
+    c = ReplayController([{"step": 300, "new_lr": 2e-3, "effective_step": 400}, {"step": 400, "new_lr": 9e-4,
+                          "effective_step": None}])  # fmt: skip
+    d = c.decide(obs(400, lr=1e-3))  # 400's own answer never took effect: 300's switches at once
+    assert d.lr == 2e-3 and d.plan is None
+
+
+def test_a_pending_answer_still_switches_where_this_points_own_answer_was_discarded():
+    c = ReplayController(
+        [
+            {"step": 300, "new_lr": 2e-3, "effective_step": 420},
+            {"step": 400, "new_lr": 5e-4, "kind": "superseded"},
+        ]
+    )
+    d = c.decide(obs(400, lr=1e-3))
+    assert d.lr == 2e-3 and d.plan == ((400, 1e-3), (419, 1e-3), (420, 2e-3))
+
+
 def test_guard_records_are_not_replayed_and_rollback_revisits_pick_the_next_record():
     recs = [
         {"step": 300, "new_lr": 2e-3, "kind": "decision"},

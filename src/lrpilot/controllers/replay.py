@@ -7,7 +7,9 @@ says the LR took effect later (`effective_step` > `step`: the asynchronous LLM k
 thought), the decision carries a plan that holds the current LR until `effective_step` and switches
 then, so the replay reproduces the delay, also past the next decision point (which the logged run skipped
 while the answer was pending): the LR is held until the decision point whose interval holds
-`effective_step`, and that one switches it. A step without a record holds the current LR.
+`effective_step`, and that one switches it. If the logged run got that answer just as it reached a decision
+point and asked there too, that point's replay switches at the pending answer's step first and then at its
+own answer's. A step without a record holds the current LR.
 
 Records of kind `emergency` or `rollback` are the guard's doing, not the controller's; they are not
 replayed (the guard applies its own rules again in the replay run). A decision that never took effect
@@ -198,9 +200,9 @@ class ReplayController(BaseController):
         return recs[min(visit, len(recs) - 1)]
 
     def _pending(self, obs: Observation) -> dict[str, Any] | None:
-        """The record of an earlier decision point (this visit of it) whose switch is still ahead of obs.step:
-        the logged run skipped this decision point while that answer was pending, so the LR switches at its
-        effective step, not here."""
+        """The record of an earlier decision point (this visit of it) whose switch is at or after obs.step: the
+        logged run skipped this decision point while that answer was pending (the LR switches at its effective
+        step, not here), or got that answer just as it reached this point (which it then asked about too)."""
         best = None
         for step, recs in self._by_step.items():
             if step >= obs.step:
@@ -208,7 +210,7 @@ class ReplayController(BaseController):
             visit = sum(1 for rb in obs.rollbacks if rb.rolled_back_to_step <= step <= rb.crash_step)
             rec = recs[min(visit, len(recs) - 1)]
             eff = rec["effective_step"]
-            if rec["applied"] and eff is not None and eff > obs.step and (best is None or step > best["step"]):
+            if rec["applied"] and eff is not None and eff >= obs.step and (best is None or step > best["step"]):
                 best = rec
         return best
 
@@ -219,7 +221,36 @@ class ReplayController(BaseController):
             else next((x for x in (obs.init_lr, obs.floor) if is_positive_finite(x)), 1e-4)
         )
         held = cur != obs.lr
-        rec = self._record_for(obs) or self._pending(obs)
+        own, pending = self._record_for(obs), self._pending(obs)
+        if pending is not None and (own is None or not own["applied"]):
+            own = pending  # this point was skipped (or its answer discarded) while that answer was pending
+        elif own is not None and pending is not None and own["rollback_to_step"] is None:
+            pe, oe = pending["effective_step"], own["effective_step"]
+            if pe < obs.step + max(int(obs.decision_every), 1) and oe is not None and oe > pe:
+                return self._after_pending(own, pending, obs, cur, held)
+        return self._answer(own, obs, cur, held)
+
+    def _after_pending(
+        self, own: dict[str, Any], pending: dict[str, Any], obs: Observation, cur: float, held: bool
+    ) -> Decision:
+        """This decision point has its own record, and an earlier point's answer (which the logged run was
+        still waiting for when it got here) switched the LR inside this interval, before this point's own
+        answer did: hold the current LR until that switch, then go on as this point's own answer says."""
+        pe, plr = pending["effective_step"], pending["new_lr"]
+        d = self._answer(own, obs, plr, held)
+        if pe <= obs.step:  # it landed right at this point: switched before this point's first update
+            head: tuple[tuple[int, float], ...] = ((obs.step, plr),)
+        elif pe - 1 > obs.step:
+            head = ((obs.step, cur), (pe - 1, cur), (pe, plr))
+        else:
+            head = ((obs.step, cur), (pe, plr))
+        tail = tuple((s, v) for s, v in (d.plan or ()) if s > pe)
+        meta = {**d.meta, "pending_from_step": pending["step"], "pending_effective_step": pe}
+        reason = f"replay of step {pending['step']}: {plr:.3e} from step {pe}; then {d.reason}"
+        return Decision(lr=d.lr, reason=reason, raw=d.raw, plan=head + tail, fallback=d.fallback, meta=meta)
+
+    def _answer(self, rec: dict[str, Any] | None, obs: Observation, cur: float, held: bool) -> Decision:
+        """The decision one record gives at obs.step, with `cur` the LR in force there."""
         if rec is None:
             return Decision(
                 lr=cur,
