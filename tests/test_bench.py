@@ -26,6 +26,7 @@ from lrpilot.bench import (
     survival,
     t_interval,
 )
+from lrpilot.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,6 +137,21 @@ def test_replay_method_counts_the_source_rounds(tmp_path):
     (tmp_path / "final_results.jsonl").write_text('{"round": 1}\n{"round": 2}\n')
     m = parse_method(f"replay:{tmp_path}")
     assert m.controller == "replay" and m.rounds == 2 and m.slug.startswith(f"replay_{tmp_path.name}_")
+
+
+def test_a_replay_of_other_decision_steps_is_refused_before_any_run(tmp_path):
+    """As `campaign --replay-from` does (tests/test_replay.py): a log whose steps are none of this run's decision
+    points would hold the LR at every step and score as a real method."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "final_results.jsonl").write_text('{"round": 1}\n')
+    (src / "decisions.jsonl").write_text(
+        "".join(json.dumps({"round": 1, "step": s, "new_lr": 1e-3, "run_start_iso": "x"}) + "\n" for s in (100, 200))
+    )
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"--methods replay:.*decided at steps 100, 200, none of this run's"):
+        run_bench(_settings(methods=("cosine", f"replay:{src}")), out, echo=lambda _: None)
+    assert not (out / "runs").exists()
 
 
 def _settings(**kw):

@@ -3,6 +3,7 @@ SIGKILL of examples/plain_torch.py, real replay through `lrpilot export-schedule
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -192,6 +193,18 @@ def test_bad_settings_name_the_argument(smoke_config):
         Pilot(opt, total_steps=10, controller="nope")
     with pytest.raises(PilotError, match="replay:"):
         Pilot(opt, total_steps=10, controller="replay:/nonexistent/plan.json")
+
+
+def test_a_plan_of_other_decision_steps_is_refused(smoke_config, tmp_path):
+    """A plan found with decisions every 100 steps, replayed in a loop that decides every 10 from step 5, would
+    hold the LR at every step: refused, naming the settings to pass (as campaign --replay-from refuses it)."""
+    _, _, opt = _setup(smoke_config)
+    log = tmp_path / "decisions.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "old_lr": 1e-3, "new_lr": 2e-3}) + "\n" for s in (100, 200)))
+    with pytest.raises(PilotError, match=r"decided at steps 100, 200, none of this loop's decision points"):
+        Pilot(opt, total_steps=150, warmup_steps=5, decision_every=10, controller=f"replay:{log}")
+    p = Pilot(opt, total_steps=250, warmup_steps=0, decision_every=100, controller=f"replay:{log}")
+    assert p.controller_name == "replay"
 
 
 @pytest.mark.slow

@@ -369,6 +369,13 @@ def run_bench(
     base = load_config(settings.preset, list(settings.overrides))
     methods = [parse_method(s) for s in settings.methods]
     tasks = plan_tasks(base, settings, methods, out)
+    if train:
+        from lrpilot.preflight import check_replay_steps
+
+        for m in methods:
+            if m.replay_from:  # as `campaign --replay-from` checks it: a log of other steps would only hold
+                log = Path(m.replay_from) / "decisions.jsonl"
+                check_replay_steps(base, log, read_jsonl(log), m.rounds, flag=f"--methods replay:{m.replay_from}")
     if train and ping_llm and any(m.controller == "llm" for m in methods):
         from lrpilot.llm.base import make_backend
 

@@ -380,6 +380,7 @@ class Pilot:
         )
         self.controller_name = getattr(self.controller, "name", type(self.controller).__name__)
         self.blocking = bool(getattr(self.controller, "blocking", True))
+        self._check_replay_steps()
         #: the LR the warmup reaches: the controller's choice (BaseController.warmup_to; the rules: start_ratio x
         #: their ceiling), the configured init_lr for every other controller
         try:
@@ -540,6 +541,23 @@ class Pilot:
     def _in_force(self) -> float:
         """The LR in force for the controller: after warmup the LR of the next update; during warmup its target."""
         return self.lr_state.lr_for(self.step_count)
+
+    def _check_replay_steps(self) -> None:
+        """A replayed plan whose steps are none of this loop's decision points would hold the LR at every step and
+        look like a run of that plan (as `campaign --replay-from` refuses it: preflight.check_replay_steps)."""
+        from lrpilot.controllers.replay import ReplayController
+
+        if not isinstance(self.controller, ReplayController):
+            return
+        steps = self.controller.logged_steps()
+        if steps and not any(self.is_decision_point(n) for n in steps):
+            shown = ", ".join(map(str, steps[:3])) + (" ..." if len(steps) > 3 else "")
+            raise PilotError(
+                f"controller {self.controller.source or 'replay'}: the plan decided at steps {shown}, none of this "
+                f"loop's decision points (from step {self.warmup_steps} every {self.decision_every} steps, below "
+                f"{self.total_steps}); pass the warmup_steps, decision_every and total_steps it was found under "
+                "(its 'settings')"
+            )
 
     def is_decision_point(self, step: int) -> bool:
         return (

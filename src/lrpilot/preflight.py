@@ -104,12 +104,15 @@ def check_campaign(cfg: RunConfig, rounds: int, settings: object) -> None:
             raise ConfigError(
                 f"--rounds {rounds}: {log} has no decisions for round(s) {shown}; lower --rounds or re-play another campaign"
             )
-        _check_replay_steps(cfg, log, records, rounds)
+        check_replay_steps(cfg, log, records, rounds)
 
 
-def _check_replay_steps(cfg: RunConfig, log: Path, records: list[dict], rounds: int) -> None:
+def check_replay_steps(
+    cfg: RunConfig, log: Path, records: list[dict], rounds: int, flag: str = "--replay-from"
+) -> None:
     """A replay whose logged decision steps are none of this run's decision points (trainer.is_decision_point:
-    warmup_steps + k x decision_every, below total_steps) would hold the LR at every step and end "ok": refused."""
+    warmup_steps + k x decision_every, below total_steps) would hold the LR at every step and end "ok": refused
+    with a ConfigError naming `flag` (the campaign's --replay-from, or bench's --methods replay:DIR)."""
     from lrpilot.trainer import is_decision_point
 
     s = cfg.schedule
@@ -118,7 +121,7 @@ def _check_replay_steps(cfg: RunConfig, log: Path, records: list[dict], rounds: 
         if steps and not any(is_decision_point(n, cfg) for n in steps):
             shown = ", ".join(map(str, steps[:3])) + (" ..." if len(steps) > 3 else "")
             raise ConfigError(
-                f"--replay-from: round {r} of {log} decided at steps {shown}, none of this run's decision points "
+                f"{flag}: round {r} of {log} decided at steps {shown}, none of this run's decision points "
                 f"(from step {s.warmup_steps} every {s.decision_every} steps, below {cfg.train.total_steps}); replay "
                 "with the preset and --set values that campaign used"
             )

@@ -182,6 +182,11 @@ class ReplayController(BaseController):
         init_lr for a log without one."""
         return self._first[1] if self._first is not None else init_lr
 
+    def logged_steps(self) -> list[int]:
+        """The decision steps the log holds records for (guard-only and unanswered records left out), sorted: a
+        host checks that some are its own decision points (preflight.check_replay_steps, the Pilot)."""
+        return sorted(self._by_step)
+
     def describe(self) -> dict[str, Any]:
         return {
             "controller": self.name,
