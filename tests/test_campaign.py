@@ -57,6 +57,12 @@ def test_rules_campaign_with_optuna_memory(tmp_path):
     finals = _check_round_logs(d, 3, decisions_per_round=3)  # decision points at steps 10, 20, 30
     # Optuna proposed each round's rule parameters and was told each result
     assert all("rule_params" in r for r in finals)
+    # each line's init_lr is where the round's warmup ended (config.json's; the rules: start_ratio x ceiling,
+    # capped at 10/3 x the preset's init_lr), not the preset's init_lr (which the report drew as the warmup)
+    for r in finals:
+        run_cfg = json.loads((d / "rounds" / f"round_{r['round']:03d}" / "config.json").read_text())
+        assert r["init_lr"] == run_cfg["schedule"]["init_lr"]
+    assert finals[0]["init_lr"] == pytest.approx(10 / 3 * _cfg().schedule.init_lr)  # round 1: the default rules
     briefs = read_jsonl(d / "briefs.jsonl", strict=True)
     assert [b["round"] for b in briefs] == [1, 2, 3]
     assert any(p.name.startswith("optuna") for p in d.iterdir())

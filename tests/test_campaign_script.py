@@ -81,8 +81,16 @@ def test_script_campaign_learns_across_rounds_and_resumes_after_sigkill(tmp_path
     briefs = read_jsonl(d / "briefs.jsonl")
     assert [b["round"] for b in briefs] == [1, 2] and all(b["memory"] == "optuna" and b["params"] for b in briefs)
     assert "Best ppl" in briefs[1]["brief"]  # round 2's brief learned from round 1
+    from lrpilot.config import load_config
+    from lrpilot.controllers.rules import RuleController, RuleParams
+    from lrpilot.decision import warmup_end_lr
+
+    smoke = load_config("cpu-smoke")
     for b, f in zip(briefs, finals, strict=True):
         assert f["rule_params"] == b["params"]  # Optuna's proposal steered the script's Pilot
+        # the line's init_lr is where the Pilot's warmup ended, not the preset's init_lr
+        rules = RuleController(RuleParams(**b["params"]))
+        assert f["init_lr"] == warmup_end_lr(rules, smoke.schedule.init_lr, smoke.guard)
         pilot_json = (d / "rounds" / f"round_{b['round']:03d}" / "pilot.json").read_text()
         assert str(b["params"]["ceiling"]) in pilot_json
     decisions = read_jsonl(d / "decisions.jsonl")

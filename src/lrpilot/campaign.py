@@ -39,7 +39,7 @@ from lrpilot.controllers.base import ControllerContext
 from lrpilot.engine import Engine, LocalEngine, wait_first
 from lrpilot.errors import LrpilotError
 from lrpilot.locks import DirLock
-from lrpilot.logs import append_jsonl, as_float, now_iso, read_jsonl, write_atomic
+from lrpilot.logs import append_jsonl, as_float, is_positive_finite, now_iso, read_jsonl, write_atomic
 from lrpilot.memory.base import MEMORIES, Memory, MemoryContext
 from lrpilot.records import BriefRecord, FinalResult, RoundResult
 
@@ -442,7 +442,10 @@ def execute_round(
         cfg, run_dir, controller, logs, memory_brief=brief, round_index=r, resume=resume, run_start_iso=iso,
         prune=_round_pruner(cfg, directory, settings, r),
     )  # fmt: skip
-    return _commit(cfg, directory, r, settings, res, params, t0)
+    from lrpilot.decision import warmup_end_lr
+
+    start = warmup_end_lr(controller, cfg.schedule.init_lr, cfg.guard)  # as run_round starts the round's warmup
+    return _commit(cfg, directory, r, settings, res, params, t0, init_lr=start)
 
 
 def _round_pruner(cfg: RunConfig, directory: Path, settings: CampaignSettings, r: int) -> Any:
@@ -455,10 +458,19 @@ def _round_pruner(cfg: RunConfig, directory: Path, settings: CampaignSettings, r
 
 
 def _commit(
-    cfg: RunConfig, directory: Path, r: int, settings: CampaignSettings, res: Any, params: Any, t0: float
+    cfg: RunConfig,
+    directory: Path,
+    r: int,
+    settings: CampaignSettings,
+    res: Any,
+    params: Any,
+    t0: float,
+    init_lr: float | None = None,
 ) -> dict[str, Any]:
     """Round r's line in DIR/final_results.jsonl (the round's commit point) from its result `res` (a
-    records.RoundResult: the supervisor's, or one read from a Pilot's result.json). Returns the line."""
+    records.RoundResult: the supervisor's, or one read from a Pilot's result.json). `init_lr`: the LR the
+    round's warmup reached (the controller's warmup_to; the rules' ceiling), logged as the line's init_lr
+    (default cfg.schedule.init_lr). Returns the line."""
     rec: dict[str, Any] = {
         "timestamp": now_iso(),
         "run_start_iso": res.run_start_iso,
@@ -475,7 +487,7 @@ def _commit(
         "min_lr_seen": res.min_lr_seen,
         "warmup_steps": cfg.schedule.warmup_steps,
         "decision_every": cfg.schedule.decision_every,
-        "init_lr": cfg.schedule.init_lr,
+        "init_lr": init_lr if init_lr is not None else cfg.schedule.init_lr,
         "optimizer": cfg.train.optimizer,
         "round": r,
         "status": res.status,
@@ -602,7 +614,11 @@ def execute_script_round(
         if not any(x.get("round") == r for x in read_jsonl(directory / name)):  # once, even when re-run
             for x in read_jsonl(run_dir / name):
                 append_jsonl(directory / name, {**x, "round": r, "controller": settings.controller})
-    return _commit(cfg, directory, r, settings, RoundResult.from_dict(fields), params, t0)
+    # the warmup end the Pilot used (its own final_results line: Pilot.init_lr after the controller's warmup_to)
+    lines = read_jsonl(run_dir / "final_results.jsonl")
+    start = as_float(lines[-1].get("init_lr")) if lines else math.nan
+    res = RoundResult.from_dict(fields)
+    return _commit(cfg, directory, r, settings, res, params, t0, init_lr=start if is_positive_finite(start) else None)
 
 
 def _die_with_parent() -> None:
