@@ -207,6 +207,32 @@ def test_a_plan_of_other_decision_steps_is_refused(smoke_config, tmp_path):
     assert p.controller_name == "replay"
 
 
+def test_a_plan_is_replayed_only_as_it_was_found(smoke_config, tmp_path):
+    """Refused in one line each: a plan exported under other warmup_steps/decision_every (its decisions would
+    land elsewhere), a plan with no decisions (it would hold the LR), and a decisions.jsonl of several rounds
+    (their records would replay as visits of one round's steps)."""
+    _, _, opt = _setup(smoke_config)
+    plan = {"format": "lrpilot-schedule", "version": 1, "warmup_steps": 10, "decision_every": 10,
+            "decisions": [{"step": 10, "old_lr": 1e-3, "new_lr": 2e-3}, {"step": 20, "old_lr": 2e-3, "new_lr": 1e-3}]}  # fmt: skip
+    f = tmp_path / "plan.json"
+    f.write_text(json.dumps(plan))
+    # every logged step is still a decision point of a loop that decides every 5 steps: only the settings tell
+    with pytest.raises(PilotError, match=r"found with decision_every=10, this Pilot has 5; pass decision_every=10"):
+        Pilot(opt, total_steps=40, warmup_steps=10, decision_every=5, controller=f"replay:{f}")
+    with pytest.raises(PilotError, match=r"found with warmup_steps=10, this Pilot has 0"):
+        Pilot(opt, total_steps=40, warmup_steps=0, decision_every=10, controller=f"replay:{f}")
+    assert Pilot(opt, total_steps=40, warmup_steps=10, decision_every=10, controller=f"replay:{f}").controller_name
+    f.write_text(json.dumps({**plan, "decisions": []}))
+    with pytest.raises(PilotError, match="holds no decisions to replay"):
+        Pilot(opt, total_steps=40, warmup_steps=10, decision_every=10, controller=f"replay:{f}")
+    camp = tmp_path / "camp"
+    camp.mkdir()
+    (camp / "decisions.jsonl").write_text("".join(json.dumps({"round": r, "run_start_iso": f"t{r}", "step": 10,
+                                                              "new_lr": 1e-3}) + "\n" for r in (1, 2)))  # fmt: skip
+    with pytest.raises(PilotError, match=r"holds 2 rounds; export one with `lrpilot export-schedule"):
+        Pilot(opt, total_steps=40, warmup_steps=10, decision_every=10, controller=f"replay:{camp}")
+
+
 @pytest.mark.slow
 def test_example_nan_gives_one_rollback_a_finite_loss_and_a_report(tmp_path):
     run = tmp_path / "nan"

@@ -1326,6 +1326,13 @@ def test_killed_non_blocking_campaign_resumes_on_the_logged_branch(tmp_path, mon
     replayed = _final_branch_lrs(d2 / "rounds" / "round_001")
     diff = [n for n in trained if replayed.get(n) != pytest.approx(trained[n], rel=1e-12)]
     assert not diff, f"replay differs at steps {diff[:10]}: {[(trained[n], replayed.get(n)) for n in diff[:3]]}"
+    # a replay under another decision_every (every logged step is still one of its decision points) would train
+    # another schedule: refused in one line naming the setting the source round ran with, nothing written
+    other = [str(tmp_path / "other") if x == str(d2) else x for x in rcmd] + ["--set", "schedule.decision_every=10"]
+    r = subprocess.run(other, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "ran with schedule.decision_every=20, this run has 10; replay with --set" in r.stderr
+    assert not (tmp_path / "other").exists()
 
 
 def test_schedule_free_round_never_raises_the_lr(tmp_path):

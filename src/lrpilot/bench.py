@@ -375,7 +375,8 @@ def run_bench(
         for m in methods:
             if m.replay_from:  # as `campaign --replay-from` checks it: a log of other steps would only hold
                 log = Path(m.replay_from) / "decisions.jsonl"
-                check_replay_steps(base, log, read_jsonl(log), m.rounds, flag=f"--methods replay:{m.replay_from}")
+                flag = f"--methods replay:{m.replay_from}"
+                check_replay_steps(base, log, read_jsonl(log), m.rounds, flag=flag, source=Path(m.replay_from))
     if train and ping_llm and any(m.controller == "llm" for m in methods):
         from lrpilot.llm.base import make_backend
 

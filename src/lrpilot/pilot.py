@@ -186,13 +186,26 @@ _KIND_CODES = (None, "decision", "fallback", "emergency", "agent_rollback")
 def load_schedule(path: str | Path) -> list[dict[str, Any]]:
     """The decision records of an `lrpilot export-schedule` file (or a decisions.jsonl / a run directory
     holding one with a single round). Raises PilotError naming the file and the fix."""
+    return _load_plan(path)[0]
+
+
+def _load_plan(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """(decision records, the settings that placed them: warmup_steps and decision_every where the file has
+    them) of an export-schedule file, a decisions.jsonl or a run directory holding one round."""
     p = Path(path)
     if p.is_dir():
         p = p / "decisions.jsonl"
     if not p.is_file():
         raise PilotError(f"controller replay:{path}: no such file; give a plan.json from `lrpilot export-schedule`")
     if p.suffix == ".jsonl":
-        return [r for r in iter_jsonl(p)]
+        recs = [r for r in iter_jsonl(p)]
+        runs = {(str(r.get("round", "")), str(r.get("run_start_iso", ""))) for r in recs if isinstance(r, dict)}
+        if len(runs) > 1:  # several rounds' records would replay as extra visits of each step
+            raise PilotError(
+                f"controller replay:{path}: {p} holds {len(runs)} rounds; export one with "
+                f"`lrpilot export-schedule {p.parent} --round R --out plan.json` and replay that"
+            )
+        return recs, {}
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -202,7 +215,8 @@ def load_schedule(path: str | Path) -> list[dict[str, Any]]:
             f"controller replay:{p}: not an lrpilot schedule (needs format {SCHEDULE_FORMAT!r} and 'decisions'); "
             "write one with `lrpilot export-schedule DIR --round R --out plan.json`"
         )
-    return list(d["decisions"])
+    placing = {k: d[k] for k in ("warmup_steps", "decision_every") if type(d.get(k)) is int}
+    return list(d["decisions"]), placing
 
 
 def make_controller(
@@ -232,7 +246,8 @@ def make_controller(
         from lrpilot.controllers.replay import ReplayController
 
         path = name.split(":", 1)[1]
-        return ReplayController(load_schedule(path), source=path)
+        recs, placing = _load_plan(path)
+        return ReplayController(recs, source=path, settings=placing)
     from lrpilot.controllers import schedules as sch
 
     if key in sch.SCHEDULES or key in sch.SCHEDULE_ALIASES:  # a registered baseline schedule (or linear = d2z)
@@ -549,14 +564,23 @@ class Pilot:
 
         if not isinstance(self.controller, ReplayController):
             return
+        name = f"controller replay:{self.controller.source}" if self.controller.source else "controller replay"
+        for key, theirs in self.controller.settings.items():
+            if theirs != getattr(self, key):
+                raise PilotError(
+                    f"{name}: the plan was found with {key}={theirs}, this Pilot has {getattr(self, key)}; pass "
+                    f"{key}={theirs} (under other settings a replay trains another schedule)"
+                )
         steps = self.controller.logged_steps()
-        if steps and not any(self.is_decision_point(n) for n in steps):
+        if not steps:  # would hold the LR at every step, as if it were the plan
+            raise PilotError(f"{name}: the plan holds no decisions to replay; export a round that has some")
+        if not any(self.is_decision_point(n) for n in steps):
             shown = ", ".join(map(str, steps[:3])) + (" ..." if len(steps) > 3 else "")
             raise PilotError(
-                f"controller {self.controller.source or 'replay'}: the plan decided at steps {shown}, none of this "
-                f"loop's decision points (from step {self.warmup_steps} every {self.decision_every} steps, below "
-                f"{self.total_steps}); pass the warmup_steps, decision_every and total_steps it was found under "
-                "(its 'settings')"
+                f"{name}: the plan decided at steps {shown}, none of this loop's decision points (from step "
+                f"{self.warmup_steps} every {self.decision_every} steps, below {self.total_steps}); pass the "
+                "warmup_steps, decision_every and total_steps it was found under (the plan file's fields of "
+                "those names)"
             )
 
     def is_decision_point(self, step: int) -> bool:

@@ -104,19 +104,57 @@ def check_campaign(cfg: RunConfig, rounds: int, settings: object) -> None:
             raise ConfigError(
                 f"--rounds {rounds}: {log} has no decisions for round(s) {shown}; lower --rounds or re-play another campaign"
             )
-        check_replay_steps(cfg, log, records, rounds)
+        check_replay_steps(cfg, log, records, rounds, source=Path(settings.replay_from))
+
+
+#: the settings that place a round's decisions (trainer.is_decision_point): a replay must run under the same
+_PLACING = ("schedule.warmup_steps", "schedule.decision_every", "train.total_steps")
+
+
+def _round_settings(source: Path, r: int) -> dict[str, object]:
+    """The _PLACING settings round r of campaign `source` ran under: its rounds/round_NNN/config.json (a round of
+    the trainer) or pilot.json (a --script round); {} when neither can be read (an imported study)."""
+    import json
+
+    run = source / "rounds" / f"round_{r:03d}"
+    try:
+        c = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        return {k: c[k.split(".")[0]][k.split(".")[1]] for k in _PLACING}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        c = json.loads((run / "pilot.json").read_text(encoding="utf-8"))
+        return {k: c[k.split(".")[1]] for k in _PLACING}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def check_replay_steps(
-    cfg: RunConfig, log: Path, records: list[dict], rounds: int, flag: str = "--replay-from"
+    cfg: RunConfig,
+    log: Path,
+    records: list[dict],
+    rounds: int,
+    flag: str = "--replay-from",
+    source: Path | None = None,
 ) -> None:
-    """A replay whose logged decision steps are none of this run's decision points (trainer.is_decision_point:
-    warmup_steps + k x decision_every, below total_steps) would hold the LR at every step and end "ok": refused
-    with a ConfigError naming `flag` (the campaign's --replay-from, or bench's --methods replay:DIR)."""
+    """A replay run under other warmup_steps, decision_every or total_steps than the replayed round (read from
+    `source`, its campaign directory, where it has them) would train another schedule; one whose logged
+    decision steps are none of this run's decision points (trainer.is_decision_point: warmup_steps + k x
+    decision_every, below total_steps) would hold the LR at every step and end "ok". Both are refused with a
+    ConfigError naming `flag` (the campaign's --replay-from, or bench's --methods replay:DIR) and the fix."""
     from lrpilot.trainer import is_decision_point
 
     s = cfg.schedule
+    ours = {"schedule.warmup_steps": s.warmup_steps, "schedule.decision_every": s.decision_every,
+            "train.total_steps": cfg.train.total_steps}  # fmt: skip
     for r in range(1, rounds + 1):
+        theirs = _round_settings(source, r) if source is not None else {}
+        for key, value in theirs.items():
+            if value != ours[key]:
+                raise ConfigError(
+                    f"{flag}: round {r} of {source} ran with {key}={value}, this run has {ours[key]}; replay "
+                    f"with --set {key}={value} (under other settings a replay trains another schedule)"
+                )
         steps = sorted({n for x in records if x.get("round") == r and isinstance(n := x.get("step"), int)})
         if steps and not any(is_decision_point(n, cfg) for n in steps):
             shown = ", ".join(map(str, steps[:3])) + (" ..." if len(steps) > 3 else "")

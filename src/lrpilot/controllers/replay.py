@@ -92,8 +92,17 @@ class ReplayController(BaseController):
     name = "replay"
     blocking = True
 
-    def __init__(self, decisions: list[dict[str, Any]], rerun_raw: bool = False, source: str = "") -> None:
+    def __init__(
+        self,
+        decisions: list[dict[str, Any]],
+        rerun_raw: bool = False,
+        source: str = "",
+        settings: dict[str, int] | None = None,
+    ) -> None:
         self.source = source
+        #: the settings the log was found under, where known (warmup_steps, decision_every: an export-schedule
+        #: file's); a host refuses to replay under others (Pilot)
+        self.settings = dict(settings or {})
         self.rerun_raw = bool(rerun_raw)
         self._parse: Callable[[str], tuple[float | None, str, str | None]] | None = None
         if self.rerun_raw:
