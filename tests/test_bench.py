@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,17 @@ def test_a_replay_of_other_decision_steps_is_refused_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match=r"--methods replay:.*decided at steps 100, 200, none of this run's"):
         run_bench(_settings(methods=("cosine", f"replay:{src}")), out, echo=lambda _: None)
     assert not (out / "runs").exists()
+
+
+@pytest.mark.parametrize("spec, words", [("rules:start_ratio=0", r"rules\.start_ratio: must be in \(0, 1\]"),
+                                         ("rules:decay_shape=bogus", "decay_shape")])  # fmt: skip
+def test_a_bad_rule_value_is_refused_before_any_run(tmp_path, spec, words):
+    """A value `campaign --rule` refuses up front was only refused when its run started, after bench.md was
+    written, with "re-run to resume" (which cannot help)."""
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=rf"--methods {re.escape(spec)}: .*{words}"):
+        run_bench(_settings(methods=("cosine", spec)), out, echo=lambda _: None)
+    assert not (out / "runs").exists() and not (out / "bench.md").exists()
 
 
 def _settings(**kw):

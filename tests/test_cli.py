@@ -29,6 +29,16 @@ def test_every_option_has_help():
                 assert action.help, f"lrpilot {name} {action.option_strings or action.dest} has no help"
 
 
+def test_rule_help_names_every_rule_parameter():
+    """`campaign --help` lists the names --rule takes; start_ratio was missing from it."""
+    from lrpilot.controllers.rules import RuleParams
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    (rule,) = [a for a in sub.choices["campaign"]._actions if "--rule" in a.option_strings]
+    missing = [n for n in RuleParams.names() if n not in rule.help.split("Names:")[1]]
+    assert not missing, missing
+
+
 def test_bad_flag_value_is_one_line():
     r = _lrpilot("baseline", "--preset", "cpu-smoke", "--peaks", "-1", "--out", "x")
     assert r.returncode == 2 and "positive number" in r.stderr

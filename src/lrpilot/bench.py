@@ -369,14 +369,17 @@ def run_bench(
     base = load_config(settings.preset, list(settings.overrides))
     methods = [parse_method(s) for s in settings.methods]
     tasks = plan_tasks(base, settings, methods, out)
-    if train:
-        from lrpilot.preflight import check_replay_steps
+    if train:  # each campaign method checked as `lrpilot campaign` checks it (its first seed's task stands for all)
+        from lrpilot.preflight import check_campaign
 
         for m in methods:
-            if m.replay_from:  # as `campaign --replay-from` checks it: a log of other steps would only hold
-                log = Path(m.replay_from) / "decisions.jsonl"
-                flag = f"--methods replay:{m.replay_from}"
-                check_replay_steps(base, log, read_jsonl(log), m.rounds, flag=flag, source=Path(m.replay_from))
+            t = next((t for t in tasks if t.method is m and m.kind == "campaign"), None)
+            if t is None:
+                continue
+            try:  # e.g. rules:start_ratio=0, or a replay:DIR found under other settings
+                check_campaign(t.cfg, m.rounds, _campaign_settings(t, settings))
+            except ConfigError as e:
+                raise ConfigError(f"--methods {m.spec}: {e}") from None
     if train and ping_llm and any(m.controller == "llm" for m in methods):
         from lrpilot.llm.base import make_backend
 

@@ -476,7 +476,8 @@ def _add_campaign_command(sub: argparse._SubParsersAction) -> None:
         help="fix one rule-controller parameter for every round, e.g. --rule ceiling=3e-2 (repeatable; "
         "--controller rules; with --memory optuna it is left out of the search). Names: ceiling, climb_factor, "
         "climb_z, rise_z, cut_factor, decay_start, final_ratio, crash_margin, probe_steps, probe_every, "
-        "probe_ceiling_factor, decay_shape (linear, 1-sqrt, geometric), range_steps (an LR range test at the "
+        "probe_ceiling_factor, decay_shape (linear, 1-sqrt, geometric), start_ratio (the warmup ends at "
+        "start_ratio x ceiling; 0.3 = the slow start of before), range_steps (an LR range test at the "
         "end of warmup sets the ceiling; 0 = off), range_factor, range_divisor",
     )
     p.add_argument(
