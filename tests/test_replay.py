@@ -137,6 +137,18 @@ def test_a_pending_answer_still_switches_where_this_points_own_answer_was_discar
     assert d.lr == 2e-3 and d.plan == ((400, 1e-3), (419, 1e-3), (420, 2e-3))
 
 
+def test_a_record_with_all_its_plan_knots_replays_that_plan():
+    """A baseline schedule's plan has a knot per step; its record's summary holds only the first and last, so
+    without `plan_knots` the replay held the headline LR for the whole interval (a staircase)."""
+    knots = [[300 + i, 1e-3 * (1 - i / 200)] for i in range(100)]
+    rec = {"step": 300, "new_lr": 1e-3, "plan": {"knots": 100, "first": knots[0], "last": knots[-1]}}
+    d = ReplayController([{**rec, "plan_knots": knots}]).decide(obs(300))
+    assert d.plan == tuple((s, v) for s, v in knots)
+    assert ReplayController([rec]).decide(obs(300)).plan is None  # an older log: the headline LR, as before
+    for bad in ([[301, 1e-3]], [[300, 1e-3], [300, 9e-4]], [[300, -1.0]], [[300]], "x"):  # not a plan from step 300
+        assert ReplayController([{**rec, "plan_knots": bad}]).decide(obs(300)).plan is None
+
+
 def test_guard_records_are_not_replayed_and_rollback_revisits_pick_the_next_record():
     recs = [
         {"step": 300, "new_lr": 2e-3, "kind": "decision"},

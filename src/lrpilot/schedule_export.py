@@ -5,7 +5,7 @@
 
 DIR is a campaign directory or a Pilot's run directory (final_results.jsonl + decisions.jsonl). The file holds
 the round's decision records (the fields lrpilot.controllers.replay.ReplayController reads: step, new_lr,
-effective_step, kind, rollback_to_step, reasoning, raw_reply, plan) and the settings the schedule was found under
+effective_step, kind, rollback_to_step, reasoning, raw_reply, plan, plan_knots) and the settings the schedule was found under
 (warmup_steps, decision_every, init_lr, total_steps): replay it with the same settings to reproduce its LR at
 every step (the guard applies its rules again). Never imports torch.
 """
@@ -21,7 +21,7 @@ from lrpilot.logs import iter_jsonl, now_iso, write_json_atomic
 SCHEDULE_FORMAT = "lrpilot-schedule"
 #: the decision-record fields a replay needs (and the published ones, for a reader)
 _KEEP = ("run_start_iso", "step", "loss", "old_lr", "new_lr", "effective_step", "kind", "reasoning",
-         "rollback_to_step", "raw_reply", "seq", "plan")  # fmt: skip
+         "rollback_to_step", "raw_reply", "seq", "plan", "plan_knots")  # fmt: skip
 
 
 class ExportError(LrpilotError, ValueError):

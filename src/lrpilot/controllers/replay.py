@@ -16,8 +16,9 @@ replayed (the guard applies its own rules again in the replay run). A decision t
 (kind `superseded`: a reply discarded after a rollback or an emergency cut; or `effective_step` written
 as null: the trainer crashed or ended first) replays as "hold the current LR", so the replayed
 trajectory is the one that ran. A record without an `effective_step` key (older logs) is replayed as
-taking effect at its step. A record whose `plan` summary holds the whole plan (one or two knots from its
-step: the rule controller's cool-down segments) replays with that plan. Records of kind `unanswered` (no reply before the round ended or was
+taking effect at its step. A record with `plan_knots` (every knot of the plan the trainer got: a baseline
+schedule's per-step LRs) replays with that plan; one without them, whose `plan` summary holds the whole plan (one
+or two knots from its step: the rule controller's cool-down segments), replays with that plan. Records of kind `unanswered` (no reply before the round ended or was
 interrupted) are skipped: the step holds, or a resumed round's later record for it counts. If the logged
 round had rollbacks, a step can have several records (one per visit); the visit number is told from the observation's rollbacks (how many rollbacks re-opened this
 step), so decide() stays a pure function of its input. A record of kind `agent_rollback` (the agent asked to
@@ -64,6 +65,25 @@ def _int_field(rec: dict[str, Any], key: str, where: str) -> int | None:
     if not (math.isfinite(f) and f.is_integer() and f >= 0):
         raise ReplayError(f"{where}: field {key!r} must be a non-negative integer step, got {v!r}")
     return int(f)
+
+
+def _full_plan(knots: Any, step: int) -> tuple[tuple[int, float], ...] | None:
+    """A record's `plan_knots` (every knot of the plan the trainer got: a baseline schedule's per-step LRs,
+    logged since the supervisor and the Pilot both write them) when it is a well-formed plan from the decision
+    step on; None otherwise (the summary is used then, or the headline LR)."""
+    if not isinstance(knots, list) or not knots:
+        return None
+    out = []
+    for k in knots:
+        if not (isinstance(k, (list, tuple)) and len(k) == 2):
+            return None
+        s, v = as_float(k[0]), as_float(k[1])
+        if not (math.isfinite(s) and s.is_integer() and math.isfinite(v) and v >= 0):
+            return None
+        if out and int(s) <= out[-1][0]:
+            return None
+        out.append((int(s), v))
+    return tuple(out) if out[0][0] == step else None
 
 
 def _exact_plan(summary: Any, step: int) -> tuple[tuple[int, float], ...] | None:
@@ -155,7 +175,7 @@ class ReplayController(BaseController):
                     "rollback_to_step": _int_field(rec, "rollback_to_step", where)
                     if kind == Kind.AGENT_ROLLBACK
                     else None,
-                    "plan": _exact_plan(rec.get("plan"), step),
+                    "plan": _full_plan(rec.get("plan_knots"), step) or _exact_plan(rec.get("plan"), step),
                 }
             )
 
