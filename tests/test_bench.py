@@ -351,3 +351,25 @@ def test_probe_updates_count_as_training_steps():
     row = {"status": "ok", "ppl": 5.0, "probe_steps": 60}
     sr = SeedResult(42, runs=[dict(row), {**row, "ppl": 4.0}])
     assert sr.curve(1000) == [(1060, 5.0), (2120, 4.0)]
+
+
+@pytest.mark.slow
+def test_status_finds_every_run_of_a_real_bench_directory(tmp_path, capsys):
+    """`lrpilot status OUT` on a bench: sweep runs (OUT/runs/<method>/seed<S>/runs/<run>), campaign rounds
+    (OUT/runs/<method>/seed<S>/rounds/round_001) and a replay method's rounds (OUT/runs/replay_<name>_<hash>/...)
+    sit 5 levels down; all are shown, none is 'no runs yet'."""
+    from lrpilot.cli import main
+    from lrpilot.progress import MAX_DEPTH, find_runs
+
+    out = tmp_path / "bench"
+    run_bench(_settings(methods=("rules", "wsd"), seeds=2), out, echo=lambda _: None)
+    src = out / "runs" / "rules" / "seed42"
+    run_bench(_settings(methods=("rules", "wsd", f"replay:{src}"), seeds=2), out, echo=lambda _: None)
+    runs = [p.relative_to(out).as_posix() for p in find_runs(out)]
+    assert len(runs) == 6 and any(r.startswith("runs/replay_seed42_") for r in runs), runs
+    assert max(len(Path(r).parts) for r in runs) == MAX_DEPTH
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "no runs yet" not in shown and "6 finished" in shown, shown
+    assert "runs/rules/seed42/round 1" in shown and "runs/rules/seed43/round 1" in shown, shown

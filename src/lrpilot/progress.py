@@ -34,9 +34,11 @@ from lrpilot.locks import RUN_LOCK, holder_alive
 from lrpilot.logs import JsonlFollower, as_float, finite_mean
 from lrpilot.records import NO_LR_KINDS, Kind
 
-#: how deep under a directory run directories are looked for (DIR/rounds/round_001, OUT/runs/cosine_lr1e-3,
-#: DEMO/campaign/rounds/round_001, BENCH/<case>/runs/<run>)
-MAX_DEPTH = 4
+#: how deep under a directory run directories are looked for: the deepest layout is a bench's, 5 levels
+#: (BENCH/runs/<method>/seed<S>/rounds/round_001 for a campaign method, replay_<name>_<hash> included, and
+#: BENCH/runs/<method>/seed<S>/runs/<run> for a sweep or single run); DIR/rounds/round_001,
+#: OUT/runs/cosine_lr1e-3 and DEMO/campaign/rounds/round_001 are shallower
+MAX_DEPTH = 5
 #: a run whose telemetry is older than this (and that has no result) is reported as stopped, unless its
 #: config's guard.hang_timeout_s is longer; one whose run.lock names no live holder is stopped at once
 STALE_S = 120.0
