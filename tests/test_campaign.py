@@ -280,3 +280,47 @@ def test_local_llm_campaign(tmp_path):
     decisions = read_jsonl(d / "decisions.jsonl", strict=True)
     assert all(x["new_lr"] > 0 and x["effective_step"] == x["step"] for x in decisions)
     assert json.dumps(calls).count("sk-") == 0
+
+
+@pytest.mark.slow
+def test_a_campaign_directory_whose_campaign_json_is_corrupt_or_missing_is_refused(tmp_path, capsys):
+    """campaign.json `{` (or no campaign.json) beside finished rounds: the campaign was silently re-created with
+    the new command's settings (a cosine round 2 beside the rules round 1, campaign.json rewritten). Now one
+    line naming the file and the fix, and nothing in the directory changes; the file restored, it resumes."""
+    from lrpilot.cli import main
+
+    d = tmp_path / "camp"
+    settings = CampaignSettings(preset="cpu-smoke", overrides=tuple(SMOKE), controller="rules", memory="none")
+    run_campaign(_cfg(), d, 1, settings, echo=lambda _: None)
+    original = (d / "campaign.json").read_bytes()
+
+    def snapshot() -> dict:
+        return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    other = ["campaign", "--preset", "cpu-smoke", "--rounds", "2", "--controller", "cosine", "--dir", str(d),
+             "--set", "train.total_steps=40"]  # fmt: skip
+    for content, expected in [(b"{\n", "unreadable"), (b"[1, 2]\n", "unreadable"), (None, "missing")]:
+        if content is None:
+            (d / "campaign.json").unlink()
+        else:
+            (d / "campaign.json").write_bytes(content)
+        before = snapshot()
+        capsys.readouterr()
+        assert main(other) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{d / 'campaign.json'}: {expected}" in err, err
+        assert "restore" in err and "new --dir" in err, err
+        assert snapshot() == before  # the corrupt file kept as it was, no round 2
+        assert not (d / "rounds" / "round_002").exists()
+    (d / "campaign.json").write_bytes(original)
+    assert len(run_campaign(_cfg(), d, 1, settings, echo=lambda _: None)) == 1  # restored: resumes, trains nothing
+
+
+def test_an_unreadable_campaign_json_without_rounds_is_kept_too(tmp_path):
+    from lrpilot.campaign import _check_settings
+
+    (tmp_path / "campaign.json").write_text('{"settings": null}')
+    s = CampaignSettings(preset="cpu-smoke", overrides=(), controller="rules", memory="none")
+    with pytest.raises(CampaignError, match=r"campaign.json: unreadable .*or delete it: .* holds no rounds yet"):
+        _check_settings(tmp_path, s)
+    assert (tmp_path / "campaign.json").read_text() == '{"settings": null}'

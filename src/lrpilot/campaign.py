@@ -149,29 +149,43 @@ def _check_settings(directory: Path, settings: CampaignSettings) -> None:
     preset_file = Path(settings.preset)
     if settings.preset.endswith(".json") and preset_file.is_file():  # a path preset: its content is the workload
         mine["preset_sha256"] = hashlib.sha256(preset_file.read_bytes()).hexdigest()
+    holds_rounds = (directory / "final_results.jsonl").exists() or (
+        (directory / "rounds").is_dir() and any((directory / "rounds").iterdir())
+    )
+    if not path.exists() and holds_rounds:
+        raise CampaignError(
+            f"{path}: missing, but {directory} already holds rounds (final_results.jsonl, rounds/) whose settings "
+            "it records; restore campaign.json to resume them, or use a new --dir"
+        )
     if path.exists():
         try:
-            theirs = json.loads(path.read_text()).get("settings", {})
-        except json.JSONDecodeError:
-            theirs = None
-        if theirs is not None and ("preset_sha256" not in theirs or "preset_sha256" not in mine):
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(loaded, dict) or not isinstance(loaded.get("settings", {}), dict):
+                raise ValueError("not a JSON object with a settings object")
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            # never overwritten: it is the only record of the settings the directory's rounds ran with
+            reason = e.__class__.__name__ if isinstance(e, OSError) else str(e)
+            raise CampaignError(
+                f"{path}: unreadable ({reason}); restore it to resume this campaign, or use a new --dir"
+                + ("" if holds_rounds else f" (or delete it: {directory} holds no rounds yet)")
+            ) from None
+        theirs = loaded.get("settings", {})
+        if "preset_sha256" not in theirs or "preset_sha256" not in mine:
             # created before lrpilot stored it, or the file is not readable from here: nothing to compare with
             theirs.pop("preset_sha256", None)
             mine.pop("preset_sha256", None)
-        same_preset = theirs is not None and theirs.get("preset") == mine["preset"]
-        if same_preset and theirs.get("preset_sha256") != mine.get("preset_sha256"):
+        if theirs.get("preset") == mine["preset"] and theirs.get("preset_sha256") != mine.get("preset_sha256"):
             raise CampaignError(
                 f"--preset {settings.preset}: the file changed since {directory} started its campaign (its rounds "
                 "would not be comparable); put the original file back to resume, or use a new --dir"
             )
-        if theirs is not None and theirs != mine:
+        if theirs != mine:
             diff = sorted(k for k in mine if theirs.get(k) != mine[k])
             raise CampaignError(
                 f"{directory} holds a campaign with different settings ({', '.join(diff)}); "
                 "run the original command again to resume it, or use a new --dir"
             )
-        if theirs is not None:
-            return
+        return
     write_atomic(path, (json.dumps({"settings": mine, "created": now_iso()}, indent=2) + "\n").encode())
 
 
