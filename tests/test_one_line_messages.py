@@ -99,3 +99,49 @@ def test_torchrun_ranks_write_no_deprecation_warning_into_trainer_log(tmp_path):
     log = next((tmp_path / "t" / "runs").glob("*/trainer.log")).read_text()
     assert "done at step 20" in log
     assert "Warning" not in log and "deprecated" not in log, log
+
+
+def _two_round_campaign(d: Path, bad_round: object) -> Path:
+    d.mkdir()
+    finals = [{"round": r, "run_start_iso": f"2026-01-01T00:00:0{i}", "final_eval_ppl": 30.0 - i,
+               "final_eval_loss": 3.4, "peak_lr_seen": 3e-3, "warmup_steps": 10, "decision_every": 10,
+               "init_lr": 1e-3, "update_step": 40}
+              for i, r in enumerate((1, bad_round, 2))]  # fmt: skip
+    decisions = [{"round": f["round"], "run_start_iso": f["run_start_iso"], "step": 20, "new_lr": 2e-3} for f in finals]
+    (d / "final_results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in finals))
+    (d / "decisions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in decisions))
+    return d
+
+
+def test_export_schedule_and_report_to_an_out_the_system_will_not_create_are_one_line(tmp_path):
+    """--out /proc/x.json (a folder that takes no new files) and a name too long for the file system ended in a
+    FileNotFoundError / OSError traceback; now one line naming --out, exit 2, nothing written."""
+    camp = _two_round_campaign(tmp_path / "camp", 3)
+    before = sorted(p.name for p in camp.iterdir())
+    long = tmp_path / ("x" * 300)
+    outs = [("export-schedule", str(long / "plan.json")), ("report", str(long))]
+    if Path("/proc/self").is_dir():  # Linux
+        outs += [("export-schedule", "/proc/lrpilot-test-plan.json"), ("report", "/proc/lrpilot-test-report")]
+    for cmd, out in outs:
+        args = [cmd, str(camp), *(["--round", "2"] if cmd == "export-schedule" else []), "--out", out]
+        r = _lrpilot(*args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"lrpilot: error: --out {out}: cannot write"), r.stderr
+        assert "Traceback" not in r.stderr and not os.path.exists(out)
+    assert sorted(p.name for p in camp.iterdir()) == before
+
+
+def test_export_schedule_skips_a_record_whose_round_is_not_an_integer(tmp_path):
+    """final_results.jsonl with `"round": "one"`: export-schedule --round 2 raised TypeError (sorting str and
+    int); the report reads the same file. Now the record is skipped with one warning line, as a corrupt line."""
+    camp = _two_round_campaign(tmp_path / "camp", "one")
+    out = tmp_path / "plan.json"
+    r = _lrpilot("export-schedule", str(camp), "--round", "2", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lrpilot: warning: ") and "round 'one'" in lines[0], r.stderr
+    plan = json.loads(out.read_text())
+    assert plan["round"] == 2 and [d["new_lr"] for d in plan["decisions"]] == [2e-3]
+    r = _lrpilot("export-schedule", str(camp), "--round", "3", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 2 and "no round 3; rounds in final_results.jsonl: [1, 2]" in r.stderr, r.stderr
+    assert _lrpilot("report", str(camp), "--out", str(tmp_path / "rep"), cwd=tmp_path).returncode == 0

@@ -65,7 +65,11 @@ def output_file(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("empty; give a file name, e.g. plan.json")
     path = Path(text)
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError:  # a name too long, ...: the write's own one-line error names it (errors.writing_output)
+        is_dir = False
+    if is_dir:
         raise argparse.ArgumentTypeError(
             f"{text!r} is a directory; give a file name, e.g. {text.rstrip('/')}/plan.json"
         )

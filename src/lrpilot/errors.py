@@ -59,3 +59,25 @@ def writing(path: str | Path) -> Iterator[None]:
         if err is e:
             raise
         raise err from e
+
+
+class OutputPathError(LrpilotError, OSError):
+    """An output path (a command's --out) the system will not create or write for a reason that is not the
+    disk's (a folder such as /proc that takes no new files: ENOENT, ENOTDIR, EINVAL, ...). One line naming the
+    flag and the path."""
+
+
+@contextlib.contextmanager
+def writing_output(flag: str, path: str | Path) -> Iterator[None]:
+    """As `writing(path)`, and any other OSError inside the block raises OutputPathError: `--out /proc/x.json:
+    cannot write there (No such file or directory); give a path in a directory you can write to`."""
+    try:
+        with writing(path):
+            yield
+    except LrpilotError:
+        raise
+    except OSError as e:
+        reason = e.strerror or e.__class__.__name__
+        raise OutputPathError(
+            f"{flag} {path}: cannot write there ({reason}); give a path in a directory you can write to"
+        ) from e

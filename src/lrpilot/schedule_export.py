@@ -12,10 +12,11 @@ every step (the guard applies its rules again). Never imports torch.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
-from lrpilot.errors import LrpilotError, writing
+from lrpilot.errors import LrpilotError, writing_output
 from lrpilot.logs import iter_jsonl, now_iso, write_json_atomic
 
 SCHEDULE_FORMAT = "lrpilot-schedule"
@@ -35,7 +36,14 @@ def export_schedule(directory: str | Path, round: int | None, out: str | Path) -
     finals_path = d / "final_results.jsonl"
     if not finals_path.is_file():
         raise ExportError(f"export-schedule {d}: no final_results.jsonl; give a campaign or Pilot run directory")
-    finals = list(iter_jsonl(finals_path))
+    finals = []
+    for rec in iter_jsonl(finals_path):
+        r = rec.get("round")
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int)):
+            # as the report does with a record it cannot number: skipped, said once, the rest exported
+            warnings.warn(f"{finals_path}: a record with round {r!r} (not an integer) skipped", stacklevel=2)
+            continue
+        finals.append(rec)
     rounds = sorted({r.get("round") for r in finals if r.get("round") is not None})
     if round is None:
         if len(finals) != 1:
@@ -69,7 +77,7 @@ def export_schedule(directory: str | Path, round: int | None, out: str | Path) -
         "total_steps": settings.get("total_steps", rec.get("update_step")),
         "decisions": decisions,
     }
-    with writing(out):
+    with writing_output("--out", out):  # /proc/x.json: one line naming --out, not a traceback
         Path(out).parent.mkdir(parents=True, exist_ok=True)  # export-schedule --out plans/p.json: plans/ is made
-    write_json_atomic(out, plan)
+        write_json_atomic(out, plan)
     return plan

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lrpilot.campaign_logs import BaselineResult, CampaignLogsError, load_baselines, load_campaign
-from lrpilot.errors import writing
+from lrpilot.errors import writing_output
 from lrpilot.logs import write_atomic
 from lrpilot.report.figures import Figure, all_figures, fig_side_by_side, safe_figure
 from lrpilot.report.tables import (
@@ -230,7 +230,7 @@ def build_report(
         )
     a = analyse(logs, extra)
     out = Path(out_dir) if out_dir is not None else campaign_dir / "report"
-    with writing(out):
+    with writing_output("--out" if out_dir is not None else "report", out):  # /proc/rep: one line, no traceback
         out.mkdir(parents=True, exist_ok=True)
     d = ReportData(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Analysis)})
     d.campaign_dir, d.out_dir = str(campaign_dir), str(out)
