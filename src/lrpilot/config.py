@@ -246,6 +246,10 @@ class GuardConfig:
     max_fast_crash: int = 20
     #: a crash within this many steps of a (re)start counts as quick
     fast_crash_steps: int = 300
+    #: consecutive slow crashes that get no further than the furthest of them (a bad batch, a fault at one
+    #: step) after which the round is given up. 3: by then the LR was cut x crash_lr_factor twice (x0.25 at the
+    #: defaults) and the run still crashed at the same place, so the LR is not the cause and rollbacks would loop
+    max_repeat_crash: int = 3
     #: fast-crash back-off (the published supervisor waited before relaunching after quick crashes, so a
     #: broken node or a full disk is not hammered): the n-th consecutive quick crash waits
     #: min(crash_backoff_max_s, crash_backoff_s * crash_backoff_factor ** (n - 1)) seconds before the
@@ -282,6 +286,7 @@ class GuardConfig:
         _check(self.start_timeout_s > 0, "guard.start_timeout_s", "must be > 0")
         _check(self.max_fast_crash >= 1, "guard.max_fast_crash", "must be >= 1")
         _check(self.fast_crash_steps >= 0, "guard.fast_crash_steps", "must be >= 0")
+        _check(self.max_repeat_crash >= 2, "guard.max_repeat_crash", "must be >= 2 (the first crash repeats none)")
         _check(self.crash_backoff_s >= 0, "guard.crash_backoff_s", "must be >= 0 seconds (0 = no back-off)")
         _check(self.crash_backoff_factor >= 1, "guard.crash_backoff_factor", "must be >= 1")
         _check(self.agent_rollbacks >= 0, "guard.agent_rollbacks", "must be >= 0 (0 = the agent may not ask)")

@@ -28,7 +28,9 @@ The rules:
    asking the controller.
 4. `is_fast_crash` / `CrashCounter`: after `max_fast_crash` consecutive quick crashes the round is given up;
    before that, `crash_backoff` makes each consecutive quick crash wait longer (doubling, capped) before the
-   relaunch.
+   relaunch. After `max_repeat_crash` consecutive slow crashes that get no further than the furthest of them
+   (the same bad batch or fault at one step, whatever the LR) the round is given up too; a crash past that
+   step is progress and resets the count.
    `is_hung`: no telemetry for `hang_timeout_s` seconds means the trainer hangs; `start_timeout_s` applies
    instead until a launch's first step and during a slow phase the trainer announced (eval, checkpoint).
 5. `check_agent_rollback` / `agent_rollback_steps`: the LLM agent may ask to go back to an earlier healthy
@@ -410,7 +412,8 @@ def crash_backoff(consecutive_fast: int, cfg: GuardConfig) -> float:
 
 @dataclass(frozen=True)
 class CrashCounter:
-    """Immutable record of a round's crashes; gives up after max_fast_crash consecutive quick ones."""
+    """Immutable record of a round's crashes; gives up after max_fast_crash consecutive quick ones, or after
+    max_repeat_crash consecutive slow ones that make no progress (`repeated`)."""
 
     #: (crash_step, start_step) of every crash so far, oldest first
     crashes: tuple[tuple[int, int], ...] = ()
@@ -432,14 +435,54 @@ class CrashCounter:
             n += 1
         return n
 
+    def repeated(self, cfg: GuardConfig) -> tuple[int, int | None]:
+        """(n, step): the slow crashes since the run last got further than every crash before it, and the
+        furthest crash step since then (None before the first crash). A crash past that step is progress
+        and starts a new count (crashes at 25, 25, 40: n=1 at 40). Quick crashes (`is_fast_crash`) are
+        max_fast_crash's: they add nothing to n, though one past the step is progress too.
+
+        A crash that repeats at one step after rollbacks to before it does not depend on the LR, which each
+        rollback cut x crash_lr_factor: a bad batch, a deterministic fault. Relaunching would loop for ever,
+        and the crashes are slow (the rollback went back more than fast_crash_steps), so max_fast_crash never
+        fires."""
+        steps, furthest = self._since_progress(cfg)
+        return len(steps), furthest
+
+    def _since_progress(self, cfg: GuardConfig) -> tuple[list[int], int | None]:
+        """The steps of the slow crashes since the last progress, and the furthest crash step since then."""
+        steps: list[int] = []
+        furthest = None
+        for crash_step, start_step in self.crashes:
+            if furthest is None or crash_step > furthest:
+                steps, furthest = [], crash_step
+            if not is_fast_crash(crash_step - start_step, cfg):
+                steps.append(crash_step)
+        return steps, furthest
+
+    def stuck(self, cfg: GuardConfig) -> bool:
+        """True once max_repeat_crash consecutive slow crashes got no further than the furthest of them."""
+        return self.repeated(cfg)[0] >= cfg.max_repeat_crash
+
+    def stuck_reason(self, cfg: GuardConfig) -> str:
+        """The `stuck` verdict in words, for the round's failure reason ("" when not stuck)."""
+        steps, furthest = self._since_progress(cfg)
+        if len(steps) < cfg.max_repeat_crash:
+            return ""
+        where = f"at step {furthest}" if set(steps) == {furthest} else f"at or before step {furthest}"
+        return (
+            f"gave up after {len(steps)} consecutive crashes {where}, none past it (guard.max_repeat_crash="
+            f"{cfg.max_repeat_crash}): rolling back and cutting the LR x {cfg.crash_lr_factor!r} does not help"
+        )
+
     def backoff_s(self, cfg: GuardConfig) -> float:
         """Seconds to wait before relaunching after the latest crash: `crash_backoff` of the consecutive
         quick crashes so far (0 after a slow crash)."""
         return crash_backoff(self.consecutive_fast(cfg), cfg)
 
     def give_up(self, cfg: GuardConfig) -> bool:
-        """True once max_fast_crash consecutive quick crashes happened: stop the round, mark it diverged."""
-        return self.consecutive_fast(cfg) >= cfg.max_fast_crash
+        """True once max_fast_crash consecutive quick crashes happened, or the round is `stuck`: stop the round,
+        mark it diverged."""
+        return self.consecutive_fast(cfg) >= cfg.max_fast_crash or self.stuck(cfg)
 
 
 # ------------------------------------------------------------------------------ 5. agent rollback
