@@ -109,7 +109,8 @@ class PilotError(LrpilotError, ValueError):
 
 
 class PilotGaveUp(LrpilotError, RuntimeError):
-    """guard.max_fast_crash consecutive quick crashes: the rollbacks do not help; the run should stop."""
+    """guard.max_fast_crash consecutive quick crashes, or guard.max_repeat_crash crashes in a row at the same
+    place (none past the furthest of them): the rollbacks do not help; the run should stop."""
 
 
 @dataclass(frozen=True)
@@ -614,7 +615,8 @@ class Pilot:
         grad_norm) rolls back (see the module docstring) and returns rolled_back=True with step = the
         snapshot's step (rewind=True) or the step count, which goes on (rewind=False). A granted agent rollback
         (Decision.rollback_to_step) does the same with the controller's LR. Raises PilotGaveUp after
-        guard.max_fast_crash consecutive quick crashes, or on a crash with no model to restore.
+        guard.max_fast_crash consecutive quick crashes or guard.max_repeat_crash crashes in a row at the same
+        place, or on a crash with no model to restore.
 
         Several processes (torch.distributed initialised): every rank calls step() at every update with its own
         loss; the loss and grad norm are averaged over the ranks (a NaN on any rank is a NaN for all), rank 0
@@ -957,12 +959,13 @@ class Pilot:
         plan = safety.choose_rollback(infos, crash_step, lr_at_crash, self.g) if self.model is not None else None
         give_up = self.counter.give_up(self.g)
         if plan is None or give_up:
-            why = (
-                f"gave up after {self.counter.consecutive_fast(self.g)} consecutive quick crashes "
-                f"(guard.max_fast_crash={self.g.max_fast_crash})"
-                if give_up
-                else "no snapshot to restore (pass model= to the Pilot)"
-            )
+            fast = self.counter.consecutive_fast(self.g)
+            if not give_up:
+                why = "no snapshot to restore (pass model= to the Pilot)"
+            elif fast >= self.g.max_fast_crash:
+                why = f"gave up after {fast} consecutive quick crashes (guard.max_fast_crash={self.g.max_fast_crash})"
+            else:  # crashes at the same place (guard.max_repeat_crash)
+                why = self.counter.stuck_reason(self.g)
             rec.update(gave_up=True, rollback_reason=why)
             self._append_rollback(rec)
             raise PilotGaveUp(f"step {crash_step}: {health.detail}; {why}")

@@ -14,8 +14,10 @@ torchrun's workers, which torch puts in sessions of their own), rolls back to th
 chooses (a corrupt one is skipped for the one before; one at or after the branch's first bad loss is never
 chosen) and relaunches with the LR at the crash x crash_lr_factor. After guard.max_fast_crash consecutive
 quick crashes (each relaunch after a back-off that grows with every consecutive quick crash,
-guard.crash_backoff_s) the round is given up and recorded as failed. Exit code 2 is the trainer refusing its config,
-data, flags or checkpoint: a usage error, never a crash (SupervisorError; nothing is rolled back or stored).
+guard.crash_backoff_s), or after guard.max_repeat_crash crashes in a row that get no further than the furthest of
+them (a bad batch or a fault at one step: each rollback reaches it again), the round is given up and recorded as
+failed. Exit code 2 is the trainer refusing its config, data, flags or checkpoint: a usage error, never a crash
+(SupervisorError; nothing is rolled back or stored).
 A write the disk refused (the trainer's exit code 3 or its `cannot write` line, or a probe write to RUN that
 fails) is not a crash either: the round stops with DiskWriteError, no rollback, no LR change. One supervisor
 at a time runs a run directory (RUN/run.lock, lrpilot.locks).

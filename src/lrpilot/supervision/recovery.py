@@ -104,7 +104,8 @@ class CrashRecovery:
     ) -> Relaunch | str:
         """Count the crash at `crash_step` of the launch that started at `start_step`, log it (rollbacks.jsonl)
         and choose where to go on: a Relaunch (after the back-off, waited here), or the failure reason when the
-        round is given up (guard.max_fast_crash consecutive quick crashes)."""
+        round is given up (guard.max_fast_crash consecutive quick crashes, or guard.max_repeat_crash crashes in
+        a row that get no further than the furthest of them)."""
         self.counter = self.counter.record(crash_step, start_step)
         n = self.counter.total
         self.note(f"crash {n}: {reason} at step {crash_step} ({detail})")
@@ -119,11 +120,14 @@ class CrashRecovery:
 
         if self.counter.give_up(self.g):
             fast = self.counter.consecutive_fast(self.g)
-            failure = (
-                f"gave up after {fast} consecutive quick crashes (max_fast_crash={self.g.max_fast_crash}, "
-                f"each within {self.g.fast_crash_steps} steps of its start); last: {reason} at step "
-                f"{crash_step}"
-            )
+            if fast >= self.g.max_fast_crash:
+                failure = (
+                    f"gave up after {fast} consecutive quick crashes (max_fast_crash={self.g.max_fast_crash}, "
+                    f"each within {self.g.fast_crash_steps} steps of its start); last: {reason} at step "
+                    f"{crash_step}"
+                )
+            else:  # crashes at the same place (guard.max_repeat_crash)
+                failure = f"{self.counter.stuck_reason(self.g)}; last: {reason} at step {crash_step}"
             record(None, None, gave_up=True, skipped_checkpoints=[])
             self.note(failure)
             return failure
