@@ -63,6 +63,7 @@ def guard_configs(draw) -> GuardConfig:
         crash_loss=emergency_loss + draw(st.floats(0.01, 200)),  # config requires crash_loss > emergency_loss
         max_fast_crash=draw(st.integers(1, 30)),
         fast_crash_steps=draw(st.integers(0, 1000)),
+        max_repeat_crash=draw(st.integers(2, 10)),
     )
 
 
@@ -378,13 +379,20 @@ def test_is_hung_uses_the_timeout_of_the_phase(silent, hang, start, started):
 def test_crash_counter_matches_trailing_quick_run(lengths, start, cfg):
     counter = CrashCounter()
     quick_run = 0
+    # max_repeat_crash: slow crashes since one got past every crash before it (the furthest so far)
+    slow_stuck, furthest = 0, -1
     for n in lengths:
         before = counter
         counter = counter.record(start + n, start)
         assert before.total == counter.total - 1  # record returns a new counter, the old one is unchanged
         quick_run = quick_run + 1 if n <= cfg.fast_crash_steps else 0
+        if start + n > furthest:
+            slow_stuck, furthest = 0, start + n
+        slow_stuck += n > cfg.fast_crash_steps
         assert counter.consecutive_fast(cfg) == quick_run
-        assert counter.give_up(cfg) == (quick_run >= cfg.max_fast_crash)
+        assert counter.repeated(cfg) == (slow_stuck, furthest)
+        assert counter.stuck(cfg) == (slow_stuck >= cfg.max_repeat_crash)
+        assert counter.give_up(cfg) == (quick_run >= cfg.max_fast_crash or slow_stuck >= cfg.max_repeat_crash)
     assert counter.total == len(lengths)
 
 
@@ -412,6 +420,79 @@ def test_crash_counter_example():
     assert not c.record(5000, 1000).give_up(cfg)  # 4000 healthy steps: reset
     assert c.record(1000, 800).give_up(cfg)
     assert c.crashes == ((1200, 1000), (1100, 900))
+
+
+def test_crashes_repeating_at_one_step_give_up_after_max_repeat_crash():
+    """The tester's loop (cpu-smoke, checkpoint.every=10, a NaN at step 25 on every launch): each crash rolls
+    back to step 10, 15 updates before it, so none is quick and max_fast_crash never fires; the third crash
+    at step 25 gives up."""
+    cfg = GuardConfig(rollback_back_steps=10, fast_crash_steps=10, max_fast_crash=5)
+    assert cfg.max_repeat_crash == 3  # the default
+    c = CrashCounter()
+    for n in (1, 2):
+        c = c.record(25, 10)
+        assert c.repeated(cfg) == (n, 25) and not c.stuck(cfg) and not c.give_up(cfg)
+        assert c.stuck_reason(cfg) == "" and c.consecutive_fast(cfg) == 0
+    c = c.record(25, 10)
+    assert c.repeated(cfg) == (3, 25) and c.stuck(cfg) and c.give_up(cfg) and c.consecutive_fast(cfg) == 0
+    why = c.stuck_reason(cfg)
+    assert why.startswith("gave up after 3 consecutive crashes at step 25, none past it")
+    assert "guard.max_repeat_crash=3" in why and "\n" not in why
+    assert CrashCounter().repeated(cfg) == (0, None)
+
+
+def test_progress_past_the_crash_step_resets_the_repeat_count():
+    cfg = GuardConfig(fast_crash_steps=10, max_repeat_crash=3)
+    c = CrashCounter().record(25, 10).record(25, 10).record(40, 10)  # got past 25: progress
+    assert c.repeated(cfg) == (1, 40) and not c.give_up(cfg)
+    c = c.record(40, 20)
+    assert c.repeated(cfg) == (2, 40) and not c.give_up(cfg)
+    assert c.record(41, 20).repeated(cfg) == (1, 41)  # one step further is progress too
+    c = c.record(40, 20)
+    assert c.give_up(cfg) and "3 consecutive crashes at step 40" in c.stuck_reason(cfg)
+    # a crash before the furthest one is no progress: 25, 20, 25 never got past step 25
+    c = CrashCounter().record(25, 10).record(20, 5).record(25, 10)
+    assert c.repeated(cfg) == (3, 25) and c.give_up(cfg)
+    assert "3 consecutive crashes at or before step 25" in c.stuck_reason(cfg)
+
+
+def test_quick_crashes_are_max_fast_crash_s_not_max_repeat_crash_s():
+    """Crashes right after every relaunch (a broken node) are the back-off's and max_fast_crash's: repeated at
+    one step they add nothing to the repeat count, so max_fast_crash keeps its meaning."""
+    cfg = GuardConfig(fast_crash_steps=10, max_fast_crash=20, max_repeat_crash=3)
+    c = CrashCounter()
+    for _ in range(19):
+        c = c.record(3, 0)
+        assert c.repeated(cfg) == (0, 3) and not c.give_up(cfg)
+    assert c.record(3, 0).give_up(cfg) and not c.record(3, 0).stuck(cfg)
+    # slow crashes at one step with quick ones between still add up (a quick one past the step is progress)
+    c = CrashCounter().record(25, 10).record(25, 20).record(25, 10)
+    assert c.repeated(cfg) == (2, 25) and not c.give_up(cfg)
+    assert c.record(25, 10).give_up(cfg)
+    assert CrashCounter().record(25, 10).record(30, 25).record(30, 10).repeated(cfg) == (1, 30)
+
+
+@given(cfg=guard_configs(), step=st.integers(0, 10**6), back=st.integers(1, 2000))
+def test_slow_crashes_at_one_step_give_up_after_exactly_max_repeat_crash(cfg, step, back):
+    start = max(0, step - cfg.fast_crash_steps - back)  # more than fast_crash_steps before: slow
+    if step - start <= cfg.fast_crash_steps:
+        return
+    c = CrashCounter()
+    for _ in range(cfg.max_repeat_crash - 1):
+        c = c.record(step, start)
+        assert not c.give_up(cfg)
+    assert c.record(step, start).give_up(cfg)
+    assert f"{cfg.max_repeat_crash} consecutive crashes at step {step}" in c.record(step, start).stuck_reason(cfg)
+
+
+@pytest.mark.parametrize("bad", [1, 0, -3])
+def test_max_repeat_crash_below_two_is_refused_naming_the_field(bad):
+    from lrpilot.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        GuardConfig(max_repeat_crash=bad)
+    msg = str(e.value)
+    assert msg.startswith("guard.max_repeat_crash: must be >= 2") and "\n" not in msg
 
 
 # ------------------------------------------------------------------------------------------ purity

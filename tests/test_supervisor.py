@@ -698,6 +698,41 @@ def test_crashing_every_time_fails_cleanly(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_nan_at_the_same_step_on_every_launch_fails_after_max_repeat_crash(tmp_path):
+    """A NaN at step 25 on every launch (a bad batch, a fault at one step): each crash rolls back to the
+    checkpoint at step 10, 15 updates before it, so no crash is quick and max_fast_crash never fires. The round
+    fails after guard.max_repeat_crash crashes at step 25 instead of relaunching for ever (a tester saw 317
+    relaunches in 10 minutes). A launch beyond that count stops the test at once (bounded time, no sleep)."""
+    cfg = smoke("checkpoint.every=10")
+    n = 3  # guard.max_repeat_crash's default
+    assert cfg.guard.fast_crash_steps < 25 - 10 and cfg.guard.max_fast_crash > n  # slow crashes; not that rule
+    rec = Recorder()
+
+    def runaway(ev: dict) -> None:
+        if ev.get("event") == "launch" and ev.get("source") == "supervisor" and len(rec.of("launch")) > n:
+            raise AssertionError(f"launch {len(rec.of('launch'))} after {n} crashes at step 25: not given up")
+
+    rec.hooks.append(runaway)
+    res = run_round(cfg, tmp_path / "run", constant(cfg), round_logs(tmp_path), on_event=rec,
+                    trainer_args=["--inject-nan-at-step", "25"])  # fmt: skip
+    _tally(n, res.status == "failed")
+    assert cfg.guard.max_repeat_crash == n
+    assert res.status == "failed" and res.crash_count == n and len(rec.of("launch")) == n
+    assert f"gave up after {n} consecutive crashes at step 25, none past it" in res.failure_reason
+    assert f"guard.max_repeat_crash={n}" in res.failure_reason and "quick" not in res.failure_reason
+    rbs = read_jsonl(tmp_path / "rollbacks.jsonl")
+    assert [r["crash_step"] for r in rbs] == [25] * n and [r["crash_reason"] for r in rbs] == ["nan_loss"] * n
+    assert [r["crash_count_in_run"] for r in rbs] == list(range(1, n + 1))
+    assert [r["launch_start_step"] for r in rbs] == [0] + [10] * (n - 1)
+    assert [r["rolled_back_to_step"] for r in rbs] == [10] * (n - 1) + [None] and rbs[-1]["gave_up"] is True
+    assert res.failure_reason in (tmp_path / "run" / "trainer.log").read_text()
+    stored = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert stored["status"] == "failed" and stored["failure_reason"] == res.failure_reason
+    for launch in rec.of("launch"):
+        assert_gone(launch)
+
+
+@pytest.mark.slow
 def test_quick_crashes_back_off_longer_each_time_before_the_relaunch(tmp_path):
     """Fast-crash back-off: a trainer that crashes right after every (re)start is relaunched only after a
     wait that doubles per consecutive quick crash and is capped; the wait comes between the crash's record and
