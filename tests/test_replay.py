@@ -366,3 +366,31 @@ def test_a_rule_round_warms_up_to_its_ceiling_and_its_replay_repeats_every_lr(tm
     logs2 = RoundLogs(tmp_path / "replay.jsonl", tmp_path / "rollbacks2.jsonl", extra={"round": 1})
     assert run_round(cfg, tmp_path / "replay", replay, logs2).status == "ok"
     assert lrs(tmp_path / "replay") == original
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_a_replayed_schedule_round_trains_with_its_lr_at_every_step(tmp_path, schedule):
+    """Real trainer runs (cpu-smoke): a baseline schedule's round (a plan with a knot per step at each decision
+    point) replayed from its decisions.jsonl, and exported as a plan, keeps every knot; the replay was a
+    staircase of each interval's first LR (46 of 60 steps off for cosine)."""
+    from lrpilot.cli import main
+    from lrpilot.logs import read_jsonl
+    from lrpilot.schedule_export import export_schedule
+
+    base = ["campaign", "--preset", "cpu-smoke", "--rounds", "1", "--set", "train.total_steps=40"]
+    src, rep = tmp_path / "src", tmp_path / "rep"
+    assert main([*base, "--controller", schedule, "--dir", str(src)]) == 0
+    assert main([*base, "--controller", "replay", "--replay-from", str(src), "--dir", str(rep)]) == 0
+
+    def lrs(d):
+        tel = read_jsonl(d / "rounds" / "round_001" / "telemetry.jsonl")
+        return {e["step"]: e["lr"] for e in tel if e["event"] == "step"}
+
+    a, b = lrs(src), lrs(rep)
+    assert sorted(a) == sorted(b) == list(range(1, 41))
+    diff = [(n, a[n], b[n]) for n in a if b[n] != pytest.approx(a[n], rel=1e-12)]
+    assert not diff, diff[:5]
+    assert len({round(v, 12) for v in a.values()}) > 10  # the LR changed within intervals, not only at decisions
+    plan = export_schedule(src, 1, tmp_path / "plan.json")
+    assert all(len(d["plan_knots"]) == d["plan"]["knots"] > 2 for d in plan["decisions"] if d.get("plan"))

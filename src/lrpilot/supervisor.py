@@ -722,7 +722,9 @@ class _Round:
         t_obs = point.t_observed
         wait = max(0.0, time.time() - t_obs) if self.blocking and math.isfinite(t_obs) else 0.0
         self.proc.last_seen = time.monotonic()  # time spent deciding is not the trainer hanging
-        rec = self.core.command_record(point, cmd, seq=seq, wait_s=wait, plan=plan_summary(cmd.plan))
+        # every knot too (as the Pilot logs them), so a replay of a baseline schedule's per-step plan is exact
+        knots = {"plan_knots": [list(k) for k in cmd.plan]} if cmd.plan else {}
+        rec = self.core.command_record(point, cmd, seq=seq, wait_s=wait, plan=plan_summary(cmd.plan), **knots)
         self.sent_log.append(rec)  # write-ahead: a restarted supervisor still logs it (see _restore_history)
         if self.writer.send(point.obs.step, cmd.new_lr, cmd.plan) != seq:
             raise SupervisorError(f"{self.run_dir / CONTROL_FILE}: another process writes control commands")
