@@ -126,7 +126,7 @@ def test_parse_method(spec, kind, extra):
 @pytest.mark.parametrize(
     "spec, words", [("sgd", "unknown method"), ("rules+optuna:0", "positive number of rounds"),
                     ("rules+optuna:x", r"--methods rules\+optuna:x"), ("prodigy:-1", "positive LR"), ("replay:/nope", "replay"),
-                    ("rules:probe_steps", "KEY=VALUE"), ("rules:bogus=1", "--methods rules:bogus=1: unknown rule parameter 'bogus'")]
+                    ("rules:probe_steps", "KEY=VALUE"), ("rules:ceiling=1e-2,ceiling=2e-2", "ceiling is given twice"), ("rules:bogus=1", "--methods rules:bogus=1: unknown rule parameter 'bogus'")]
 )  # fmt: skip
 def test_parse_method_errors_name_the_spec(spec, words):
     with pytest.raises(BenchError, match=words):

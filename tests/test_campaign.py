@@ -85,6 +85,8 @@ def test_settings_are_checked():
         CampaignSettings(preset="cpu-smoke", overrides=(), controller="replay", memory="none")
     with pytest.raises(ConfigError, match="use it with --controller rules"):
         CampaignSettings(preset="cpu-smoke", overrides=(), controller="llm", memory="llm", rule_params={"ceiling": 1})
+    with pytest.raises(ConfigError, match="--replay-from re-plays a campaign with --controller replay, not rules"):
+        CampaignSettings(preset="cpu-smoke", overrides=(), controller="rules", memory="none", replay_from="x")
     with pytest.raises(ConfigError, match="--rule celing: unknown parameter"):
         CampaignSettings(preset="cpu-smoke", overrides=(), controller="rules", memory="none", rule_params={"celing": 1})
     fixed = CampaignSettings(preset="p", overrides=(), controller="rules", memory="none", rule_params={"ceiling": 3e-2})

@@ -39,6 +39,14 @@ def test_rule_help_names_every_rule_parameter():
     assert not missing, missing
 
 
+def test_a_rule_given_twice_is_one_line(tmp_path):
+    """--rule ceiling=1e-2 --rule ceiling=2e-2 silently kept the last one."""
+    r = _lrpilot("campaign", "--preset", "cpu-smoke", "--rounds", "1", "--dir", str(tmp_path / "d"),
+                 "--rule", "ceiling=1e-2", "--rule", "ceiling=2e-2")  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--rule ceiling: given more than once" in r.stderr
+    assert not (tmp_path / "d").exists()
+
+
 def test_bad_flag_value_is_one_line():
     r = _lrpilot("baseline", "--preset", "cpu-smoke", "--peaks", "-1", "--out", "x")
     assert r.returncode == 2 and "positive number" in r.stderr

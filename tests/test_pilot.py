@@ -222,6 +222,9 @@ def test_a_plan_is_replayed_only_as_it_was_found(smoke_config, tmp_path):
     with pytest.raises(PilotError, match=r"found with warmup_steps=10, this Pilot has 0"):
         Pilot(opt, total_steps=40, warmup_steps=0, decision_every=10, controller=f"replay:{f}")
     assert Pilot(opt, total_steps=40, warmup_steps=10, decision_every=10, controller=f"replay:{f}").controller_name
+    f.write_text(json.dumps({**plan, "version": 99}))  # a later format: its fields may mean something else
+    with pytest.raises(PilotError, match="schedule version 99; this lrpilot reads version 1"):
+        Pilot(opt, total_steps=40, warmup_steps=10, decision_every=10, controller=f"replay:{f}")
     f.write_text(json.dumps({**plan, "decisions": []}))
     with pytest.raises(PilotError, match="holds no decisions to replay"):
         Pilot(opt, total_steps=40, warmup_steps=10, decision_every=10, controller=f"replay:{f}")

@@ -140,6 +140,8 @@ def _rule_params(spec: str, text: str) -> tuple[tuple[str, str], ...]:
         known = RuleParams.names()
         if key.strip() not in known:  # was named "--rule KEY", a flag bench does not have
             raise BenchError(f"--methods {spec}: unknown rule parameter {key.strip()!r}; known: {', '.join(known)}")
+        if key.strip() in (k for k, _ in pairs):  # the last one silently won
+            raise BenchError(f"--methods {spec}: {key.strip()} is given twice; give each parameter once")
         pairs.append((key.strip(), value.strip()))
     return tuple(pairs)
 

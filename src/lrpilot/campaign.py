@@ -103,6 +103,11 @@ class CampaignSettings:
             raise ConfigError(f"--optuna-seed {self.optuna_seed!r}: must be an integer in 0 .. 2**32-1 (numpy's seeds)")
         if self.controller == "replay" and not self.replay_from:
             raise ConfigError("--controller replay needs --replay-from DIR (a campaign directory to re-play)")
+        if self.replay_from and self.controller != "replay":  # it was ignored
+            raise ConfigError(
+                f"--replay-from re-plays a campaign with --controller replay, not {self.controller}: add "
+                "--controller replay, or drop --replay-from"
+            )
         if self.rule_params:
             if self.controller != "rules":
                 raise ConfigError("--rule sets the rule controller's parameters: use it with --controller rules")

@@ -183,6 +183,10 @@ def _campaign_settings(args: argparse.Namespace, cfg: RunConfig):
     from lrpilot.campaign import CampaignSettings
 
     memory = args.memory or CONTROLLERS.get(args.controller).default_memory
+    names = [name for name, _ in args.rule]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # the last one silently won
+        raise ConfigError(f"--rule {twice[0]}: given more than once; give each parameter once")
     return CampaignSettings(
         preset=args.preset,
         overrides=tuple(_overrides(args)),

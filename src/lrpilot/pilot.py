@@ -216,6 +216,11 @@ def _load_plan(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
             f"controller replay:{p}: not an lrpilot schedule (needs format {SCHEDULE_FORMAT!r} and 'decisions'); "
             "write one with `lrpilot export-schedule DIR --round R --out plan.json`"
         )
+    if d.get("version", 1) != 1:  # a later format this code cannot read right
+        raise PilotError(
+            f"controller replay:{p}: schedule version {d.get('version')!r}; this lrpilot reads version 1 (upgrade "
+            "lrpilot, or export the schedule again with this one)"
+        )
     placing = {k: d[k] for k in ("warmup_steps", "decision_every") if type(d.get(k)) is int}
     return list(d["decisions"]), placing
 
