@@ -213,6 +213,9 @@ def test_fewer_rounds_than_the_directory_holds_are_counted_as_asked(tmp_path):
     d = tmp_path / "camp"
     settings = CampaignSettings(preset="cpu-smoke", overrides=tuple(SMOKE), controller="rules", memory="none")
     d.mkdir()
+    from lrpilot.campaign import _check_settings
+
+    _check_settings(d, settings)  # campaign.json, as the run that finished these rounds wrote it
     for r, ppl in ((1, 5.0), (2, 4.0)):  # two rounds already finished (no training needed for --rounds 1)
         (d / "final_results.jsonl").open("a").write(
             json.dumps(
