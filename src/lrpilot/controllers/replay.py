@@ -70,7 +70,8 @@ def _int_field(rec: dict[str, Any], key: str, where: str) -> int | None:
 def _full_plan(knots: Any, step: int) -> tuple[tuple[int, float], ...] | None:
     """A record's `plan_knots` (every knot of the plan the trainer got: a baseline schedule's per-step LRs,
     logged since the supervisor and the Pilot both write them) when it is a well-formed plan from the decision
-    step on; None otherwise (the summary is used then, or the headline LR)."""
+    step on (knots [step, lr], steps rising, LRs finite and >= 0); None otherwise (the summary is used then,
+    or the headline LR)."""
     if not isinstance(knots, list) or not knots:
         return None
     out = []
@@ -92,18 +93,7 @@ def _exact_plan(summary: Any, step: int) -> tuple[tuple[int, float], ...] | None
     schedules' per-step knots) are not in the log and replay as their headline LR, as before."""
     if not isinstance(summary, dict) or summary.get("knots") not in (1, 2):
         return None
-    knots = [summary.get("first")] + ([summary.get("last")] if summary["knots"] == 2 else [])
-    out = []
-    for k in knots:
-        if not (isinstance(k, (list, tuple)) and len(k) == 2):
-            return None
-        s, v = as_float(k[0]), as_float(k[1])
-        if not (math.isfinite(s) and s.is_integer() and math.isfinite(v) and v >= 0):
-            return None
-        out.append((int(s), v))
-    if out[0][0] != step or (len(out) == 2 and out[1][0] <= out[0][0]):
-        return None
-    return tuple(out)
+    return _full_plan([summary.get("first")] + ([summary.get("last")] if summary["knots"] == 2 else []), step)
 
 
 class ReplayController(BaseController):
