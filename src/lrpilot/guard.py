@@ -463,8 +463,19 @@ class CrashCounter:
         """True once max_repeat_crash consecutive slow crashes got no further than the furthest of them."""
         return self.repeated(cfg)[0] >= cfg.max_repeat_crash
 
+    def give_up_reason(self, cfg: GuardConfig) -> str:
+        """Why the round is given up, in words, for its failure reason (both hosts); "" while `give_up` is False.
+        The quick-crash rule is named first when both hold."""
+        fast = self.consecutive_fast(cfg)
+        if fast >= cfg.max_fast_crash:
+            return (
+                f"gave up after {fast} consecutive quick crashes (guard.max_fast_crash={cfg.max_fast_crash}, "
+                f"each within {cfg.fast_crash_steps} steps of its start)"
+            )
+        return self.stuck_reason(cfg)
+
     def stuck_reason(self, cfg: GuardConfig) -> str:
-        """The `stuck` verdict in words, for the round's failure reason ("" when not stuck)."""
+        """The `stuck` verdict in words ("" when not stuck)."""
         steps, furthest = self._since_progress(cfg)
         if len(steps) < cfg.max_repeat_crash:
             return ""
@@ -482,7 +493,7 @@ class CrashCounter:
     def give_up(self, cfg: GuardConfig) -> bool:
         """True once max_fast_crash consecutive quick crashes happened, or the round is `stuck`: stop the round,
         mark it diverged."""
-        return self.consecutive_fast(cfg) >= cfg.max_fast_crash or self.stuck(cfg)
+        return bool(self.give_up_reason(cfg))
 
 
 # ------------------------------------------------------------------------------ 5. agent rollback

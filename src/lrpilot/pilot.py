@@ -962,15 +962,10 @@ class Pilot:
         }
         infos = [safety.CheckpointInfo(step=s, healthy=True) for s, _ in self._snapshots]
         plan = safety.choose_rollback(infos, crash_step, lr_at_crash, self.g) if self.model is not None else None
-        give_up = self.counter.give_up(self.g)
-        if plan is None or give_up:
-            fast = self.counter.consecutive_fast(self.g)
-            if not give_up:
-                why = "no snapshot to restore (pass model= to the Pilot)"
-            elif fast >= self.g.max_fast_crash:
-                why = f"gave up after {fast} consecutive quick crashes (guard.max_fast_crash={self.g.max_fast_crash})"
-            else:  # crashes at the same place (guard.max_repeat_crash)
-                why = self.counter.stuck_reason(self.g)
+        why = self.counter.give_up_reason(self.g) or (
+            "no snapshot to restore (pass model= to the Pilot)" if plan is None else ""
+        )
+        if why:
             rec.update(gave_up=True, rollback_reason=why)
             self._append_rollback(rec)
             raise PilotGaveUp(f"step {crash_step}: {health.detail}; {why}")

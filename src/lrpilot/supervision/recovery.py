@@ -118,16 +118,9 @@ class CrashRecovery:
                 "launch_start_step": start_step, **more,
             }, launch)  # fmt: skip
 
-        if self.counter.give_up(self.g):
-            fast = self.counter.consecutive_fast(self.g)
-            if fast >= self.g.max_fast_crash:
-                failure = (
-                    f"gave up after {fast} consecutive quick crashes (max_fast_crash={self.g.max_fast_crash}, "
-                    f"each within {self.g.fast_crash_steps} steps of its start); last: {reason} at step "
-                    f"{crash_step}"
-                )
-            else:  # crashes at the same place (guard.max_repeat_crash)
-                failure = f"{self.counter.stuck_reason(self.g)}; last: {reason} at step {crash_step}"
+        why = self.counter.give_up_reason(self.g)
+        if why:
+            failure = f"{why}; last: {reason} at step {crash_step}"
             record(None, None, gave_up=True, skipped_checkpoints=[])
             self.note(failure)
             return failure
