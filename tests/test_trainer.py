@@ -82,6 +82,32 @@ def small(cfg: RunConfig, *overrides: str) -> RunConfig:
     return apply_overrides(cfg, ["eval.tokens=2048", *overrides])
 
 
+def test_a_finished_launch_frees_its_trainer_before_it_returns(tmp_path, smoke_config, monkeypatch):
+    """The Trainer sits in reference cycles; freed only by the cyclic GC at interpreter exit, its model and process
+    group were torn down with the interpreter, and a torchrun rank died with SIGABRT after "done" (CI).
+    train() must free it before it returns, whatever the GC's own schedule (disabled here)."""
+    import gc
+    import weakref
+
+    import lrpilot.trainer as trainer_module
+
+    run_dir = make_run(tmp_path, small(smoke_config, "train.total_steps=12"))
+    made = []
+    init = trainer_module.Trainer.__init__
+
+    def remember(self, *a, **k):
+        made.append(weakref.ref(self))
+        init(self, *a, **k)
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", remember)
+    gc.disable()
+    try:
+        assert trainer_module.main(["--run-dir", str(run_dir)]) == 0
+        assert made and made[0]() is None, "the Trainer outlived train()"
+    finally:
+        gc.enable()
+
+
 class FixedController:
     """Answers each observe event at step s with lr_at(s) and plan_at(s), through the real channel."""
 

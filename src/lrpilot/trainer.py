@@ -49,6 +49,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import gc
 import math
 import os
 import random
@@ -872,8 +873,19 @@ class Trainer:
 
 
 def train(cfg: RunConfig, args: argparse.Namespace, resume: dict[str, Any] | None) -> int:
-    """One launch from parse_args()'s Namespace (the CLI's entry; see Trainer). Returns the exit code."""
-    return Trainer(cfg, TrainerOptions.from_args(args), resume).run()
+    """One launch from parse_args()'s Namespace (the CLI's entry; see Trainer). Returns the exit code.
+
+    The Trainer sits in reference cycles (its bound methods handed to Steering and the loggers), so only the
+    cyclic GC frees it, with its model, DDP reducer and the process group's objects. Left to interpreter exit,
+    that ran while the interpreter was being torn down, and a torchrun rank died after "done" with SIGABRT
+    ("terminate called without an active exception"; seen once in CI, test_torchrun_two_processes_match_...).
+    So it is collected here, while the interpreter is whole."""
+    trainer = Trainer(cfg, TrainerOptions.from_args(args), resume)
+    try:
+        return trainer.run()
+    finally:
+        del trainer
+        gc.collect()
 
 
 # ---------------------------------------------------------------------------------------------- CLI
